@@ -1,0 +1,254 @@
+//! The conversation actor: the single writer of one conversation.
+//!
+//! It never waits for an fsync. For each append it checks the idempotency window, reserves the
+//! next seq, encodes the record and submits it to the WAL; the completion closure runs on the WAL
+//! writer thread once the record is durable, pushes the message into the shared ring (which wakes
+//! subscribers), queues it for the archiver and answers the caller. One actor submits in seq order
+//! and the WAL completes in submission order, so acks and visibility follow seq order.
+//!
+//! All state that must survive a crash of this actor lives in the shared
+//! [`ConversationLog`](crate::ring::ConversationLog): the last assigned seq and the idempotency
+//! window. A restarted actor therefore never reuses a seq.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::ids::ParticipantId;
+use crate::node::{NodeError, Shared, TryAgainReason};
+use crate::record::{now_ms, Message, KIND_MESSAGE};
+use crate::ring::{ConversationLog, DedupeEntry};
+use crate::wal::SubmitError;
+
+/// A validated append.
+#[derive(Debug)]
+pub struct AppendRequest {
+    pub sender: ParticipantId,
+    pub kind: Box<str>,
+    pub content: Box<RawValue>,
+    pub metadata: Box<RawValue>,
+    pub idempotency_key: Option<Box<str>>,
+}
+
+/// The answer to an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub seq: u64,
+    pub id: Uuid,
+    pub created_at_ms: i64,
+    /// True when the idempotency key was seen before and this is the first append's result.
+    pub deduped: bool,
+}
+
+pub type AppendReply = RpcReplyPort<Result<AppendOutcome, NodeError>>;
+
+pub enum ConversationMsg {
+    Append(AppendRequest, AppendReply, Instant),
+    /// Stop if idle, quiescent (everything archived, nothing waiting) and unwatched. Decided here,
+    /// between two appends, so no append can slip in between the check and the stop.
+    Retire,
+    /// Makes the actor fail, as a bug would; used by tests of supervision.
+    Crash,
+}
+
+pub struct ConversationActor;
+
+pub struct ConversationArgs {
+    pub shared: Arc<Shared>,
+    pub log: Arc<ConversationLog>,
+}
+
+impl Actor for ConversationActor {
+    type Msg = ConversationMsg;
+    type State = ConversationArgs;
+    type Arguments = ConversationArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ConversationArgs,
+    ) -> Result<ConversationArgs, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: ConversationMsg,
+        state: &mut ConversationArgs,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ConversationMsg::Append(req, reply, admitted_at) => {
+                state.log.release_admission();
+                append(state, req, reply, admitted_at);
+                Ok(())
+            }
+            ConversationMsg::Retire => {
+                retire(&myself, state);
+                Ok(())
+            }
+            ConversationMsg::Crash => Err("crash requested".into()),
+        }
+    }
+}
+
+fn append(state: &ConversationArgs, req: AppendRequest, reply: AppendReply, admitted_at: Instant) {
+    let shared = &state.shared;
+    let log = &state.log;
+    log.touch();
+
+    let mut window = log.dedupe.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(key) = req.idempotency_key.as_deref() {
+        if let Some(first) = window.get(key) {
+            drop(window);
+            answer_duplicate(shared, log, first, reply);
+            return;
+        }
+    }
+
+    if let Err(reason) = shared.admit_append() {
+        shared.count_try_again(reason);
+        let _ = reply.send(Err(NodeError::try_again(reason)));
+        return;
+    }
+
+    let seq = log.assign_next();
+    let message = Arc::new(Message {
+        conversation_id: log.id.clone(),
+        slot: log.slot,
+        seq,
+        id: Uuid::now_v7(),
+        created_at_ms: now_ms(),
+        sender: req.sender,
+        kind: req.kind,
+        content: req.content,
+        metadata: req.metadata,
+        idempotency_key: req.idempotency_key,
+    });
+    let outcome = AppendOutcome {
+        seq,
+        id: message.id,
+        created_at_ms: message.created_at_ms,
+        deduped: false,
+    };
+    let payload = message.encode();
+    // The completion owns the reply; if the WAL refuses the record it drops the completion, so
+    // keep a way to take the reply back and answer `try_again` ourselves.
+    let reply = Arc::new(std::sync::Mutex::new(Some(reply)));
+    let done_reply = reply.clone();
+    let done_log = log.clone();
+    let done_shared = shared.clone();
+    let done_message = message.clone();
+    let submitted = shared.wal.submit(
+        KIND_MESSAGE,
+        payload,
+        Box::new(move |result| {
+            let answer = match result {
+                Ok(lsn) => {
+                    done_shared.on_durable(lsn, done_message, &done_log);
+                    done_shared.record_ack(admitted_at, done_log.slot);
+                    Ok(outcome)
+                }
+                Err(e) => Err(NodeError::Unavailable(e.to_string())),
+            };
+            if let Some(reply) = take(&done_reply) {
+                let _ = reply.send(answer);
+            }
+        }),
+    );
+    match submitted {
+        Ok(()) => {
+            if let Some(key) = message.idempotency_key.as_deref() {
+                window.insert(
+                    key,
+                    DedupeEntry {
+                        seq,
+                        id: message.id,
+                        created_at_ms: message.created_at_ms,
+                    },
+                );
+            }
+        }
+        Err(e) => {
+            // The record never reached the queue (and the completion, with `reply`, was dropped
+            // with it): give the seq back so no hole appears.
+            log.unassign(seq);
+            let reason = match e {
+                SubmitError::Full => TryAgainReason::WalFull,
+                SubmitError::Poisoned | SubmitError::Closed => TryAgainReason::Unavailable,
+            };
+            shared.count_try_again(reason);
+            tracing::debug!(conversation = %log.id, ?reason, "append refused by the wal");
+            if let Some(reply) = take(&reply) {
+                let _ = reply.send(Err(NodeError::try_again(reason)));
+            }
+        }
+    }
+}
+
+fn retire(myself: &ActorRef<ConversationMsg>, state: &ConversationArgs) {
+    let log = &state.log;
+    if !(log.quiescent()
+        && log.subscribers() == 0
+        && log.idle_for() >= state.shared.config.idle_timeout)
+    {
+        return;
+    }
+    {
+        let mut registry = state.shared.registry(log.slot);
+        let is_current = registry
+            .handles
+            .get(&log.id)
+            .is_some_and(|h| h.actor.get_id() == myself.get_id());
+        if is_current {
+            registry.handles.remove(&log.id);
+            registry.logs.remove(&log.id);
+        }
+    }
+    tracing::debug!(conversation = %log.id, slot = log.slot, "conversation retired");
+    myself.stop(Some("idle".into()));
+}
+
+fn take(reply: &std::sync::Mutex<Option<AppendReply>>) -> Option<AppendReply> {
+    reply.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Answers a repeated idempotency key with the first result, but only once that first append is
+/// durable: a barrier completes after everything queued before it.
+fn answer_duplicate(
+    shared: &Arc<Shared>,
+    log: &ConversationLog,
+    first: DedupeEntry,
+    reply: AppendReply,
+) {
+    let outcome = AppendOutcome {
+        seq: first.seq,
+        id: first.id,
+        created_at_ms: first.created_at_ms,
+        deduped: true,
+    };
+    shared.count_deduped();
+    if log.durable_seq() >= first.seq {
+        let _ = reply.send(Ok(outcome));
+        return;
+    }
+    let reply = Arc::new(std::sync::Mutex::new(Some(reply)));
+    let done_reply = reply.clone();
+    let barrier = shared.wal.barrier(Box::new(move |result| {
+        if let Some(reply) = take(&done_reply) {
+            let _ = reply.send(
+                result
+                    .map(|_| outcome)
+                    .map_err(|e| NodeError::Unavailable(e.to_string())),
+            );
+        }
+    }));
+    if barrier.is_err() {
+        if let Some(reply) = take(&reply) {
+            let _ = reply.send(Err(NodeError::try_again(TryAgainReason::WalFull)));
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The archive as this crate sees it: a trait the node implements over SQL (SQLite embedded,
+//! Postgres in production). This crate never names a database; it asks for what it needs to
+//! rebuild a conversation's state and to hand durable messages off.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::ids::{ConversationId, ParticipantId};
+use crate::record::Message;
+use crate::ring::DedupeEntry;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ArchiveError {
+    /// The archive cannot be reached or refused the statement; retry later.
+    #[error("archive unavailable: {0}")]
+    Unavailable(String),
+    /// The archive holds something this node cannot read.
+    #[error("archive data invalid: {0}")]
+    Invalid(String),
+}
+
+/// A conversation's durable description.
+#[derive(Debug, Clone)]
+pub struct ConversationMeta {
+    pub id: ConversationId,
+    pub participants: Vec<ParticipantId>,
+    pub metadata: Box<RawValue>,
+    pub created_at_ms: i64,
+}
+
+impl ConversationMeta {
+    pub fn has_participant(&self, who: &str) -> bool {
+        self.participants.iter().any(|p| p.as_str() == who)
+    }
+}
+
+/// What a conversation actor needs from the archive when it starts.
+#[derive(Debug, Clone)]
+pub struct ConversationSnapshot {
+    pub meta: ConversationMeta,
+    /// Highest archived seq (0 if none).
+    pub last_seq: u64,
+    /// The most recent idempotency keys, oldest first.
+    pub recent_keys: Vec<(String, DedupeEntry)>,
+}
+
+pub trait Archive: Send + Sync + 'static {
+    /// Loads what a starting conversation actor needs; `None` if the conversation does not exist.
+    fn load_conversation<'a>(
+        &'a self,
+        id: &'a ConversationId,
+        dedupe_window: usize,
+    ) -> BoxFuture<'a, Result<Option<ConversationSnapshot>, ArchiveError>>;
+
+    /// Stores messages (any conversations, in WAL order) in one transaction. Must be idempotent:
+    /// a message already stored under its (conversation_id, seq) is left as it is.
+    fn store_messages<'a>(
+        &'a self,
+        messages: &'a [Arc<Message>],
+    ) -> BoxFuture<'a, Result<(), ArchiveError>>;
+
+    /// Archived messages with `after_seq < seq < before_seq`, ascending; the first `limit` of them
+    /// when `newest_first` is false, the last `limit` (still returned ascending) when it is true.
+    fn read_messages<'a>(
+        &'a self,
+        id: &'a ConversationId,
+        after_seq: u64,
+        before_seq: u64,
+        limit: usize,
+        newest_first: bool,
+    ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, ArchiveError>>;
+}

@@ -1,0 +1,629 @@
+//! The node: one cloneable handle over the WAL, the slot actors, the shared conversation logs,
+//! the archiver queue and the memory budgets.
+//!
+//! Start-up order: open the WAL (recovery), rebuild a log for every conversation with unarchived
+//! messages and queue those messages for the archiver, start the slot actors, start the archiver.
+//! Only then does the node take traffic. Shutdown is the reverse: stop taking appends, drain and
+//! sync the WAL (answering everything queued), give the archiver one last chance, stop the actors.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorRef};
+use tokio::sync::{watch, Notify};
+
+use crate::actor::conversation::{AppendOutcome, AppendRequest, ConversationMsg};
+use crate::actor::slot::{SlotActor, SlotArgs, SlotMsg};
+use crate::actor::ConversationHandle;
+use crate::archive::{Archive, ArchiveError};
+use crate::ids::ConversationId;
+use crate::metrics as m;
+use crate::placement::slot_of;
+use crate::record::{Message, Record};
+use crate::ring::{ConversationLog, DedupeWindow, RingBudget};
+use crate::wal::{Lsn, Recovery, Wal, WalError, WalOptions};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub slot_count: u32,
+    /// Archived bytes a conversation's ring keeps for cheap catch-up reads.
+    pub ring_bytes_per_conversation: usize,
+    /// Node-wide ceiling for archived bytes kept in rings.
+    pub ring_budget_bytes: usize,
+    /// Appends that may wait in one conversation's mailbox.
+    pub mailbox_capacity: usize,
+    /// Idempotency keys remembered per conversation.
+    pub dedupe_window: usize,
+    /// A conversation idle this long, fully archived and unwatched, stops its actor.
+    pub idle_timeout: Duration,
+    /// Durable but unarchived bytes beyond which appends get `try_again`.
+    pub archive_backlog_bytes: usize,
+    /// Most messages the archiver stores in one transaction.
+    pub archive_batch_records: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            slot_count: crate::placement::DEFAULT_SLOT_COUNT,
+            ring_bytes_per_conversation: 64 * 1024,
+            ring_budget_bytes: 256 * 1024 * 1024,
+            mailbox_capacity: 1024,
+            dedupe_window: 1024,
+            idle_timeout: Duration::from_secs(300),
+            archive_backlog_bytes: 512 * 1024 * 1024,
+            archive_batch_records: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryAgainReason {
+    MailboxFull,
+    WalFull,
+    ArchiveBacklog,
+    /// The actor serving the conversation stopped before taking the append; it was not written.
+    Restarting,
+    /// The WAL is poisoned or closed; this node takes no more appends.
+    Unavailable,
+}
+
+impl TryAgainReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TryAgainReason::MailboxFull => "mailbox_full",
+            TryAgainReason::WalFull => "wal_full",
+            TryAgainReason::ArchiveBacklog => "archive_backlog",
+            TryAgainReason::Restarting => "restarting",
+            TryAgainReason::Unavailable => "unavailable",
+        }
+    }
+
+    pub fn retry_after_ms(self) -> u64 {
+        match self {
+            TryAgainReason::MailboxFull | TryAgainReason::WalFull => 20,
+            TryAgainReason::Restarting => 10,
+            TryAgainReason::ArchiveBacklog => 500,
+            TryAgainReason::Unavailable => 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("conversation not found")]
+    NotFound,
+    #[error("overloaded ({}), retry in {retry_after_ms} ms", reason.as_str())]
+    TryAgain {
+        reason: TryAgainReason,
+        retry_after_ms: u64,
+    },
+    /// The WAL is poisoned/closed or the archive cannot be read.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("wal: {0}")]
+    Wal(#[from] WalError),
+    #[error("archive: {0}")]
+    Archive(#[from] ArchiveError),
+    #[error("wal record {lsn} cannot be decoded: {reason}")]
+    BadRecord { lsn: Lsn, reason: String },
+}
+
+impl NodeError {
+    pub fn try_again(reason: TryAgainReason) -> NodeError {
+        NodeError::TryAgain {
+            reason,
+            retry_after_ms: reason.retry_after_ms(),
+        }
+    }
+}
+
+/// Conversations of one slot known to this node.
+#[derive(Default)]
+pub struct SlotRegistry {
+    /// Every live log: those of active actors and those rebuilt by WAL recovery.
+    pub logs: HashMap<ConversationId, Arc<ConversationLog>>,
+    pub handles: HashMap<ConversationId, ConversationHandle>,
+}
+
+struct ArchiveItem {
+    lsn: Lsn,
+    message: Arc<Message>,
+    log: Arc<ConversationLog>,
+    durable_at: Instant,
+}
+
+/// Durable messages waiting for the archiver, in LSN order. Bounded by admission: appends are
+/// refused while `bytes` exceeds the configured backlog.
+#[derive(Default)]
+pub struct ArchiveQueue {
+    items: Mutex<VecDeque<ArchiveItem>>,
+    notify: Notify,
+    bytes: AtomicUsize,
+}
+
+impl ArchiveQueue {
+    fn push(&self, item: ArchiveItem) {
+        self.bytes
+            .fetch_add(item.message.approx_bytes(), Ordering::Relaxed);
+        self.items
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(item);
+        self.notify.notify_one();
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// State shared by the node handle, the slot actors and the conversation actors.
+pub struct Shared {
+    pub config: NodeConfig,
+    pub wal: Wal,
+    pub archive: Arc<dyn Archive>,
+    pub budget: Arc<RingBudget>,
+    registries: Vec<Mutex<SlotRegistry>>,
+    pub archive_queue: ArchiveQueue,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    pub fn registry(&self, slot: u32) -> MutexGuard<'_, SlotRegistry> {
+        self.registries[slot as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks node-wide admission for one append.
+    pub fn admit_append(&self) -> Result<(), TryAgainReason> {
+        if self.stopping.load(Ordering::Relaxed) || self.wal.poisoned() {
+            return Err(TryAgainReason::Unavailable);
+        }
+        if self.archive_queue.bytes() > self.config.archive_backlog_bytes {
+            return Err(TryAgainReason::ArchiveBacklog);
+        }
+        Ok(())
+    }
+
+    /// Runs on the WAL writer thread when a message is durable.
+    pub fn on_durable(&self, lsn: Lsn, message: Arc<Message>, log: &Arc<ConversationLog>) {
+        log.push_durable(message.clone());
+        self.archive_queue.push(ArchiveItem {
+            lsn,
+            message,
+            log: log.clone(),
+            durable_at: Instant::now(),
+        });
+    }
+
+    pub fn record_ack(&self, admitted_at: Instant, slot: u32) {
+        metrics::histogram!(m::APPEND_ACK_SECONDS).record(admitted_at.elapsed().as_secs_f64());
+        metrics::counter!(m::APPENDS_TOTAL, "result" => "ok").increment(1);
+        metrics::counter!(m::SLOT_APPENDS_TOTAL, "slot" => slot.to_string()).increment(1);
+    }
+
+    pub fn count_try_again(&self, reason: TryAgainReason) {
+        metrics::counter!(m::TRY_AGAIN_TOTAL, "reason" => reason.as_str()).increment(1);
+        metrics::counter!(m::APPENDS_TOTAL, "result" => "try_again").increment(1);
+    }
+
+    pub fn count_deduped(&self) {
+        metrics::counter!(m::APPENDS_TOTAL, "result" => "deduped").increment(1);
+    }
+}
+
+/// What start-up found in the WAL.
+#[derive(Debug, Clone)]
+pub struct StartupReport {
+    pub recovered_records: usize,
+    pub recovered_conversations: usize,
+    pub checkpoint: Lsn,
+    pub torn_tail_bytes: u64,
+    pub bytes_scanned: u64,
+    pub scan_duration: Duration,
+}
+
+/// The cloneable handle to a running node.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+    slots: Arc<Vec<ActorRef<SlotMsg>>>,
+    archiver_stop: watch::Sender<bool>,
+    archiver_done: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Node {
+    pub async fn start(
+        config: NodeConfig,
+        wal_options: WalOptions,
+        archive: Arc<dyn Archive>,
+    ) -> Result<(Node, StartupReport), NodeError> {
+        let (wal, recovery) = tokio::task::spawn_blocking(move || Wal::open(wal_options))
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("wal open task: {e}")))??;
+        let budget = RingBudget::new(config.ring_budget_bytes, config.ring_bytes_per_conversation);
+        let registries = (0..config.slot_count)
+            .map(|_| Mutex::new(SlotRegistry::default()))
+            .collect();
+        let shared = Arc::new(Shared {
+            config,
+            wal,
+            archive,
+            budget,
+            registries,
+            archive_queue: ArchiveQueue::default(),
+            stopping: AtomicBool::new(false),
+        });
+        let report = adopt_recovery(&shared, recovery)?;
+
+        let mut slots = Vec::with_capacity(shared.config.slot_count as usize);
+        for slot in 0..shared.config.slot_count {
+            let args = SlotArgs {
+                slot,
+                shared: shared.clone(),
+            };
+            let (actor, _) = Actor::spawn(None, SlotActor, args)
+                .await
+                .map_err(|e| NodeError::Unavailable(format!("slot actor: {e}")))?;
+            slots.push(actor);
+        }
+        let (archiver_stop, stop_rx) = watch::channel(false);
+        let archiver = tokio::spawn(run_archiver(shared.clone(), stop_rx));
+        Ok((
+            Node {
+                shared,
+                slots: Arc::new(slots),
+                archiver_stop,
+                archiver_done: Arc::new(tokio::sync::Mutex::new(Some(archiver))),
+            },
+            report,
+        ))
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.config
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.shared.wal
+    }
+
+    pub fn slot_of(&self, id: &ConversationId) -> u32 {
+        slot_of(id.as_str(), self.shared.config.slot_count)
+    }
+
+    /// Ready to take appends: not stopping and the WAL is healthy.
+    pub fn ready(&self) -> bool {
+        !self.shared.stopping.load(Ordering::Relaxed) && !self.shared.wal.poisoned()
+    }
+
+    pub fn archive_backlog(&self) -> (usize, usize) {
+        (
+            self.shared.archive_queue.len(),
+            self.shared.archive_queue.bytes(),
+        )
+    }
+
+    /// The active conversation, starting its actor if needed.
+    pub async fn conversation(&self, id: &ConversationId) -> Result<ConversationHandle, NodeError> {
+        let slot = self.slot_of(id);
+        if let Some(handle) = self.shared.registry(slot).handles.get(id) {
+            return Ok(handle.clone());
+        }
+        ractor::call!(self.slots[slot as usize], SlotMsg::Activate, id.clone())
+            .map_err(|e| NodeError::Unavailable(format!("slot {slot}: {e}")))?
+    }
+
+    /// Appends a message; answers once it is durable.
+    pub async fn append(
+        &self,
+        id: &ConversationId,
+        mut request: AppendRequest,
+    ) -> Result<AppendOutcome, NodeError> {
+        let admitted_at = Instant::now();
+        // A handle can go stale when its actor retires or is restarted; the message comes back
+        // from the failed send and is rerouted.
+        for _ in 0..3 {
+            let handle = self.conversation(id).await?;
+            if !handle.log.try_admit(self.shared.config.mailbox_capacity) {
+                self.shared.count_try_again(TryAgainReason::MailboxFull);
+                return Err(NodeError::try_again(TryAgainReason::MailboxFull));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match handle.actor.send_message(ConversationMsg::Append(
+                request,
+                tx.into(),
+                admitted_at,
+            )) {
+                Ok(()) => {
+                    return match rx.await {
+                        Ok(result) => result,
+                        // The actor stopped before handling it: nothing was written.
+                        Err(_) => Err(NodeError::try_again(TryAgainReason::Restarting)),
+                    };
+                }
+                Err(ractor::MessagingErr::SendErr(ConversationMsg::Append(back, _, _))) => {
+                    handle.log.release_admission();
+                    self.forget_handle(id, &handle);
+                    request = back;
+                }
+                Err(_) => {
+                    handle.log.release_admission();
+                    return Err(NodeError::try_again(TryAgainReason::Restarting));
+                }
+            }
+        }
+        Err(NodeError::try_again(TryAgainReason::Restarting))
+    }
+
+    fn forget_handle(&self, id: &ConversationId, stale: &ConversationHandle) {
+        let mut registry = self.shared.registry(self.slot_of(id));
+        let is_stale = registry
+            .handles
+            .get(id)
+            .is_some_and(|h| h.actor.get_id() == stale.actor.get_id());
+        if is_stale {
+            registry.handles.remove(id);
+        }
+    }
+
+    /// Messages with `seq > after_seq`, at most `limit`, ascending: ring first, archive below it.
+    pub async fn read_after(
+        &self,
+        handle: &ConversationHandle,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>, NodeError> {
+        let ring = handle.log.read_after(after_seq, limit);
+        if after_seq + 1 >= ring.ring_first_seq || after_seq >= ring.durable_seq {
+            metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "ring").increment(1);
+            return Ok(ring.messages);
+        }
+        metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "sql").increment(1);
+        let mut out = self
+            .shared
+            .archive
+            .read_messages(&handle.log.id, after_seq, ring.ring_first_seq, limit, false)
+            .await?;
+        let contiguous = out.last().map_or(after_seq, |m| m.seq) + 1 == ring.ring_first_seq;
+        if out.len() < limit && contiguous {
+            let room = limit - out.len();
+            out.extend(ring.messages.into_iter().take(room));
+        }
+        Ok(out)
+    }
+
+    /// The newest messages with `seq < before_seq`, at most `limit`, ascending.
+    pub async fn read_before(
+        &self,
+        handle: &ConversationHandle,
+        before_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>, NodeError> {
+        let (ring_first_seq, mut from_ring) = handle.log.read_before(before_seq, limit);
+        let below = before_seq.min(ring_first_seq);
+        if from_ring.len() >= limit || below <= 1 {
+            return Ok(from_ring);
+        }
+        metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "sql").increment(1);
+        let mut out = self
+            .shared
+            .archive
+            .read_messages(&handle.log.id, 0, below, limit - from_ring.len(), true)
+            .await?;
+        out.append(&mut from_ring);
+        Ok(out)
+    }
+
+    /// Stops taking appends, answers everything queued in the WAL, flushes the archive once, and
+    /// stops the actors. Idempotent.
+    pub async fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let wal = self.shared.wal.clone();
+        let _ = tokio::task::spawn_blocking(move || wal.shutdown()).await;
+        let _ = self.archiver_stop.send(true);
+        if let Some(task) = self.archiver_done.lock().await.take() {
+            let _ = task.await;
+        }
+        for slot in self.slots.iter() {
+            slot.stop(None);
+        }
+    }
+
+    /// For tests of supervision: makes the conversation's actor fail as a bug would.
+    pub async fn crash_conversation_actor(&self, id: &ConversationId) -> Result<(), NodeError> {
+        let handle = self.conversation(id).await?;
+        handle
+            .actor
+            .send_message(ConversationMsg::Crash)
+            .map_err(|e| NodeError::Unavailable(e.to_string()))
+    }
+
+    /// The current actor of an active conversation, if any (for tests and status).
+    pub fn active_handle(&self, id: &ConversationId) -> Option<ConversationHandle> {
+        self.shared
+            .registry(self.slot_of(id))
+            .handles
+            .get(id)
+            .cloned()
+    }
+
+    /// Replaces the cached description of an active conversation (after an update in SQL).
+    pub fn refresh_meta(&self, meta: crate::archive::ConversationMeta) {
+        if let Some(handle) = self.active_handle(&meta.id) {
+            handle.set_meta(meta);
+        }
+    }
+
+    /// Active conversation actors per slot.
+    pub fn slot_conversations(&self) -> Vec<usize> {
+        (0..self.shared.config.slot_count)
+            .map(|s| self.shared.registry(s).handles.len())
+            .collect()
+    }
+}
+
+/// Rebuilds a log for every conversation with messages above the checkpoint and queues them for
+/// the archiver.
+fn adopt_recovery(shared: &Arc<Shared>, recovery: Recovery) -> Result<StartupReport, NodeError> {
+    let mut by_conversation: HashMap<ConversationId, Vec<(Lsn, Arc<Message>)>> = HashMap::new();
+    let recovered_records = recovery.records.len();
+    for record in recovery.records {
+        let decoded =
+            Record::decode(record.kind, &record.payload).map_err(|e| NodeError::BadRecord {
+                lsn: record.lsn,
+                reason: e.to_string(),
+            })?;
+        match decoded {
+            Record::Message(message) => by_conversation
+                .entry(message.conversation_id.clone())
+                .or_default()
+                .push((record.lsn, message)),
+        }
+    }
+    let recovered_conversations = by_conversation.len();
+    let mut items = Vec::with_capacity(recovered_records);
+    for (id, entries) in by_conversation {
+        let slot = slot_of(id.as_str(), shared.config.slot_count);
+        let messages: Vec<Arc<Message>> = entries.iter().map(|(_, m)| m.clone()).collect();
+        for pair in messages.windows(2) {
+            if pair[1].seq != pair[0].seq + 1 {
+                return Err(NodeError::BadRecord {
+                    lsn: entries[0].0,
+                    reason: format!(
+                        "conversation {id} jumps from seq {} to {} in the wal",
+                        pair[0].seq, pair[1].seq
+                    ),
+                });
+            }
+        }
+        let log = Arc::new(ConversationLog::new(
+            id.clone(),
+            slot,
+            0,
+            messages,
+            DedupeWindow::new(shared.config.dedupe_window),
+            shared.budget.clone(),
+        ));
+        for (lsn, message) in entries {
+            items.push(ArchiveItem {
+                lsn,
+                message,
+                log: log.clone(),
+                durable_at: Instant::now(),
+            });
+        }
+        shared.registry(slot).logs.insert(id, log);
+    }
+    items.sort_by_key(|i| i.lsn);
+    for item in items {
+        shared.archive_queue.push(item);
+    }
+    Ok(StartupReport {
+        recovered_records,
+        recovered_conversations,
+        checkpoint: recovery.checkpoint,
+        torn_tail_bytes: recovery.torn_tail_bytes,
+        bytes_scanned: recovery.bytes_scanned,
+        scan_duration: recovery.scan_duration,
+    })
+}
+
+/// Tails the archive queue in LSN order: stores a batch in one transaction (retrying with
+/// backoff while the archive is unavailable), marks the logs archived, advances the WAL
+/// checkpoint. On stop it makes one last attempt; whatever is left is replayed from the WAL on the
+/// next start.
+async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let stopping = *stop.borrow();
+        let batch: Vec<(Lsn, Arc<Message>, Arc<ConversationLog>, Instant)> = {
+            let items = shared
+                .archive_queue
+                .items
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            items
+                .iter()
+                .take(shared.config.archive_batch_records)
+                .map(|i| (i.lsn, i.message.clone(), i.log.clone(), i.durable_at))
+                .collect()
+        };
+        publish_backlog(&shared, batch.first().map(|b| b.3));
+        if batch.is_empty() {
+            if stopping {
+                return;
+            }
+            tokio::select! {
+                _ = shared.archive_queue.notify.notified() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let messages: Vec<Arc<Message>> = batch.iter().map(|b| b.1.clone()).collect();
+        let started = Instant::now();
+        match shared.archive.store_messages(&messages).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(50);
+                metrics::histogram!(m::ARCHIVE_BATCH_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::ARCHIVE_RECORDS_TOTAL).increment(batch.len() as u64);
+                let mut bytes = 0;
+                {
+                    let mut items = shared
+                        .archive_queue
+                        .items
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    for _ in 0..batch.len() {
+                        if let Some(item) = items.pop_front() {
+                            bytes += item.message.approx_bytes();
+                        }
+                    }
+                }
+                shared
+                    .archive_queue
+                    .bytes
+                    .fetch_sub(bytes, Ordering::Relaxed);
+                for (_, message, log, _) in &batch {
+                    log.mark_archived(message.seq);
+                }
+                let last_lsn = batch.last().map_or(0, |b| b.0);
+                if let Err(e) = shared.wal.checkpoint(last_lsn) {
+                    tracing::error!(error = %e, lsn = last_lsn, "wal checkpoint failed");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(m::ARCHIVE_ERRORS_TOTAL).increment(1);
+                tracing::warn!(error = %e, records = batch.len(), retry_in_ms = backoff.as_millis() as u64, "archive batch failed");
+                if stopping {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn publish_backlog(shared: &Shared, oldest: Option<Instant>) {
+    metrics::gauge!(m::ARCHIVE_BACKLOG_BYTES).set(shared.archive_queue.bytes() as f64);
+    metrics::gauge!(m::ARCHIVE_BACKLOG_RECORDS).set(shared.archive_queue.len() as f64);
+    metrics::gauge!(m::ARCHIVE_LAG_SECONDS).set(oldest.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+    metrics::gauge!(m::RING_BYTES).set(shared.budget.used() as f64);
+}

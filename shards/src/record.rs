@@ -1,0 +1,306 @@
+//! The message record and its byte encoding inside a WAL frame's payload.
+//!
+//! The WAL frames are opaque to this module and this module knows nothing of frames: it encodes a
+//! [`Message`] into the payload bytes (see `docs/log-format.md`, "Payload") and decodes them back.
+//! Content and metadata are kept as the client's JSON text (validated once at the edge), so the
+//! hot path never re-parses or re-serialises them.
+
+use std::sync::Arc;
+
+use serde::ser::{Serialize, SerializeStruct, Serializer};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::ids::{ConversationId, ParticipantId};
+
+/// WAL record kind of a message.
+pub const KIND_MESSAGE: u8 = 1;
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+/// Longest message `kind`, in bytes.
+pub const MAX_KIND_BYTES: usize = 64;
+
+/// One durable message of a conversation.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub conversation_id: ConversationId,
+    /// Slot of the conversation when the message was written (recorded for operators and moves).
+    pub slot: u32,
+    pub seq: u64,
+    /// Server-assigned UUIDv7.
+    pub id: Uuid,
+    /// Milliseconds since the Unix epoch, UTC.
+    pub created_at_ms: i64,
+    pub sender: ParticipantId,
+    pub kind: Box<str>,
+    pub content: Box<RawValue>,
+    /// Always a JSON object.
+    pub metadata: Box<RawValue>,
+    pub idempotency_key: Option<Box<str>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record payload truncated at byte {0}")]
+    Truncated(usize),
+    #[error("record payload field {0} is invalid")]
+    Invalid(&'static str),
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+}
+
+impl Message {
+    /// Bytes this message accounts for in memory budgets (ring, archive backlog).
+    pub fn approx_bytes(&self) -> usize {
+        96 + self.conversation_id.as_str().len()
+            + self.sender.as_str().len()
+            + self.kind.len()
+            + self.content.get().len()
+            + self.metadata.get().len()
+            + self.idempotency_key.as_deref().map_or(0, str::len)
+    }
+
+    /// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T02:28:36.123Z`.
+    pub fn created_at(&self) -> String {
+        format_rfc3339_millis(self.created_at_ms)
+    }
+
+    /// Encodes the payload: all integers little-endian.
+    ///
+    /// `slot u32 | seq u64 | created_at_ms i64 | id [16] | conversation_id str16 | sender str16 |
+    /// kind str16 | idempotency_key (u8 present, str16 if present) | content str32 | metadata str32`
+    /// where `str16` is a `u16` byte length followed by UTF-8 and `str32` likewise with a `u32`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.approx_bytes());
+        out.extend_from_slice(&self.slot.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.created_at_ms.to_le_bytes());
+        out.extend_from_slice(self.id.as_bytes());
+        put_str16(&mut out, self.conversation_id.as_str());
+        put_str16(&mut out, self.sender.as_str());
+        put_str16(&mut out, &self.kind);
+        match &self.idempotency_key {
+            Some(key) => {
+                out.push(1);
+                put_str16(&mut out, key);
+            }
+            None => out.push(0),
+        }
+        put_str32(&mut out, self.content.get());
+        put_str32(&mut out, self.metadata.get());
+        out
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Message, DecodeError> {
+        let mut r = Reader {
+            buf: payload,
+            pos: 0,
+        };
+        let slot = u32::from_le_bytes(r.array()?);
+        let seq = u64::from_le_bytes(r.array()?);
+        let created_at_ms = i64::from_le_bytes(r.array()?);
+        let id = Uuid::from_bytes(r.array()?);
+        let conversation_id = ConversationId::parse(r.str16()?)
+            .map_err(|_| DecodeError::Invalid("conversation_id"))?;
+        let sender =
+            ParticipantId::parse(r.str16()?).map_err(|_| DecodeError::Invalid("sender"))?;
+        let kind = Box::from(r.str16()?);
+        let idempotency_key = match r.array::<1>()?[0] {
+            0 => None,
+            1 => Some(Box::from(r.str16()?)),
+            _ => return Err(DecodeError::Invalid("idempotency_key")),
+        };
+        let content = RawValue::from_string(r.str32()?.to_owned())
+            .map_err(|_| DecodeError::Invalid("content"))?;
+        let metadata = RawValue::from_string(r.str32()?.to_owned())
+            .map_err(|_| DecodeError::Invalid("metadata"))?;
+        if r.pos != payload.len() {
+            return Err(DecodeError::Invalid("trailing bytes"));
+        }
+        Ok(Message {
+            conversation_id,
+            slot,
+            seq,
+            id,
+            created_at_ms,
+            sender,
+            kind,
+            content,
+            metadata,
+            idempotency_key,
+        })
+    }
+}
+
+/// A WAL record decoded by kind.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Message(Arc<Message>),
+}
+
+impl Record {
+    pub fn decode(kind: u8, payload: &[u8]) -> Result<Record, DecodeError> {
+        match kind {
+            KIND_MESSAGE => Ok(Record::Message(Arc::new(Message::decode(payload)?))),
+            other => Err(DecodeError::UnknownKind(other)),
+        }
+    }
+}
+
+impl Serialize for Message {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Message", 8)?;
+        s.serialize_field("conversation_id", self.conversation_id.as_str())?;
+        s.serialize_field("seq", &self.seq)?;
+        s.serialize_field("id", &self.id.to_string())?;
+        s.serialize_field("sender", self.sender.as_str())?;
+        s.serialize_field("kind", &*self.kind)?;
+        s.serialize_field("content", &self.content)?;
+        s.serialize_field("metadata", &self.metadata)?;
+        s.serialize_field("created_at", &self.created_at())?;
+        s.end()
+    }
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    // Every str16 field is bounded far below u16::MAX by validation at the edge.
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+}
+
+fn put_str32(out: &mut Vec<u8>, s: &str) {
+    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..len as usize]);
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|end| *end <= self.buf.len())
+            .ok_or(DecodeError::Truncated(self.pos))?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn str16(&mut self) -> Result<&'a str, DecodeError> {
+        let len = u16::from_le_bytes(self.array()?) as usize;
+        std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::Invalid("utf-8"))
+    }
+
+    fn str32(&mut self) -> Result<&'a str, DecodeError> {
+        let len = u32::from_le_bytes(self.array()?) as usize;
+        std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::Invalid("utf-8"))
+    }
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn format_rfc3339_millis(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    )
+}
+
+/// Howard Hinnant's days → (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Milliseconds since the Unix epoch now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn message(seq: u64, key: Option<&str>, content: &str) -> Message {
+        Message {
+            conversation_id: ConversationId::parse("c-1").unwrap(),
+            slot: 7,
+            seq,
+            id: Uuid::now_v7(),
+            created_at_ms: 1_700_000_000_123,
+            sender: ParticipantId::parse("alice").unwrap(),
+            kind: "text".into(),
+            content: RawValue::from_string(content.to_owned()).unwrap(),
+            metadata: RawValue::from_string("{\"a\":1}".to_owned()).unwrap(),
+            idempotency_key: key.map(Box::from),
+        }
+    }
+
+    #[test]
+    fn formats_rfc3339_with_millis() {
+        assert_eq!(format_rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_rfc3339_millis(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            format_rfc3339_millis(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn truncated_payloads_are_rejected_not_panicking() {
+        let bytes = message(3, Some("k"), "\"hi\"").encode();
+        for cut in 0..bytes.len() {
+            assert!(Message::decode(&bytes[..cut]).is_err());
+        }
+        assert!(Record::decode(9, &bytes).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn encode_decode_roundtrip(seq in 1u64.., key in proptest::option::of("[a-z0-9]{1,40}"), text in ".{0,200}") {
+            let content = serde_json::to_string(&text).unwrap();
+            let m = message(seq, key.as_deref(), &content);
+            let back = Message::decode(&m.encode()).unwrap();
+            prop_assert_eq!(back.seq, m.seq);
+            prop_assert_eq!(back.id, m.id);
+            prop_assert_eq!(&back.idempotency_key, &m.idempotency_key);
+            prop_assert_eq!(back.content.get(), m.content.get());
+            prop_assert_eq!(back.metadata.get(), m.metadata.get());
+            prop_assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&m).unwrap());
+        }
+    }
+}
