@@ -1,0 +1,121 @@
+//! Authentication: who is calling, from `Authorization: Bearer <credential>` (HTTP) or the
+//! `token` parameter (WebSocket).
+//!
+//! API keys are stored as hex SHA-256 hashes in the `api_keys` table and cached in memory after
+//! the first successful lookup; the key itself is never stored or logged. An API key acts for any
+//! participant; an admin key may also use `/admin`.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::http::error::ApiError;
+use crate::metrics::count_auth_failure;
+use crate::store::Store;
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    ApiKey { admin: bool },
+}
+
+pub struct Auth {
+    store: Store,
+    /// Known key hashes → admin flag. Keys are never revoked while running (no revocation API yet).
+    cache: RwLock<HashMap<String, bool>>,
+}
+
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A new random API key: `fk_` + 32 random bytes in hex.
+pub fn generate_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("fk_{}", hex::encode(bytes))
+}
+
+impl Auth {
+    pub fn new(store: Store) -> Auth {
+        Auth {
+            store,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Registers the bootstrap key, or on the first start of an empty database creates an admin
+    /// key and returns it so it can be printed once.
+    pub async fn bootstrap(
+        &self,
+        bootstrap_key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<String>, crate::store::StoreError> {
+        if let Some(key) = bootstrap_key {
+            self.store
+                .insert_api_key(&hash_key(key), "bootstrap", true, now_ms)
+                .await?;
+            return Ok(None);
+        }
+        if self.store.api_key_count().await? == 0 {
+            let key = generate_key();
+            self.store
+                .insert_api_key(&hash_key(&key), "generated admin", true, now_ms)
+                .await?;
+            return Ok(Some(key));
+        }
+        Ok(None)
+    }
+
+    pub async fn authenticate_token(&self, token: &str) -> Result<Principal, ApiError> {
+        if token.is_empty() {
+            count_auth_failure("missing");
+            return Err(ApiError::unauthorized("missing credentials"));
+        }
+        let hash = hash_key(token);
+        if let Some(admin) = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&hash)
+        {
+            return Ok(Principal::ApiKey { admin: *admin });
+        }
+        match self.store.api_key(&hash).await? {
+            Some(admin) => {
+                self.cache
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(hash, admin);
+                Ok(Principal::ApiKey { admin })
+            }
+            None => {
+                count_auth_failure("invalid");
+                Err(ApiError::unauthorized("invalid credentials"))
+            }
+        }
+    }
+
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+            count_auth_failure("missing");
+            return Err(ApiError::unauthorized(
+                "missing Authorization: Bearer <api key>",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| {
+                count_auth_failure("malformed");
+                ApiError::unauthorized("Authorization must be: Bearer <api key>")
+            })?;
+        self.authenticate_token(token).await
+    }
+}

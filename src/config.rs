@@ -1,0 +1,429 @@
+//! Configuration: defaults ← `--config` TOML file ← `FERRY_*` environment ← command-line flags.
+//!
+//! Every file key has an environment variable `FERRY_` + SECTION + `__` + KEY (upper case); top-level
+//! keys (`listen`, `data_dir`, …) are `FERRY_LISTEN`, `FERRY_DATA_DIR`, …. Unknown keys in the file
+//! or in a known section are rejected so a typo never silently falls back to a default.
+//! Durations are written with a unit: `ms`, `s`, `m`, `h`, `d` (`"7d"`, `"250ms"`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use ferry_shards::wal::FsyncPolicy;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: String,
+    pub admin_listen: String,
+    pub data_dir: PathBuf,
+    pub node_id: Option<String>,
+    /// Default: `sqlite://<data_dir>/ferry.db`.
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    /// Default: `file://<data_dir>/objects`.
+    pub object_store: Option<String>,
+    pub bootstrap_api_key: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key: Option<String>,
+    /// Skip running migrations on start.
+    pub no_migrate: bool,
+    /// How long history is kept at all.
+    #[serde(with = "duration_str")]
+    pub retention: Duration,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+    pub wal: WalSection,
+    pub slots: SlotsSection,
+    pub archive: ArchiveSection,
+    pub limits: LimitsSection,
+    pub runtime: RuntimeSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSection {
+    /// `always` | `interval:<ms>` | `never`.
+    pub fsync: String,
+    pub segment_bytes: u64,
+    pub queue_capacity: usize,
+    pub max_batch_bytes: usize,
+    /// Quarantine corrupt segments on start instead of refusing to start.
+    pub repair: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlotsSection {
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveSection {
+    /// Messages older than this move from SQL to the object tier.
+    #[serde(with = "duration_str")]
+    pub sql_retention: Duration,
+    /// How often that move runs.
+    #[serde(with = "duration_str")]
+    pub compact_interval: Duration,
+    /// Durable but unarchived bytes beyond which appends get `try_again`.
+    pub backlog_bytes: usize,
+    pub batch_records: usize,
+    pub pool_size: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_message_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub max_page_size: usize,
+    pub max_participants: usize,
+    pub mailbox_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    pub ring_bytes_per_conversation: usize,
+    pub ring_budget_bytes: usize,
+    pub dedupe_window: usize,
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:4000".into(),
+            admin_listen: "127.0.0.1:4001".into(),
+            data_dir: PathBuf::from("./data"),
+            node_id: None,
+            database_url: None,
+            redis_url: None,
+            object_store: None,
+            bootstrap_api_key: None,
+            jwt_secret: None,
+            jwt_public_key: None,
+            no_migrate: false,
+            retention: Duration::from_secs(30 * 86_400),
+            log_format: "text".into(),
+            wal: WalSection::default(),
+            slots: SlotsSection::default(),
+            archive: ArchiveSection::default(),
+            limits: LimitsSection::default(),
+            runtime: RuntimeSection::default(),
+        }
+    }
+}
+
+impl Default for WalSection {
+    fn default() -> Self {
+        WalSection {
+            fsync: "always".into(),
+            segment_bytes: 64 * 1024 * 1024,
+            queue_capacity: 65_536,
+            max_batch_bytes: 4 * 1024 * 1024,
+            repair: false,
+        }
+    }
+}
+
+impl Default for SlotsSection {
+    fn default() -> Self {
+        SlotsSection {
+            count: ferry_shards::placement::DEFAULT_SLOT_COUNT,
+        }
+    }
+}
+
+impl Default for ArchiveSection {
+    fn default() -> Self {
+        ArchiveSection {
+            sql_retention: Duration::from_secs(7 * 86_400),
+            compact_interval: Duration::from_secs(60),
+            backlog_bytes: 512 * 1024 * 1024,
+            batch_records: 2000,
+            pool_size: 8,
+        }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_message_bytes: 64 * 1024,
+            max_frame_bytes: 1024 * 1024,
+            max_page_size: 1000,
+            max_participants: 1000,
+            mailbox_capacity: 1024,
+        }
+    }
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            ring_bytes_per_conversation: 64 * 1024,
+            ring_budget_bytes: 256 * 1024 * 1024,
+            dedupe_window: 1024,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Top-level keys that may come from `FERRY_<KEY>`; anything else prefixed `FERRY_` without `__`
+/// (for example `FERRY_CONFIG`, read by the CLI) is not configuration.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "data_dir",
+    "node_id",
+    "database_url",
+    "redis_url",
+    "object_store",
+    "bootstrap_api_key",
+    "jwt_secret",
+    "jwt_public_key",
+    "no_migrate",
+    "retention",
+    "log_format",
+];
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object_store: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_api_key: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_migrate: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub repair: bool,
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let env = Env::prefixed("FERRY_").split("__").filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            key.contains('.') || TOP_LEVEL_KEYS.contains(&key.as_str())
+        });
+        let repair = overrides.repair;
+        let mut flags = overrides.clone();
+        flags.repair = false;
+        figment = figment.merge(env).merge(Serialized::defaults(flags));
+        let mut config: Config = figment.extract().context("invalid configuration")?;
+        if repair {
+            config.wal.repair = true;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.fsync_policy()?;
+        if self.slots.count == 0 || self.slots.count > 65_536 {
+            bail!("slots.count must be between 1 and 65536");
+        }
+        if self.limits.max_message_bytes < 256 || self.limits.max_message_bytes > 16 << 20 {
+            bail!("limits.max_message_bytes must be between 256 and 16 MiB");
+        }
+        if self.limits.max_page_size == 0 {
+            bail!("limits.max_page_size must be positive");
+        }
+        if self.wal.segment_bytes < 1 << 20 {
+            bail!("wal.segment_bytes must be at least 1 MiB");
+        }
+        if (self.wal.segment_bytes as usize) < self.limits.max_message_bytes * 4 {
+            bail!("wal.segment_bytes must hold at least four maximum-size messages");
+        }
+        if self.archive.batch_records == 0 {
+            bail!("archive.batch_records must be positive");
+        }
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            bail!("set only one of jwt_secret (HS256) and jwt_public_key (RS256)");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!("log_format must be text or json");
+        }
+        Ok(())
+    }
+
+    pub fn fsync_policy(&self) -> anyhow::Result<FsyncPolicy> {
+        self.wal
+            .fsync
+            .parse::<FsyncPolicy>()
+            .map_err(|_| anyhow::anyhow!("wal.fsync must be always, interval:<ms> or never"))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}/ferry.db", self.data_dir.display()))
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| "node-1".to_owned())
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m`, `2h`, `7d` (and `0`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s, m, h, d)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("duration {text:?} must start with a whole number"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => return Err(format!("duration {text:?} has unknown unit {unit:?}")),
+    }
+    .ok_or_else(|| format!("duration {text:?} is too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms != 0 && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+mod duration_str {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Number(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+            Raw::Number(0) => Ok(Duration::ZERO),
+            Raw::Number(n) => Err(serde::de::Error::custom(format!(
+                "duration {n} needs a unit (ms, s, m, h, d)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("7").is_err());
+        assert!(parse_duration("7w").is_err());
+        assert!(parse_duration("d").is_err());
+        assert_eq!(format_duration(Duration::from_secs(7 * 86_400)), "7d");
+    }
+
+    #[test]
+    fn precedence_is_flag_env_file_default() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "ferry.toml",
+                r#"
+                listen = "127.0.0.1:5000"
+                admin_listen = "127.0.0.1:5001"
+                [archive]
+                sql_retention = "3d"
+                [wal]
+                fsync = "interval:5"
+                "#,
+            )?;
+            jail.set_env("FERRY_ADMIN_LISTEN", "127.0.0.1:6001");
+            jail.set_env("FERRY_ARCHIVE__SQL_RETENTION", "2h");
+            jail.set_env("FERRY_CONFIG", "ignored-by-config");
+            let flags = Overrides {
+                listen: Some("127.0.0.1:7000".into()),
+                ..Overrides::default()
+            };
+            let c = Config::load(Some(Path::new("ferry.toml")), &flags).unwrap();
+            assert_eq!(c.listen, "127.0.0.1:7000");
+            assert_eq!(c.admin_listen, "127.0.0.1:6001");
+            assert_eq!(c.archive.sql_retention, Duration::from_secs(7200));
+            assert_eq!(c.wal.fsync, "interval:5");
+            assert_eq!(c.retention, Duration::from_secs(30 * 86_400));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn shipped_config_file_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ferry.toml");
+        let from_file: Config = Figment::new().merge(Toml::file(&path)).extract().unwrap();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(Config::default()).unwrap()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("ferry.toml", "[wal]\nfsynk = \"always\"\n")?;
+            assert!(Config::load(Some(Path::new("ferry.toml")), &Overrides::default()).is_err());
+            jail.create_file("ok.toml", "")?;
+            jail.set_env("FERRY_WAL__FSYNC", "sometimes");
+            assert!(Config::load(Some(Path::new("ok.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,144 @@
+//! The one place errors become protocol answers: `{error: CODE, message, ...}` with the status
+//! PROTOCOL.md assigns to CODE. Nothing a client or the disk can cause becomes a 500.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use ferry_shards::node::{NodeError, TryAgainReason};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Invalid,
+    Unauthorized,
+    NotFound,
+    TooLarge,
+    TryAgain,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Invalid => "invalid",
+            Code::Unauthorized => "unauthorized",
+            Code::NotFound => "not_found",
+            Code::TooLarge => "too_large",
+            Code::TryAgain => "try_again",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: Code,
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+    pub reason: Option<&'static str>,
+    pub first_available_seq: Option<u64>,
+}
+
+impl ApiError {
+    fn new(code: Code, status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            status,
+            message: message.into(),
+            retry_after_ms: None,
+            reason: None,
+            first_available_seq: None,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::Invalid, StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::Unauthorized, StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::NotFound, StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::TooLarge, StatusCode::PAYLOAD_TOO_LARGE, message)
+    }
+
+    /// 429 for overload the caller can wait out, 503 when this node cannot serve at all.
+    pub fn try_again(reason: TryAgainReason, retry_after_ms: u64) -> ApiError {
+        let status = match reason {
+            TryAgainReason::Unavailable | TryAgainReason::ArchiveBacklog => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::TOO_MANY_REQUESTS,
+        };
+        let mut e = ApiError::new(
+            Code::TryAgain,
+            status,
+            format!("overloaded ({}), retry later", reason.as_str()),
+        );
+        e.retry_after_ms = Some(retry_after_ms);
+        e.reason = Some(reason.as_str());
+        e
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        let mut e = ApiError::try_again(TryAgainReason::Unavailable, 1000);
+        e.message = message.into();
+        e
+    }
+
+    /// The JSON body (also the `response` of a WebSocket error reply, with `reason` = code).
+    pub fn body(&self) -> serde_json::Value {
+        let mut body = json!({ "error": self.code.as_str(), "message": self.message });
+        if let Some(ms) = self.retry_after_ms {
+            body["retry_after_ms"] = json!(ms);
+        }
+        if let Some(reason) = self.reason {
+            body["detail"] = json!(reason);
+        }
+        if let Some(seq) = self.first_available_seq {
+            body["first_available_seq"] = json!(seq);
+        }
+        body
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> ApiError {
+        match e {
+            NodeError::NotFound => ApiError::not_found("conversation not found"),
+            NodeError::TryAgain {
+                reason,
+                retry_after_ms,
+            } => ApiError::try_again(reason, retry_after_ms),
+            other => {
+                tracing::warn!(error = %other, "request failed: node unavailable");
+                ApiError::unavailable(other.to_string())
+            }
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        tracing::warn!(error = %e, "request failed: database unavailable");
+        ApiError::unavailable(format!("database unavailable: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        crate::metrics::count_http_error(self.code.as_str());
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let secs = ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,168 @@
+//! `POST /v1/conversations/{id}/messages` (append) and `GET` (pages, forwards and backwards).
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use ferry_shards::actor::conversation::AppendRequest;
+use ferry_shards::record::{format_rfc3339_millis, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES};
+
+use super::error::ApiError;
+use super::{conversation_id, object_or_invalid, participant_id, AppState, JsonBody};
+use crate::auth::Principal;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendBody {
+    #[serde(default)]
+    sender: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    /// Required; `null` is a valid JSON content only when written explicitly.
+    #[serde(default)]
+    content: Option<Box<RawValue>>,
+    #[serde(default)]
+    metadata: Option<Box<RawValue>>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// Validates an append the same way for every transport.
+pub fn build_request(
+    body: AppendBody,
+    header_key: Option<&str>,
+    max_message_bytes: usize,
+) -> Result<AppendRequest, ApiError> {
+    let content = body
+        .content
+        .ok_or_else(|| ApiError::invalid("content is required"))?;
+    let sender = participant_id(
+        body.sender
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("sender is required with an API key"))?,
+    )?;
+    let kind = body.kind.unwrap_or_else(|| "text".to_owned());
+    if kind.is_empty() || kind.len() > MAX_KIND_BYTES {
+        return Err(ApiError::invalid(format!(
+            "kind must be 1 to {MAX_KIND_BYTES} bytes"
+        )));
+    }
+    let metadata = object_or_invalid(body.metadata)?
+        .unwrap_or_else(|| RawValue::from_string("{}".to_owned()).expect("static json"));
+    let key = body
+        .idempotency_key
+        .or_else(|| header_key.map(str::to_owned));
+    if let Some(k) = &key {
+        if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(ApiError::invalid(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+            )));
+        }
+    }
+    let encoded = content.get().len() + metadata.get().len() + kind.len() + sender.as_str().len();
+    if encoded > max_message_bytes {
+        return Err(ApiError::too_large(format!(
+            "message is {encoded} bytes, the limit is {max_message_bytes}"
+        )));
+    }
+    Ok(AppendRequest {
+        sender,
+        kind: kind.into(),
+        content,
+        metadata,
+        idempotency_key: key.map(Into::into),
+    })
+}
+
+pub async fn append(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<AppendBody>,
+) -> Result<Response, ApiError> {
+    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let id = conversation_id(&raw_id)?;
+    let header_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII"))
+        })
+        .transpose()?;
+    let request = build_request(body, header_key, state.config.limits.max_message_bytes)?;
+    let outcome = state.node.append(&id, request).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "conversation_id": id.as_str(),
+            "seq": outcome.seq,
+            "id": outcome.id.to_string(),
+            "created_at": format_rfc3339_millis(outcome.created_at_ms),
+            "deduped": outcome.deduped,
+        })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    after_seq: Option<String>,
+    before_seq: Option<String>,
+    limit: Option<String>,
+}
+
+fn parse_u64(name: &str, raw: Option<&str>) -> Result<Option<u64>, ApiError> {
+    raw.map(|v| {
+        v.parse::<u64>()
+            .map_err(|_| ApiError::invalid(format!("{name} must be a non-negative integer")))
+    })
+    .transpose()
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let id = conversation_id(&raw_id)?;
+    let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
+    let after = parse_u64("after_seq", q.after_seq.as_deref())?;
+    let before = parse_u64("before_seq", q.before_seq.as_deref())?;
+    let max = state.config.limits.max_page_size;
+    let limit = parse_u64("limit", q.limit.as_deref())?.unwrap_or(100.min(max as u64));
+    if limit == 0 || limit > max as u64 {
+        return Err(ApiError::invalid(format!("limit must be 1 to {max}")));
+    }
+    if after.is_some() && before.is_some() {
+        return Err(ApiError::invalid("give after_seq or before_seq, not both"));
+    }
+    let handle = state.node.conversation(&id).await?;
+    let limit = limit as usize;
+    let (messages, has_more) = match before {
+        Some(before) => {
+            let page = state.node.read_before(&handle, before, limit).await?;
+            let more = page.first().is_some_and(|m| m.seq > 1);
+            (page, more)
+        }
+        None => {
+            let after = after.unwrap_or(0);
+            let page = state.node.read_after(&handle, after, limit).await?;
+            let last = handle.log.durable_seq();
+            let more = page.last().map_or(after, |m| m.seq) < last;
+            (page, more)
+        }
+    };
+    let last_seq = handle.log.durable_seq();
+    Ok(Json(json!({
+        "messages": messages.iter().map(|m| &**m).collect::<Vec<_>>(),
+        "last_seq": last_seq,
+        "has_more": has_more,
+        "first_available_seq": 1,
+    })))
+}

@@ -1,0 +1,209 @@
+//! The public HTTP API (PROTOCOL.md, "HTTP API"): conversations, messages, health.
+//!
+//! Handlers parse and validate everything themselves (bodies are read as bytes under a size
+//! limit and decoded with serde) so every bad input gets its protocol code rather than a
+//! framework default.
+
+pub mod error;
+mod messages;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use ferry_shards::archive::ConversationMeta;
+use ferry_shards::ids::{ConversationId, ParticipantId};
+use ferry_shards::node::Node;
+use ferry_shards::placement::slot_of;
+use ferry_shards::record::{format_rfc3339_millis, now_ms};
+
+use crate::auth::{Auth, Principal};
+use crate::config::Config;
+use crate::store::Store;
+use error::ApiError;
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Node,
+    pub store: Store,
+    pub auth: Arc<Auth>,
+    pub config: Arc<Config>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(
+            "/v1/conversations/{id}",
+            put(put_conversation).get(get_conversation),
+        )
+        .route(
+            "/v1/conversations/{id}/messages",
+            get(messages::list).post(messages::append),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    let mut e = ApiError::invalid("method not allowed on this route");
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    e.into_response()
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.node.ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "wal_poisoned": state.node.wal().poisoned()})),
+        )
+            .into_response()
+    }
+}
+
+/// A JSON body read under the configured size limit; every failure is a protocol error.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        // Room for the JSON envelope around a maximum-size message.
+        let limit = state.config.limits.max_message_bytes * 2 + 16 * 1024;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::too_large(format!("request body larger than {limit} bytes")))?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::invalid("request body must be a JSON object"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+pub fn conversation_id(raw: &str) -> Result<ConversationId, ApiError> {
+    ConversationId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+pub fn participant_id(raw: &str) -> Result<ParticipantId, ApiError> {
+    ParticipantId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// `metadata` must be a JSON object when given.
+pub fn object_or_invalid(value: Option<Box<RawValue>>) -> Result<Option<Box<RawValue>>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(raw) if raw.get().trim_start().starts_with('{') => Ok(Some(raw)),
+        Some(raw) if raw.get().trim() == "null" => Ok(None),
+        Some(_) => Err(ApiError::invalid("metadata must be a JSON object")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutConversation {
+    participants: Vec<String>,
+    #[serde(default)]
+    metadata: Option<Box<RawValue>>,
+}
+
+fn conversation_json(meta: &ConversationMeta, slot: u32, last_seq: u64) -> serde_json::Value {
+    json!({
+        "id": meta.id.as_str(),
+        "slot": slot,
+        "last_seq": last_seq,
+        "participants": meta.participants.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        "metadata": meta.metadata,
+        "created_at": format_rfc3339_millis(meta.created_at_ms),
+    })
+}
+
+async fn put_conversation(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<PutConversation>,
+) -> Result<Response, ApiError> {
+    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let id = conversation_id(&raw_id)?;
+    if body.participants.len() > state.config.limits.max_participants {
+        return Err(ApiError::invalid(format!(
+            "at most {} participants",
+            state.config.limits.max_participants
+        )));
+    }
+    let participants = body
+        .participants
+        .iter()
+        .map(|p| participant_id(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = object_or_invalid(body.metadata)?;
+    if metadata
+        .as_ref()
+        .is_some_and(|m| m.get().len() > state.config.limits.max_message_bytes)
+    {
+        return Err(ApiError::too_large("metadata too large"));
+    }
+    let upserted = state
+        .store
+        .upsert_conversation(&id, &participants, metadata.as_deref(), now_ms())
+        .await?;
+    state.node.refresh_meta(upserted.meta.clone());
+    let handle = state.node.conversation(&id).await?;
+    let status = if upserted.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let slot = slot_of(id.as_str(), state.config.slots.count);
+    Ok((
+        status,
+        Json(conversation_json(
+            &upserted.meta,
+            slot,
+            handle.log.durable_seq(),
+        )),
+    )
+        .into_response())
+}
+
+async fn get_conversation(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let id = conversation_id(&raw_id)?;
+    let handle = state.node.conversation(&id).await?;
+    let slot = slot_of(id.as_str(), state.config.slots.count);
+    Ok(Json(conversation_json(
+        &handle.meta(),
+        slot,
+        handle.log.durable_seq(),
+    )))
+}

@@ -1,0 +1,136 @@
+//! The `ferry` command line: `serve` runs a node, `migrate` prepares the database.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use ferry::config::{Config, Overrides};
+use ferry::{server, store};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Durable, real-time conversation backbone"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Run the database migrations and exit.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (see config/ferry.toml).
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    admin_listen: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    database_url: Option<String>,
+    #[arg(long)]
+    redis_url: Option<String>,
+    #[arg(long)]
+    object_store: Option<String>,
+    #[arg(long)]
+    bootstrap_api_key: Option<String>,
+    /// Do not run migrations on start.
+    #[arg(long)]
+    no_migrate: bool,
+    /// Quarantine corrupt WAL segments instead of refusing to start (reports what was lost).
+    #[arg(long)]
+    repair_wal: bool,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    database_url: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_env("FERRY_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => {
+            let overrides = Overrides {
+                listen: args.listen,
+                admin_listen: args.admin_listen,
+                data_dir: args.data_dir,
+                node_id: args.node_id,
+                database_url: args.database_url,
+                redis_url: args.redis_url,
+                object_store: args.object_store,
+                bootstrap_api_key: args.bootstrap_api_key,
+                no_migrate: args.no_migrate,
+                repair: args.repair_wal,
+            };
+            Config::load(args.config.as_deref(), &overrides).and_then(|config| {
+                init_tracing(config.log_format == "json");
+                runtime()?.block_on(server::serve(config))
+            })
+        }
+        Command::Migrate(args) => {
+            let overrides = Overrides {
+                database_url: args.database_url,
+                data_dir: args.data_dir,
+                ..Overrides::default()
+            };
+            Config::load(args.config.as_deref(), &overrides).and_then(|config| {
+                init_tracing(config.log_format == "json");
+                runtime()?.block_on(async {
+                    std::fs::create_dir_all(&config.data_dir)?;
+                    let store = store::Store::connect(&config.database_url(), 2).await?;
+                    store.migrate().await?;
+                    println!("migrations applied to {}", config.database_url());
+                    Ok(())
+                })
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,33 @@
+//! Metric names recorded by the node binary (the runtime's are in `ferry_shards::metrics`), and
+//! the Prometheus recorder. Label values are bounded; never a conversation id.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Counter: HTTP error answers by protocol `code`.
+pub const HTTP_ERRORS_TOTAL: &str = "ferry_http_errors_total";
+/// Counter: authentication failures by `reason`.
+pub const AUTH_FAILURES_TOTAL: &str = "ferry_auth_failures_total";
+
+pub fn count_http_error(code: &'static str) {
+    metrics::counter!(HTTP_ERRORS_TOTAL, "code" => code).increment(1);
+}
+
+pub fn count_auth_failure(reason: &'static str) {
+    metrics::counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Installs the global recorder; histograms of seconds get buckets fine enough for sub-ms acks.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let batch_buckets = [
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .set_buckets_for_metric(Matcher::Suffix("_records".into()), &batch_buckets)?
+        .install_recorder()?;
+    Ok(handle)
+}

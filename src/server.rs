@@ -1,0 +1,147 @@
+//! `ferry serve`: opens the archive, starts the node (WAL recovery, actors, archiver), binds the
+//! public and admin listeners, logs the `ferry ready` line, and on SIGTERM/SIGINT stops taking
+//! traffic, finishes in-flight work and exits 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use ferry_shards::node::{Node, NodeConfig};
+use ferry_shards::record::now_ms;
+use ferry_shards::wal::WalOptions;
+
+use crate::admin::{self, AdminState};
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::store::Store;
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let prometheus = crate::metrics::install()?;
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+
+    let store = Store::connect(&config.database_url(), config.archive.pool_size)
+        .await
+        .context("cannot open the archive database")?;
+    if !config.no_migrate {
+        store.migrate().await.context("migrations failed")?;
+    }
+    let auth = Arc::new(Auth::new(store.clone()));
+    if let Some(key) = auth
+        .bootstrap(config.bootstrap_api_key.as_deref(), now_ms())
+        .await?
+    {
+        // Printed once, on the first start of an empty database; it is stored only as a hash.
+        println!("ferry admin-key {key}");
+        tracing::warn!("generated an admin api key and printed it once on stdout; store it now");
+    }
+
+    let mut wal = WalOptions::new(config.data_dir.join("wal"));
+    wal.fsync = config.fsync_policy()?;
+    wal.segment_bytes = config.wal.segment_bytes;
+    wal.queue_capacity = config.wal.queue_capacity;
+    wal.max_batch_bytes = config.wal.max_batch_bytes;
+    wal.repair = config.wal.repair;
+    let node_config = NodeConfig {
+        slot_count: config.slots.count,
+        ring_bytes_per_conversation: config.runtime.ring_bytes_per_conversation,
+        ring_budget_bytes: config.runtime.ring_budget_bytes,
+        mailbox_capacity: config.limits.mailbox_capacity,
+        dedupe_window: config.runtime.dedupe_window,
+        idle_timeout: config.runtime.idle_timeout,
+        archive_backlog_bytes: config.archive.backlog_bytes,
+        archive_batch_records: config.archive.batch_records,
+    };
+    let (node, report) = Node::start(node_config, wal, Arc::new(store.clone()))
+        .await
+        .context("cannot start the node")?;
+    tracing::info!(
+        recovered_records = report.recovered_records,
+        recovered_conversations = report.recovered_conversations,
+        checkpoint = report.checkpoint,
+        torn_tail_bytes = report.torn_tail_bytes,
+        bytes_scanned = report.bytes_scanned,
+        scan_ms = report.scan_duration.as_millis() as u64,
+        "wal recovered"
+    );
+
+    let public = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin_listener = TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
+    let public_addr = public.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let state = AppState {
+        node: node.clone(),
+        store: store.clone(),
+        auth,
+        config: config.clone(),
+    };
+    let app = http::router(state);
+    let admin_app = admin::router(AdminState {
+        node: node.clone(),
+        prometheus,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut public_stop = stop_rx.clone();
+    let mut admin_stop = stop_rx;
+    let public_task = tokio::spawn(async move {
+        axum::serve(public, app)
+            .with_graceful_shutdown(async move {
+                let _ = public_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let node_id = config.node_id();
+    println!("ferry ready listen={public_addr} admin={admin_addr} node={node_id}");
+    tracing::info!(listen = %public_addr, admin = %admin_addr, node = %node_id, "ferry ready");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight work");
+    let _ = stop_tx.send(true);
+    // In-flight requests finish (their appends are answered once the WAL drains); bounded so a
+    // stuck client cannot hold the process.
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        let _ = public_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("some connections did not finish within 20s");
+    }
+    node.shutdown().await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
