@@ -47,7 +47,7 @@ pub enum WalError {
         /// Highest lsn seen anywhere after the damage (`None`: nothing readable after it).
         last_known_lsn: Option<Lsn>,
     },
-    #[error("wal is behind its checkpoint: the checkpoint promises every lsn after {checkpoint} is in the log, but the oldest segment {} starts at lsn {first_on_disk}; lsns {}..={} are missing. Refusing to open; restore the missing segments, or restart with repair enabled (`ferry serve --repair` / wal.repair = true) to record them as lost", .segment.display(), .checkpoint.saturating_add(1), .first_on_disk.saturating_sub(1))]
+    #[error("wal is behind its checkpoint: the checkpoint promises every lsn after {checkpoint} is in the log, but the oldest segment {} starts at lsn {first_on_disk}; lsns {}..={} are missing. Refusing to open; restore the missing segments, or restart with repair enabled (`ferry serve --repair-wal` / FERRY_WAL__REPAIR=true) to record them as lost", .segment.display(), .checkpoint.saturating_add(1), .first_on_disk.saturating_sub(1))]
     Behind {
         checkpoint: Lsn,
         first_on_disk: Lsn,
@@ -102,7 +102,7 @@ fn corrupt_message(
         "wal corrupt: segment {} at byte offset {offset}: {reason}; {range}. Refusing to open. \
          To keep the valid prefix (every lsn below {first_lsn}), move the damaged segment(s) to {} \
          and get a report of exactly which lsns were lost, restart with repair enabled \
-         (`ferry serve --repair` / wal.repair = true / WalOptions::repair)",
+         (`ferry serve --repair-wal` / FERRY_WAL__REPAIR=true / WalOptions::repair)",
         segment.display(),
         quarantine.display(),
     )
