@@ -22,13 +22,18 @@ pub struct AppendBody {
     sender: Option<String>,
     #[serde(default)]
     kind: Option<String>,
-    /// Required; `null` is a valid JSON content only when written explicitly.
-    #[serde(default)]
+    /// Required; an explicit `null` is valid content (absent is not).
+    #[serde(default, deserialize_with = "present")]
     content: Option<Box<RawValue>>,
     #[serde(default)]
     metadata: Option<Box<RawValue>>,
     #[serde(default)]
     idempotency_key: Option<String>,
+}
+
+/// Keeps an explicit JSON `null` as `Some(null)`; only an absent field is `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 /// Validates an append the same way for every transport.
