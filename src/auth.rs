@@ -4,12 +4,20 @@
 //! API keys are stored as hex SHA-256 hashes in the `api_keys` table and cached in memory after
 //! the first successful lookup; the key itself is never stored or logged. An API key acts for any
 //! participant; an admin key may also use `/admin`.
+//!
+//! End-user tokens are JWTs, enabled by `jwt_secret` (HS256) or `jwt_public_key` (RS256, PEM text
+//! or a path to a PEM file). Claim `sub` is the participant id; `exp` and `nbf` are checked when
+//! present. A credential with three dot-separated parts is treated as a JWT when JWTs are enabled.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
+
+use ferry_shards::ids::ParticipantId;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
 
 use crate::http::error::ApiError;
 use crate::metrics::count_auth_failure;
@@ -18,11 +26,74 @@ use crate::store::Store;
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    ApiKey { admin: bool },
+    ApiKey {
+        admin: bool,
+    },
+    /// An end user, from a JWT: reads and writes only where listed, always sends as itself.
+    User {
+        sub: ParticipantId,
+    },
+}
+
+/// How JWTs are verified, when enabled.
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+impl JwtVerifier {
+    pub fn from_config(
+        secret: Option<&str>,
+        public_key: Option<&str>,
+    ) -> anyhow::Result<Option<JwtVerifier>> {
+        let (key, algorithm) = match (secret, public_key) {
+            (Some(secret), _) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            ),
+            (None, Some(pem)) => {
+                let pem = if pem.trim_start().starts_with("-----BEGIN") {
+                    pem.to_owned()
+                } else {
+                    std::fs::read_to_string(pem).map_err(|e| {
+                        anyhow::anyhow!("jwt_public_key: cannot read PEM file {pem}: {e}")
+                    })?
+                };
+                let key = DecodingKey::from_rsa_pem(pem.as_bytes())
+                    .map_err(|e| anyhow::anyhow!("jwt_public_key is not an RSA PEM key: {e}"))?;
+                (key, Algorithm::RS256)
+            }
+            (None, None) => return Ok(None),
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.required_spec_claims = ["sub".to_owned()].into_iter().collect();
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        Ok(Some(JwtVerifier { key, validation }))
+    }
+
+    fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+                count_auth_failure("jwt");
+                ApiError::unauthorized(format!("invalid token: {e}"))
+            })?;
+        let sub = ParticipantId::parse(&data.claims.sub).map_err(|_| {
+            count_auth_failure("jwt");
+            ApiError::unauthorized("token sub is not a valid participant id")
+        })?;
+        Ok(Principal::User { sub })
+    }
 }
 
 pub struct Auth {
     store: Store,
+    jwt: Option<JwtVerifier>,
     /// Known key hashes → admin flag. Keys are never revoked while running (no revocation API yet).
     cache: RwLock<HashMap<String, bool>>,
 }
@@ -38,9 +109,10 @@ pub fn generate_key() -> String {
 }
 
 impl Auth {
-    pub fn new(store: Store) -> Auth {
+    pub fn new(store: Store, jwt: Option<JwtVerifier>) -> Auth {
         Auth {
             store,
+            jwt,
             cache: RwLock::new(HashMap::new()),
         }
     }
@@ -72,6 +144,11 @@ impl Auth {
         if token.is_empty() {
             count_auth_failure("missing");
             return Err(ApiError::unauthorized("missing credentials"));
+        }
+        if let Some(jwt) = &self.jwt {
+            if token.split('.').count() == 3 {
+                return jwt.verify(token);
+            }
         }
         let hash = hash_key(token);
         if let Some(admin) = self

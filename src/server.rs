@@ -13,7 +13,7 @@ use ferry_shards::record::now_ms;
 use ferry_shards::wal::WalOptions;
 
 use crate::admin::{self, AdminState};
-use crate::auth::Auth;
+use crate::auth::{Auth, JwtVerifier};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::store::Store;
@@ -30,7 +30,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if !config.no_migrate {
         store.migrate().await.context("migrations failed")?;
     }
-    let auth = Arc::new(Auth::new(store.clone()));
+    let jwt = JwtVerifier::from_config(
+        config.jwt_secret.as_deref(),
+        config.jwt_public_key.as_deref(),
+    )?;
+    let auth = Arc::new(Auth::new(store.clone(), jwt));
     if let Some(key) = auth
         .bootstrap(config.bootstrap_api_key.as_deref(), now_ms())
         .await?
@@ -83,6 +87,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         auth,
         config: config.clone(),
+        events: crate::inbox::Events::default(),
     };
     let app = http::router(state);
     let admin_app = admin::router(AdminState {

@@ -218,6 +218,114 @@ impl Store {
         Ok(())
     }
 
+    /// Raises the participant's read and/or delivered (ack) cursor; cursors never move back.
+    pub async fn set_cursor(
+        &self,
+        conversation: &ConversationId,
+        participant: &ParticipantId,
+        read: Option<u64>,
+        ack: Option<u64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO read_cursors (conversation_id, participant_id, read_seq, ack_seq, updated_at_ms) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (conversation_id, participant_id) DO UPDATE SET \
+             read_seq = MAX(read_seq, excluded.read_seq), ack_seq = MAX(ack_seq, excluded.ack_seq), updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(conversation.as_str())
+        .bind(participant.as_str())
+        .bind(read.unwrap_or(0) as i64)
+        .bind(ack.unwrap_or(0) as i64)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `(read_seq, ack_seq)`, zero when never set.
+    pub async fn cursor(
+        &self,
+        conversation: &ConversationId,
+        participant: &ParticipantId,
+    ) -> Result<(u64, u64), StoreError> {
+        let row = sqlx::query(
+            "SELECT read_seq, ack_seq FROM read_cursors WHERE conversation_id = ? AND participant_id = ?",
+        )
+        .bind(conversation.as_str())
+        .bind(participant.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map_or((0, 0), |r| {
+            (r.get::<i64, _>(0) as u64, r.get::<i64, _>(1) as u64)
+        }))
+    }
+
+    /// Highest archived seq of a conversation (0 if none).
+    pub async fn last_seq(&self, conversation: &ConversationId) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation_id = ?")
+                .bind(conversation.as_str())
+                .fetch_one(&self.pool)
+                .await?
+                .get(0);
+        Ok(n as u64)
+    }
+
+    /// The newest archived message of a conversation.
+    pub async fn last_message(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Option<Arc<Message>>, StoreError> {
+        Ok(self
+            .read(conversation, 0, u64::MAX, 1, true)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Conversations listing the participant.
+    pub async fn conversations_of(
+        &self,
+        participant: &ParticipantId,
+    ) -> Result<Vec<ConversationId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT conversation_id FROM conversation_participants WHERE participant_id = ? ORDER BY conversation_id",
+        )
+        .bind(participant.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                ConversationId::parse(&r.get::<String, _>(0))
+                    .map_err(|e| StoreError::Invalid(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Archived messages with `after_seq < seq < before_seq` not sent by `participant`.
+    pub async fn count_unread(
+        &self,
+        conversation: &ConversationId,
+        participant: &ParticipantId,
+        after_seq: u64,
+        before_seq: u64,
+    ) -> Result<u64, StoreError> {
+        if before_seq <= after_seq + 1 {
+            return Ok(0);
+        }
+        let n: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq > ? AND seq < ? AND sender <> ?",
+        )
+        .bind(conversation.as_str())
+        .bind(after_seq as i64)
+        .bind(before_seq.min(i64::MAX as u64) as i64)
+        .bind(participant.as_str())
+        .fetch_one(&self.pool)
+        .await?
+        .get(0);
+        Ok(n as u64)
+    }
+
     async fn insert_messages(&self, messages: &[Arc<Message>]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for chunk in messages.chunks(MAX_ROWS_PER_INSERT) {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 
 use crate::actor::conversation::{AppendOutcome, AppendRequest, ConversationMsg};
 use crate::actor::slot::{SlotActor, SlotArgs, SlotMsg};
@@ -177,6 +177,16 @@ pub struct Shared {
     registries: Vec<Mutex<SlotRegistry>>,
     pub archive_queue: ArchiveQueue,
     stopping: AtomicBool,
+    /// Every message that became durable, for node-wide watchers (inbox). Lossy by design: a
+    /// lagging receiver is told so and rebuilds from the logs.
+    durable_events: broadcast::Sender<DurableEvent>,
+}
+
+/// A message became durable.
+#[derive(Debug, Clone)]
+pub struct DurableEvent {
+    pub conversation_id: ConversationId,
+    pub seq: u64,
 }
 
 impl Shared {
@@ -200,6 +210,12 @@ impl Shared {
     /// Runs on the WAL writer thread when a message is durable.
     pub fn on_durable(&self, lsn: Lsn, message: Arc<Message>, log: &Arc<ConversationLog>) {
         log.push_durable(message.clone());
+        if self.durable_events.receiver_count() > 0 {
+            let _ = self.durable_events.send(DurableEvent {
+                conversation_id: message.conversation_id.clone(),
+                seq: message.seq,
+            });
+        }
         self.archive_queue.push(ArchiveItem {
             lsn,
             message,
@@ -265,6 +281,7 @@ impl Node {
             registries,
             archive_queue: ArchiveQueue::default(),
             stopping: AtomicBool::new(false),
+            durable_events: broadcast::channel(4096).0,
         });
         let report = adopt_recovery(&shared, recovery)?;
 
@@ -465,6 +482,17 @@ impl Node {
         if let Some(handle) = self.active_handle(&meta.id) {
             handle.set_meta(meta);
         }
+    }
+
+    /// Every message that becomes durable from now on (lossy: see `broadcast::error::RecvError`).
+    pub fn subscribe_durable(&self) -> broadcast::Receiver<DurableEvent> {
+        self.shared.durable_events.subscribe()
+    }
+
+    /// The in-memory log of a conversation, if this node holds one (active, or recovered from the
+    /// WAL and not yet activated), without starting anything.
+    pub fn peek_log(&self, id: &ConversationId) -> Option<Arc<ConversationLog>> {
+        self.shared.registry(self.slot_of(id)).logs.get(id).cloned()
     }
 
     /// Active conversation actors per slot.

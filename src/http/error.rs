@@ -11,6 +11,7 @@ use ferry_shards::node::{NodeError, TryAgainReason};
 pub enum Code {
     Invalid,
     Unauthorized,
+    Forbidden,
     NotFound,
     TooLarge,
     TryAgain,
@@ -21,6 +22,7 @@ impl Code {
         match self {
             Code::Invalid => "invalid",
             Code::Unauthorized => "unauthorized",
+            Code::Forbidden => "forbidden",
             Code::NotFound => "not_found",
             Code::TooLarge => "too_large",
             Code::TryAgain => "try_again",
@@ -56,6 +58,10 @@ impl ApiError {
 
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(Code::Unauthorized, StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::Forbidden, StatusCode::FORBIDDEN, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {

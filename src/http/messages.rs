@@ -12,14 +12,17 @@ use ferry_shards::actor::conversation::AppendRequest;
 use ferry_shards::record::{format_rfc3339_millis, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES};
 
 use super::error::ApiError;
-use super::{conversation_id, object_or_invalid, participant_id, AppState, JsonBody};
+use super::{conversation_id, object_or_invalid, AppState, JsonBody};
+use crate::access;
 use crate::auth::Principal;
+use ferry_shards::ids::ParticipantId;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppendBody {
+    /// Required with an API key; ignored for a user (who always sends as itself).
     #[serde(default)]
-    sender: Option<String>,
+    pub sender: Option<String>,
     #[serde(default)]
     kind: Option<String>,
     /// Required; an explicit `null` is valid content (absent is not).
@@ -40,16 +43,12 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
 pub fn build_request(
     body: AppendBody,
     header_key: Option<&str>,
+    sender: ParticipantId,
     max_message_bytes: usize,
 ) -> Result<AppendRequest, ApiError> {
     let content = body
         .content
         .ok_or_else(|| ApiError::invalid("content is required"))?;
-    let sender = participant_id(
-        body.sender
-            .as_deref()
-            .ok_or_else(|| ApiError::invalid("sender is required with an API key"))?,
-    )?;
     let kind = body.kind.unwrap_or_else(|| "text".to_owned());
     if kind.is_empty() || kind.len() > MAX_KIND_BYTES {
         return Err(ApiError::invalid(format!(
@@ -89,7 +88,7 @@ pub async fn append(
     headers: HeaderMap,
     JsonBody(body): JsonBody<AppendBody>,
 ) -> Result<Response, ApiError> {
-    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let header_key = headers
         .get("idempotency-key")
@@ -98,7 +97,17 @@ pub async fn append(
                 .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII"))
         })
         .transpose()?;
-    let request = build_request(body, header_key, state.config.limits.max_message_bytes)?;
+    let sender = access::sender(&principal, body.sender.as_deref())?;
+    let request = build_request(
+        body,
+        header_key,
+        sender,
+        state.config.limits.max_message_bytes,
+    )?;
+    if let Principal::User { .. } = principal {
+        let handle = state.node.conversation(&id).await?;
+        access::authorize(&principal, &handle.meta())?;
+    }
     let outcome = state.node.append(&id, request).await?;
     Ok((
         StatusCode::CREATED,
@@ -134,7 +143,7 @@ pub async fn list(
     headers: HeaderMap,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
     let after = parse_u64("after_seq", q.after_seq.as_deref())?;
@@ -148,6 +157,7 @@ pub async fn list(
         return Err(ApiError::invalid("give after_seq or before_seq, not both"));
     }
     let handle = state.node.conversation(&id).await?;
+    access::authorize(&principal, &handle.meta())?;
     let limit = limit as usize;
     let (messages, has_more) = match before {
         Some(before) => {

@@ -5,7 +5,9 @@
 //! framework default.
 
 pub mod error;
-mod messages;
+pub mod messages;
+mod participants;
+mod stream;
 
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ use ferry_shards::node::Node;
 use ferry_shards::placement::slot_of;
 use ferry_shards::record::{format_rfc3339_millis, now_ms};
 
-use crate::auth::{Auth, Principal};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::store::Store;
 use error::ApiError;
@@ -38,6 +40,7 @@ pub struct AppState {
     pub store: Store,
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
+    pub events: crate::inbox::Events,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -52,6 +55,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/conversations/{id}/messages",
             get(messages::list).post(messages::append),
         )
+        .route("/v1/conversations/{id}/stream", get(stream::sse))
+        .route(
+            "/v1/conversations/{id}/read",
+            axum::routing::post(participants::mark_read),
+        )
+        .route("/v1/participants/{id}/inbox", get(participants::inbox))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -149,7 +158,8 @@ async fn put_conversation(
     headers: HeaderMap,
     JsonBody(body): JsonBody<PutConversation>,
 ) -> Result<Response, ApiError> {
-    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let principal = state.auth.authenticate(&headers).await?;
+    crate::access::require_api_key(&principal)?;
     let id = conversation_id(&raw_id)?;
     if body.participants.len() > state.config.limits.max_participants {
         return Err(ApiError::invalid(format!(
@@ -174,6 +184,9 @@ async fn put_conversation(
         .upsert_conversation(&id, &participants, metadata.as_deref(), now_ms())
         .await?;
     state.node.refresh_meta(upserted.meta.clone());
+    for p in &upserted.meta.participants {
+        state.events.membership_changed(p, &id);
+    }
     let handle = state.node.conversation(&id).await?;
     let status = if upserted.created {
         StatusCode::CREATED
@@ -197,9 +210,10 @@ async fn get_conversation(
     Path(raw_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Principal::ApiKey { .. } = state.auth.authenticate(&headers).await?;
+    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let handle = state.node.conversation(&id).await?;
+    crate::access::authorize(&principal, &handle.meta())?;
     let slot = slot_of(id.as_str(), state.config.slots.count);
     Ok(Json(conversation_json(
         &handle.meta(),

@@ -1,0 +1,88 @@
+//! `GET /v1/conversations/{id}/stream`: Server-Sent Events, one `message` event per message with
+//! the seq as the event id, replay then live. Resumes from `Last-Event-ID` (what browsers send
+//! on reconnect) or the `after_seq` query parameter.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::{conversation_id, AppState};
+use crate::access;
+use crate::delivery::Cursor;
+
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    after_seq: Option<String>,
+}
+
+/// Messages per replay page.
+const PAGE: usize = 500;
+
+pub async fn sse(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let principal = state.auth.authenticate(&headers).await?;
+    let id = conversation_id(&raw_id)?;
+    let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
+    let parse = |name: &str, v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|_| ApiError::invalid(format!("{name} must be a non-negative integer")))
+    };
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::invalid("Last-Event-ID must be a seq"))
+                .and_then(|v| parse("Last-Event-ID", v))
+        })
+        .transpose()?;
+    let after_seq = match (last_event_id, q.after_seq.as_deref()) {
+        (Some(seq), _) => seq,
+        (None, Some(v)) => parse("after_seq", v)?,
+        (None, None) => 0,
+    };
+    let handle = state.node.conversation(&id).await?;
+    access::authorize(&principal, &handle.meta())?;
+    let cursor = Cursor::new(state.node.clone(), handle, after_seq, PAGE);
+    Ok(Sse::new(events(cursor))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn events(cursor: Cursor) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(Some(cursor), |cursor| async move {
+        let mut cursor = cursor?;
+        match cursor.next_batch().await {
+            Ok(batch) => {
+                let events: Vec<Result<Event, Infallible>> = batch
+                    .iter()
+                    .map(|m| {
+                        let data = serde_json::to_string(&**m).unwrap_or_default();
+                        Ok(Event::default()
+                            .id(m.seq.to_string())
+                            .event("message")
+                            .data(data))
+                    })
+                    .collect();
+                Some((stream::iter(events), Some(cursor)))
+            }
+            Err(e) => {
+                let data = e.body().to_string();
+                let events = vec![Ok(Event::default().event("error").data(data))];
+                Some((stream::iter(events), None))
+            }
+        }
+    })
+    .flatten()
+}
