@@ -82,12 +82,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let public_addr = public.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = AppState {
         node: node.clone(),
         store: store.clone(),
         auth,
         config: config.clone(),
         events: crate::inbox::Events::default(),
+        shutdown: stop_rx.clone(),
     };
     let app = http::router(state);
     let admin_app = admin::router(AdminState {
@@ -95,7 +97,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         prometheus,
     });
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut public_stop = stop_rx.clone();
     let mut admin_stop = stop_rx;
     let public_task = tokio::spawn(async move {

@@ -55,7 +55,11 @@ pub async fn sse(
     let handle = state.node.conversation(&id).await?;
     access::authorize(&principal, &handle.meta())?;
     let cursor = Cursor::new(state.node.clone(), handle, after_seq, PAGE);
-    Ok(Sse::new(events(cursor))
+    let mut shutdown = state.shutdown.clone();
+    let stream = events(cursor).take_until(async move {
+        let _ = shutdown.wait_for(|stopping| *stopping).await;
+    });
+    Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }
