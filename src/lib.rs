@@ -11,17 +11,25 @@
 //! - [`auth`]: API keys and JWT end users; [`access`]: who may do what in a conversation.
 //! - [`delivery`]: cursor-driven delivery (replay from ring/SQL, then live) for SSE and WebSocket.
 //! - [`inbox`]: read cursors, unread counts, inbox deltas and ephemeral fan-out.
-//! - [`store`]: the SQL archive (SQLite embedded), implementing the runtime's `Archive` trait.
+//! - [`store`]: the SQL archive (SQLite embedded, Postgres in production), implementing the
+//!   runtime's `Archive` trait; reads merge the cold tier below SQL.
+//! - [`cold`]: the cold tier, segment objects in an object store (local files or S3);
+//!   [`segment`] is their byte format; [`compactor`] moves old messages from SQL into them.
+//! - [`ws`]: the WebSocket gateway (Phoenix Channels V2 JSON), topics `conversation:` and `inbox:`.
 //! - [`admin`]: the admin listener (`/metrics`).
 //! - [`metrics`]: metric names of this binary and the Prometheus recorder.
 
 pub mod access;
 pub mod admin;
 pub mod auth;
+pub mod cold;
+pub mod compactor;
 pub mod config;
 pub mod delivery;
 pub mod http;
 pub mod inbox;
 pub mod metrics;
+pub mod segment;
 pub mod server;
 pub mod store;
+pub mod ws;

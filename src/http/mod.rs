@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(participants::mark_read),
         )
         .route("/v1/participants/{id}/inbox", get(participants::inbox))
+        .merge(crate::ws::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -175,6 +176,10 @@ async fn put_conversation(
         .map(|p| participant_id(p))
         .collect::<Result<Vec<_>, _>>()?;
     let metadata = object_or_invalid(body.metadata)?;
+    if let Some(m) = &metadata {
+        crate::store::check_storable_json(m.get())
+            .map_err(|e| ApiError::invalid(format!("metadata: {e}")))?;
+    }
     if metadata
         .as_ref()
         .is_some_and(|m| m.get().len() > state.config.limits.max_message_bytes)

@@ -1,0 +1,753 @@
+//! The topics of one socket: `conversation:{id}` and `inbox:{participant}` (PROTOCOL.md,
+//! "WebSocket").
+//!
+//! A joined conversation runs three tasks, all writing into the socket's one [`Outbox`]:
+//! - delivery: a [`Cursor`] from the join's `after_seq`, pushing `message` for every seq in
+//!   order, replay then live. It waits when the outbox is full, so a slow client falls behind
+//!   and catches up from the log with one page in memory; it is never disconnected.
+//! - ephemeral: forwards `chunk`/`typing` of the other sockets on this node.
+//! - appends: submits this socket's `send`s in the order they arrived without waiting for each
+//!   to be durable (each append's first poll hands it to the conversation actor, then it is
+//!   kept in flight), and replies to each once it is durable.
+//!
+//! Requests that wait on the node or the database (`send`, `ack`, `read`) never block the
+//! socket's reader; at most [`MAX_IN_FLIGHT`] of them per socket, beyond that `try_again`.
+//! Leaving a topic (or joining it again) stops its delivery and ephemeral tasks at once; its
+//! appends still answer. Dropping [`SocketChannels`] (the socket ended) stops everything.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+
+use ferry_shards::actor::conversation::AppendRequest;
+use ferry_shards::ids::{ConversationId, ParticipantId};
+use ferry_shards::node::TryAgainReason;
+use ferry_shards::record::{format_rfc3339_millis, now_ms};
+
+use super::frame::{self, Address, Frame};
+use super::metrics::{self, ChannelGauge};
+use super::session::{Channels, Outbox};
+use crate::access;
+use crate::auth::Principal;
+use crate::delivery::Cursor;
+use crate::http::error::ApiError;
+use crate::http::messages::{build_request, AppendBody};
+use crate::http::{conversation_id, participant_id, AppState};
+use crate::inbox::{self, EphemeralEvent, InboxWatch};
+
+/// Requests (`send`, `ack`, `read`) a socket may have in flight.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Messages a delivery cursor reads per page (its memory bound).
+const PAGE: usize = 256;
+/// Consecutive delivery failures before the topic is errored (`phx_error`; clients rejoin).
+const MAX_DELIVERY_FAILURES: u32 = 5;
+/// Longest `chunk` `stream_id`, in bytes.
+const MAX_STREAM_ID_BYTES: usize = 128;
+
+pub const CONVERSATION_PREFIX: &str = "conversation:";
+pub const INBOX_PREFIX: &str = "inbox:";
+
+enum Topic {
+    Conversation(ConversationId),
+    Inbox(ParticipantId),
+}
+
+fn parse_topic(topic: &str) -> Result<Topic, ApiError> {
+    if let Some(id) = topic.strip_prefix(CONVERSATION_PREFIX) {
+        Ok(Topic::Conversation(conversation_id(id)?))
+    } else if let Some(p) = topic.strip_prefix(INBOX_PREFIX) {
+        Ok(Topic::Inbox(participant_id(p)?))
+    } else {
+        Err(ApiError::not_found(format!(
+            "no topic {topic:?}; topics are conversation:{{id}} and inbox:{{participant}}"
+        )))
+    }
+}
+
+/// An append validated on the reader, waiting for its conversation's pipeline.
+struct AppendJob {
+    to: Address,
+    request: AppendRequest,
+    /// Counts against the socket's in-flight bound until the reply is queued.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One joined topic.
+struct Joined {
+    join_ref: Value,
+    /// The conversation and its append pipeline's queue (`None` for an inbox).
+    conversation: Option<(ConversationId, mpsc::Sender<AppendJob>)>,
+    /// Delivery and ephemeral tasks: stopped as soon as the join ends.
+    tasks: Vec<AbortHandle>,
+    /// The append pipeline: finishes its in-flight appends after a leave, stopped with the socket.
+    pipeline: Option<AbortHandle>,
+    _gauge: ChannelGauge,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The topics of one socket.
+pub struct SocketChannels {
+    state: AppState,
+    principal: Principal,
+    /// Process-unique; ephemeral events are not echoed to the socket that sent them.
+    socket_id: u64,
+    outbox: Outbox,
+    topics: HashMap<String, Joined>,
+    in_flight: Arc<Semaphore>,
+    /// Pipelines of topics that were left, still answering their last appends.
+    draining: Vec<AbortHandle>,
+}
+
+impl Drop for SocketChannels {
+    fn drop(&mut self) {
+        for joined in self.topics.values() {
+            if let Some(p) = &joined.pipeline {
+                p.abort();
+            }
+        }
+        for p in &self.draining {
+            p.abort();
+        }
+    }
+}
+
+impl Channels for SocketChannels {
+    async fn handle(&mut self, frame: Frame) {
+        let to = frame.address();
+        let result = match frame.event.as_str() {
+            frame::JOIN => self.join(&frame).await,
+            frame::LEAVE => self.leave(&frame).await,
+            _ => self.event(frame).await,
+        };
+        if let Err(e) = result {
+            self.outbox.error(&to, &e).await;
+        }
+    }
+}
+
+fn parse_payload<T: DeserializeOwned>(payload: &RawValue, event: &str) -> Result<T, ApiError> {
+    serde_json::from_str(payload.get())
+        .map_err(|e| ApiError::invalid(format!("invalid {event} payload: {e}")))
+}
+
+fn not_joined(topic: &str) -> ApiError {
+    let mut e = ApiError::invalid(format!("join {topic:?} before sending events to it"));
+    e.reason = Some("not_joined");
+    e
+}
+
+fn unknown_event(topic: &str, event: &str) -> ApiError {
+    let mut e = ApiError::invalid(format!("topic {topic:?} does not take event {event:?}"));
+    e.reason = Some("unknown_event");
+    e
+}
+
+fn too_many_in_flight() -> ApiError {
+    let mut e = ApiError::try_again(TryAgainReason::MailboxFull, 50);
+    e.message = format!("more than {MAX_IN_FLIGHT} requests in flight on this socket");
+    e.reason = Some("socket_in_flight");
+    e
+}
+
+/// The participant a user is, or the one an API key names (`participant`, or `sender`).
+fn acting_participant(
+    principal: &Principal,
+    requested: Option<&str>,
+) -> Result<ParticipantId, ApiError> {
+    match (principal, requested) {
+        (Principal::ApiKey { .. }, None) => Err(ApiError::invalid(
+            "participant is required on a socket authenticated with an API key",
+        )),
+        _ => access::sender(principal, requested),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct JoinParams {
+    #[serde(default)]
+    after_seq: Option<u64>,
+    /// Alias of `after_seq`; `after_seq` wins when both are given.
+    #[serde(default)]
+    last_seq: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CursorBody {
+    seq: u64,
+    #[serde(default)]
+    participant: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CursorKind {
+    Ack,
+    Read,
+}
+
+impl SocketChannels {
+    pub fn new(
+        state: AppState,
+        principal: Principal,
+        socket_id: u64,
+        outbox: Outbox,
+    ) -> SocketChannels {
+        SocketChannels {
+            state,
+            principal,
+            socket_id,
+            outbox,
+            topics: HashMap::new(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            draining: Vec::new(),
+        }
+    }
+
+    fn permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| too_many_in_flight())
+    }
+
+    /// Ends a join: its tasks stop now, its append pipeline finishes what it has.
+    fn retire(&mut self, mut joined: Joined) {
+        self.draining.retain(|p| !p.is_finished());
+        if let Some(p) = joined.pipeline.take() {
+            self.draining.push(p);
+        }
+    }
+
+    async fn join(&mut self, frame: &Frame) -> Result<(), ApiError> {
+        // A second join of a joined topic replaces the first (as Phoenix does): the old join is
+        // closed; the client drops its leftover pushes by their join_ref.
+        if let Some(old) = self.topics.remove(&frame.topic) {
+            let close = frame::lifecycle(&old.join_ref, &frame.topic, frame::CLOSE);
+            self.retire(old);
+            self.outbox.send(close).await;
+        }
+        match parse_topic(&frame.topic)? {
+            Topic::Conversation(id) => self.join_conversation(frame, id).await,
+            Topic::Inbox(participant) => self.join_inbox(frame, participant).await,
+        }
+    }
+
+    async fn join_conversation(
+        &mut self,
+        frame: &Frame,
+        id: ConversationId,
+    ) -> Result<(), ApiError> {
+        let params: Option<JoinParams> = parse_payload(&frame.payload, frame::JOIN)?;
+        let params = params.unwrap_or_default();
+        let handle = self.state.node.conversation(&id).await?;
+        access::authorize(&self.principal, &handle.meta())?;
+        let after_seq = match (params.after_seq.or(params.last_seq), &self.principal) {
+            (Some(n), _) => n,
+            (None, Principal::User { sub }) => self.state.store.cursor(&id, sub).await?.0,
+            (None, Principal::ApiKey { .. }) => 0,
+        };
+        // Subscribed before the reply, so nothing sent after the client sees it is missed.
+        let ephemeral = self.state.events.ephemeral(&id).subscribe();
+        let cursor = Cursor::new(self.state.node.clone(), handle.clone(), after_seq, PAGE);
+        let last_seq = handle.log.durable_seq();
+        let to = frame.address();
+        let reply = json!({
+            "conversation_id": id.as_str(),
+            "last_seq": last_seq,
+            "first_available_seq": 1,
+        });
+        // The reply is queued before any push of this join exists.
+        if !self.outbox.ok(&to, &reply).await {
+            return Ok(());
+        }
+        tracing::debug!(topic = %frame.topic, after_seq, last_seq, "joined conversation");
+        let join_ref = frame.join_ref.clone();
+        let delivery = tokio::spawn(deliver(
+            cursor,
+            self.outbox.clone(),
+            join_ref.clone(),
+            frame.topic.clone(),
+        ));
+        let forward = tokio::spawn(forward_ephemeral(
+            ephemeral,
+            self.socket_id,
+            self.outbox.clone(),
+            join_ref.clone(),
+            frame.topic.clone(),
+        ));
+        let (appends, jobs) = mpsc::channel(MAX_IN_FLIGHT);
+        let pipeline = tokio::spawn(run_appends(
+            self.state.clone(),
+            self.principal.clone(),
+            id.clone(),
+            jobs,
+            self.outbox.clone(),
+        ));
+        self.topics.insert(
+            frame.topic.clone(),
+            Joined {
+                join_ref,
+                conversation: Some((id, appends)),
+                tasks: vec![delivery.abort_handle(), forward.abort_handle()],
+                pipeline: Some(pipeline.abort_handle()),
+                _gauge: ChannelGauge::open("conversation"),
+            },
+        );
+        Ok(())
+    }
+
+    async fn join_inbox(
+        &mut self,
+        frame: &Frame,
+        participant: ParticipantId,
+    ) -> Result<(), ApiError> {
+        access::act_for(&self.principal, &participant)?;
+        // Watching starts before the snapshot is read, so no change falls between the two.
+        let watch = InboxWatch::new(self.state.clone(), participant.clone()).await?;
+        let conversations =
+            inbox::snapshot(&self.state.node, &self.state.store, &participant).await?;
+        let to = frame.address();
+        if !self
+            .outbox
+            .ok(&to, &json!({ "conversations": conversations }))
+            .await
+        {
+            return Ok(());
+        }
+        let join_ref = frame.join_ref.clone();
+        let task = tokio::spawn(push_inbox(
+            watch,
+            self.outbox.clone(),
+            join_ref.clone(),
+            frame.topic.clone(),
+        ));
+        self.topics.insert(
+            frame.topic.clone(),
+            Joined {
+                join_ref,
+                conversation: None,
+                tasks: vec![task.abort_handle()],
+                pipeline: None,
+                _gauge: ChannelGauge::open("inbox"),
+            },
+        );
+        Ok(())
+    }
+
+    async fn leave(&mut self, frame: &Frame) -> Result<(), ApiError> {
+        let joined = self
+            .topics
+            .remove(&frame.topic)
+            .ok_or_else(|| not_joined(&frame.topic))?;
+        let join_ref = joined.join_ref.clone();
+        self.retire(joined);
+        self.outbox.ok(&frame.address(), &json!({})).await;
+        self.outbox
+            .send(frame::lifecycle(&join_ref, &frame.topic, frame::CLOSE))
+            .await;
+        Ok(())
+    }
+
+    async fn event(&mut self, frame: Frame) -> Result<(), ApiError> {
+        let joined = self
+            .topics
+            .get(&frame.topic)
+            .ok_or_else(|| not_joined(&frame.topic))?;
+        let Some((id, appends)) = joined.conversation.clone() else {
+            return Err(unknown_event(&frame.topic, &frame.event));
+        };
+        match frame.event.as_str() {
+            "send" => self.send(&frame, &appends),
+            "ack" => self.cursor(&frame, id, CursorKind::Ack),
+            "read" => self.cursor(&frame, id, CursorKind::Read),
+            "chunk" => self.ephemeral(&frame, &id, "chunk").await,
+            "typing" => self.ephemeral(&frame, &id, "typing").await,
+            _ => Err(unknown_event(&frame.topic, &frame.event)),
+        }
+    }
+
+    /// Validates on the reader (errors are answered at once) and queues the append.
+    fn send(&self, frame: &Frame, appends: &mpsc::Sender<AppendJob>) -> Result<(), ApiError> {
+        let body: AppendBody = parse_payload(&frame.payload, "send")?;
+        let sender = access::sender(&self.principal, body.sender.as_deref())?;
+        let request = build_request(
+            body,
+            None,
+            sender,
+            self.state.config.limits.max_message_bytes,
+        )?;
+        let permit = self.permit()?;
+        // Never full: the queue has room for every permit.
+        appends
+            .try_send(AppendJob {
+                to: frame.address(),
+                request,
+                _permit: permit,
+            })
+            .map_err(|_| too_many_in_flight())
+    }
+
+    /// `ack` / `read`: moves a cursor (never backwards) in a task of its own.
+    fn cursor(&self, frame: &Frame, id: ConversationId, kind: CursorKind) -> Result<(), ApiError> {
+        let event = if kind == CursorKind::Read {
+            "read"
+        } else {
+            "ack"
+        };
+        let body: CursorBody = parse_payload(&frame.payload, event)?;
+        let participant = acting_participant(&self.principal, body.participant.as_deref())?;
+        let permit = self.permit()?;
+        let state = self.state.clone();
+        let principal = self.principal.clone();
+        let outbox = self.outbox.clone();
+        let to = frame.address();
+        tokio::spawn(async move {
+            let result = move_cursor(&state, &principal, &id, &participant, body.seq, kind).await;
+            match result {
+                Ok(response) => outbox.ok(&to, &response).await,
+                Err(e) => outbox.error(&to, &e).await,
+            };
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    /// `chunk` / `typing`: fanned out to the conversation's other sockets on this node; never
+    /// stored.
+    async fn ephemeral(
+        &self,
+        frame: &Frame,
+        id: &ConversationId,
+        event: &'static str,
+    ) -> Result<(), ApiError> {
+        let max = self.state.config.limits.max_message_bytes;
+        if frame.payload.get().len() > max {
+            return Err(ApiError::too_large(format!(
+                "{event} payload is larger than {max} bytes"
+            )));
+        }
+        let mut payload: Map<String, Value> = parse_payload(&frame.payload, event)?;
+        let requested = match payload.remove("participant") {
+            Some(Value::String(p)) => Some(p),
+            Some(_) => return Err(ApiError::invalid("participant must be a string")),
+            None => None,
+        };
+        let participant = acting_participant(&self.principal, requested.as_deref())?;
+        let payload = if event == "chunk" {
+            match payload.get("stream_id") {
+                Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_STREAM_ID_BYTES => {}
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "chunk needs stream_id: a string of 1 to {MAX_STREAM_ID_BYTES} bytes"
+                    )))
+                }
+            }
+            if !payload.contains_key("delta") {
+                return Err(ApiError::invalid("chunk needs delta"));
+            }
+            if payload.get("done").is_some_and(|d| !d.is_boolean()) {
+                return Err(ApiError::invalid("chunk done must be a boolean"));
+            }
+            payload.insert("participant".into(), participant.as_str().into());
+            Value::Object(payload)
+        } else {
+            json!({ "participant": participant.as_str() })
+        };
+        // No receivers (nobody else here) is not an error: ephemeral events are best effort.
+        let _ = self.state.events.ephemeral(id).send(EphemeralEvent {
+            from_socket: self.socket_id,
+            event,
+            payload,
+        });
+        self.outbox.ok(&frame.address(), &json!({})).await;
+        Ok(())
+    }
+}
+
+async fn move_cursor(
+    state: &AppState,
+    principal: &Principal,
+    id: &ConversationId,
+    participant: &ParticipantId,
+    seq: u64,
+    kind: CursorKind,
+) -> Result<Value, ApiError> {
+    let handle = state.node.conversation(id).await?;
+    let meta = handle.meta();
+    access::authorize(principal, &meta)?;
+    if !meta.has_participant(participant.as_str()) {
+        return Err(ApiError::invalid(format!(
+            "{participant} is not a participant of {id}"
+        )));
+    }
+    let last_seq = handle.log.durable_seq();
+    if seq > last_seq {
+        return Err(ApiError::invalid(format!(
+            "seq {seq} is beyond last_seq {last_seq}"
+        )));
+    }
+    match kind {
+        CursorKind::Ack => {
+            state
+                .store
+                .set_cursor(id, participant, None, Some(seq), now_ms())
+                .await?;
+            Ok(json!({ "participant": participant.as_str(), "seq": seq }))
+        }
+        CursorKind::Read => {
+            state
+                .store
+                .set_cursor(id, participant, Some(seq), None, now_ms())
+                .await?;
+            state.events.cursor_changed(participant, id);
+            let entry = inbox::entry(&state.node, &state.store, participant, id).await?;
+            Ok(json!({
+                "participant": participant.as_str(),
+                "seq": entry.read_seq,
+                "unread": entry.unread,
+            }))
+        }
+    }
+}
+
+/// Pushes every message after the cursor, in order, for as long as the join lasts.
+async fn deliver(mut cursor: Cursor, outbox: Outbox, join_ref: Value, topic: String) {
+    let mut failures = 0u32;
+    loop {
+        match cursor.next_batch().await {
+            Ok(batch) => {
+                failures = 0;
+                for message in &batch {
+                    let push = frame::push(&join_ref, &topic, "message", &**message);
+                    if !outbox.send(push).await {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(
+                    topic = %topic,
+                    position = cursor.position(),
+                    failures,
+                    error = %e.message,
+                    "ws delivery read failed"
+                );
+                if failures >= MAX_DELIVERY_FAILURES {
+                    // The client rejoins from its last seq (phoenix clients do so on their own).
+                    metrics::error("delivery");
+                    outbox
+                        .send(frame::lifecycle(&join_ref, &topic, frame::ERROR))
+                        .await;
+                    return;
+                }
+                let wait = e.retry_after_ms.unwrap_or(100).clamp(10, 2000) * u64::from(failures);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+        }
+    }
+}
+
+async fn forward_ephemeral(
+    mut events: broadcast::Receiver<EphemeralEvent>,
+    socket_id: u64,
+    outbox: Outbox,
+    join_ref: Value,
+    topic: String,
+) {
+    loop {
+        match events.recv().await {
+            Ok(event) if event.from_socket == socket_id => {}
+            Ok(event) => {
+                let push = frame::push(&join_ref, &topic, event.event, &event.payload);
+                if !outbox.send(push).await {
+                    return;
+                }
+            }
+            // This socket reads slower than the conversation streams; ephemeral events are not
+            // worth buffering without bound (messages are never lost this way: they have a log).
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                metrics::ephemeral_dropped(n);
+                tracing::debug!(topic = %topic, missed = n, "ws socket lagged ephemeral events");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn push_inbox(mut watch: InboxWatch, outbox: Outbox, join_ref: Value, topic: String) {
+    loop {
+        match watch.next_delta().await {
+            Ok(entries) if entries.is_empty() => {}
+            Ok(entries) => {
+                let push = frame::push(
+                    &join_ref,
+                    &topic,
+                    "inbox_delta",
+                    &json!({ "conversations": entries }),
+                );
+                if !outbox.send(push).await {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e.message, "ws inbox watch failed");
+                metrics::error("delivery");
+                outbox
+                    .send(frame::lifecycle(&join_ref, &topic, frame::ERROR))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Submits a topic's appends in arrival order and keeps them in flight together.
+async fn run_appends(
+    state: AppState,
+    principal: Principal,
+    id: ConversationId,
+    mut jobs: mpsc::Receiver<AppendJob>,
+    outbox: Outbox,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            job = jobs.recv() => {
+                let Some(job) = job else { break };
+                let mut append = Box::pin(append_one(
+                    state.clone(),
+                    principal.clone(),
+                    id.clone(),
+                    job,
+                    outbox.clone(),
+                ));
+                // The first poll reaches the conversation actor's mailbox (synchronously while
+                // the conversation is active, which a joined one is), so the next job cannot
+                // overtake this one; after that they proceed together.
+                if futures_util::poll!(append.as_mut()).is_pending() {
+                    in_flight.push(append);
+                }
+            }
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+async fn append_one(
+    state: AppState,
+    principal: Principal,
+    id: ConversationId,
+    job: AppendJob,
+    outbox: Outbox,
+) {
+    let AppendJob {
+        to,
+        request,
+        _permit,
+    } = job;
+    let result = async {
+        if let Principal::User { .. } = principal {
+            // Membership can change after the join.
+            let handle = state.node.conversation(&id).await?;
+            access::authorize(&principal, &handle.meta())?;
+        }
+        Ok::<_, ApiError>(state.node.append(&id, request).await?)
+    }
+    .await;
+    match result {
+        Ok(outcome) => {
+            outbox
+                .ok(
+                    &to,
+                    &json!({
+                        "seq": outcome.seq,
+                        "id": outcome.id.to_string(),
+                        "created_at": format_rfc3339_millis(outcome.created_at_ms),
+                        "deduped": outcome.deduped,
+                    }),
+                )
+                .await
+        }
+        Err(e) => outbox.error(&to, &e).await,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_parse_to_validated_ids() {
+        assert!(matches!(
+            parse_topic("conversation:c-1.x@y"),
+            Ok(Topic::Conversation(id)) if id.as_str() == "c-1.x@y"
+        ));
+        assert!(matches!(
+            parse_topic("inbox:alice"),
+            Ok(Topic::Inbox(p)) if p.as_str() == "alice"
+        ));
+        assert_eq!(
+            parse_topic("conversation:").err().map(|e| e.code.as_str()),
+            Some("invalid")
+        );
+        assert_eq!(
+            parse_topic("conversation:bad id")
+                .err()
+                .map(|e| e.code.as_str()),
+            Some("invalid")
+        );
+        assert_eq!(
+            parse_topic("room:lobby").err().map(|e| e.code.as_str()),
+            Some("not_found")
+        );
+    }
+
+    #[test]
+    fn api_keys_must_name_the_participant_users_are_themselves() {
+        let key = Principal::ApiKey { admin: false };
+        assert_eq!(
+            acting_participant(&key, None).unwrap_err().code.as_str(),
+            "invalid"
+        );
+        assert_eq!(
+            acting_participant(&key, Some("bot")).unwrap().as_str(),
+            "bot"
+        );
+        let user = Principal::User {
+            sub: ParticipantId::parse("alice").unwrap(),
+        };
+        assert_eq!(acting_participant(&user, None).unwrap().as_str(), "alice");
+        assert_eq!(
+            acting_participant(&user, Some("mallory")).unwrap().as_str(),
+            "alice"
+        );
+    }
+
+    #[test]
+    fn join_params_take_after_seq_or_its_alias() {
+        let p: Option<JoinParams> = serde_json::from_str(r#"{"last_seq": 7, "x": 1}"#).unwrap();
+        let p = p.unwrap();
+        assert_eq!(p.after_seq.or(p.last_seq), Some(7));
+        let p: Option<JoinParams> = serde_json::from_str("null").unwrap();
+        assert!(p.is_none());
+        assert!(serde_json::from_str::<Option<JoinParams>>(r#"{"after_seq": -1}"#).is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! Metric names of the WebSocket gateway. Label values are bounded: protocol codes, close
+//! reasons and topic kinds, never a conversation or participant id.
+
+/// Gauge: open WebSocket connections.
+pub const CONNECTIONS: &str = "ferry_ws_connections";
+/// Gauge: joined channels (topics) across all sockets, by `kind` (`conversation` | `inbox`).
+pub const CHANNELS: &str = "ferry_ws_channels";
+/// Counter: text frames received from clients.
+pub const FRAMES_IN_TOTAL: &str = "ferry_ws_frames_in_total";
+/// Counter: frames written to clients.
+pub const FRAMES_OUT_TOTAL: &str = "ferry_ws_frames_out_total";
+/// Counter: error replies and error closes, by `reason` (a protocol code such as `invalid`, or a
+/// close reason: `malformed`, `violation`, `too_large_frame`, `idle`, `read_error`).
+pub const ERRORS_TOTAL: &str = "ferry_ws_errors_total";
+/// Counter: ephemeral events (`chunk`, `typing`) a slow socket missed because it lagged behind
+/// the conversation's ephemeral fan-out.
+pub const EPHEMERAL_DROPPED_TOTAL: &str = "ferry_ws_ephemeral_dropped_total";
+/// Counter: upgrade requests refused before the upgrade, by `reason` (`vsn`, `unauthorized`,
+/// `not_websocket`).
+pub const REJECTED_TOTAL: &str = "ferry_ws_rejected_total";
+
+pub fn error(reason: &'static str) {
+    metrics::counter!(ERRORS_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn rejected(reason: &'static str) {
+    metrics::counter!(REJECTED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn frames_in() {
+    metrics::counter!(FRAMES_IN_TOTAL).increment(1);
+}
+
+pub fn frames_out(n: u64) {
+    metrics::counter!(FRAMES_OUT_TOTAL).increment(n);
+}
+
+pub fn ephemeral_dropped(n: u64) {
+    metrics::counter!(EPHEMERAL_DROPPED_TOTAL).increment(n);
+}
+
+/// Counts a connection for as long as it is alive.
+pub struct ConnectionGauge;
+
+impl ConnectionGauge {
+    pub fn open() -> ConnectionGauge {
+        metrics::gauge!(CONNECTIONS).increment(1.0);
+        ConnectionGauge
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// Counts a joined channel for as long as the join lasts.
+pub struct ChannelGauge(&'static str);
+
+impl ChannelGauge {
+    pub fn open(kind: &'static str) -> ChannelGauge {
+        metrics::gauge!(CHANNELS, "kind" => kind).increment(1.0);
+        ChannelGauge(kind)
+    }
+}
+
+impl Drop for ChannelGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(CHANNELS, "kind" => self.0).decrement(1.0);
+    }
+}

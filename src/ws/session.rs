@@ -1,0 +1,565 @@
+//! One WebSocket connection: a reader (this task) and a writer (a spawned task), joined by one
+//! bounded outgoing queue, the [`Outbox`].
+//!
+//! The reader decodes frames, answers heartbeats and framing errors itself, and hands every
+//! channel frame to a [`Channels`] implementation (the topics of this socket). Everything the
+//! server says to the client — replies, pushes from per-topic tasks, the final close frame —
+//! goes through the outbox, so frames leave in the order they were queued and a client that
+//! does not read makes the senders wait (memory stays bounded) instead of growing a buffer.
+//!
+//! The loop is generic over `Sink`/`Stream` of [`Message`] so it runs without a socket in tests.
+//! Ending: when the reader stops (client closed, silence, a fatal frame), the channels are
+//! dropped (their tasks stop), a close frame is queued and the writer gets a short grace period
+//! to flush; when the writer fails (the peer is gone), the reader stops with it.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::frame::{self, Address, Decoded, Frame};
+use super::metrics;
+use crate::http::error::ApiError;
+
+/// Close codes (RFC 6455 §7.4.1).
+pub const CLOSE_NORMAL: u16 = 1000;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+pub const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
+pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Most bytes the writer hands to the socket before it flushes.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// A socket that sends nothing (not even a heartbeat) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Frames the outbox holds before senders wait.
+    pub outbox_frames: usize,
+    /// How long the writer may take to flush and send the close frame once the session ends.
+    pub close_grace: Duration,
+    /// For the close reason of an oversized frame (the socket enforces the limit).
+    pub max_frame_bytes: usize,
+}
+
+/// What the writer is asked to do.
+#[derive(Debug)]
+pub enum Outgoing {
+    Text(String),
+    Close { code: u16, reason: String },
+}
+
+/// The sending side of a socket's single outgoing queue; cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Outbox { tx }, rx)
+    }
+
+    /// Queues a frame, waiting while the queue is full. False once the socket is gone.
+    pub async fn send(&self, text: String) -> bool {
+        self.tx.send(Outgoing::Text(text)).await.is_ok()
+    }
+
+    /// Replies `ok` with `response`.
+    pub async fn ok(&self, to: &Address, response: &impl serde::Serialize) -> bool {
+        self.send(frame::reply_ok(to, response)).await
+    }
+
+    /// Replies `error` with the protocol code of `error`, and counts it.
+    pub async fn error(&self, to: &Address, error: &ApiError) -> bool {
+        metrics::error(error.code.as_str());
+        tracing::debug!(
+            topic = %to.topic,
+            reason = error.code.as_str(),
+            message = %error.message,
+            "ws error reply"
+        );
+        self.send(frame::reply_error(to, error)).await
+    }
+
+    async fn close(&self, code: u16, reason: String) -> bool {
+        self.tx.send(Outgoing::Close { code, reason }).await.is_ok()
+    }
+}
+
+/// The topics of one socket. `handle` gets every well-formed frame whose topic is not
+/// `phoenix`; it answers through the [`Outbox`] it was built with.
+pub trait Channels: Send {
+    fn handle(&mut self, frame: Frame) -> impl Future<Output = ()> + Send;
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The stream ended without a close frame.
+    ClientGone,
+    /// Nothing received for `idle_timeout`.
+    Idle,
+    /// A frame above the size limit.
+    TooLarge,
+    /// A frame the protocol does not allow (binary, not an array).
+    Violation { code: u16, reason: String },
+    /// The socket reported an error while reading.
+    ReadError { code: u16, reason: String },
+    /// Writing to the socket failed: the peer is gone.
+    WriteFailed,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl End {
+    /// The close frame the server sends, if any, and the error metric reason.
+    fn close(&self, config: &SessionConfig) -> Option<(u16, String, &'static str)> {
+        match self {
+            End::ClientClosed | End::ClientGone | End::WriteFailed => None,
+            End::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down".into(), "shutdown")),
+            End::Idle => Some((
+                CLOSE_NORMAL,
+                format!("idle for {}s", config.idle_timeout.as_secs()),
+                "idle",
+            )),
+            End::TooLarge => Some((
+                CLOSE_TOO_BIG,
+                format!("frame larger than {} bytes", config.max_frame_bytes),
+                "too_large_frame",
+            )),
+            End::Violation { code, reason } => Some((*code, reason.clone(), "violation")),
+            End::ReadError { code, reason } => Some((*code, reason.clone(), "read_error")),
+        }
+    }
+}
+
+/// Classifies a read error of the socket. The WebSocket library's error type is not a
+/// dependency of this crate, so this reads its message: tungstenite reports an oversized
+/// message as "Space limit exceeded: Message too long: …" and bad UTF-8 as "UTF-8 encoding
+/// error…" (pinned by the oversized-frame integration test).
+pub fn classify_read_error(message: &str) -> End {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("space limit exceeded") || lower.contains("message too long") {
+        End::TooLarge
+    } else if lower.contains("utf-8") || lower.contains("utf8") {
+        End::ReadError {
+            code: CLOSE_INVALID_DATA,
+            reason: "text frame is not valid UTF-8".into(),
+        }
+    } else if lower.contains("connection reset")
+        || lower.contains("connection closed")
+        || lower.contains("broken pipe")
+        || lower.contains("without closing handshake")
+    {
+        End::ClientGone
+    } else {
+        End::ReadError {
+            code: CLOSE_PROTOCOL_ERROR,
+            reason: truncate_reason(&format!("websocket error: {message}")),
+        }
+    }
+}
+
+/// A close reason must fit a control frame (123 bytes).
+fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+/// Runs a session to its end. `make_channels` builds the socket's topics around its outbox;
+/// when `shutdown` completes the socket is closed with 1001 (going away) so clients reconnect.
+pub async fn run<S, R, E, C>(
+    sink: S,
+    mut stream: R,
+    make_channels: impl FnOnce(Outbox) -> C,
+    shutdown: impl Future<Output = ()>,
+    config: SessionConfig,
+) -> End
+where
+    S: Sink<Message> + Unpin + Send + 'static,
+    S::Error: Display,
+    R: Stream<Item = Result<Message, E>> + Unpin,
+    E: Display,
+    C: Channels,
+{
+    let (outbox, rx) = Outbox::new(config.outbox_frames);
+    let mut writer = tokio::spawn(write_loop(sink, rx));
+    let mut channels = make_channels(outbox.clone());
+    let end = tokio::select! {
+        end = read_loop(&mut stream, &mut channels, &outbox, &config) => end,
+        _ = &mut writer => End::WriteFailed,
+        _ = shutdown => End::Shutdown,
+    };
+    // Stops every per-topic task before the close frame is queued behind their pushes.
+    drop(channels);
+    if writer.is_finished() {
+        return end;
+    }
+    let close = end.close(&config);
+    let finish = async {
+        if let Some((code, reason, metric)) = close {
+            metrics::error(metric);
+            tracing::info!(code, reason = %reason, "closing websocket");
+            outbox.close(code, truncate_reason(&reason)).await;
+        } else {
+            outbox.close(CLOSE_NORMAL, String::new()).await;
+        }
+        drop(outbox);
+        let _ = (&mut writer).await;
+    };
+    if tokio::time::timeout(config.close_grace, finish)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    end
+}
+
+async fn read_loop<R, E, C>(
+    stream: &mut R,
+    channels: &mut C,
+    outbox: &Outbox,
+    config: &SessionConfig,
+) -> End
+where
+    R: Stream<Item = Result<Message, E>> + Unpin,
+    E: Display,
+    C: Channels,
+{
+    loop {
+        let message = match tokio::time::timeout(config.idle_timeout, stream.next()).await {
+            Err(_) => return End::Idle,
+            Ok(None) => return End::ClientGone,
+            Ok(Some(Err(e))) => return classify_read_error(&e.to_string()),
+            Ok(Some(Ok(message))) => message,
+        };
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                return End::Violation {
+                    code: CLOSE_UNSUPPORTED_DATA,
+                    reason: "binary frames are not supported; send JSON text frames".into(),
+                }
+            }
+            // Pings are answered by the socket itself; both count as activity.
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => return End::ClientClosed,
+        };
+        metrics::frames_in();
+        if text.len() > config.max_frame_bytes {
+            return End::TooLarge;
+        }
+        match frame::decode(text.as_str()) {
+            Decoded::Frame(frame) if frame.topic == frame::PHOENIX_TOPIC => {
+                let to = frame.address();
+                if frame.event == frame::HEARTBEAT {
+                    outbox.ok(&to, &json!({})).await;
+                } else {
+                    let mut e = ApiError::invalid(format!(
+                        "topic phoenix only takes heartbeat, not {:?}",
+                        frame.event
+                    ));
+                    e.reason = Some("unknown_event");
+                    outbox.error(&to, &e).await;
+                }
+            }
+            Decoded::Frame(frame) => channels.handle(frame).await,
+            Decoded::Invalid { address, message } => {
+                outbox.error(&address, &ApiError::invalid(message)).await;
+            }
+            Decoded::Unanswerable(message) => {
+                metrics::error("malformed");
+                tracing::info!(reason = %message, "ignoring a frame without a ref to answer");
+            }
+            Decoded::Violation(reason) => {
+                return End::Violation {
+                    code: CLOSE_POLICY_VIOLATION,
+                    reason,
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames in order, batching what is already queued into one flush.
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outgoing>)
+where
+    S: Sink<Message> + Unpin,
+    S::Error: Display,
+{
+    let result: Result<(), String> = async {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            let mut batch_bytes = 0;
+            let mut written = 0;
+            while let Some(item) = next.take() {
+                match item {
+                    Outgoing::Text(text) => {
+                        batch_bytes += text.len();
+                        written += 1;
+                        sink.feed(Message::Text(text.into()))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Outgoing::Close { code, reason } => {
+                        metrics::frames_out(written);
+                        let close = Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        }));
+                        // The peer may already be gone; nothing more to do either way.
+                        let _ = sink.send(close).await;
+                        let _ = sink.close().await;
+                        return Ok(());
+                    }
+                }
+                if batch_bytes < WRITE_BATCH_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            sink.flush().await.map_err(|e| e.to_string())?;
+            metrics::frames_out(written);
+        }
+        let _ = sink.close().await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "websocket write failed; the peer is gone");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use serde_json::Value;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+    /// Echoes every channel frame back as a push, to observe what reaches the channels.
+    struct Echo(Outbox);
+
+    impl Channels for Echo {
+        async fn handle(&mut self, frame: Frame) {
+            let payload: Value = serde_json::from_str(frame.payload.get()).unwrap();
+            self.0
+                .send(frame::push(
+                    &frame.join_ref,
+                    &frame.topic,
+                    &frame.event,
+                    &payload,
+                ))
+                .await;
+        }
+    }
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            idle_timeout: Duration::from_secs(60),
+            outbox_frames: 8,
+            close_grace: Duration::from_secs(1),
+            max_frame_bytes: 1024,
+        }
+    }
+
+    /// The client end of an in-memory "socket".
+    struct Client {
+        /// Completing it shuts the session down.
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        to_server: UnboundedSender<Result<Message, String>>,
+        from_server: UnboundedReceiver<Message>,
+        session: tokio::task::JoinHandle<End>,
+    }
+
+    fn start(config: SessionConfig) -> Client {
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (to_server, server_in) = unbounded_channel();
+        let (server_out, from_server) = unbounded_channel::<Message>();
+        let stream = Box::pin(futures_util::stream::unfold(
+            server_in,
+            |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+        ));
+        let sink = Box::pin(futures_util::sink::unfold(
+            server_out,
+            |tx, message: Message| async move {
+                tx.send(message).map_err(|e| e.to_string())?;
+                Ok::<_, String>(tx)
+            },
+        ));
+        let session = tokio::spawn(run(sink, stream, Echo, stop_rx.map(|_| ()), config));
+        Client {
+            stop: Some(stop),
+            to_server,
+            from_server,
+            session,
+        }
+    }
+
+    impl Client {
+        fn send(&self, text: &str) {
+            self.to_server.send(Ok(Message::Text(text.into()))).unwrap();
+        }
+
+        async fn recv(&mut self) -> Message {
+            tokio::time::timeout(Duration::from_secs(5), self.from_server.recv())
+                .await
+                .expect("a frame within 5s")
+                .expect("session still writing")
+        }
+
+        async fn recv_json(&mut self) -> Value {
+            match self.recv().await {
+                Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+
+        async fn recv_close(&mut self) -> u16 {
+            match self.recv().await {
+                Message::Close(Some(c)) => c.code,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn heartbeat_is_answered_and_channel_frames_reach_the_channels() {
+        let mut c = start(config());
+        c.send(r#"[null,"1","phoenix","heartbeat",{}]"#);
+        assert_eq!(
+            c.recv_json().await,
+            serde_json::json!([null, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+        );
+        c.send(r#"["2","3","room:a","hello",{"x":1}]"#);
+        assert_eq!(
+            c.recv_json().await,
+            serde_json::json!(["2", null, "room:a", "hello", {"x": 1}])
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_frames_get_error_replies_or_are_ignored_and_the_socket_survives() {
+        let mut c = start(config());
+        c.send(r#"[null,"1","phoenix","heartbeat"]"#);
+        let reply = c.recv_json().await;
+        assert_eq!(reply[1], "1");
+        assert_eq!(reply[3], "phx_reply");
+        assert_eq!(reply[4]["status"], "error");
+        assert_eq!(reply[4]["response"]["reason"], "invalid");
+        c.send("{{{ not json");
+        c.send(r#"[null,"2","phoenix","dance",{}]"#);
+        let reply = c.recv_json().await;
+        assert_eq!(reply[1], "2", "the unanswerable frame produced no reply");
+        assert_eq!(reply[4]["response"]["detail"], "unknown_event");
+        c.send(r#"[null,"3","phoenix","heartbeat",{}]"#);
+        assert_eq!(c.recv_json().await[4]["status"], "ok");
+    }
+
+    #[tokio::test]
+    async fn violations_close_the_socket_with_a_code() {
+        let mut c = start(config());
+        c.send(r#"{"event":"heartbeat"}"#);
+        assert_eq!(c.recv_close().await, CLOSE_POLICY_VIOLATION);
+        assert!(matches!(c.session.await.unwrap(), End::Violation { .. }));
+
+        let mut c = start(config());
+        c.to_server
+            .send(Ok(Message::Binary(vec![1, 2, 3].into())))
+            .unwrap();
+        assert_eq!(c.recv_close().await, CLOSE_UNSUPPORTED_DATA);
+
+        let mut c = start(config());
+        c.send(&format!(
+            r#"[null,"1","phoenix","heartbeat",{{"pad":"{}"}}]"#,
+            "x".repeat(2000)
+        ));
+        assert_eq!(c.recv_close().await, CLOSE_TOO_BIG);
+        assert_eq!(c.session.await.unwrap(), End::TooLarge);
+
+        let mut c = start(config());
+        c.to_server
+            .send(Err(
+                "Space limit exceeded: Message too long: 2000 > 1024".to_owned()
+            ))
+            .unwrap();
+        assert_eq!(c.recv_close().await, CLOSE_TOO_BIG);
+    }
+
+    #[tokio::test]
+    async fn a_silent_socket_is_closed_after_the_idle_timeout() {
+        // Real time (tokio's test-util clock is not enabled in this crate): a short timeout and
+        // assertions that only depend on lower bounds of elapsed time.
+        let idle = Duration::from_millis(600);
+        let mut c = start(SessionConfig {
+            idle_timeout: idle,
+            ..config()
+        });
+        tokio::time::sleep(idle / 2).await;
+        c.send(r#"[null,"1","phoenix","heartbeat",{}]"#);
+        let last_activity = std::time::Instant::now();
+        assert_eq!(c.recv_json().await[4]["status"], "ok");
+        let code = c.recv_close().await;
+        assert!(
+            last_activity.elapsed() >= idle,
+            "closed {:?} after the last frame, before the idle timeout",
+            last_activity.elapsed()
+        );
+        assert_eq!(code, CLOSE_NORMAL);
+        assert_eq!(c.session.await.unwrap(), End::Idle);
+    }
+
+    #[tokio::test]
+    async fn server_shutdown_closes_with_going_away() {
+        let mut c = start(config());
+        c.send(r#"[null,"1","phoenix","heartbeat",{}]"#);
+        assert_eq!(c.recv_json().await[4]["status"], "ok");
+        c.stop.take().unwrap().send(()).unwrap();
+        assert_eq!(c.recv_close().await, CLOSE_GOING_AWAY);
+        assert_eq!(c.session.await.unwrap(), End::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_ends_the_session() {
+        let c = start(config());
+        drop(c.to_server);
+        assert_eq!(c.session.await.unwrap(), End::ClientGone);
+    }
+
+    #[test]
+    fn read_errors_are_classified() {
+        assert_eq!(
+            classify_read_error("Space limit exceeded: Message too long: 5 > 4"),
+            End::TooLarge
+        );
+        assert!(matches!(
+            classify_read_error("UTF-8 encoding error"),
+            End::ReadError {
+                code: CLOSE_INVALID_DATA,
+                ..
+            }
+        ));
+        assert_eq!(
+            classify_read_error("IO error: Connection reset by peer (os error 104)"),
+            End::ClientGone
+        );
+        let End::ReadError { reason, .. } = classify_read_error(&"x".repeat(500)) else {
+            panic!("unknown errors are read errors");
+        };
+        assert!(reason.len() <= 123);
+    }
+}

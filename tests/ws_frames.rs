@@ -1,0 +1,899 @@
+//! The WebSocket endpoint of the real binary, frame by frame, with a raw tokio-tungstenite client:
+//! heartbeats, every kind of bad frame and its documented answer, authentication on the
+//! upgrade, authorization of joins, join/send/receive, several topics on one socket, leave,
+//! ephemeral events, the inbox topic, and a slow consumer that must catch up with bounded
+//! server memory.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use common::{metric_sum, TestServer, API_KEY};
+
+/// Every wait for a frame fails the test after this.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(15);
+const JWT_SECRET: &str = "ws-test-secret-1b8e";
+
+/// An HS256 end-user token for `sub`, valid for an hour.
+fn jwt(sub: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("encode jwt")
+}
+
+fn socket_url(server: &TestServer, query: &str) -> String {
+    format!("ws://{}/socket/websocket?{query}", server.listen)
+}
+
+/// A raw Phoenix V2 client: frames the test has read past (while looking for a reply) are kept
+/// in order for later `next_push` calls.
+struct Ws {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pending: VecDeque<Value>,
+    next_ref: u64,
+}
+
+impl Ws {
+    async fn connect(server: &TestServer, token: &str) -> Ws {
+        let url = socket_url(server, &format!("vsn=2.0.0&token={token}"));
+        let (stream, response) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("websocket connect failed: {e}"));
+        assert_eq!(response.status().as_u16(), 101);
+        Ws {
+            stream,
+            pending: VecDeque::new(),
+            next_ref: 0,
+        }
+    }
+
+    fn make_ref(&mut self) -> String {
+        self.next_ref += 1;
+        self.next_ref.to_string()
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.stream
+            .send(Message::text(text))
+            .await
+            .expect("send frame");
+    }
+
+    async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// The next frame from the socket itself (not the pending queue).
+    async fn read_frame(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(FRAME_TIMEOUT, self.stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("no frame within {FRAME_TIMEOUT:?}"))
+                .unwrap_or_else(|| panic!("socket ended while waiting for a frame"))
+                .unwrap_or_else(|e| panic!("socket error while waiting for a frame: {e}"));
+            match message {
+                Message::Text(text) => {
+                    let v: Value = serde_json::from_str(text.as_str())
+                        .unwrap_or_else(|e| panic!("server sent non-JSON {text:?}: {e}"));
+                    assert!(
+                        v.as_array().is_some_and(|a| a.len() == 5),
+                        "server frame is not [join_ref, ref, topic, event, payload]: {v}"
+                    );
+                    return v;
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The reply to `ref_`, keeping everything read before it for `next_push`.
+    async fn reply(&mut self, ref_: &str) -> Value {
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|f| f[3] == "phx_reply" && f[1] == ref_)
+        {
+            return self.pending.remove(i).expect("index");
+        }
+        loop {
+            let frame = self.read_frame().await;
+            if frame[3] == "phx_reply" && frame[1] == ref_ {
+                return frame;
+            }
+            self.pending.push_back(frame);
+        }
+    }
+
+    /// The next frame in arrival order (pending first).
+    async fn next_frame(&mut self) -> Value {
+        match self.pending.pop_front() {
+            Some(f) => f,
+            None => self.read_frame().await,
+        }
+    }
+
+    /// Sends `[join_ref, ref, topic, event, payload]` and returns the reply's payload.
+    async fn call(
+        &mut self,
+        join_ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> Value {
+        let r = self.make_ref();
+        self.send(json!([join_ref, r, topic, event, payload])).await;
+        let reply = self.reply(&r).await;
+        assert_eq!(reply[0], json!(join_ref), "reply echoes join_ref: {reply}");
+        assert_eq!(reply[2], topic, "reply on the request's topic: {reply}");
+        reply[4].clone()
+    }
+
+    /// Joins `topic` with `payload`; returns (join_ref, reply payload).
+    async fn join(&mut self, topic: &str, payload: Value) -> (String, Value) {
+        let join_ref = self.make_ref();
+        self.send(json!([join_ref, join_ref, topic, "phx_join", payload]))
+            .await;
+        let reply = self.reply(&join_ref).await;
+        assert_eq!(reply[0], join_ref.as_str());
+        (join_ref, reply[4].clone())
+    }
+
+    async fn join_ok(&mut self, topic: &str, payload: Value) -> (String, Value) {
+        let (join_ref, reply) = self.join(topic, payload).await;
+        assert_eq!(reply["status"], "ok", "join {topic}: {reply}");
+        (join_ref, reply["response"].clone())
+    }
+
+    async fn heartbeat(&mut self) {
+        let reply = self.call(None, "phoenix", "heartbeat", json!({})).await;
+        assert_eq!(reply, json!({"status": "ok", "response": {}}));
+    }
+
+    /// The next frame, which must be a push of `event` on `topic`.
+    async fn next_push(&mut self, topic: &str, event: &str) -> Value {
+        let frame = self.next_frame().await;
+        assert_eq!(
+            (frame[2].as_str(), frame[3].as_str()),
+            (Some(topic), Some(event)),
+            "expected a {event} push on {topic}, got {frame}"
+        );
+        assert_eq!(frame[1], Value::Null, "pushes carry no ref: {frame}");
+        frame
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    async fn expect_close(&mut self) -> (CloseCode, String) {
+        let deadline = Instant::now() + FRAME_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(left, self.stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("socket not closed within {FRAME_TIMEOUT:?}"));
+            match next {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (frame.code, frame.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
+                Some(Ok(Message::Text(t))) => panic!("expected a close, got {t}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error instead of a close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+}
+
+fn assert_error(reply: &Value, reason: &str, what: &str) {
+    assert_eq!(reply["status"], "error", "{what}: {reply}");
+    assert_eq!(reply["response"]["reason"], reason, "{what}: {reply}");
+    assert!(
+        reply["response"]["message"].is_string(),
+        "{what}: error reply without message: {reply}"
+    );
+}
+
+fn jwt_server() -> TestServer {
+    TestServer::builder()
+        .env("FERRY_JWT_SECRET", JWT_SECRET)
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_and_bad_frames_get_their_documented_answers() {
+    let server = TestServer::start();
+    server.create_conversation("c1", &["alice"]).await;
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    ws.heartbeat().await;
+
+    // Malformed JSON has no ref to answer: ignored, the socket stays up, nothing is sent.
+    ws.send_text("[\"1\", \"2\", \"phoenix\", ").await;
+    ws.send_text("{{{").await;
+    // Wrong arity, with a ref: an invalid reply.
+    ws.send_text(r#"[null, "w1", "phoenix", "heartbeat"]"#)
+        .await;
+    let reply = ws.next_frame().await;
+    assert_eq!(
+        (reply[1].as_str(), reply[3].as_str()),
+        (Some("w1"), Some("phx_reply")),
+        "the first frame after two malformed ones answers the wrong-arity frame: {reply}"
+    );
+    assert_error(&reply[4], "invalid", "wrong arity");
+    // A non-string event.
+    ws.send_text(r#"[null, "w2", "phoenix", 7, {}]"#).await;
+    assert_error(&ws.reply("w2").await[4], "invalid", "non-string event");
+    // Wrong arity without a ref: ignored.
+    ws.send_text(r#"[null, null, "phoenix"]"#).await;
+    // Another event on the socket topic.
+    let reply = ws.call(None, "phoenix", "dance", json!({})).await;
+    assert_error(&reply, "invalid", "unknown phoenix event");
+    assert_eq!(reply["response"]["detail"], "unknown_event");
+
+    // Unknown topics and ids.
+    let (_, reply) = ws.join("room:lobby", json!({})).await;
+    assert_error(&reply, "not_found", "unknown topic");
+    let (_, reply) = ws.join("conversation:nope", json!({})).await;
+    assert_error(&reply, "not_found", "unknown conversation");
+    let (_, reply) = ws.join("conversation:bad id!", json!({})).await;
+    assert_error(&reply, "invalid", "invalid conversation id");
+    let (_, reply) = ws.join("conversation:c1", json!({"after_seq": "x"})).await;
+    assert_error(&reply, "invalid", "non-numeric after_seq");
+
+    // Events on a topic that is not joined.
+    let reply = ws
+        .call(
+            Some("9"),
+            "conversation:c1",
+            "send",
+            json!({"sender": "alice", "content": 1}),
+        )
+        .await;
+    assert_error(&reply, "invalid", "send before join");
+    assert_eq!(reply["response"]["detail"], "not_joined");
+
+    // Unknown event on a joined topic; bad send payloads.
+    let (join_ref, _) = ws.join_ok("conversation:c1", json!({})).await;
+    let reply = ws
+        .call(Some(&join_ref), "conversation:c1", "shout", json!({}))
+        .await;
+    assert_error(&reply, "invalid", "unknown event");
+    assert_eq!(reply["response"]["detail"], "unknown_event");
+    let reply = ws
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"content": "no sender"}),
+        )
+        .await;
+    assert_error(&reply, "invalid", "API-key send without sender");
+    let reply = ws
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "alice"}),
+        )
+        .await;
+    assert_error(&reply, "invalid", "send without content");
+    let big = "x".repeat(70 * 1024);
+    let reply = ws
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "alice", "content": big}),
+        )
+        .await;
+    assert_error(&reply, "too_large", "message above max_message_bytes");
+
+    ws.heartbeat().await;
+    let (status, body) = server
+        .post_message("c1", &json!({"sender": "alice", "content": 1}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["seq"], 1,
+        "none of the rejected sends was stored: {body}"
+    );
+    let metrics = server.metrics().await;
+    assert!(
+        metric_sum(&metrics, "ferry_ws_errors_total", &[("reason", "invalid")]).unwrap_or(0.0)
+            >= 8.0,
+        "ws errors are counted by reason"
+    );
+    assert!(
+        metric_sum(&metrics, "ferry_ws_frames_in_total", &[]).unwrap_or(0.0) >= 15.0,
+        "frames in are counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_the_socket_and_the_server_keeps_serving() {
+    let server = TestServer::start();
+
+    // Valid JSON that is not a frame array.
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    ws.send_text(r#"{"topic": "phoenix", "event": "heartbeat"}"#)
+        .await;
+    let (code, reason) = ws.expect_close().await;
+    assert_eq!(code, CloseCode::Policy, "{reason}");
+
+    // Binary frames.
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    ws.stream
+        .send(Message::binary(vec![0u8, 1, 2, 3]))
+        .await
+        .expect("send binary");
+    let (code, reason) = ws.expect_close().await;
+    assert_eq!(code, CloseCode::Unsupported, "{reason}");
+
+    // A frame above limits.max_frame_bytes (1 MiB by default).
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    ws.heartbeat().await;
+    let pad = "p".repeat(1024 * 1024);
+    let oversized = json!([null, "big", "phoenix", "heartbeat", {"pad": pad}]).to_string();
+    // The server may close before the whole frame is written.
+    let _ = ws.stream.send(Message::text(oversized)).await;
+    let (code, reason) = ws.expect_close().await;
+    assert_eq!(code, CloseCode::Size, "{reason}");
+    assert!(
+        reason.contains("1048576"),
+        "close reason names the limit: {reason}"
+    );
+
+    // Other sockets were never affected.
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    ws.heartbeat().await;
+    let metrics = server.metrics().await;
+    for reason in ["violation", "too_large_frame"] {
+        assert!(
+            metric_sum(&metrics, "ferry_ws_errors_total", &[("reason", reason)]).is_some(),
+            "ws error {reason} counted"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_needs_credentials_and_the_v2_serializer() {
+    let server = jwt_server();
+    let expect_http = |result: Result<_, WsError>, status: u16, what: &str| match result {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status().as_u16(), status, "{what}");
+            let body = response.body().clone().unwrap_or_default();
+            let body: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("{what}: error body is not JSON: {e}"));
+            body
+        }
+        Err(e) => panic!("{what}: expected HTTP {status}, got {e}"),
+        Ok(_) => panic!("{what}: the upgrade was accepted"),
+    };
+    let r = tokio_tungstenite::connect_async(socket_url(&server, "vsn=2.0.0")).await;
+    assert_eq!(expect_http(r, 401, "no token")["error"], "unauthorized");
+    let r = tokio_tungstenite::connect_async(socket_url(&server, "vsn=2.0.0&token=wrong")).await;
+    assert_eq!(expect_http(r, 401, "bad api key")["error"], "unauthorized");
+    let forged = format!("{}x", jwt("alice"));
+    let r =
+        tokio_tungstenite::connect_async(socket_url(&server, &format!("vsn=2.0.0&token={forged}")))
+            .await;
+    assert_eq!(
+        expect_http(r, 401, "bad jwt signature")["error"],
+        "unauthorized"
+    );
+    let r = tokio_tungstenite::connect_async(socket_url(
+        &server,
+        &format!("vsn=1.0.0&token={API_KEY}"),
+    ))
+    .await;
+    assert_eq!(expect_http(r, 400, "vsn 1.0.0")["error"], "invalid");
+
+    // The phoenix client's authToken: subprotocols ["phoenix", "base64url.bearer.phx.<b64>"],
+    // standard alphabet without padding (what btoa(..).replace(/=/g, "") produces).
+    let token = jwt("alice");
+    let b64 = base64_unpadded(token.as_bytes());
+    let mut request = socket_url(&server, "vsn=2.0.0")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("phoenix, base64url.bearer.phx.{b64}")).expect("header"),
+    );
+    let (stream, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("subprotocol token accepted");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap_or_default()),
+        Some("phoenix"),
+        "the server answers the phoenix subprotocol"
+    );
+    let mut ws = Ws {
+        stream,
+        pending: VecDeque::new(),
+        next_ref: 0,
+    };
+    ws.heartbeat().await;
+    // The socket is alice's: her inbox is joinable, bob's is not.
+    let (_, reply) = ws.join("inbox:alice", json!({})).await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let (_, reply) = ws.join("inbox:bob", json!({})).await;
+    assert_error(&reply, "forbidden", "another user's inbox");
+}
+
+fn base64_unpadded(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let v = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..=chunk.len() {
+            out.push(A[((v >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_send_and_receive_own_message_then_replay_from_after_seq() {
+    let server = TestServer::start();
+    server.create_conversation("c1", &["alice", "bob"]).await;
+    server.append("c1", "bob", json!("before the join")).await;
+
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    let (join_ref, response) = ws.join_ok("conversation:c1", json!({})).await;
+    assert_eq!(
+        response,
+        json!({"conversation_id": "c1", "last_seq": 1, "first_available_seq": 1})
+    );
+    // Replay starts at seq 1 for an API key without after_seq.
+    let push = ws.next_push("conversation:c1", "message").await;
+    assert_eq!(push[0], join_ref.as_str(), "pushes carry the join_ref");
+    assert_eq!(push[4]["seq"], 1);
+    assert_eq!(push[4]["content"], "before the join");
+
+    let reply = ws
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "alice", "content": {"text": "hi", "n": 1.50}, "idempotency_key": "k1"}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let ack = &reply["response"];
+    assert_eq!(ack["seq"], 2);
+    assert_eq!(ack["deduped"], false);
+    assert!(
+        ack["id"].is_string() && ack["created_at"].is_string(),
+        "{ack}"
+    );
+    let push = ws.next_push("conversation:c1", "message").await;
+    let message = &push[4];
+    assert_eq!(message["seq"], 2);
+    assert_eq!(message["id"], ack["id"]);
+    assert_eq!(message["sender"], "alice");
+    assert_eq!(message["kind"], "text");
+    assert_eq!(message["content"], json!({"text": "hi", "n": 1.50}));
+    assert_eq!(message["conversation_id"], "c1");
+    assert_eq!(message["created_at"], ack["created_at"]);
+
+    // A repeated key is acknowledged with the first result and not pushed again.
+    let reply = ws
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "alice", "content": "dup", "idempotency_key": "k1"}),
+        )
+        .await;
+    assert_eq!(reply["response"]["seq"], 2, "{reply}");
+    assert_eq!(reply["response"]["deduped"], true, "{reply}");
+    server.append("c1", "bob", json!("live")).await;
+    let push = ws.next_push("conversation:c1", "message").await;
+    assert_eq!(
+        push[4]["seq"], 3,
+        "no repeat of seq 2, then the live message"
+    );
+
+    // Pipelined sends from one socket are stored in the order they were sent.
+    let refs: Vec<String> = (0..50).map(|_| ws.make_ref()).collect();
+    for (i, r) in refs.iter().enumerate() {
+        ws.send(json!([join_ref, r, "conversation:c1", "send", {"sender": "bob", "content": i}]))
+            .await;
+    }
+    for (i, r) in refs.iter().enumerate() {
+        let reply = ws.reply(r).await;
+        assert_eq!(reply[4]["response"]["seq"], 4 + i as u64, "{reply}");
+    }
+    for i in 0..50u64 {
+        let push = ws.next_push("conversation:c1", "message").await;
+        assert_eq!(push[4]["seq"], 4 + i);
+        assert_eq!(push[4]["content"], i);
+    }
+
+    // A second socket resuming from after_seq (and the last_seq alias) gets exactly the rest.
+    for params in [json!({"after_seq": 51}), json!({"last_seq": 51})] {
+        let mut other = Ws::connect(&server, API_KEY).await;
+        let (_, response) = other.join_ok("conversation:c1", params).await;
+        assert_eq!(response["last_seq"], 53);
+        for seq in 52..=53 {
+            let push = other.next_push("conversation:c1", "message").await;
+            assert_eq!(push[4]["seq"], seq);
+        }
+        other.heartbeat().await;
+        assert!(
+            other.pending.is_empty(),
+            "nothing after seq 53: {:?}",
+            other.pending
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_users_join_only_their_conversations_and_act_as_themselves() {
+    let server = jwt_server();
+    server.create_conversation("c1", &["alice", "bob"]).await;
+    for i in 1..=3 {
+        server.append("c1", "bob", json!(i)).await;
+    }
+
+    let mut mallory = Ws::connect(&server, &jwt("mallory")).await;
+    let (_, reply) = mallory.join("conversation:c1", json!({})).await;
+    assert_error(&reply, "forbidden", "a user not listed joins");
+    mallory.heartbeat().await;
+
+    let mut alice = Ws::connect(&server, &jwt("alice")).await;
+    let (join_ref, _) = alice
+        .join_ok("conversation:c1", json!({"after_seq": 3}))
+        .await;
+    // A user's sender is always its sub, whatever it names.
+    let reply = alice
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "bob", "content": "me"}),
+        )
+        .await;
+    assert_eq!(reply["response"]["seq"], 4, "{reply}");
+    let push = alice.next_push("conversation:c1", "message").await;
+    assert_eq!(push[4]["sender"], "alice");
+
+    // read moves alice's read cursor; ack her delivered cursor.
+    let reply = alice
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "read",
+            json!({"seq": 2}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert_eq!(reply["response"]["participant"], "alice");
+    assert_eq!(reply["response"]["seq"], 2);
+    assert_eq!(
+        reply["response"]["unread"], 1,
+        "seq 3 from bob is unread: {reply}"
+    );
+    let reply = alice
+        .call(Some(&join_ref), "conversation:c1", "ack", json!({"seq": 4}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let reply = alice
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "read",
+            json!({"seq": 99}),
+        )
+        .await;
+    assert_error(&reply, "invalid", "read beyond last_seq");
+
+    // Without after_seq a user resumes after its read cursor.
+    let mut again = Ws::connect(&server, &jwt("alice")).await;
+    again.join_ok("conversation:c1", json!({})).await;
+    let push = again.next_push("conversation:c1", "message").await;
+    assert_eq!(push[4]["seq"], 3, "first push after read cursor 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_topics_on_one_socket_leave_and_rejoin() {
+    let server = TestServer::start();
+    server.create_conversation("a", &["alice"]).await;
+    server.create_conversation("b", &["alice"]).await;
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    let (ref_a, _) = ws.join_ok("conversation:a", json!({})).await;
+    let (ref_b, _) = ws.join_ok("conversation:b", json!({})).await;
+    assert_ne!(ref_a, ref_b);
+
+    server.append("a", "alice", json!("to a")).await;
+    let push = ws.next_push("conversation:a", "message").await;
+    assert_eq!(
+        (push[0].as_str(), push[4]["content"].as_str()),
+        (Some(ref_a.as_str()), Some("to a"))
+    );
+    server.append("b", "alice", json!("to b")).await;
+    let push = ws.next_push("conversation:b", "message").await;
+    assert_eq!(
+        (push[0].as_str(), push[4]["content"].as_str()),
+        (Some(ref_b.as_str()), Some("to b"))
+    );
+
+    // Leave: reply ok, then phx_close with the join_ref; no more pushes on that topic.
+    let leave_ref = ws.make_ref();
+    ws.send(json!([ref_a, leave_ref, "conversation:a", "phx_leave", {}]))
+        .await;
+    let reply = ws.next_frame().await;
+    assert_eq!(
+        reply,
+        json!([ref_a, leave_ref, "conversation:a", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    let close = ws.next_frame().await;
+    assert_eq!(
+        close,
+        json!([ref_a, ref_a, "conversation:a", "phx_close", {}])
+    );
+    server.append("a", "alice", json!("after leave")).await;
+    server.append("b", "alice", json!("b again")).await;
+    let push = ws.next_push("conversation:b", "message").await;
+    assert_eq!(
+        push[4]["content"], "b again",
+        "the left topic pushed nothing in between"
+    );
+    let reply = ws
+        .call(
+            Some(&ref_a),
+            "conversation:a",
+            "send",
+            json!({"sender": "alice", "content": 1}),
+        )
+        .await;
+    assert_eq!(reply["response"]["detail"], "not_joined", "{reply}");
+
+    // Joining a joined topic again replaces the join: the old one is closed first.
+    let (ref_b2, _) = ws.join_ok("conversation:b", json!({"after_seq": 1})).await;
+    assert!(
+        ws.pending
+            .iter()
+            .any(|f| *f == json!([ref_b, ref_b, "conversation:b", "phx_close", {}])),
+        "old join of b closed: {:?}",
+        ws.pending
+    );
+    ws.pending.retain(|f| f[3] != "phx_close");
+    let push = ws.next_push("conversation:b", "message").await;
+    assert_eq!(
+        (push[0].as_str(), push[4]["seq"].as_u64()),
+        (Some(ref_b2.as_str()), Some(2))
+    );
+
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "ferry_ws_channels", &[("kind", "conversation")]),
+        Some(1.0),
+        "one conversation channel is joined"
+    );
+    assert_eq!(metric_sum(&metrics, "ferry_ws_connections", &[]), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_and_typing_reach_the_other_sockets_and_the_inbox_gets_deltas() {
+    let server = jwt_server();
+    server.create_conversation("c1", &["alice", "agent"]).await;
+    let mut alice = Ws::connect(&server, &jwt("alice")).await;
+    let (alice_ref, _) = alice.join_ok("conversation:c1", json!({})).await;
+    let (inbox_ref, snapshot) = alice.join_ok("inbox:alice", json!({})).await;
+    assert_eq!(snapshot["conversations"][0]["id"], "c1", "{snapshot}");
+    assert_eq!(snapshot["conversations"][0]["unread"], 0, "{snapshot}");
+    let mut agent = Ws::connect(&server, API_KEY).await;
+    let (agent_ref, _) = agent.join_ok("conversation:c1", json!({})).await;
+
+    let reply = agent
+        .call(
+            Some(&agent_ref),
+            "conversation:c1",
+            "chunk",
+            json!({"participant": "agent", "stream_id": "s1", "delta": "Hel"}),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let push = alice.next_push("conversation:c1", "chunk").await;
+    assert_eq!(push[0], alice_ref.as_str());
+    assert_eq!(
+        push[4],
+        json!({"participant": "agent", "stream_id": "s1", "delta": "Hel"})
+    );
+    let reply = agent
+        .call(
+            Some(&agent_ref),
+            "conversation:c1",
+            "chunk",
+            json!({"participant": "agent", "delta": "x"}),
+        )
+        .await;
+    assert_error(&reply, "invalid", "chunk without stream_id");
+    let reply = alice
+        .call(Some(&alice_ref), "conversation:c1", "typing", json!({}))
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let push = agent.next_push("conversation:c1", "typing").await;
+    assert_eq!(push[4], json!({"participant": "alice"}));
+    // Never echoed to the sender, never stored.
+    alice.heartbeat().await;
+    agent.heartbeat().await;
+    assert!(alice.pending.is_empty(), "alice got {:?}", alice.pending);
+    assert!(agent.pending.is_empty(), "agent got {:?}", agent.pending);
+    assert_eq!(server.page("c1", "after_seq=0").await.last_seq, 0);
+
+    // A stored message shows in alice's inbox as a delta.
+    let reply = agent
+        .call(
+            Some(&agent_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "agent", "content": "done"}),
+        )
+        .await;
+    assert_eq!(reply["response"]["seq"], 1, "{reply}");
+    // The message and the inbox delta come from different tasks: either may be first.
+    let (first, second) = (alice.next_frame().await, alice.next_frame().await);
+    let (push, delta) = if first[3] == "message" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(push[3], "message", "{push}");
+    assert_eq!(push[4]["content"], "done");
+    assert_eq!(
+        (delta[2].as_str(), delta[3].as_str()),
+        (Some("inbox:alice"), Some("inbox_delta")),
+        "{delta}"
+    );
+    assert_eq!(delta[0], inbox_ref.as_str());
+    let entry = &delta[4]["conversations"][0];
+    assert_eq!(
+        (
+            entry["id"].as_str(),
+            entry["last_seq"].as_u64(),
+            entry["unread"].as_u64()
+        ),
+        (Some("c1"), Some(1), Some(1)),
+        "{delta}"
+    );
+}
+
+/// VmRSS of a process, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS line");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS value");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_catches_up_in_order_with_bounded_server_memory() {
+    const MESSAGES: u64 = 10_000;
+    const WRITERS: u64 = 16;
+    const CONTENT_BYTES: usize = 8 * 1024;
+    const MAX_GROWTH: u64 = 100 * 1024 * 1024;
+
+    let server = TestServer::start();
+    server.create_conversation("firehose", &["writer"]).await;
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    ws.join_ok("conversation:firehose", json!({})).await;
+    let pid = server.pid();
+    let rss_before = rss_bytes(pid);
+
+    // The client reads nothing while everything is appended.
+    let filler = "f".repeat(CONTENT_BYTES);
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let client = server.client();
+        let url = server.url("/v1/conversations/firehose/messages");
+        let filler = filler.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < MESSAGES {
+                let body = json!({"sender": "writer", "content": {"i": i, "pad": filler}});
+                let resp = client.post(&url).json(&body).send().await.expect("append");
+                assert_eq!(resp.status().as_u16(), 201, "append {i}");
+                i += WRITERS;
+            }
+        }));
+    }
+    let mut rss_peak = rss_before;
+    loop {
+        rss_peak = rss_peak.max(rss_bytes(pid));
+        if writers.iter().all(|w| w.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    rss_peak = rss_peak.max(rss_bytes(pid));
+    // The server could not write everything to a client that reads nothing: it waited.
+    let frames_out =
+        metric_sum(&server.metrics().await, "ferry_ws_frames_out_total", &[]).unwrap_or(0.0) as u64;
+    assert!(
+        frames_out < MESSAGES / 2,
+        "the server wrote {frames_out} frames to a client that read none: it is not waiting for \
+         the client"
+    );
+
+    let mut next = 1;
+    while next <= MESSAGES {
+        let frame = ws.read_frame().await;
+        assert_eq!(frame[3], "message", "{frame}");
+        assert_eq!(frame[4]["seq"], next, "seq order, exactly once");
+        next += 1;
+        if next % 1000 == 0 {
+            rss_peak = rss_peak.max(rss_bytes(pid));
+        }
+    }
+    ws.heartbeat().await;
+    assert!(
+        ws.pending.is_empty(),
+        "nothing after the last message: {:?}",
+        ws.pending.front()
+    );
+    let growth = rss_peak.saturating_sub(rss_before);
+    assert!(
+        growth < MAX_GROWTH,
+        "server RSS grew {} MiB while a client stalled (from {} MiB)",
+        growth >> 20,
+        rss_before >> 20
+    );
+    eprintln!(
+        "slow consumer: rss {} MiB → peak {} MiB, {frames_out} frames written during the stall",
+        rss_before >> 20,
+        rss_peak >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_open_sockets_with_going_away() {
+    let mut server = TestServer::start();
+    server.create_conversation("c1", &["alice"]).await;
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    ws.join_ok("conversation:c1", json!({})).await;
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| server.terminate());
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?} with a socket open",
+        started.elapsed()
+    );
+    // The socket was told to go away (and reconnect elsewhere or later), not just dropped.
+    let (code, reason) = ws.expect_close().await;
+    assert_eq!(code, CloseCode::Away, "{reason}");
+}
