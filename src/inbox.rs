@@ -108,12 +108,13 @@ pub async fn entry(
     conversation: &ConversationId,
 ) -> Result<InboxEntry, StoreError> {
     let (read_seq, _) = store.cursor(conversation, participant).await?;
-    let (last_seq, ring) = match node.peek_log(conversation) {
+    let (last_seq, ring, newest) = match node.peek_log(conversation) {
         Some(log) => {
             let ring = log.read_after(read_seq, usize::MAX);
-            (log.durable_seq(), Some(ring))
+            // The ring always keeps the newest message, archived or not.
+            (log.durable_seq(), Some(ring), log.last_message())
         }
-        None => (store.last_seq(conversation).await?, None),
+        None => (store.last_seq(conversation).await?, None, None),
     };
     let read_seq = read_seq.min(last_seq);
     let (unread, last_message) = match ring {
@@ -126,9 +127,9 @@ pub async fn entry(
             let below = store
                 .count_unread(conversation, participant, read_seq, ring.ring_first_seq)
                 .await?;
-            let last = match ring.messages.last() {
-                Some(m) if m.seq == last_seq => Some(m.clone()),
-                _ => store.last_message(conversation).await?,
+            let last = match newest {
+                Some(m) => Some(m),
+                None => store.last_message(conversation).await?,
             };
             (below + from_ring, last)
         }
