@@ -480,8 +480,9 @@ impl CpuSnapshot {
         }
     }
 
-    /// Prints per-thread-group CPU (in cores) between `self` and `later`.
-    fn report(&self, later: &CpuSnapshot) {
+    /// Prints per-thread-group CPU (in cores) between `self` and `later`; returns CPU seconds
+    /// per thread group.
+    fn report(&self, later: &CpuSnapshot) -> BTreeMap<String, f64> {
         let wall = later.at.duration_since(self.at).as_secs_f64();
         let mut rows: Vec<(String, f64)> = later
             .threads
@@ -510,7 +511,41 @@ impl CpuSnapshot {
             ncpu,
             100.0 * (w1 - w0) / dt
         );
+        rows.into_iter().collect()
     }
+}
+
+/// CPU cost per acknowledged append (everything but SQLite) and per archived record (SQLite).
+fn cpu_cost_report(cpu: &BTreeMap<String, f64>, acks: u64, archived: u64) {
+    let sqlite: f64 = cpu
+        .iter()
+        .filter(|(k, _)| k.starts_with("sqlx-sqlite"))
+        .map(|(_, v)| v)
+        .sum();
+    let rest: f64 = cpu.values().sum::<f64>() - sqlite;
+    let per = |secs: f64, n: u64| {
+        if n == 0 {
+            "n/a".to_owned()
+        } else {
+            format!("{:.1} µs", secs * 1e6 / n as f64)
+        }
+    };
+    let group = |prefix: &str| -> f64 {
+        cpu.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    // Thread names are cut to 15 bytes by the kernel.
+    let writer = group("ferry-wal-wr");
+    let tokio = group("tokio");
+    println!(
+        "  cpu per record  : {} per ack outside SQLite (tokio workers {}, wal writer {}); {} of SQLite per archived record",
+        per(rest, acks),
+        per(tokio, acks),
+        per(writer, acks),
+        per(sqlite, archived)
+    );
 }
 
 fn wal_delta_report(s0: &WalStats, s1: &WalStats, window: f64, metrics: bool) {
@@ -793,7 +828,8 @@ async fn closed_loop(args: &Args, fsync: FsyncPolicy, inflight: usize) {
         outcomes.other_errors.load(Ordering::Relaxed)
     );
     wal_delta_report(&wal0, &wal1, window, args.metrics);
-    cpu0.report(&cpu1);
+    let cpu = cpu0.report(&cpu1);
+    cpu_cost_report(&cpu, ok, wal1.checkpoint_lsn - wal0.checkpoint_lsn);
     match Arc::try_unwrap(fx) {
         Ok(fx) => fx.stop().await,
         Err(_) => eprintln!("fixture still shared; skipping orderly shutdown"),
@@ -945,7 +981,12 @@ async fn open_loop(args: &Args, fsync: FsyncPolicy) {
         drain.elapsed().as_secs_f64()
     );
     wal_delta_report(&wal0, &wal1, window, args.metrics);
-    cpu0.report(&cpu1);
+    let cpu = cpu0.report(&cpu1);
+    cpu_cost_report(
+        &cpu,
+        wal1.records_written - wal0.records_written,
+        wal1.checkpoint_lsn - wal0.checkpoint_lsn,
+    );
     // Spawned sends hold fixture clones until they finish; wait for the last ones to drop.
     let mut fx = fx;
     let fx = loop {
@@ -1069,7 +1110,16 @@ fn wal_raw(args: &Args) {
     );
     if let (Some(w0), Some(c0)) = (wal0, cpu0) {
         wal_delta_report(&w0, &wal1, window, args.metrics);
-        c0.report(&cpu1);
+        let cpu = c0.report(&cpu1);
+        let writer: f64 = cpu
+            .iter()
+            .filter(|(k, _)| k.starts_with("ferry-wal-wr"))
+            .map(|(_, v)| v)
+            .sum();
+        println!(
+            "  cpu per record  : {:.2} µs on the wal writer",
+            writer * 1e6 / (wal1.records_written - w0.records_written).max(1) as f64
+        );
     }
     wal.shutdown();
 }
