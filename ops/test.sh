@@ -2,8 +2,9 @@
 # Runs Ferry's whole test suite: unit, property and integration tests (the integration tests start
 # the real `ferry` binary on port 0 with a temporary data dir).
 #
-# It installs and starts what the tests need when it is missing, so it works on a fresh Debian
-# machine that has only the Rust toolchain. Safe to run repeatedly.
+# It installs and starts what the tests need when it is missing (a C compiler, PostgreSQL, the
+# s3s-fs S3 server), so it works on a fresh Debian machine that has only the Rust toolchain. Safe
+# to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,92 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
+pg_bin_dir() {
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+pg_answers() { # URL
+  psql "$1" -Atqc 'select 1' >/dev/null 2>&1
+}
+
+# The Postgres tests need a server whose user may CREATE DATABASE (each test makes its own
+# `ferry_test_<random>` and drops it), plus the server binaries (initdb, pg_ctl) for the test that
+# runs a private cluster and stops it. FERRY_TEST_DATABASE_URL, when set, names the server to use.
+ensure_postgres() {
+  if [ -z "$(pg_bin_dir)" ] || ! command -v psql >/dev/null 2>&1; then
+    log "installing PostgreSQL (server binaries and psql)"
+    apt_install postgresql
+  fi
+  local url="${FERRY_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+  if ! pg_answers "$url" && [ -z "${FERRY_TEST_DATABASE_URL:-}" ]; then
+    if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+      log "starting the local PostgreSQL cluster"
+      local version
+      version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+      local sudo=""
+      [ "$(id -u)" = 0 ] || sudo="sudo"
+      $sudo pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+      for _ in $(seq 1 60); do
+        (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && break
+        sleep 0.5
+      done
+    fi
+    if ! pg_answers "$url"; then
+      # A fresh Debian install asks for a password on TCP; give the superuser one through the
+      # local socket (peer auth) and use it.
+      log "setting a password for the postgres role (TCP auth is not trust here)"
+      if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- psql -qc "ALTER ROLE postgres PASSWORD 'postgres'" >/dev/null
+      else
+        sudo -u postgres psql -qc "ALTER ROLE postgres PASSWORD 'postgres'" >/dev/null
+      fi
+      url="postgres://postgres:postgres@127.0.0.1:5432/postgres"
+    fi
+  fi
+  if ! pg_answers "$url"; then
+    log "cannot reach PostgreSQL at ${url%%@*}@… ; set FERRY_TEST_DATABASE_URL"
+    exit 1
+  fi
+  export FERRY_TEST_DATABASE_URL="$url"
+  # The Postgres tests fail instead of skipping when this is set.
+  export FERRY_REQUIRE_POSTGRES=1
+  log "postgres: $(psql "$url" -Atqc 'show server_version')"
+}
+
+# S3-compatible object storage for the cold-tier tests: each test starts its own s3s-fs server
+# (private port and directory) from this binary, and may stop and restart it.
+ensure_s3s_fs() {
+  local bin="${FERRY_TEST_S3S_FS:-}"
+  if [ -z "$bin" ]; then
+    bin="$(command -v s3s-fs || true)"
+    [ -n "$bin" ] || bin="${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs"
+  fi
+  if [ ! -x "$bin" ]; then
+    log "installing s3s-fs 0.14.1 (S3-compatible test server; takes a few minutes once)"
+    cargo install --locked s3s-fs@0.14.1 --features binary --root "${CARGO_HOME:-$HOME/.cargo}" >&2
+    bin="${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs"
+  fi
+  export FERRY_TEST_S3S_FS="$bin"
+  export FERRY_REQUIRE_S3=1
+  log "s3s-fs: $bin"
+}
+
+# The WebSocket tests drive the official `phoenix` JavaScript client under Node.
+ensure_node() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    log "installing Node.js and npm (the phoenix client tests run under Node)"
+    apt_install nodejs npm
+  fi
+  if [ ! -d tests/js/node_modules ]; then
+    log "installing the phoenix client (npm ci in tests/js)"
+    (cd tests/js && npm ci --no-audit --no-fund --silent)
+  fi
+}
+
 ensure_build_tools
+ensure_node
+ensure_postgres
+ensure_s3s_fs
 
 log "running the test suite"
 # One build shared by every test binary; tests run in parallel within each binary.

@@ -74,7 +74,18 @@ pub struct ArchiveSection {
     /// Durable but unarchived bytes beyond which appends get `try_again`.
     pub backlog_bytes: usize,
     pub batch_records: usize,
+    /// SQL connections in the pool.
     pub pool_size: u32,
+    /// Postgres cancels a statement running longer than this (SQLite: how long to wait for the
+    /// database lock).
+    #[serde(with = "duration_str")]
+    pub statement_timeout: Duration,
+    /// How long a request waits for a SQL connection before the archive counts as unavailable.
+    #[serde(with = "duration_str")]
+    pub acquire_timeout: Duration,
+    /// Most messages per cold-tier segment; a conversation with this many messages past
+    /// `sql_retention` is compacted without waiting for `2 × sql_retention`.
+    pub segment_records: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,6 +161,9 @@ impl Default for ArchiveSection {
             backlog_bytes: 512 * 1024 * 1024,
             batch_records: 2000,
             pool_size: 8,
+            statement_timeout: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(5),
+            segment_records: 4096,
         }
     }
 }
@@ -265,6 +279,26 @@ impl Config {
         if self.archive.batch_records == 0 {
             bail!("archive.batch_records must be positive");
         }
+        if self.archive.pool_size == 0 {
+            bail!("archive.pool_size must be positive");
+        }
+        if self.archive.statement_timeout.is_zero() || self.archive.acquire_timeout.is_zero() {
+            bail!("archive.statement_timeout and archive.acquire_timeout must be positive");
+        }
+        crate::store::Backend::of_url(&self.database_url())?;
+        if self.archive.segment_records == 0 || self.archive.segment_records > 1_000_000 {
+            bail!("archive.segment_records must be between 1 and 1000000");
+        }
+        if self.archive.sql_retention.is_zero()
+            || self.archive.compact_interval.is_zero()
+            || self.retention.is_zero()
+        {
+            bail!("retention, archive.sql_retention and archive.compact_interval must be positive");
+        }
+        let object_store = self.object_store_url();
+        if !object_store.starts_with("file://") && !object_store.starts_with("s3://") {
+            bail!("object_store must be file://DIR or s3://BUCKET[/PREFIX], not {object_store:?}");
+        }
         if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
             bail!("set only one of jwt_secret (HS256) and jwt_public_key (RS256)");
         }
@@ -285,6 +319,21 @@ impl Config {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}/ferry.db", self.data_dir.display()))
+    }
+
+    pub fn object_store_url(&self) -> String {
+        self.object_store
+            .clone()
+            .unwrap_or_else(|| format!("file://{}/objects", self.data_dir.display()))
+    }
+
+    /// The SQL pool settings of the `[archive]` section.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            pool_size: self.archive.pool_size,
+            statement_timeout: self.archive.statement_timeout,
+            acquire_timeout: self.archive.acquire_timeout,
+        }
     }
 
     pub fn node_id(&self) -> String {
@@ -414,6 +463,23 @@ mod tests {
             serde_json::to_value(&from_file).unwrap(),
             serde_json::to_value(Config::default()).unwrap()
         );
+    }
+
+    #[test]
+    fn database_url_selects_a_known_backend() {
+        let mut c = Config::default();
+        assert!(c.validate().is_ok(), "the sqlite default");
+        c.database_url = Some("postgres://ferry@db/ferry".into());
+        assert!(c.validate().is_ok());
+        c.database_url = Some("mysql://ferry:pw@db/ferry".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("unsupported database url") && !e.contains("pw"),
+            "{e}"
+        );
+        c.database_url = None;
+        c.archive.pool_size = 0;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -112,9 +112,13 @@ fn main() -> ExitCode {
                 init_tracing(config.log_format == "json");
                 runtime()?.block_on(async {
                     std::fs::create_dir_all(&config.data_dir)?;
-                    let store = store::Store::connect(&config.database_url(), 2).await?;
+                    let url = config.database_url();
+                    let mut options = config.store_options();
+                    options.pool_size = 2;
+                    let store = store::Store::connect_with(&url, &options).await?;
                     store.migrate().await?;
-                    println!("migrations applied to {}", config.database_url());
+                    store.close().await;
+                    println!("migrations applied to {}", store::redact_url(&url));
                     Ok(())
                 })
             })

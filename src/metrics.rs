@@ -8,6 +8,24 @@ pub const HTTP_ERRORS_TOTAL: &str = "ferry_http_errors_total";
 /// Counter: authentication failures by `reason`.
 pub const AUTH_FAILURES_TOTAL: &str = "ferry_auth_failures_total";
 
+/// Counter: segment objects read, by `result` (`fetched` from the object store, `cached`).
+pub const SEGMENT_READS_TOTAL: &str = "ferry_segment_reads_total";
+/// Counter: messages moved from SQL into segment objects.
+pub const COMPACTED_MESSAGES_TOTAL: &str = "ferry_compaction_messages_total";
+/// Counter: segment objects written by compaction.
+pub const COMPACTED_SEGMENTS_TOTAL: &str = "ferry_compaction_segments_total";
+/// Counter: failed compaction or retention steps, by `stage` (`object`, `sql`).
+pub const COMPACTION_ERRORS_TOTAL: &str = "ferry_compaction_errors_total";
+/// Histogram: duration of one compaction pass.
+pub const COMPACTION_RUN_SECONDS: &str = "ferry_compaction_run_seconds";
+/// Gauge: Unix time (seconds) of the last compaction pass that finished without error.
+pub const COMPACTION_LAST_SUCCESS: &str = "ferry_compaction_last_success_timestamp_seconds";
+
+/// Counter: messages deleted by retention, by `tier` (`sql`, `object`).
+pub const RETENTION_DELETED_TOTAL: &str = "ferry_retention_deleted_messages_total";
+/// Gauge: Unix time (seconds) of the last retention pass that finished without error.
+pub const RETENTION_LAST_SUCCESS: &str = "ferry_retention_last_success_timestamp_seconds";
+
 pub fn count_http_error(code: &'static str) {
     metrics::counter!(HTTP_ERRORS_TOTAL, "code" => code).increment(1);
 }

@@ -14,6 +14,8 @@ use ferry_shards::wal::WalOptions;
 
 use crate::admin::{self, AdminState};
 use crate::auth::{Auth, JwtVerifier};
+use crate::cold::ColdTier;
+use crate::compactor::{self, CompactorConfig};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::store::Store;
@@ -24,12 +26,31 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
 
-    let store = Store::connect(&config.database_url(), config.archive.pool_size)
+    let database_url = config.database_url();
+    let store = Store::connect_with(&database_url, &config.store_options())
         .await
-        .context("cannot open the archive database")?;
+        .with_context(|| {
+            format!(
+                "cannot open the archive database {}",
+                crate::store::redact_url(&database_url)
+            )
+        })?;
+    tracing::info!(
+        backend = store.backend().as_str(),
+        database = %crate::store::redact_url(&database_url),
+        pool_size = config.archive.pool_size,
+        "archive database open"
+    );
     if !config.no_migrate {
         store.migrate().await.context("migrations failed")?;
     }
+    let object_store = config.object_store_url();
+    let cold = Arc::new(
+        ColdTier::open(&object_store)
+            .with_context(|| format!("cannot open the object store {object_store}"))?,
+    );
+    let store = store.with_cold_tier(cold.clone());
+    tracing::info!(object_store = %object_store, "cold tier open");
     let jwt = JwtVerifier::from_config(
         config.jwt_secret.as_deref(),
         config.jwt_public_key.as_deref(),
@@ -72,6 +93,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         scan_ms = report.scan_duration.as_millis() as u64,
         "wal recovered"
     );
+
+    let (compactor_stop, compactor_stop_rx) = tokio::sync::watch::channel(false);
+    let compactor_task = tokio::spawn(compactor::run(
+        store.clone(),
+        cold,
+        CompactorConfig {
+            sql_retention: config.archive.sql_retention,
+            interval: config.archive.compact_interval,
+            segment_records: config.archive.segment_records,
+            retention: config.retention,
+        },
+        compactor_stop_rx,
+    ));
 
     let public = TcpListener::bind(&config.listen)
         .await
@@ -132,6 +166,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("some connections did not finish within 20s");
     }
     node.shutdown().await;
+    let _ = compactor_stop.send(true);
+    if tokio::time::timeout(Duration::from_secs(20), compactor_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the compaction pass did not finish within 20s");
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

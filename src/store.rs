@@ -1,17 +1,45 @@
 //! The SQL archive: conversations, participants, messages, read cursors and API keys.
 //!
-//! Embedded default: SQLite in `<data_dir>/ferry.db` (WAL journal, `synchronous = FULL`, so a
-//! committed archive batch survives power loss before the node's own WAL drops it). Statements are
-//! runtime-checked `sqlx::query` calls; every one is exercised by the integration tests.
+//! Two backends behind one handle, chosen by the database URL:
+//! - **SQLite** (`sqlite://PATH`, the embedded default): WAL journal, `synchronous = FULL`, so a
+//!   committed archive batch survives power loss before the node's own WAL drops it.
+//! - **Postgres** (`postgres://…`, production): a pool of `archive.pool_size` connections, each
+//!   with the server-side `statement_timeout` set at connect time, so a stuck statement fails (and
+//!   the archiver retries) instead of holding a connection forever.
+//!
+//! Every statement that is portable is written once, with `$N` placeholders (which SQLite accepts
+//! too), and runs on whichever pool the store holds through [`with_pool!`]; rows are decoded into
+//! plain tuples so the conversion code is shared as well. Only what cannot be portable differs:
+//! the batched message insert (a multi-row `VALUES` on SQLite, `UNNEST` of arrays on Postgres,
+//! both `ON CONFLICT DO NOTHING`), timestamps (`TEXT` on SQLite, `TIMESTAMPTZ` on Postgres) and
+//! the row lock taken when a conversation is updated. Statements are runtime-checked
+//! `sqlx::query` calls; every one is exercised by the integration tests on both backends.
+//!
+//! Postgres keeps JSON as `JSONB`, which normalises it: an object read back has the same members
+//! and values but not necessarily the client's key order or spacing. JSONB also refuses a few
+//! things plain JSON allows (`\u0000`, lone surrogates, numbers beyond `numeric`'s range); the
+//! gateway rejects those with [`check_storable_json`] on every backend, so a stored message can
+//! never wedge the archiver.
+//!
+//! With a cold tier attached ([`Store::with_cold_tier`]), reads merge SQL with segment objects:
+//! compaction ([`crate::compactor`]) only ever moves a conversation's *oldest* messages out of
+//! SQL, so a read consults the segment index only when SQL cannot answer from the requested side
+//! (ascending: the first SQL row is not `after_seq + 1`; descending: SQL had fewer than `limit`).
+//! `last_seq` takes the segments into account, so a conversation whose every message was
+//! compacted still continues at the right seq.
+//!
 //! This module implements [`ferry_shards::archive::Archive`] for the node runtime.
 
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlitePool};
+use sqlx::types::Json;
+use sqlx::{QueryBuilder, SqlitePool};
 use uuid::Uuid;
 
 use ferry_shards::archive::{
@@ -21,11 +49,29 @@ use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::record::{format_rfc3339_millis, Message};
 use ferry_shards::ring::DedupeEntry;
 
+use crate::cold::{ColdError, ColdTier};
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// SQLite caps bound parameters per statement; 11 columns × 2000 rows stays well below it.
 const MESSAGE_COLUMNS: usize = 11;
 const MAX_ROWS_PER_INSERT: usize = 2000;
+/// Postgres binds one array per column, so the row count is not limited by parameters; chunks
+/// only keep a single statement's size reasonable.
+const MAX_ROWS_PER_UNNEST: usize = 10_000;
+
+/// Runs `$body` with `$pool` bound to whichever pool the store holds. The body is compiled once
+/// per backend, so everything in it must be portable: `$N` placeholders, standard SQL, and
+/// column types that decode the same way on both (see the `*Row` tuple types).
+macro_rules! with_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,10 +79,12 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported database url {0:?} (expected sqlite://PATH)")]
+    #[error("unsupported database url {0:?} (expected sqlite://PATH or postgres://…)")]
     UnsupportedUrl(String),
     #[error("stored data invalid: {0}")]
     Invalid(String),
+    #[error("cold tier: {0}")]
+    Cold(#[from] ColdError),
 }
 
 impl From<StoreError> for ArchiveError {
@@ -48,47 +96,214 @@ impl From<StoreError> for ArchiveError {
     }
 }
 
+/// Which SQL backend a database URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Result<Backend, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// How the pool behaves; from the `[archive]` config section.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most connections open at once.
+    pub pool_size: u32,
+    /// Postgres cancels any statement running longer (`statement_timeout`), so a stuck archive
+    /// batch fails and is retried instead of holding its connection. SQLite: the busy timeout.
+    pub statement_timeout: Duration,
+    /// How long a caller waits for a connection before the archive counts as unavailable (while
+    /// the database is down this bounds how long a read that needs SQL can hang).
+    pub acquire_timeout: Duration,
+}
+
+impl StoreOptions {
+    pub fn with_pool_size(pool_size: u32) -> StoreOptions {
+        StoreOptions {
+            pool_size,
+            statement_timeout: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Outcome of creating a conversation.
 pub struct Upserted {
     pub meta: ConversationMeta,
     pub created: bool,
 }
 
+/// The cheap, cloneable handle to the archive database (and the cold tier, when attached).
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    db: Db,
+    /// Segment objects holding messages compacted out of SQL.
+    cold: Option<Arc<ColdTier>>,
+    /// `expired_through_seq` of conversations read so far (see `first_available_seq`).
+    expired: Arc<std::sync::Mutex<HashMap<ConversationId, u64>>>,
 }
 
+/// One row of the segment index (`message_segments`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentRow {
+    pub conversation_id: ConversationId,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub object_key: String,
+    pub record_count: u64,
+    pub bytes: u64,
+    pub min_created_at_ms: i64,
+    pub max_created_at_ms: i64,
+    pub created_at_ms: i64,
+}
+
+#[derive(Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// `participants, metadata, created_at_ms` of a conversation.
+type ConversationRow = (Json<Vec<String>>, Json<Box<RawValue>>, i64);
+/// `seq, id, sender, kind, content, metadata, created_at_ms, idempotency_key, slot` of a message.
+type MessageRow = (
+    i64,
+    String,
+    String,
+    String,
+    Json<Box<RawValue>>,
+    Json<Box<RawValue>>,
+    i64,
+    Option<String>,
+    i64,
+);
+/// `idempotency_key, seq, id, created_at_ms` of a recent keyed message.
+type KeyRow = (String, i64, String, i64);
+/// `first_seq, last_seq, object_key` of a segment.
+type SegmentRef = (i64, i64, String);
+
+const SELECT_CONVERSATION: &str =
+    "SELECT participants, metadata, created_at_ms FROM conversations WHERE id = $1";
+const SELECT_MESSAGES_ASC: &str = "SELECT seq, CAST(id AS TEXT), sender, kind, content, metadata, created_at_ms, idempotency_key, slot \
+     FROM messages WHERE conversation_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq ASC LIMIT $4";
+const SELECT_MESSAGES_DESC: &str = "SELECT seq, CAST(id AS TEXT), sender, kind, content, metadata, created_at_ms, idempotency_key, slot \
+     FROM messages WHERE conversation_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4";
+const SELECT_LAST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0), \
+     (SELECT COALESCE(MAX(last_seq), 0) FROM message_segments WHERE conversation_id = $1), \
+     (SELECT COALESCE(MAX(expired_through_seq), 0) FROM conversations WHERE id = $1) \
+     FROM messages WHERE conversation_id = $1";
+
+/// Raises `conversations.expired_through_seq` to `$2` (never lowers it).
+const RAISE_EXPIRED: &str = "UPDATE conversations SET expired_through_seq = \
+     CASE WHEN $2 > expired_through_seq THEN $2 ELSE expired_through_seq END WHERE id = $1";
+
+/// Conversations whose `expired_through_seq` is cached; the cache is dropped past this.
+const EXPIRED_CACHE_ENTRIES: usize = 100_000;
+
+/// One batch of messages as Postgres arrays, one per column, for `UNNEST`.
+const PG_INSERT_MESSAGES: &str = "INSERT INTO messages \
+     (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
+     SELECT c, s, CAST(i AS UUID), snd, k, CAST(ct AS JSONB), CAST(md AS JSONB), \
+            TIMESTAMPTZ 'epoch' + ms * INTERVAL '1 millisecond', ms, ik, sl \
+     FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                 $8::int8[], $9::text[], $10::int8[]) AS t(c, s, i, snd, k, ct, md, ms, ik, sl) \
+     ON CONFLICT (conversation_id, seq) DO NOTHING";
+
 impl Store {
+    /// Opens the database `url` names with a pool of `pool_size` and default timeouts.
     pub async fn connect(url: &str, pool_size: u32) -> Result<Store, StoreError> {
-        if !url.starts_with("sqlite:") {
-            return Err(StoreError::UnsupportedUrl(url.to_owned()));
-        }
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(false);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(pool_size.max(2))
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?;
-        Ok(Store { pool })
+        Store::connect_with(url, &StoreOptions::with_pool_size(pool_size)).await
     }
 
+    pub async fn connect_with(url: &str, options: &StoreOptions) -> Result<Store, StoreError> {
+        let db = match Backend::of_url(url)? {
+            Backend::Sqlite => {
+                let connect = SqliteConnectOptions::from_str(url)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(options.statement_timeout)
+                    .foreign_keys(false);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(options.pool_size.max(2))
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect)
+                    .await?;
+                Db::Sqlite(pool)
+            }
+            Backend::Postgres => {
+                let timeout_ms = options.statement_timeout.as_millis().max(1);
+                let connect = PgConnectOptions::from_str(url)?
+                    .application_name("ferry")
+                    .options([("statement_timeout", timeout_ms.to_string())]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(options.pool_size.max(1))
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect)
+                    .await?;
+                Db::Postgres(pool)
+            }
+        };
+        Ok(Store {
+            db,
+            cold: None,
+            expired: Arc::default(),
+        })
+    }
+
+    /// Reads merge this cold tier below SQL from now on.
+    pub fn with_cold_tier(mut self, cold: Arc<ColdTier>) -> Store {
+        self.cold = Some(cold);
+        self
+    }
+
+    pub fn cold_tier(&self) -> Option<&Arc<ColdTier>> {
+        self.cold.as_ref()
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.db {
+            Db::Sqlite(_) => Backend::Sqlite,
+            Db::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies the backend's migrations (`migrations/sqlite` or `migrations/postgres`). Safe to
+    /// run repeatedly and, on Postgres, from several processes at once (sqlx takes an advisory
+    /// lock).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        SQLITE_MIGRATIONS.run(&self.pool).await?;
+        match &self.db {
+            Db::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+            Db::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+        }
         Ok(())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        with_pool!(self, pool => pool.close().await)
     }
 
     /// Creates the conversation, or adds the given participants to an existing one (and replaces
-    /// its metadata when given).
+    /// its metadata when given). Concurrent calls for one id are safe: the insert decides who
+    /// creates, and an update holds the row (Postgres `FOR UPDATE`; SQLite has one writer).
     pub async fn upsert_conversation(
         &self,
         id: &ConversationId,
@@ -96,16 +311,50 @@ impl Store {
         metadata: Option<&RawValue>,
         now_ms: i64,
     ) -> Result<Upserted, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let existing = sqlx::query(
-            "SELECT participants, metadata, created_at_ms FROM conversations WHERE id = ?",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (meta, created) = match existing {
-            Some(row) => {
-                let mut meta = meta_from_row(id, &row)?;
+        let mut unique: Vec<ParticipantId> = Vec::new();
+        for p in participants {
+            if !unique.contains(p) {
+                unique.push(p.clone());
+            }
+        }
+        let fresh = ConversationMeta {
+            id: id.clone(),
+            participants: unique,
+            metadata: metadata.map(|m| m.to_owned()).unwrap_or_else(empty_object),
+            created_at_ms: now_ms,
+        };
+        let (insert, select) = match self.backend() {
+            Backend::Sqlite => (
+                "INSERT INTO conversations (id, participants, metadata, created_at, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                SELECT_CONVERSATION.to_owned(),
+            ),
+            Backend::Postgres => (
+                "INSERT INTO conversations (id, participants, metadata, created_at, created_at_ms) \
+                 VALUES ($1, $2, $3, CAST($4 AS TIMESTAMPTZ), $5) ON CONFLICT (id) DO NOTHING",
+                format!("{SELECT_CONVERSATION} FOR UPDATE"),
+            ),
+        };
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(insert)
+                .bind(id.as_str())
+                .bind(Json(participant_names(&fresh.participants)))
+                .bind(Json(&*fresh.metadata))
+                .bind(format_rfc3339_millis(now_ms))
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+            let (meta, created) = if inserted {
+                (fresh, true)
+            } else {
+                let row: ConversationRow = sqlx::query_as(&select)
+                    .bind(id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let mut meta = meta_from_row(id, row)?;
                 let mut changed = false;
                 for p in participants {
                     if !meta.has_participant(p.as_str()) {
@@ -120,83 +369,60 @@ impl Store {
                     }
                 }
                 if changed {
-                    sqlx::query(
-                        "UPDATE conversations SET participants = ?, metadata = ? WHERE id = ?",
-                    )
-                    .bind(participants_json(&meta.participants))
-                    .bind(meta.metadata.get())
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query("UPDATE conversations SET participants = $1, metadata = $2 WHERE id = $3")
+                        .bind(Json(participant_names(&meta.participants)))
+                        .bind(Json(&*meta.metadata))
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 (meta, false)
-            }
-            None => {
-                let mut unique: Vec<ParticipantId> = Vec::new();
-                for p in participants {
-                    if !unique.contains(p) {
-                        unique.push(p.clone());
-                    }
-                }
-                let meta = ConversationMeta {
-                    id: id.clone(),
-                    participants: unique,
-                    metadata: metadata.map(|m| m.to_owned()).unwrap_or_else(empty_object),
-                    created_at_ms: now_ms,
-                };
+            };
+            for p in &meta.participants {
                 sqlx::query(
-                    "INSERT INTO conversations (id, participants, metadata, created_at, created_at_ms) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO conversation_participants (participant_id, conversation_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 )
+                .bind(p.as_str())
                 .bind(id.as_str())
-                .bind(participants_json(&meta.participants))
-                .bind(meta.metadata.get())
-                .bind(format_rfc3339_millis(now_ms))
-                .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
-                (meta, true)
             }
-        };
-        for p in &meta.participants {
-            sqlx::query(
-                "INSERT INTO conversation_participants (participant_id, conversation_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            )
-            .bind(p.as_str())
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(Upserted { meta, created })
+            tx.commit().await?;
+            Ok(Upserted { meta, created })
+        })
     }
 
     pub async fn conversation(
         &self,
         id: &ConversationId,
     ) -> Result<Option<ConversationMeta>, StoreError> {
-        let row = sqlx::query(
-            "SELECT participants, metadata, created_at_ms FROM conversations WHERE id = ?",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| meta_from_row(id, &r)).transpose()
+        let row: Option<ConversationRow> = with_pool!(self, pool => {
+            sqlx::query_as(SELECT_CONVERSATION)
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(|r| meta_from_row(id, r)).transpose()
     }
 
     /// `(is_admin)` for a stored key hash.
     pub async fn api_key(&self, key_hash: &str) -> Result<Option<bool>, StoreError> {
-        let row = sqlx::query("SELECT admin FROM api_keys WHERE key_hash = ?")
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.get::<i64, _>(0) != 0))
+        let row: Option<(bool,)> = with_pool!(self, pool => {
+            sqlx::query_as("SELECT admin FROM api_keys WHERE key_hash = $1")
+                .bind(key_hash)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map(|(admin,)| admin))
     }
 
     pub async fn api_key_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(&self.pool)
-            .await?
-            .get::<i64, _>(0))
+        let (n,): (i64,) = with_pool!(self, pool => {
+            sqlx::query_as("SELECT COUNT(*) FROM api_keys")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(n)
     }
 
     pub async fn insert_api_key(
@@ -206,15 +432,19 @@ impl Store {
         admin: bool,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO api_keys (key_hash, name, admin, created_at_ms) VALUES (?, ?, ?, ?) ON CONFLICT (key_hash) DO UPDATE SET admin = excluded.admin",
-        )
-        .bind(key_hash)
-        .bind(name)
-        .bind(admin as i64)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        with_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO api_keys (key_hash, name, admin, created_at_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key_hash) DO UPDATE SET admin = excluded.admin",
+            )
+            .bind(key_hash)
+            .bind(name)
+            .bind(admin)
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
         Ok(())
     }
 
@@ -227,18 +457,26 @@ impl Store {
         ack: Option<u64>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO read_cursors (conversation_id, participant_id, read_seq, ack_seq, updated_at_ms) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (conversation_id, participant_id) DO UPDATE SET \
-             read_seq = MAX(read_seq, excluded.read_seq), ack_seq = MAX(ack_seq, excluded.ack_seq), updated_at_ms = excluded.updated_at_ms",
-        )
-        .bind(conversation.as_str())
-        .bind(participant.as_str())
-        .bind(read.unwrap_or(0) as i64)
-        .bind(ack.unwrap_or(0) as i64)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        with_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO read_cursors (conversation_id, participant_id, read_seq, ack_seq, updated_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (conversation_id, participant_id) DO UPDATE SET \
+                 read_seq = CASE WHEN excluded.read_seq > read_cursors.read_seq \
+                                 THEN excluded.read_seq ELSE read_cursors.read_seq END, \
+                 ack_seq = CASE WHEN excluded.ack_seq > read_cursors.ack_seq \
+                                THEN excluded.ack_seq ELSE read_cursors.ack_seq END, \
+                 updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(conversation.as_str())
+            .bind(participant.as_str())
+            .bind(to_i64(read.unwrap_or(0)))
+            .bind(to_i64(ack.unwrap_or(0)))
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
         Ok(())
     }
 
@@ -248,27 +486,172 @@ impl Store {
         conversation: &ConversationId,
         participant: &ParticipantId,
     ) -> Result<(u64, u64), StoreError> {
-        let row = sqlx::query(
-            "SELECT read_seq, ack_seq FROM read_cursors WHERE conversation_id = ? AND participant_id = ?",
-        )
-        .bind(conversation.as_str())
-        .bind(participant.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map_or((0, 0), |r| {
-            (r.get::<i64, _>(0) as u64, r.get::<i64, _>(1) as u64)
-        }))
+        let row: Option<(i64, i64)> = with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT read_seq, ack_seq FROM read_cursors WHERE conversation_id = $1 AND participant_id = $2",
+            )
+            .bind(conversation.as_str())
+            .bind(participant.as_str())
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row.map_or((0, 0), |(read, ack)| (read as u64, ack as u64)))
     }
 
-    /// Highest archived seq of a conversation (0 if none).
+    /// Highest archived seq of a conversation (0 if none): in SQL, in a segment, or deleted by
+    /// retention (so seqs are never reused after history expired).
     pub async fn last_seq(&self, conversation: &ConversationId) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation_id = ?")
+        let (in_sql, in_segments, expired): (i64, i64, i64) = with_pool!(self, pool => {
+            sqlx::query_as(SELECT_LAST_SEQ)
                 .bind(conversation.as_str())
-                .fetch_one(&self.pool)
+                .fetch_one(pool)
                 .await?
-                .get(0);
-        Ok(n as u64)
+        });
+        Ok(in_sql.max(in_segments).max(expired) as u64)
+    }
+
+    /// The lowest seq retention has not deleted (1 when nothing expired). Cached: only this
+    /// node's retention job raises it, through this store.
+    pub async fn first_available_seq(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<u64, StoreError> {
+        if let Some(seq) = self.expired_cache().get(conversation) {
+            return Ok(seq + 1);
+        }
+        let row: Option<(i64,)> = with_pool!(self, pool => {
+            sqlx::query_as("SELECT expired_through_seq FROM conversations WHERE id = $1")
+                .bind(conversation.as_str())
+                .fetch_optional(pool)
+                .await?
+        });
+        let expired = row.map_or(0, |(n,)| n as u64);
+        let mut cache = self.expired_cache();
+        if cache.len() >= EXPIRED_CACHE_ENTRIES {
+            cache.clear();
+        }
+        let entry = cache.entry(conversation.clone()).or_insert(expired);
+        *entry = (*entry).max(expired);
+        Ok(*entry + 1)
+    }
+
+    fn expired_cache(&self) -> std::sync::MutexGuard<'_, HashMap<ConversationId, u64>> {
+        self.expired.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Segments whose newest message is older than `cutoff_ms`, oldest first, at most `limit`:
+    /// `(conversation, first_seq, last_seq, object_key)`.
+    pub async fn expired_segments(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(ConversationId, u64, u64, String)>, StoreError> {
+        let rows: Vec<(String, i64, i64, String)> = with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT conversation_id, first_seq, last_seq, object_key FROM message_segments \
+                 WHERE max_created_at_ms < $1 ORDER BY max_created_at_ms LIMIT $2",
+            )
+            .bind(cutoff_ms)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(id, first, last, key)| {
+                ConversationId::parse(&id)
+                    .map(|id| (id, first as u64, last as u64, key))
+                    .map_err(|e| StoreError::Invalid(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Records seqs up to `through` as expired (before their segment object is deleted, so no
+    /// read asks for it from then on).
+    pub async fn raise_expired(
+        &self,
+        conversation: &ConversationId,
+        through: u64,
+    ) -> Result<(), StoreError> {
+        with_pool!(self, pool => {
+            sqlx::query(RAISE_EXPIRED)
+                .bind(conversation.as_str())
+                .bind(to_i64(through))
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        self.note_expired(conversation, through);
+        Ok(())
+    }
+
+    /// After its object is deleted: drops a segment's index row (and records its seqs as
+    /// expired, in case `raise_expired` was skipped).
+    pub async fn forget_segment(
+        &self,
+        conversation: &ConversationId,
+        first_seq: u64,
+        last_seq: u64,
+    ) -> Result<(), StoreError> {
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(RAISE_EXPIRED)
+                .bind(conversation.as_str())
+                .bind(to_i64(last_seq))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM message_segments WHERE conversation_id = $1 AND first_seq = $2")
+                .bind(conversation.as_str())
+                .bind(to_i64(first_seq))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
+        self.note_expired(conversation, last_seq);
+        Ok(())
+    }
+
+    /// Deletes SQL messages older than `cutoff_ms` (a prefix of each conversation, up to its
+    /// newest expired seq) and records them as expired. Returns how many rows went.
+    pub async fn expire_sql(&self, cutoff_ms: i64, limit: usize) -> Result<u64, StoreError> {
+        let due: Vec<(String, i64)> = with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT conversation_id, MAX(seq) FROM messages WHERE created_at_ms < $1 \
+                 GROUP BY conversation_id LIMIT $2",
+            )
+            .bind(cutoff_ms)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut deleted = 0;
+        for (id, upto) in due {
+            let id = ConversationId::parse(&id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            deleted += with_pool!(self, pool => {
+                let mut tx = pool.begin().await?;
+                sqlx::query(RAISE_EXPIRED)
+                    .bind(id.as_str())
+                    .bind(upto)
+                    .execute(&mut *tx)
+                    .await?;
+                let n = sqlx::query("DELETE FROM messages WHERE conversation_id = $1 AND seq <= $2")
+                    .bind(id.as_str())
+                    .bind(upto)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                n
+            });
+            self.note_expired(&id, upto as u64);
+        }
+        Ok(deleted)
+    }
+
+    fn note_expired(&self, conversation: &ConversationId, through: u64) {
+        let mut cache = self.expired_cache();
+        if let Some(seq) = cache.get_mut(conversation) {
+            *seq = (*seq).max(through);
+        }
     }
 
     /// The newest archived message of a conversation.
@@ -288,17 +671,16 @@ impl Store {
         &self,
         participant: &ParticipantId,
     ) -> Result<Vec<ConversationId>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT conversation_id FROM conversation_participants WHERE participant_id = ? ORDER BY conversation_id",
-        )
-        .bind(participant.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String,)> = with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT conversation_id FROM conversation_participants WHERE participant_id = $1 ORDER BY conversation_id",
+            )
+            .bind(participant.as_str())
+            .fetch_all(pool)
+            .await?
+        });
         rows.iter()
-            .map(|r| {
-                ConversationId::parse(&r.get::<String, _>(0))
-                    .map_err(|e| StoreError::Invalid(e.to_string()))
-            })
+            .map(|(id,)| ConversationId::parse(id).map_err(|e| StoreError::Invalid(e.to_string())))
             .collect()
     }
 
@@ -310,46 +692,124 @@ impl Store {
         after_seq: u64,
         before_seq: u64,
     ) -> Result<u64, StoreError> {
-        if before_seq <= after_seq + 1 {
+        if before_seq <= after_seq.saturating_add(1) {
             return Ok(0);
         }
-        let n: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq > ? AND seq < ? AND sender <> ?",
-        )
-        .bind(conversation.as_str())
-        .bind(after_seq as i64)
-        .bind(before_seq.min(i64::MAX as u64) as i64)
-        .bind(participant.as_str())
-        .fetch_one(&self.pool)
-        .await?
-        .get(0);
-        Ok(n as u64)
+        let (n, lowest_in_sql): (i64, Option<i64>) = with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT COUNT(*), (SELECT MIN(seq) FROM messages WHERE conversation_id = $1) \
+                 FROM messages WHERE conversation_id = $1 AND seq > $2 AND seq < $3 AND sender <> $4",
+            )
+            .bind(conversation.as_str())
+            .bind(to_i64(after_seq))
+            .bind(to_i64(before_seq))
+            .bind(participant.as_str())
+            .fetch_one(pool)
+            .await?
+        });
+        let mut unread = n as u64;
+        // Below SQL's lowest row the messages live in segments (if anywhere). Only the (at most
+        // two) segments the range cuts are decoded; a segment wholly inside counts every record,
+        // the reader's own included — a cursor that old is an approximate count anyway, and the
+        // inbox must not decode months of history per request.
+        let cold_before = lowest_in_sql.map_or(before_seq, |l| (l as u64).min(before_seq));
+        if self.cold.is_some() && cold_before > after_seq.saturating_add(1) {
+            for (first, last, key) in self
+                .segment_refs(conversation, after_seq, cold_before)
+                .await?
+            {
+                let (first, last) = (first as u64, last as u64);
+                if first > after_seq && last < cold_before {
+                    unread += last - first + 1;
+                    continue;
+                }
+                unread += self
+                    .cold_segment(&key)
+                    .await?
+                    .iter()
+                    .filter(|m| {
+                        m.seq > after_seq && m.seq < cold_before && m.sender != *participant
+                    })
+                    .count() as u64;
+            }
+        }
+        Ok(unread)
     }
 
+    /// Stores a batch in one transaction; rows already present are left as they are.
     async fn insert_messages(&self, messages: &[Arc<Message>]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for chunk in messages.chunks(MAX_ROWS_PER_INSERT) {
-            let mut q = QueryBuilder::new(
-                "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) ",
-            );
-            q.push_values(chunk, |mut b, m| {
-                b.push_bind(m.conversation_id.as_str())
-                    .push_bind(m.seq as i64)
-                    .push_bind(m.id.to_string())
-                    .push_bind(m.sender.as_str())
-                    .push_bind(&*m.kind)
-                    .push_bind(m.content.get())
-                    .push_bind(m.metadata.get())
-                    .push_bind(format_rfc3339_millis(m.created_at_ms))
-                    .push_bind(m.created_at_ms)
-                    .push_bind(m.idempotency_key.as_deref())
-                    .push_bind(m.slot as i64);
-            });
-            q.push(" ON CONFLICT (conversation_id, seq) DO NOTHING");
-            debug_assert!(chunk.len() * MESSAGE_COLUMNS < 32_766);
-            q.build().execute(&mut *tx).await?;
+        if messages.is_empty() {
+            return Ok(());
         }
-        tx.commit().await?;
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for chunk in messages.chunks(MAX_ROWS_PER_INSERT) {
+                    let mut q = QueryBuilder::new(
+                        "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) ",
+                    );
+                    q.push_values(chunk, |mut b, m| {
+                        b.push_bind(m.conversation_id.as_str())
+                            .push_bind(to_i64(m.seq))
+                            .push_bind(m.id.to_string())
+                            .push_bind(m.sender.as_str())
+                            .push_bind(&*m.kind)
+                            .push_bind(m.content.get())
+                            .push_bind(m.metadata.get())
+                            .push_bind(format_rfc3339_millis(m.created_at_ms))
+                            .push_bind(m.created_at_ms)
+                            .push_bind(m.idempotency_key.as_deref())
+                            .push_bind(m.slot as i64);
+                    });
+                    q.push(" ON CONFLICT (conversation_id, seq) DO NOTHING");
+                    debug_assert!(chunk.len() * MESSAGE_COLUMNS < 32_766);
+                    q.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                for chunk in messages.chunks(MAX_ROWS_PER_UNNEST) {
+                    let n = chunk.len();
+                    let mut conversation = Vec::with_capacity(n);
+                    let mut seq = Vec::with_capacity(n);
+                    let mut id = Vec::with_capacity(n);
+                    let mut sender = Vec::with_capacity(n);
+                    let mut kind = Vec::with_capacity(n);
+                    let mut content = Vec::with_capacity(n);
+                    let mut metadata = Vec::with_capacity(n);
+                    let mut created_at_ms = Vec::with_capacity(n);
+                    let mut key = Vec::with_capacity(n);
+                    let mut slot = Vec::with_capacity(n);
+                    for m in chunk {
+                        conversation.push(m.conversation_id.as_str());
+                        seq.push(to_i64(m.seq));
+                        id.push(m.id.to_string());
+                        sender.push(m.sender.as_str());
+                        kind.push(&*m.kind);
+                        content.push(m.content.get());
+                        metadata.push(m.metadata.get());
+                        created_at_ms.push(m.created_at_ms);
+                        key.push(m.idempotency_key.as_deref());
+                        slot.push(m.slot as i64);
+                    }
+                    sqlx::query(PG_INSERT_MESSAGES)
+                        .bind(conversation)
+                        .bind(seq)
+                        .bind(id)
+                        .bind(sender)
+                        .bind(kind)
+                        .bind(content)
+                        .bind(metadata)
+                        .bind(created_at_ms)
+                        .bind(key)
+                        .bind(slot)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 
@@ -361,38 +821,37 @@ impl Store {
         let Some(meta) = self.conversation(id).await? else {
             return Ok(None);
         };
-        let last_seq: i64 =
-            sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation_id = ?")
-                .bind(id.as_str())
-                .fetch_one(&self.pool)
-                .await?
-                .get(0);
-        let rows = sqlx::query(
-            "SELECT idempotency_key, seq, id, created_at_ms FROM messages WHERE conversation_id = ? AND seq > ? AND idempotency_key IS NOT NULL ORDER BY seq ASC",
-        )
-        .bind(id.as_str())
-        .bind(last_seq - window as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let last_seq = self.last_seq(id).await?;
+        let rows: Vec<KeyRow> = with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT idempotency_key, seq, CAST(id AS TEXT), created_at_ms FROM messages \
+                 WHERE conversation_id = $1 AND seq > $2 AND idempotency_key IS NOT NULL ORDER BY seq ASC",
+            )
+            .bind(id.as_str())
+            .bind(to_i64(last_seq) - window.min(i64::MAX as usize) as i64)
+            .fetch_all(pool)
+            .await?
+        });
         let mut recent_keys = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: String = row.get(2);
+        for (key, seq, uuid, created_at_ms) in rows {
             recent_keys.push((
-                row.get::<String, _>(0),
+                key,
                 DedupeEntry {
-                    seq: row.get::<i64, _>(1) as u64,
-                    id: Uuid::parse_str(&id).map_err(|e| StoreError::Invalid(e.to_string()))?,
-                    created_at_ms: row.get(3),
+                    seq: seq as u64,
+                    id: Uuid::parse_str(&uuid).map_err(|e| StoreError::Invalid(e.to_string()))?,
+                    created_at_ms,
                 },
             ));
         }
         Ok(Some(ConversationSnapshot {
             meta,
-            last_seq: last_seq as u64,
+            last_seq,
             recent_keys,
         }))
     }
 
+    /// Messages with `after_seq < seq < before_seq`, ascending: the first `limit` of them, or
+    /// with `newest_first` the last `limit`; from SQL and, below it, from segments.
     async fn read(
         &self,
         id: &ConversationId,
@@ -401,21 +860,207 @@ impl Store {
         limit: usize,
         newest_first: bool,
     ) -> Result<Vec<Arc<Message>>, StoreError> {
-        let sql = if newest_first {
-            "SELECT seq, id, sender, kind, content, metadata, created_at_ms, idempotency_key, slot FROM messages WHERE conversation_id = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?"
-        } else {
-            "SELECT seq, id, sender, kind, content, metadata, created_at_ms, idempotency_key, slot FROM messages WHERE conversation_id = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?"
-        };
-        let rows = sqlx::query(sql)
-            .bind(id.as_str())
-            .bind(after_seq as i64)
-            .bind(before_seq.min(i64::MAX as u64) as i64)
-            .bind(limit.min(i64::MAX as usize) as i64)
-            .fetch_all(&self.pool)
+        let from_sql = self
+            .read_sql(id, after_seq, before_seq, limit, newest_first)
             .await?;
+        if self.cold.is_none() || limit == 0 {
+            return Ok(from_sql);
+        }
+        // Compaction moves only the oldest messages, so segments can hold something this read
+        // wants only below the lowest SQL row, and only if SQL did not fill the page from the
+        // side the read starts on.
+        let sql_complete = if newest_first {
+            from_sql.len() >= limit
+        } else {
+            from_sql
+                .first()
+                .is_some_and(|m| m.seq == after_seq.saturating_add(1))
+        };
+        let cold_before = from_sql
+            .first()
+            .map_or(before_seq, |m| m.seq.min(before_seq));
+        if sql_complete || cold_before <= after_seq.saturating_add(1) {
+            return Ok(from_sql);
+        }
+        let mut merged: BTreeMap<u64, Arc<Message>> =
+            from_sql.into_iter().map(|m| (m.seq, m)).collect();
+        let mut segments = self.segment_refs(id, after_seq, cold_before).await?;
+        if newest_first {
+            segments.reverse();
+        }
+        let mut from_cold = 0;
+        for (_, _, key) in segments {
+            if from_cold >= limit {
+                break;
+            }
+            let segment = self.cold_segment(&key).await?;
+            for m in segment.iter() {
+                if m.seq > after_seq && m.seq < cold_before {
+                    from_cold += 1;
+                    merged.entry(m.seq).or_insert_with(|| m.clone());
+                }
+            }
+        }
+        let all: Vec<Arc<Message>> = merged.into_values().collect();
+        Ok(if newest_first {
+            all[all.len().saturating_sub(limit)..].to_vec()
+        } else {
+            all.into_iter().take(limit).collect()
+        })
+    }
+
+    /// The segment index rows of a conversation overlapping `(after_seq, before_seq)`, ascending.
+    async fn segment_refs(
+        &self,
+        id: &ConversationId,
+        after_seq: u64,
+        before_seq: u64,
+    ) -> Result<Vec<SegmentRef>, StoreError> {
+        Ok(with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT first_seq, last_seq, object_key FROM message_segments \
+                 WHERE conversation_id = $1 AND last_seq > $2 AND first_seq < $3 \
+                 AND last_seq > (SELECT COALESCE(MAX(expired_through_seq), 0) FROM conversations WHERE id = $1) \
+                 ORDER BY first_seq ASC",
+            )
+            .bind(id.as_str())
+            .bind(to_i64(after_seq))
+            .bind(to_i64(before_seq))
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    async fn cold_segment(&self, key: &str) -> Result<crate::cold::Segment, StoreError> {
+        let cold = self
+            .cold
+            .as_ref()
+            .ok_or_else(|| StoreError::Invalid(format!("segment {key} but no cold tier")))?;
+        Ok(cold.get(key).await?)
+    }
+
+    /// Conversations with messages in SQL older than `cutoff_ms` that are due for compaction —
+    /// at least `min_records` of them, or any older than `force_before_ms` — with the highest
+    /// such seq. At most `limit` conversations.
+    pub async fn compaction_candidates(
+        &self,
+        cutoff_ms: i64,
+        min_records: u64,
+        force_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(ConversationId, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = with_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT conversation_id, MAX(seq) FROM messages WHERE created_at_ms < $1 \
+                 GROUP BY conversation_id HAVING COUNT(*) >= $2 OR MIN(created_at_ms) < $3 \
+                 ORDER BY MIN(created_at_ms) LIMIT $4",
+            )
+            .bind(cutoff_ms)
+            .bind(to_i64(min_records))
+            .bind(force_before_ms)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(id, upto)| {
+                ConversationId::parse(&id)
+                    .map(|id| (id, upto as u64))
+                    .map_err(|e| StoreError::Invalid(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// The oldest messages still in SQL with `seq <= upto`, ascending, at most `limit`.
+    pub async fn oldest_in_sql(
+        &self,
+        id: &ConversationId,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>, StoreError> {
+        self.read_sql(id, 0, upto.saturating_add(1), limit, false)
+            .await
+    }
+
+    /// Records a written segment and removes its messages from SQL, in one transaction. Call
+    /// only after the object is durable. Idempotent. An index row for the same first seq is
+    /// replaced only by a wider segment (rows a WAL replay put back after an earlier compaction
+    /// are covered either way).
+    pub async fn commit_segment(&self, row: &SegmentRow) -> Result<u64, StoreError> {
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO message_segments (conversation_id, first_seq, last_seq, object_key, record_count, \
+                 bytes, min_created_at_ms, max_created_at_ms, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (conversation_id, first_seq) DO UPDATE SET last_seq = excluded.last_seq, \
+                 object_key = excluded.object_key, record_count = excluded.record_count, bytes = excluded.bytes, \
+                 min_created_at_ms = excluded.min_created_at_ms, max_created_at_ms = excluded.max_created_at_ms, \
+                 created_at_ms = excluded.created_at_ms WHERE excluded.last_seq > message_segments.last_seq",
+            )
+            .bind(row.conversation_id.as_str())
+            .bind(to_i64(row.first_seq))
+            .bind(to_i64(row.last_seq))
+            .bind(&row.object_key)
+            .bind(to_i64(row.record_count))
+            .bind(to_i64(row.bytes))
+            .bind(row.min_created_at_ms)
+            .bind(row.max_created_at_ms)
+            .bind(row.created_at_ms)
+            .execute(&mut *tx)
+            .await?;
+            let deleted = sqlx::query(
+                "DELETE FROM messages WHERE conversation_id = $1 AND seq >= $2 AND seq <= $3",
+            )
+            .bind(row.conversation_id.as_str())
+            .bind(to_i64(row.first_seq))
+            .bind(to_i64(row.last_seq))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(deleted)
+        })
+    }
+
+    /// The segment index rows of a conversation, ascending (for tests and operators).
+    pub async fn segments(
+        &self,
+        id: &ConversationId,
+    ) -> Result<Vec<(u64, u64, String)>, StoreError> {
+        Ok(self
+            .segment_refs(id, 0, u64::MAX)
+            .await?
+            .into_iter()
+            .map(|(first, last, key)| (first as u64, last as u64, key))
+            .collect())
+    }
+
+    async fn read_sql(
+        &self,
+        id: &ConversationId,
+        after_seq: u64,
+        before_seq: u64,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<Arc<Message>>, StoreError> {
+        let sql = if newest_first {
+            SELECT_MESSAGES_DESC
+        } else {
+            SELECT_MESSAGES_ASC
+        };
+        let rows: Vec<MessageRow> = with_pool!(self, pool => {
+            sqlx::query_as(sql)
+                .bind(id.as_str())
+                .bind(to_i64(after_seq))
+                .bind(to_i64(before_seq))
+                .bind(limit.min(i64::MAX as usize) as i64)
+                .fetch_all(pool)
+                .await?
+        });
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            out.push(Arc::new(message_from_row(id, &row)?));
+            out.push(Arc::new(message_from_row(id, row)?));
         }
         if newest_first {
             out.reverse();
@@ -456,23 +1101,25 @@ impl Archive for Store {
     }
 }
 
+/// Seqs and cursors are u64 in the protocol and BIGINT in SQL; anything above `i64::MAX` (only
+/// ever an open upper bound) is clamped.
+fn to_i64(n: u64) -> i64 {
+    n.min(i64::MAX as u64) as i64
+}
+
 fn empty_object() -> Box<RawValue> {
     RawValue::from_string("{}".to_owned()).expect("static json")
 }
 
-fn participants_json(participants: &[ParticipantId]) -> String {
-    serde_json::to_string(&participants.iter().map(|p| p.as_str()).collect::<Vec<_>>())
-        .unwrap_or_else(|_| "[]".to_owned())
+fn participant_names(participants: &[ParticipantId]) -> Vec<&str> {
+    participants.iter().map(|p| p.as_str()).collect()
 }
 
 fn meta_from_row(
     id: &ConversationId,
-    row: &sqlx::sqlite::SqliteRow,
+    row: ConversationRow,
 ) -> Result<ConversationMeta, StoreError> {
-    let participants: String = row.get(0);
-    let metadata: String = row.get(1);
-    let names: Vec<String> = serde_json::from_str(&participants)
-        .map_err(|e| StoreError::Invalid(format!("participants of {id}: {e}")))?;
+    let (Json(names), Json(metadata), created_at_ms) = row;
     let participants = names
         .iter()
         .map(|n| ParticipantId::parse(n))
@@ -481,31 +1128,210 @@ fn meta_from_row(
     Ok(ConversationMeta {
         id: id.clone(),
         participants,
-        metadata: RawValue::from_string(metadata)
-            .map_err(|e| StoreError::Invalid(format!("metadata of {id}: {e}")))?,
-        created_at_ms: row.get(2),
+        metadata,
+        created_at_ms,
     })
 }
 
-fn message_from_row(
-    id: &ConversationId,
-    row: &sqlx::sqlite::SqliteRow,
-) -> Result<Message, StoreError> {
+fn message_from_row(id: &ConversationId, row: MessageRow) -> Result<Message, StoreError> {
+    let (seq, uuid, sender, kind, Json(content), Json(metadata), created_at_ms, key, slot) = row;
     let invalid = |what: &str, e: &dyn std::fmt::Display| {
         StoreError::Invalid(format!("message {what} in {id}: {e}"))
     };
-    let uuid: String = row.get(1);
-    let sender: String = row.get(2);
     Ok(Message {
         conversation_id: id.clone(),
-        seq: row.get::<i64, _>(0) as u64,
+        seq: seq as u64,
         id: Uuid::parse_str(&uuid).map_err(|e| invalid("id", &e))?,
         sender: ParticipantId::parse(&sender).map_err(|e| invalid("sender", &e))?,
-        kind: row.get::<String, _>(3).into(),
-        content: RawValue::from_string(row.get(4)).map_err(|e| invalid("content", &e))?,
-        metadata: RawValue::from_string(row.get(5)).map_err(|e| invalid("metadata", &e))?,
-        created_at_ms: row.get(6),
-        idempotency_key: row.get::<Option<String>, _>(7).map(Box::from),
-        slot: row.get::<i64, _>(8) as u32,
+        kind: kind.into(),
+        content,
+        metadata,
+        created_at_ms,
+        idempotency_key: key.map(Box::from),
+        slot: slot as u32,
     })
+}
+
+/// The URL with any password replaced by `***`, for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Largest number of digits a JSON number may have before and after the decimal point (after
+/// applying its exponent). Postgres `numeric`, which JSONB uses, allows 131072 and 16383; these
+/// stay a little below.
+const MAX_INTEGER_DIGITS: i64 = 131_000;
+const MAX_FRACTION_DIGITS: i64 = 16_000;
+
+/// Checks that a JSON text (already known to be valid JSON) holds nothing a JSONB column refuses:
+/// the escape `\u0000`, an unpaired surrogate escape, or a number beyond `numeric`'s range. Such
+/// a message would be accepted into the WAL and then fail every archive attempt, so the gateway
+/// refuses it up front, on every backend alike.
+pub fn check_storable_json(text: &str) -> Result<(), String> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => i = scan_string(b, i + 1)?,
+            b'-' | b'0'..=b'9' => i = scan_number(b, i)?,
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+/// From just after an opening quote to just after the closing one.
+fn scan_string(b: &[u8], mut i: usize) -> Result<usize, String> {
+    // A high surrogate escape seen just before, waiting for its low half.
+    let mut pending_high = false;
+    while i < b.len() {
+        match b[i] {
+            b'"' if !pending_high => return Ok(i + 1),
+            b'\\' if b.get(i + 1) == Some(&b'u') => {
+                let hex = b
+                    .get(i + 2..i + 6)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u16::from_str_radix(h, 16).ok())
+                    .ok_or("malformed \\u escape")?;
+                match hex {
+                    0 => return Err("strings may not contain \\u0000".into()),
+                    0xD800..=0xDBFF if !pending_high => pending_high = true,
+                    0xDC00..=0xDFFF if pending_high => pending_high = false,
+                    _ if pending_high => return Err("unpaired surrogate escape".into()),
+                    0xDC00..=0xDFFF => return Err("unpaired surrogate escape".into()),
+                    _ => {}
+                }
+                i += 6;
+            }
+            _ if pending_high => return Err("unpaired surrogate escape".into()),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    Err("unterminated string".into())
+}
+
+/// From the first byte of a number to just after its last.
+fn scan_number(b: &[u8], mut i: usize) -> Result<usize, String> {
+    let digits = |b: &[u8], mut i: usize| {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        (i, (i - start) as i64)
+    };
+    if b[i] == b'-' {
+        i += 1;
+    }
+    let (after_int, int_digits) = digits(b, i);
+    i = after_int;
+    let mut frac_digits = 0;
+    if b.get(i) == Some(&b'.') {
+        (i, frac_digits) = digits(b, i + 1);
+    }
+    let mut exponent: i64 = 0;
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        let negative = b.get(i) == Some(&b'-');
+        if matches!(b.get(i), Some(b'-' | b'+')) {
+            i += 1;
+        }
+        let start = i;
+        (i, _) = digits(b, i);
+        for d in &b[start..i] {
+            exponent = exponent
+                .saturating_mul(10)
+                .saturating_add((d - b'0') as i64);
+        }
+        if negative {
+            exponent = -exponent;
+        }
+    }
+    if int_digits.saturating_add(exponent) > MAX_INTEGER_DIGITS
+        || frac_digits.saturating_sub(exponent) > MAX_FRACTION_DIGITS
+    {
+        return Err("number out of the storable range".into());
+    }
+    Ok(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_follows_the_url_scheme() {
+        assert_eq!(Backend::of_url("sqlite://x.db").unwrap(), Backend::Sqlite);
+        assert_eq!(Backend::of_url("sqlite::memory:").unwrap(), Backend::Sqlite);
+        assert_eq!(
+            Backend::of_url("postgres://u@h/db").unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            Backend::of_url("postgresql://u@h/db").unwrap(),
+            Backend::Postgres
+        );
+        let e = Backend::of_url("mysql://u:secret@h/db").unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://ferry:s3cr%40t@db.local:5432/ferry?sslmode=require"),
+            "postgres://ferry:***@db.local:5432/ferry?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+        assert_eq!(
+            redact_url("sqlite://./data/ferry.db"),
+            "sqlite://./data/ferry.db"
+        );
+    }
+
+    #[test]
+    fn storable_json_accepts_ordinary_values() {
+        for ok in [
+            r#"{"a": [1, -2.5e3, 0.001, true, null, "x\"y\\u0000"]}"#,
+            r#""\ud83d\ude00 and \u00e9 and \\""#,
+            "1e130000",
+            "1e-15999",
+            "123456789012345678901234567890.5",
+            r#"{"k": "1e999999"}"#,
+            "-0",
+        ] {
+            assert_eq!(check_storable_json(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn storable_json_refuses_what_jsonb_refuses() {
+        for bad in [
+            r#""a\u0000b""#,
+            r#"{"k": ["\u0000"]}"#,
+            r#""\ud800""#,
+            r#""\ud800x""#,
+            r#""\udc00""#,
+            r#""\ud800\u0041""#,
+            "1e131072",
+            "1e-16384",
+            "0.5e-16000",
+            "1e99999999999999999999999",
+            r#"{"n": -1E+200000}"#,
+        ] {
+            assert!(check_storable_json(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -2,7 +2,9 @@
 //! stay contiguous from 1, and appends after a restart continue at `last_seq + 1`.
 //!
 //! Runs with a 512-byte ring per conversation so reads after a restart come mostly from SQL
-//! (plus whatever WAL recovery put back in the ring).
+//! (plus whatever WAL recovery put back in the ring). Every scenario runs on the embedded SQLite
+//! archive and on Postgres (`*_postgres`, a fresh database per test; see `common::pg`), where the
+//! rows are also checked in SQL.
 
 mod common;
 
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
+use common::pg::TestDatabase;
 use common::{seq_of, Ack, ServerBuilder, TestServer};
 
 const CONVERSATIONS: [&str; 3] = ["burst-a", "burst-b", "burst-c"];
@@ -224,11 +227,44 @@ fn start_writers(
         .collect()
 }
 
+/// Every conversation's rows in SQL are exactly `1..=last_seq`, once each.
+async fn verify_sql_rows(db: &TestDatabase, last: &HashMap<String, u64>) {
+    let pool = db.pool().await;
+    for (conversation, n) in last {
+        let rows: Vec<(i64,)> =
+            sqlx::query_as("SELECT seq FROM messages WHERE conversation_id = $1 ORDER BY seq")
+                .bind(conversation)
+                .fetch_all(&pool)
+                .await
+                .expect("select rows");
+        let seqs: Vec<u64> = rows.into_iter().map(|(s,)| s as u64).collect();
+        assert_eq!(
+            seqs,
+            (1..=*n).collect::<Vec<_>>(),
+            "{conversation}: SQL rows are 1..=last_seq, once each"
+        );
+    }
+    pool.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_repeated_kill_9() {
+    kill_9_cycles(server()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_appends_survive_repeated_kill_9_postgres() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let last = kill_9_cycles(server().postgres(&db)).await;
+    verify_sql_rows(&db, &last).await;
+}
+
+async fn kill_9_cycles(builder: ServerBuilder) -> HashMap<String, u64> {
     const CYCLES: usize = 3;
     const ACKS_PER_CYCLE: usize = 150;
-    let mut server = server().start();
+    let mut server = builder.start();
     for conversation in CONVERSATIONS {
         server.create_conversation(conversation, &["writer"]).await;
     }
@@ -266,11 +302,25 @@ async fn acknowledged_appends_survive_repeated_kill_9() {
         "at most one unacknowledged in-flight append per writer per kill may survive \
          ({stored} stored, {acked} acked)"
     );
+    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_burst_exits_0_and_keeps_every_ack() {
-    let mut server = server().start();
+    sigterm_during_a_burst(server()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_burst_exits_0_and_keeps_every_ack_postgres() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let last = sigterm_during_a_burst(server().postgres(&db)).await;
+    verify_sql_rows(&db, &last).await;
+}
+
+async fn sigterm_during_a_burst(builder: ServerBuilder) -> HashMap<String, u64> {
+    let mut server = builder.start();
     for conversation in CONVERSATIONS {
         server.create_conversation(conversation, &["writer"]).await;
     }
@@ -299,5 +349,7 @@ async fn sigterm_during_a_burst_exits_0_and_keeps_every_ack() {
         "at most one unacknowledged append per writer may be stored ({stored} stored, {acked} acked)"
     );
     append_after_restart(&server, &ledger, &last, "term").await;
-    verify(&server, &ledger, "after SIGTERM and a new append").await;
+    let last = verify(&server, &ledger, "after SIGTERM and a new append").await;
+    server.wait_archived(Duration::from_secs(20)).await;
+    last
 }

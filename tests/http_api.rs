@@ -1,6 +1,6 @@
 //! The public HTTP API of the real binary: concurrent appends, idempotency (also across
 //! restarts), paging across the SQL/ring boundary, every bad input's protocol code, health and
-//! metrics.
+//! metrics. The tests that touch the archive also run on Postgres (`*_postgres`).
 
 mod common;
 
@@ -9,15 +9,28 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use common::{expect_error, metric_sum, seq_of, Ack, TestServer};
+use common::pg::TestDatabase;
+use common::{expect_error, metric_sum, seq_of, Ack, ServerBuilder, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_to_one_conversation_get_unique_contiguous_seqs() {
+    concurrent_writers(TestServer::builder()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_to_one_conversation_get_unique_contiguous_seqs_postgres() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    concurrent_writers(TestServer::builder().postgres(&db)).await;
+}
+
+async fn concurrent_writers(builder: ServerBuilder) {
     const WRITERS: u64 = 50;
     const PER_WRITER: u64 = 20;
     const TOTAL: u64 = WRITERS * PER_WRITER;
 
-    let server = TestServer::start();
+    let server = builder.start();
     let senders: Vec<String> = (0..WRITERS).map(|w| format!("writer-{w}")).collect();
     let participants: Vec<&str> = senders.iter().map(String::as_str).collect();
     server.create_conversation("busy", &participants).await;
@@ -95,7 +108,19 @@ async fn concurrent_writers_to_one_conversation_get_unique_contiguous_seqs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_dedupe_also_across_restarts() {
-    let mut server = TestServer::start();
+    idempotency_across_restarts(TestServer::builder()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_dedupe_also_across_restarts_postgres() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    idempotency_across_restarts(TestServer::builder().postgres(&db)).await;
+}
+
+async fn idempotency_across_restarts(builder: ServerBuilder) {
+    let mut server = builder.start();
     server.create_conversation("idem", &["alice"]).await;
     // Body field.
     let first = post(
@@ -220,9 +245,21 @@ async fn idempotency_keys_dedupe_also_across_restarts() {
 /// ring, so pages cross from one tier to the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_walk_forwards_and_backwards_across_sql_and_ring() {
+    pages_walk(TestServer::builder()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_walk_forwards_and_backwards_across_sql_and_ring_postgres() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    pages_walk(TestServer::builder().postgres(&db)).await;
+}
+
+async fn pages_walk(builder: ServerBuilder) {
     const N: u64 = 250;
     const PAGE: u64 = 40;
-    let server = TestServer::builder()
+    let server = builder
         .env("FERRY_RUNTIME__RING_BYTES_PER_CONVERSATION", "512")
         .start();
     server.create_conversation("pages", &["p"]).await;
@@ -656,7 +693,19 @@ async fn health_and_metrics_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_round_trip_with_the_protocol_shape() {
-    let server = TestServer::start();
+    round_trip(TestServer::builder()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_round_trip_with_the_protocol_shape_postgres() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    round_trip(TestServer::builder().postgres(&db)).await;
+}
+
+async fn round_trip(builder: ServerBuilder) {
+    let mut server = builder.start();
     let created = server.create_conversation("shape", &["alice", "bob"]).await;
     assert_eq!(created["id"], "shape");
     assert_eq!(created["last_seq"], 0);
@@ -724,6 +773,12 @@ async fn messages_round_trip_with_the_protocol_shape() {
             ack.created_at
         );
     }
+
+    // The same answer from the archive alone: after a clean restart nothing is in the ring.
+    assert!(server.terminate().success(), "SIGTERM exits 0");
+    server.restart();
+    let archived = server.page("shape", "after_seq=0").await;
+    assert_eq!(archived.messages, page.messages, "read back from SQL");
 }
 
 /// PROTOCOL.md: `content` is any JSON value. An explicit `null` is a value, unlike an absent

@@ -15,6 +15,7 @@ pub enum Code {
     NotFound,
     TooLarge,
     TryAgain,
+    Gap,
 }
 
 impl Code {
@@ -26,6 +27,7 @@ impl Code {
             Code::NotFound => "not_found",
             Code::TooLarge => "too_large",
             Code::TryAgain => "try_again",
+            Code::Gap => "gap",
         }
     }
 }
@@ -70,6 +72,20 @@ impl ApiError {
 
     pub fn too_large(message: impl Into<String>) -> ApiError {
         ApiError::new(Code::TooLarge, StatusCode::PAYLOAD_TOO_LARGE, message)
+    }
+
+    /// 410: the cursor is older than retention; history resumes at `first_available_seq`.
+    pub fn gap(after_seq: u64, first_available_seq: u64) -> ApiError {
+        let mut e = ApiError::new(
+            Code::Gap,
+            StatusCode::GONE,
+            format!(
+                "messages after seq {after_seq} up to {} expired; history starts at seq {first_available_seq}",
+                first_available_seq - 1
+            ),
+        );
+        e.first_available_seq = Some(first_available_seq);
+        e
     }
 
     /// 429 for overload the caller can wait out, 503 when this node cannot serve at all.

@@ -67,6 +67,15 @@ pub fn build_request(
             )));
         }
     }
+    if kind.contains('\0') || key.as_deref().is_some_and(|k| k.contains('\0')) {
+        return Err(ApiError::invalid(
+            "kind and idempotency_key may not contain U+0000",
+        ));
+    }
+    for (field, value) in [("content", &content), ("metadata", &metadata)] {
+        crate::store::check_storable_json(value.get())
+            .map_err(|e| ApiError::invalid(format!("{field}: {e}")))?;
+    }
     let encoded = content.get().len() + metadata.get().len() + kind.len() + sender.as_str().len();
     if encoded > max_message_bytes {
         return Err(ApiError::too_large(format!(
@@ -159,14 +168,21 @@ pub async fn list(
     let handle = state.node.conversation(&id).await?;
     access::authorize(&principal, &handle.meta())?;
     let limit = limit as usize;
+    // Retention deleted everything below this (the hot ring may still hold some of it; it is
+    // not served either, so every tier answers alike).
+    let first_available = state.store.first_available_seq(&id).await?;
     let (messages, has_more) = match before {
         Some(before) => {
-            let page = state.node.read_before(&handle, before, limit).await?;
-            let more = page.first().is_some_and(|m| m.seq > 1);
+            let mut page = state.node.read_before(&handle, before, limit).await?;
+            page.retain(|m| m.seq >= first_available);
+            let more = page.first().is_some_and(|m| m.seq > first_available);
             (page, more)
         }
         None => {
             let after = after.unwrap_or(0);
+            if after.saturating_add(1) < first_available {
+                return Err(ApiError::gap(after, first_available));
+            }
             let page = state.node.read_after(&handle, after, limit).await?;
             let last = handle.log.durable_seq();
             let more = page.last().map_or(after, |m| m.seq) < last;
@@ -178,6 +194,6 @@ pub async fn list(
         "messages": messages.iter().map(|m| &**m).collect::<Vec<_>>(),
         "last_seq": last_seq,
         "has_more": has_more,
-        "first_available_seq": 1,
+        "first_available_seq": first_available,
     })))
 }

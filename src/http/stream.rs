@@ -1,6 +1,8 @@
 //! `GET /v1/conversations/{id}/stream`: Server-Sent Events, one `message` event per message with
 //! the seq as the event id, replay then live. Resumes from `Last-Event-ID` (what browsers send
-//! on reconnect) or the `after_seq` query parameter.
+//! on reconnect) or the `after_seq` query parameter. A position older than retention first gets
+//! one `gap` event `{from_seq, to_seq}` (its id is `to_seq`, so a reconnect resumes after it),
+//! then the stream continues at `first_available_seq`.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -54,11 +56,27 @@ pub async fn sse(
     };
     let handle = state.node.conversation(&id).await?;
     access::authorize(&principal, &handle.meta())?;
-    let cursor = Cursor::new(state.node.clone(), handle, after_seq, PAGE);
-    let mut shutdown = state.shutdown.clone();
-    let stream = events(cursor).take_until(async move {
-        let _ = shutdown.wait_for(|stopping| *stopping).await;
+    let first_available = state.store.first_available_seq(&id).await?;
+    let gap = (after_seq.saturating_add(1) < first_available).then(|| {
+        let to_seq = first_available - 1;
+        let data = serde_json::json!({"from_seq": after_seq + 1, "to_seq": to_seq});
+        Ok(Event::default()
+            .id(to_seq.to_string())
+            .event("gap")
+            .data(data.to_string()))
     });
+    let cursor = Cursor::new(
+        state.node.clone(),
+        handle,
+        after_seq.max(first_available - 1),
+        PAGE,
+    );
+    let mut shutdown = state.shutdown.clone();
+    let stream = stream::iter(gap)
+        .chain(events(cursor))
+        .take_until(async move {
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())

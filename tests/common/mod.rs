@@ -8,6 +8,9 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+pub mod s3;
+
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -66,6 +69,16 @@ impl ServerBuilder {
     pub fn without_listen_flags(mut self) -> Self {
         self.listen_flags = false;
         self
+    }
+
+    /// Passes `--database-url URL` (the server uses Postgres for a `postgres://` URL).
+    pub fn database_url(self, url: &str) -> Self {
+        self.arg("--database-url").arg(url)
+    }
+
+    /// Runs on the per-test Postgres database `db` (which must outlive the server).
+    pub fn postgres(self, db: &pg::TestDatabase) -> Self {
+        self.database_url(&db.url)
     }
 
     /// Writes `toml` to a file in the server's temp dir and passes it as `--config`.
@@ -528,6 +541,51 @@ impl TestServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+impl TestServer {
+    /// Polls `/metrics` until the sum of `name{labels}` reaches `at_least`; returns it.
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        at_least: f64,
+        timeout: Duration,
+    ) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = metric_sum(&self.metrics().await, name, labels).unwrap_or(0.0);
+            if value >= at_least {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} is {value} after {timeout:?}, expected at least {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Every file under `dir` (recursively) whose name ends with `suffix`, sorted.
+pub fn files_with_suffix(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().ends_with(suffix) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 impl Drop for TestServer {
