@@ -205,6 +205,24 @@ async fn sse_events(
 /// Joins `conversation:{id}` over the Phoenix WebSocket from `after_seq=0` and returns the seqs
 /// of the `message` pushes up to `n`.
 async fn ws_replay(server: &TestServer, conversation: &str, n: u64) -> Vec<u64> {
+    let (_, pushes) = ws_pushes(server, conversation, 0, n).await;
+    pushes
+        .iter()
+        .map(|(event, payload)| {
+            assert_eq!(event, "message", "{payload}");
+            payload["seq"].as_u64().expect("seq")
+        })
+        .collect()
+}
+
+/// Joins `conversation:{id}` with `after_seq` and returns the join reply's response and every
+/// push (event, payload) up to the `message` with seq `n`.
+async fn ws_pushes(
+    server: &TestServer,
+    conversation: &str,
+    after_seq: u64,
+    n: u64,
+) -> (serde_json::Value, Vec<(String, serde_json::Value)>) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -217,13 +235,14 @@ async fn ws_replay(server: &TestServer, conversation: &str, n: u64) -> Vec<u64> 
         .await
         .expect("websocket connect");
     let topic = format!("conversation:{conversation}");
-    let join = json!(["1", "1", topic, "phx_join", {"after_seq": 0}]);
+    let join = json!(["1", "1", topic, "phx_join", {"after_seq": after_seq}]);
     ws.send(WsMessage::text(join.to_string()))
         .await
         .expect("send join");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seqs = Vec::new();
-    while seqs.last() != Some(&n) {
+    let mut reply = serde_json::Value::Null;
+    let mut pushes: Vec<(String, serde_json::Value)> = Vec::new();
+    while pushes.last().map(|(_, p)| p["seq"].as_u64()) != Some(Some(n)) {
         let frame = tokio::time::timeout_at(deadline.into(), ws.next())
             .await
             .expect("WebSocket replay within 30s")
@@ -234,13 +253,16 @@ async fn ws_replay(server: &TestServer, conversation: &str, n: u64) -> Vec<u64> 
         };
         let v: serde_json::Value = serde_json::from_str(text.as_str()).expect("JSON frame");
         match v[3].as_str() {
-            Some("phx_reply") => assert_eq!(v[4]["status"], "ok", "join: {v}"),
-            Some("message") => seqs.push(v[4]["seq"].as_u64().expect("seq")),
+            Some("phx_reply") => {
+                assert_eq!(v[4]["status"], "ok", "join: {v}");
+                reply = v[4]["response"].clone();
+            }
+            Some(event @ ("message" | "gap")) => pushes.push((event.into(), v[4].clone())),
             _ => {}
         }
     }
     let _ = ws.close(None).await;
-    seqs
+    (reply, pushes)
 }
 
 async fn history_spans_every_tier(builder: ServerBuilder, sql: Sql<'_>) {
@@ -511,6 +533,27 @@ async fn retention_expires_every_tier(builder: ServerBuilder, sql: Sql<'_>) {
     assert_eq!(
         events[1..].iter().map(|e| e.1).collect::<Vec<_>>(),
         (61..=70).collect::<Vec<_>>()
+    );
+    let (reply, pushes) = ws_pushes(&server, "old", 0, 70).await;
+    assert_eq!(reply["first_available_seq"], 61, "join reply: {reply}");
+    assert_eq!(reply["last_seq"], 70, "join reply: {reply}");
+    assert_eq!(
+        pushes[0],
+        ("gap".to_string(), json!({"from_seq": 1, "to_seq": 60})),
+        "first WebSocket push"
+    );
+    assert_eq!(
+        pushes[1..]
+            .iter()
+            .map(|(e, p)| (e.as_str(), p["seq"].as_u64().expect("seq")))
+            .collect::<Vec<_>>(),
+        (61..=70).map(|s| ("message", s)).collect::<Vec<_>>()
+    );
+    // A cursor inside what is left gets no gap.
+    let (_, pushes) = ws_pushes(&server, "old", 65, 70).await;
+    assert_eq!(
+        pushes.iter().map(|(e, _)| e.as_str()).collect::<Vec<_>>(),
+        ["message"; 5]
     );
     let (_, segments) = sql.counts(&server, "old").await;
     assert!(

@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
@@ -262,15 +262,27 @@ impl SocketChannels {
             (None, Principal::User { sub }) => self.state.store.cursor(&id, sub).await?.0,
             (None, Principal::ApiKey { .. }) => 0,
         };
+        // History before `first_available` has expired: the client is told once, with a `gap`
+        // push, and delivery continues at the first seq that still exists.
+        let first_available = self.state.store.first_available_seq(&id).await?;
+        let gap = (after_seq.saturating_add(1) < first_available).then(|| Gap {
+            from_seq: after_seq + 1,
+            to_seq: first_available - 1,
+        });
         // Subscribed before the reply, so nothing sent after the client sees it is missed.
         let ephemeral = self.state.events.ephemeral(&id).subscribe();
-        let cursor = Cursor::new(self.state.node.clone(), handle.clone(), after_seq, PAGE);
+        let cursor = Cursor::new(
+            self.state.node.clone(),
+            handle.clone(),
+            after_seq.max(first_available - 1),
+            PAGE,
+        );
         let last_seq = handle.log.durable_seq();
         let to = frame.address();
         let reply = json!({
             "conversation_id": id.as_str(),
             "last_seq": last_seq,
-            "first_available_seq": 1,
+            "first_available_seq": first_available,
         });
         // The reply is queued before any push of this join exists.
         if !self.outbox.ok(&to, &reply).await {
@@ -279,6 +291,7 @@ impl SocketChannels {
         tracing::debug!(topic = %frame.topic, after_seq, last_seq, "joined conversation");
         let join_ref = frame.join_ref.clone();
         let delivery = tokio::spawn(deliver(
+            gap,
             cursor,
             self.outbox.clone(),
             join_ref.clone(),
@@ -526,8 +539,30 @@ async fn move_cursor(
     }
 }
 
-/// Pushes every message after the cursor, in order, for as long as the join lasts.
-async fn deliver(mut cursor: Cursor, outbox: Outbox, join_ref: Value, topic: String) {
+/// The `gap` push: seqs `from_seq..=to_seq` expired before the client read them.
+#[derive(Serialize)]
+struct Gap {
+    from_seq: u64,
+    to_seq: u64,
+}
+
+/// Pushes the `gap` (if the join's position has expired), then every message after the cursor,
+/// in order, for as long as the join lasts.
+async fn deliver(
+    gap: Option<Gap>,
+    mut cursor: Cursor,
+    outbox: Outbox,
+    join_ref: Value,
+    topic: String,
+) {
+    if let Some(gap) = gap {
+        if !outbox
+            .send(frame::push(&join_ref, &topic, "gap", &gap))
+            .await
+        {
+            return;
+        }
+    }
     let mut failures = 0u32;
     loop {
         match cursor.next_batch().await {
