@@ -159,7 +159,7 @@ impl Default for ArchiveSection {
             sql_retention: Duration::from_secs(7 * 86_400),
             compact_interval: Duration::from_secs(60),
             backlog_bytes: 512 * 1024 * 1024,
-            batch_records: 2000,
+            batch_records: 10_000,
             pool_size: 8,
             statement_timeout: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(5),

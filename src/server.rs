@@ -80,6 +80,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         idle_timeout: config.runtime.idle_timeout,
         archive_backlog_bytes: config.archive.backlog_bytes,
         archive_batch_records: config.archive.batch_records,
+        ..NodeConfig::default()
     };
     let (node, report) = Node::start(node_config, wal, Arc::new(store.clone()))
         .await

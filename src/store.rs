@@ -57,6 +57,18 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 /// SQLite caps bound parameters per statement; 11 columns × 2000 rows stays well below it.
 const MESSAGE_COLUMNS: usize = 11;
 const MAX_ROWS_PER_INSERT: usize = 2000;
+/// Name prefix of sqlx's SQLite worker threads (one per connection; the kernel keeps 15 bytes), so
+/// `top -H` and the benchmarks can tell the archive's CPU from the rest.
+const SQLITE_THREAD: &str = "ferry-sqlite-";
+/// Archive batches stored at once on Postgres (see `Archive::max_concurrent_batches`). Measured
+/// with `cargo bench --bench archive -- pg-insert` on 2 cores: 3 beat 2 (docs/benchmarks.md).
+const POSTGRES_CONCURRENT_BATCHES: usize = 3;
+/// SQLite page size for new databases (bytes).
+const SQLITE_PAGE_SIZE: u32 = 16 * 1024;
+/// SQLite page cache per connection, in KiB when negative (SQLite's convention): 8 MiB (the
+/// default is 2 MB), so an archive transaction's index pages stay cached instead of being read
+/// back from the file. Per connection, so at most `pool_size` × 8 MiB in all.
+const SQLITE_CACHE_SIZE: &str = "-8192";
 /// Postgres binds one array per column, so the row count is not limited by parameters; chunks
 /// only keep a single statement's size reasonable.
 const MAX_ROWS_PER_UNNEST: usize = 10_000;
@@ -219,6 +231,12 @@ const RAISE_EXPIRED: &str = "UPDATE conversations SET expired_through_seq = \
 const EXPIRED_CACHE_ENTRIES: usize = 100_000;
 
 /// One batch of messages as Postgres arrays, one per column, for `UNNEST`.
+const PG_COPY_MESSAGES: &str = "COPY messages \
+     (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
+     FROM STDIN (FORMAT csv)";
+/// Bytes of CSV handed to the connection at a time during a COPY.
+const PG_COPY_CHUNK: usize = 256 * 1024;
+
 const PG_INSERT_MESSAGES: &str = "INSERT INTO messages \
      (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
      SELECT c, s, CAST(i AS UUID), snd, k, CAST(ct AS JSONB), CAST(md AS JSONB), \
@@ -238,6 +256,10 @@ impl Store {
             Backend::Sqlite => {
                 let connect = SqliteConnectOptions::from_str(url)?
                     .create_if_missing(true)
+                    // Only takes effect on a new database file. Larger pages mean fewer page
+                    // splits and fewer pages rewritten per archive transaction.
+                    .page_size(SQLITE_PAGE_SIZE)
+                    .pragma("cache_size", SQLITE_CACHE_SIZE)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(options.statement_timeout)
@@ -245,7 +267,7 @@ impl Store {
                 let pool = SqlitePoolOptions::new()
                     .max_connections(options.pool_size.max(2))
                     .acquire_timeout(options.acquire_timeout)
-                    .connect_with(connect)
+                    .connect_with(connect.thread_name(|id| format!("{SQLITE_THREAD}{id}")))
                     .await?;
                 Db::Sqlite(pool)
             }
@@ -767,48 +789,13 @@ impl Store {
                 }
                 tx.commit().await?;
             }
-            Db::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                for chunk in messages.chunks(MAX_ROWS_PER_UNNEST) {
-                    let n = chunk.len();
-                    let mut conversation = Vec::with_capacity(n);
-                    let mut seq = Vec::with_capacity(n);
-                    let mut id = Vec::with_capacity(n);
-                    let mut sender = Vec::with_capacity(n);
-                    let mut kind = Vec::with_capacity(n);
-                    let mut content = Vec::with_capacity(n);
-                    let mut metadata = Vec::with_capacity(n);
-                    let mut created_at_ms = Vec::with_capacity(n);
-                    let mut key = Vec::with_capacity(n);
-                    let mut slot = Vec::with_capacity(n);
-                    for m in chunk {
-                        conversation.push(m.conversation_id.as_str());
-                        seq.push(to_i64(m.seq));
-                        id.push(m.id.to_string());
-                        sender.push(m.sender.as_str());
-                        kind.push(&*m.kind);
-                        content.push(m.content.get());
-                        metadata.push(m.metadata.get());
-                        created_at_ms.push(m.created_at_ms);
-                        key.push(m.idempotency_key.as_deref());
-                        slot.push(m.slot as i64);
-                    }
-                    sqlx::query(PG_INSERT_MESSAGES)
-                        .bind(conversation)
-                        .bind(seq)
-                        .bind(id)
-                        .bind(sender)
-                        .bind(kind)
-                        .bind(content)
-                        .bind(metadata)
-                        .bind(created_at_ms)
-                        .bind(key)
-                        .bind(slot)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-            }
+            Db::Postgres(pool) => match pg_copy_messages(pool, messages).await {
+                Ok(()) => {}
+                // Some of the batch is already stored (a retry after a failure or a crash): the
+                // plain COPY refuses duplicates, the slower insert skips them.
+                Err(e) if is_unique_violation(&e) => pg_insert_messages(pool, messages).await?,
+                Err(e) => return Err(e.into()),
+            },
         }
         Ok(())
     }
@@ -1085,6 +1072,15 @@ impl Archive for Store {
         Box::pin(async move { Ok(self.insert_messages(messages).await?) })
     }
 
+    /// SQLite has one writer, so a second batch would only wait for the first. Postgres inserts
+    /// batches in parallel, one transaction per connection (its backends use every core).
+    fn max_concurrent_batches(&self) -> usize {
+        match &self.db {
+            Db::Sqlite(_) => 1,
+            Db::Postgres(_) => POSTGRES_CONCURRENT_BATCHES,
+        }
+    }
+
     fn read_messages<'a>(
         &'a self,
         id: &'a ConversationId,
@@ -1099,6 +1095,116 @@ impl Archive for Store {
                 .await?)
         })
     }
+}
+
+/// The archive's fast path on Postgres: one `COPY … FROM STDIN (FORMAT csv)` per batch, in one
+/// transaction. COPY does plain inserts where `INSERT … ON CONFLICT DO NOTHING` does speculative
+/// ones, which costs the server noticeably more per row; the price is that a duplicate fails the
+/// whole COPY (SQLSTATE 23505), and the caller then falls back to [`pg_insert_messages`].
+async fn pg_copy_messages(pool: &PgPool, messages: &[Arc<Message>]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut copy = tx.copy_in_raw(PG_COPY_MESSAGES).await?;
+    let mut buf = Vec::with_capacity(PG_COPY_CHUNK + 16 * 1024);
+    for m in messages {
+        csv_message_row(&mut buf, m);
+        if buf.len() >= PG_COPY_CHUNK {
+            copy.send(std::mem::take(&mut buf)).await?;
+            buf.reserve(PG_COPY_CHUNK + 16 * 1024);
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf).await?;
+    }
+    copy.finish().await?;
+    tx.commit().await
+}
+
+/// `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`: idempotent, for batches of which
+/// some rows may already be stored.
+async fn pg_insert_messages(pool: &PgPool, messages: &[Arc<Message>]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for chunk in messages.chunks(MAX_ROWS_PER_UNNEST) {
+        let n = chunk.len();
+        let mut conversation = Vec::with_capacity(n);
+        let mut seq = Vec::with_capacity(n);
+        let mut id = Vec::with_capacity(n);
+        let mut sender = Vec::with_capacity(n);
+        let mut kind = Vec::with_capacity(n);
+        let mut content = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
+        let mut created_at_ms = Vec::with_capacity(n);
+        let mut key = Vec::with_capacity(n);
+        let mut slot = Vec::with_capacity(n);
+        for m in chunk {
+            conversation.push(m.conversation_id.as_str());
+            seq.push(to_i64(m.seq));
+            id.push(m.id.to_string());
+            sender.push(m.sender.as_str());
+            kind.push(&*m.kind);
+            content.push(m.content.get());
+            metadata.push(m.metadata.get());
+            created_at_ms.push(m.created_at_ms);
+            key.push(m.idempotency_key.as_deref());
+            slot.push(m.slot as i64);
+        }
+        sqlx::query(PG_INSERT_MESSAGES)
+            .bind(conversation)
+            .bind(seq)
+            .bind(id)
+            .bind(sender)
+            .bind(kind)
+            .bind(content)
+            .bind(metadata)
+            .bind(created_at_ms)
+            .bind(key)
+            .bind(slot)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "23505")
+}
+
+/// One CSV row of [`PG_COPY_MESSAGES`]; text fields quoted (any byte allowed inside), a missing
+/// idempotency key as the unquoted empty field, which COPY reads as NULL.
+fn csv_message_row(buf: &mut Vec<u8>, m: &Message) {
+    use std::io::Write;
+    csv_text(buf, m.conversation_id.as_str());
+    let _ = write!(buf, ",{},{},", m.seq, m.id);
+    csv_text(buf, m.sender.as_str());
+    buf.push(b',');
+    csv_text(buf, &m.kind);
+    buf.push(b',');
+    csv_text(buf, m.content.get());
+    buf.push(b',');
+    csv_text(buf, m.metadata.get());
+    let _ = write!(
+        buf,
+        ",{},{},",
+        format_rfc3339_millis(m.created_at_ms),
+        m.created_at_ms
+    );
+    if let Some(key) = m.idempotency_key.as_deref() {
+        csv_text(buf, key);
+    }
+    let _ = writeln!(buf, ",{}", m.slot);
+}
+
+fn csv_text(buf: &mut Vec<u8>, value: &str) {
+    buf.push(b'"');
+    for &b in value.as_bytes() {
+        if b == b'"' {
+            buf.push(b'"');
+        }
+        buf.push(b);
+    }
+    buf.push(b'"');
 }
 
 /// Seqs and cursors are u64 in the protocol and BIGINT in SQL; anything above `i64::MAX` (only
@@ -1268,6 +1374,74 @@ fn scan_number(b: &[u8], mut i: usize) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Migration 0003 rebuilds SQLite's `messages` as a rowid table: rows archived under the
+    /// earlier schema survive it, in order, and the primary key still refuses duplicates.
+    #[tokio::test]
+    async fn sqlite_messages_table_rebuild_keeps_archived_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
+        {
+            let pool = SqlitePoolOptions::new()
+                .connect_with(
+                    SqliteConnectOptions::from_str(&url)
+                        .unwrap()
+                        .create_if_missing(true),
+                )
+                .await
+                .expect("open");
+            let first_two: Vec<_> = SQLITE_MIGRATIONS.iter().take(2).cloned().collect();
+            assert_eq!(first_two.last().map(|m| m.version), Some(2));
+            let before = sqlx::migrate::Migrator {
+                migrations: first_two.into(),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            before.run(&pool).await.expect("migrations 1-2");
+            for (conv, seq) in [("b", 1), ("a", 1), ("a", 2), ("b", 2), ("a", 3)] {
+                sqlx::query(
+                    "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
+                     VALUES ($1, $2, $3, 'alice', 'text', '\"hi\"', '{}', '2026-11-23T00:00:00.000Z', $4, NULL, 7)",
+                )
+                .bind(conv)
+                .bind(seq)
+                .bind(Uuid::now_v7().to_string())
+                .bind(1_700_000_000_000i64 + seq)
+                .execute(&pool)
+                .await
+                .expect("insert under the old schema");
+            }
+            pool.close().await;
+        }
+        let store = Store::connect(&url, 2).await.expect("connect");
+        store.migrate().await.expect("migrate to the latest");
+        let Db::Sqlite(pool) = &store.db else {
+            unreachable!("sqlite url")
+        };
+        let (sql,): (String,) = sqlx::query_as(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("schema");
+        assert!(!sql.to_uppercase().contains("WITHOUT ROWID"), "{sql}");
+        assert!(sql.contains("PRIMARY KEY (conversation_id, seq)"), "{sql}");
+        let id = ConversationId::parse("a").unwrap();
+        let seqs: Vec<u64> = store
+            .read(&id, 0, u64::MAX, 10, false)
+            .await
+            .expect("read")
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        let duplicate = sqlx::query(
+            "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
+             VALUES ('a', 2, 'x', 'alice', 'text', '1', '{}', '', 0, NULL, 7)",
+        )
+        .execute(pool)
+        .await;
+        assert!(duplicate.is_err(), "the primary key still holds");
+    }
 
     #[test]
     fn backend_follows_the_url_scheme() {

@@ -616,3 +616,85 @@ async fn postgres_outage_under_appends_loses_nothing_and_writes_nothing_twice() 
         stored.len()
     );
 }
+
+/// The archive writes a batch with COPY, which refuses duplicates; a batch that is partly stored
+/// already (a retry after a failure or a crash) falls back to the idempotent insert. Every message
+/// ends up stored exactly once, byte for byte, including content that needs CSV quoting.
+#[tokio::test]
+async fn archive_batches_are_stored_once_even_when_repeated() {
+    use ferry_shards::archive::Archive;
+    use ferry_shards::ids::{ConversationId, ParticipantId};
+    use ferry_shards::record::{now_ms, Message};
+    use serde_json::value::RawValue;
+
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = ferry::store::Store::connect(&db.url, 2)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let id = ConversationId::parse("dup").expect("id");
+    let sender = ParticipantId::parse("a").expect("id");
+    store
+        .upsert_conversation(&id, std::slice::from_ref(&sender), None, now_ms())
+        .await
+        .expect("create");
+    let contents = [
+        r#""plain""#,
+        r#"{"q":"a \"quoted\", comma","nl":"line\nbreak"}"#,
+        "\"tab\\there, comma,\\r\\n and \\\\ backslash\"",
+        r#"[1,2.5,true,null,"é ✓ 😀"]"#,
+    ];
+    let messages: Vec<Arc<Message>> = (1..=12u64)
+        .map(|seq| {
+            Arc::new(Message {
+                conversation_id: id.clone(),
+                slot: 3,
+                seq,
+                id: uuid::Uuid::now_v7(),
+                created_at_ms: now_ms(),
+                sender: sender.clone(),
+                kind: "text".into(),
+                content: RawValue::from_string(contents[seq as usize % contents.len()].into())
+                    .expect("json"),
+                metadata: RawValue::from_string(r#"{"k":"v,\"w\""}"#.into()).expect("json"),
+                idempotency_key: (seq % 2 == 0).then(|| format!("key-{seq},\"x\"").into()),
+            })
+        })
+        .collect();
+    store
+        .store_messages(&messages[..5])
+        .await
+        .expect("first batch");
+    store
+        .store_messages(&messages)
+        .await
+        .expect("a batch overlapping what is stored");
+    store
+        .store_messages(&messages[..5])
+        .await
+        .expect("a batch stored in full already");
+    let read = store
+        .read_messages(&id, 0, u64::MAX, 100, false)
+        .await
+        .expect("read");
+    assert_eq!(read.len(), messages.len(), "each message stored once");
+    for (got, want) in read.iter().zip(&messages) {
+        assert_eq!(got.seq, want.seq);
+        assert_eq!(got.id, want.id);
+        let got_content: Value = serde_json::from_str(got.content.get()).expect("json");
+        let want_content: Value = serde_json::from_str(want.content.get()).expect("json");
+        assert_eq!(got_content, want_content, "seq {}", want.seq);
+        let got_metadata: Value = serde_json::from_str(got.metadata.get()).expect("json");
+        assert_eq!(got_metadata, json!({"k": "v,\"w\""}));
+        assert_eq!(
+            got.idempotency_key, want.idempotency_key,
+            "seq {}",
+            want.seq
+        );
+        assert_eq!(got.created_at_ms, want.created_at_ms);
+        assert_eq!(got.slot, 3);
+    }
+    store.close().await;
+}

@@ -64,6 +64,15 @@ pub trait Archive: Send + Sync + 'static {
         messages: &'a [Arc<Message>],
     ) -> BoxFuture<'a, Result<(), ArchiveError>>;
 
+    /// How many `store_messages` calls the archiver may have in flight at once (each on later
+    /// messages than the one before). A backend whose writers serialize anyway (SQLite) says 1;
+    /// one that inserts in parallel (Postgres, one transaction per connection) may say more.
+    /// Calls may complete out of order; the archiver only counts a batch as archived once every
+    /// batch before it is.
+    fn max_concurrent_batches(&self) -> usize {
+        1
+    }
+
     /// Archived messages with `after_seq < seq < before_seq`, ascending; the first `limit` of them
     /// when `newest_first` is false, the last `limit` (still returned ascending) when it is true.
     fn read_messages<'a>(

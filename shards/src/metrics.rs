@@ -41,6 +41,8 @@ pub const ARCHIVE_LAG_SECONDS: &str = "ferry_archive_lag_seconds";
 pub const ARCHIVE_RECORDS_TOTAL: &str = "ferry_archive_records_total";
 /// Histogram: seconds one archive batch took to commit.
 pub const ARCHIVE_BATCH_SECONDS: &str = "ferry_archive_batch_seconds";
+/// Histogram: per archived message, the time from durable (acknowledged) to stored in SQL.
+pub const ARCHIVE_DELAY_SECONDS: &str = "ferry_archive_delay_seconds";
 /// Counter: archive batch failures (retried with backoff).
 pub const ARCHIVE_ERRORS_TOTAL: &str = "ferry_archive_errors_total";
 /// Counter: catch-up reads by `tier` (`ring`, `sql`, `object`).
