@@ -3,8 +3,8 @@
 # the real `ferry` binary on port 0 with a temporary data dir).
 #
 # It installs and starts what the tests need when it is missing (a C compiler, PostgreSQL, the
-# s3s-fs S3 server), so it works on a fresh Debian machine that has only the Rust toolchain. Safe
-# to run repeatedly.
+# s3s-fs S3 server, Node with the phoenix client, redis-server and nats-server), so it works on a
+# fresh Debian machine that has only the Rust toolchain. Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -115,8 +115,22 @@ ensure_node() {
   fi
 }
 
+# The load tool's smoke tests drive the peers it benchmarks against: Redis Streams and NATS
+# JetStream, each started by the test on a private port.
+ensure_peers() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} (peers of the load tool's smoke tests)"
+    apt_install "${missing[@]}"
+  fi
+  export FERRY_REQUIRE_PEERS=1
+}
+
 ensure_build_tools
 ensure_node
+ensure_peers
 ensure_postgres
 ensure_s3s_fs
 

@@ -1,0 +1,213 @@
+//! The command line. One flat set of flags shared by every scenario (each scenario reads the
+//! ones it needs), so a bench script can run the same workload against every target by changing
+//! only `--target`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::LoadError;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "ferry-loadtest",
+    version,
+    about = "Load generator for Ferry and its peers"
+)]
+pub struct Args {
+    /// What to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// `http://host:port` (Ferry), `nats://host:port` (JetStream) or `redis://host:port` (Streams).
+    #[arg(long)]
+    pub target: String,
+    /// Appends per second (all conversations together); for `connections`, sockets opened per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds of traffic (for `connections`: seconds to hold the sockets after the ramp).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Ferry API key (sent as `Authorization: Bearer` and as the WebSocket `token`).
+    #[arg(
+        long,
+        env = "FERRY_API_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub api_key: String,
+    /// How Ferry appends travel.
+    #[arg(long, value_enum, default_value_t = Transport::Http)]
+    pub transport: Transport,
+    /// Conversations (streams / subjects for peers) the appends spread over, round robin.
+    #[arg(long, default_value_t = 16)]
+    pub conversations: usize,
+    /// Approximate size in bytes of each message's content.
+    #[arg(long, default_value_t = 200)]
+    pub payload: usize,
+    /// HTTP clients, WebSockets, NATS or Redis connections the appends are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Appends in flight at once; a due send beyond this is skipped and counted.
+    #[arg(long, default_value_t = 1024)]
+    pub max_outstanding: usize,
+    /// `fanout`/`resume`: subscribers joined to each conversation (one socket each).
+    #[arg(long, default_value_t = 2)]
+    pub subscribers: usize,
+    /// `resume`: disconnects and rejoins per minute, over all subscribers.
+    #[arg(long, default_value_t = 600.0)]
+    pub reconnects_per_min: f64,
+    /// `connections`: idle sockets to open.
+    #[arg(long, default_value_t = 1000)]
+    pub sockets: usize,
+    /// `connections`: the server's pid, whose VmRSS is read before and after the ramp.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Seconds between heartbeats on every socket (the server closes sockets silent for 60 s).
+    #[arg(long, default_value_t = 30.0)]
+    pub heartbeat_secs: f64,
+    /// `mixed`: concurrent readers (closed loop: forward pages, backward pages, replay joins).
+    #[arg(long, default_value_t = 2)]
+    pub readers: usize,
+    /// `mixed`: page size of reads.
+    #[arg(long, default_value_t = 100)]
+    pub page_size: usize,
+    /// Seconds to wait after the last send for replies and deliveries before counting them lost.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_timeout: f64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Append a markdown table row (with a header when the file is new) here.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Write an SVG of latency and throughput over time here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Name of this run in the markdown row and the plot title (default: target and transport).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Prefix of conversation ids, stream names and subjects; a per-run suffix keeps runs apart.
+    #[arg(long, default_value = "lt")]
+    pub prefix: String,
+    /// Never draw the progress bar (it is drawn only when stderr is a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Append,
+    Fanout,
+    Resume,
+    Connections,
+    Mixed,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Http,
+    Ws,
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().map(|v| v.get_name().to_owned());
+        f.write_str(name.as_deref().unwrap_or("?"))
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Http => "http",
+            Transport::Ws => "ws",
+        })
+    }
+}
+
+/// What `--target` points at.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Ferry {
+        /// `http://host:port`, no trailing slash.
+        http_base: String,
+        /// The full socket URL including `vsn` and `token`.
+        ws_url: String,
+        api_key: String,
+    },
+    Nats(String),
+    Redis(String),
+}
+
+impl Target {
+    pub fn parse(target: &str, api_key: &str) -> Result<Target, LoadError> {
+        let trimmed = target.trim_end_matches('/');
+        if let Some(rest) = trimmed
+            .strip_prefix("http://")
+            .map(|r| ("ws://", r))
+            .or_else(|| trimmed.strip_prefix("https://").map(|r| ("wss://", r)))
+        {
+            let (ws_scheme, host) = rest;
+            return Ok(Target::Ferry {
+                http_base: trimmed.to_owned(),
+                ws_url: format!("{ws_scheme}{host}/socket/websocket?vsn=2.0.0&token={api_key}"),
+                api_key: api_key.to_owned(),
+            });
+        }
+        if trimmed.starts_with("nats://") {
+            return Ok(Target::Nats(trimmed.to_owned()));
+        }
+        if trimmed.starts_with("redis://") {
+            return Ok(Target::Redis(trimmed.to_owned()));
+        }
+        Err(LoadError::Target(target.to_owned()))
+    }
+
+    /// `ferry`, `nats` or `redis`, for reports.
+    pub fn system(&self) -> &'static str {
+        match self {
+            Target::Ferry { .. } => "ferry",
+            Target::Nats(_) => "nats",
+            Target::Redis(_) => "redis",
+        }
+    }
+}
+
+impl Args {
+    /// Rejects values that would make the run meaningless or divide by zero.
+    pub fn validate(&self) -> Result<(), LoadError> {
+        let bad = |m: &str| Err(LoadError::Args(m.to_owned()));
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            return bad("--rate must be > 0");
+        }
+        if !(self.duration.is_finite() && self.duration >= 0.0) {
+            return bad("--duration must be >= 0");
+        }
+        if self.conversations == 0 || self.connections == 0 || self.max_outstanding == 0 {
+            return bad("--conversations, --connections and --max-outstanding must be > 0");
+        }
+        if !(self.heartbeat_secs.is_finite() && self.heartbeat_secs > 0.0) {
+            return bad("--heartbeat-secs must be > 0");
+        }
+        if !(self.drain_timeout.is_finite() && self.drain_timeout > 0.0) {
+            return bad("--drain-timeout must be > 0");
+        }
+        if self.page_size == 0 {
+            return bad("--page-size must be > 0");
+        }
+        Ok(())
+    }
+
+    /// The run's name in tables and plots.
+    pub fn label(&self, target: &Target) -> String {
+        if let Some(label) = &self.label {
+            return label.clone();
+        }
+        match target {
+            Target::Ferry { .. } => format!("ferry {}", self.transport),
+            other => other.system().to_owned(),
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Talking to Ferry: [`FerryHttp`] for the HTTP API (conversations, appends, pages) and
+//! [`PhxSocket`], a raw Phoenix Channels V2 client (`[join_ref, ref, topic, event, payload]`
+//! JSON text frames) that keeps the socket alive with heartbeats while its owner reads.
+//!
+//! Frames are decoded only as far as the caller needs: the payload stays raw JSON until the
+//! event says what it is, so a subscriber reading thousands of pushes a second parses each once.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::append::Outcome;
+use crate::LoadError;
+
+/// The participant every load message is sent as (and every conversation lists).
+pub const SENDER: &str = "loadtest";
+
+#[derive(Clone)]
+pub struct FerryHttp {
+    client: reqwest::Client,
+    base: String,
+}
+
+/// One `GET .../messages` page, reduced to what the readers check.
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    pub messages: Vec<PageMessage>,
+    pub last_seq: u64,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PageMessage {
+    pub seq: u64,
+}
+
+impl FerryHttp {
+    /// A client with its own connection pool; `timeout` bounds every request.
+    pub fn new(base: &str, api_key: &str, timeout: Duration) -> Result<FerryHttp, LoadError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {api_key}"))
+            .map_err(|_| LoadError::Args("the API key is not a valid header value".into()))?;
+        headers.insert(reqwest::header::AUTHORIZATION, auth);
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(FerryHttp {
+            client,
+            base: base.to_owned(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `PUT /v1/conversations/{id}` listing [`SENDER`].
+    pub async fn create_conversation(&self, id: &str) -> Result<(), LoadError> {
+        let resp = self
+            .client
+            .put(self.url(&format!("/v1/conversations/{id}")))
+            .json(&json!({ "participants": [SENDER] }))
+            .send()
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(LoadError::Setup(format!(
+                "PUT conversation {id}: {status} {body}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The conversation's `last_seq` (`GET /v1/conversations/{id}`).
+    pub async fn last_seq(&self, id: &str) -> Result<u64, LoadError> {
+        let resp = self
+            .client
+            .get(self.url(&format!("/v1/conversations/{id}")))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        body["last_seq"]
+            .as_u64()
+            .ok_or_else(|| LoadError::Setup(format!("GET conversation {id}: {status} {body}")))
+    }
+
+    /// `POST .../messages` with a prebuilt JSON body.
+    pub async fn append(&self, id: &str, body: String) -> Outcome {
+        let resp = self
+            .client
+            .post(self.url(&format!("/v1/conversations/{id}/messages")))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => return Outcome::Error(format!("POST {id}: {e}")),
+        };
+        let status = resp.status().as_u16();
+        if status == 201 {
+            // The ack body is not needed (the seq is not used by HTTP appenders); skipping its
+            // parse keeps the generator cheap. Reading it returns the connection to the pool.
+            return match resp.bytes().await {
+                Ok(_) => Outcome::Ok,
+                Err(e) => Outcome::Error(format!("POST {id}: reading ack: {e}")),
+            };
+        }
+        let text = resp.text().await.unwrap_or_default();
+        if (status == 429 || status == 503) && text.contains("try_again") {
+            Outcome::TryAgain
+        } else {
+            Outcome::Error(format!("POST {id}: {status} {text}"))
+        }
+    }
+
+    /// `GET .../messages?{query}`.
+    pub async fn page(&self, id: &str, query: &str) -> Result<Page, String> {
+        let resp = self
+            .client
+            .get(self.url(&format!("/v1/conversations/{id}/messages?{query}")))
+            .send()
+            .await
+            .map_err(|e| format!("GET {id} messages?{query}: {e}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(format!("GET {id} messages?{query}: {status} {text}"));
+        }
+        resp.json()
+            .await
+            .map_err(|e| format!("GET {id} messages?{query}: body: {e}"))
+    }
+}
+
+/// The JSON body of an append of `content`.
+pub fn append_body(content: &str) -> String {
+    format!(r#"{{"sender":"{SENDER}","content":{content}}}"#)
+}
+
+/// A decoded frame; the payload is left raw.
+#[derive(Debug)]
+pub struct Frame {
+    pub join_ref: Option<String>,
+    pub reference: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: Box<RawValue>,
+}
+
+impl Frame {
+    pub fn parse(text: &str) -> Result<Frame, String> {
+        let (join_ref, reference, topic, event, payload): (
+            Option<String>,
+            Option<String>,
+            String,
+            String,
+            Box<RawValue>,
+        ) = serde_json::from_str(text).map_err(|e| format!("bad frame {text:?}: {e}"))?;
+        Ok(Frame {
+            join_ref,
+            reference,
+            topic,
+            event,
+            payload,
+        })
+    }
+
+    /// For `phx_reply`: `Ok(response)` or `Err((reason, whole payload))`.
+    pub fn reply(&self) -> Result<Value, (String, String)> {
+        #[derive(Deserialize)]
+        struct Reply {
+            status: String,
+            #[serde(default)]
+            response: Value,
+        }
+        let raw = self.payload.get();
+        match serde_json::from_str::<Reply>(raw) {
+            Ok(r) if r.status == "ok" => Ok(r.response),
+            Ok(r) => Err((
+                r.response["reason"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                raw.to_owned(),
+            )),
+            Err(e) => Err(("malformed".to_owned(), format!("{e}: {raw}"))),
+        }
+    }
+}
+
+/// What subscribers read out of a `message` push.
+#[derive(Debug, Deserialize)]
+pub struct PushedMessage {
+    pub seq: u64,
+    #[serde(default)]
+    pub content: PushedContent,
+}
+
+/// The load tool's own content (see [`crate::append::Payload`]): `i` is the send index.
+#[derive(Debug, Default, Deserialize)]
+pub struct PushedContent {
+    pub i: Option<u64>,
+}
+
+/// The payload of a `gap` push.
+#[derive(Debug, Deserialize)]
+pub struct GapPush {
+    pub from_seq: u64,
+    pub to_seq: u64,
+}
+
+pub struct PhxSocket {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    heartbeat: tokio::time::Interval,
+    next_ref: u64,
+}
+
+/// What [`PhxSocket::next`] hands back.
+pub enum Incoming {
+    Frame(Frame),
+    /// The server closed the socket (or the connection dropped).
+    Closed(String),
+}
+
+impl PhxSocket {
+    pub async fn connect(url: &str, heartbeat: Duration) -> Result<PhxSocket, LoadError> {
+        // Nagle off: pipelined small frames would otherwise wait on delayed ACKs (tens of ms).
+        let (stream, _response) =
+            tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+        let mut heartbeat = tokio::time::interval(heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick of an interval is immediate; a fresh socket needs no heartbeat yet.
+        heartbeat.reset();
+        Ok(PhxSocket {
+            stream,
+            heartbeat,
+            next_ref: 0,
+        })
+    }
+
+    /// A fresh ref for a request. Callers that key replies by their own refs (the WS appender
+    /// uses send indexes) pass those to [`PhxSocket::send_frame`] instead.
+    pub fn make_ref(&mut self) -> String {
+        self.next_ref += 1;
+        format!("r{}", self.next_ref)
+    }
+
+    pub async fn send_frame(
+        &mut self,
+        join_ref: Option<&str>,
+        reference: &str,
+        topic: &str,
+        event: &str,
+        payload: &str,
+    ) -> Result<(), LoadError> {
+        let join_ref = match join_ref {
+            Some(j) => format!("\"{j}\""),
+            None => "null".to_owned(),
+        };
+        let text = format!(r#"[{join_ref},"{reference}","{topic}","{event}",{payload}]"#);
+        self.stream.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// Sends a heartbeat now; its reply arrives as a `phx_reply` on topic `phoenix`.
+    pub async fn heartbeat(&mut self) -> Result<String, LoadError> {
+        let r = self.make_ref();
+        self.send_frame(None, &r, "phoenix", "heartbeat", "{}")
+            .await?;
+        Ok(r)
+    }
+
+    /// The next frame, sending heartbeats on schedule while waiting. Heartbeat replies are
+    /// passed through like any other frame (they are `phx_reply` on topic `phoenix`).
+    pub async fn next(&mut self) -> Result<Incoming, LoadError> {
+        loop {
+            tokio::select! {
+                msg = self.stream.next() => {
+                    let msg = match msg {
+                        None => return Ok(Incoming::Closed("connection ended".into())),
+                        Some(Err(e)) => return Ok(Incoming::Closed(e.to_string())),
+                        Some(Ok(m)) => m,
+                    };
+                    match msg {
+                        Message::Text(text) => {
+                            return Frame::parse(text.as_str())
+                                .map(Incoming::Frame)
+                                .map_err(LoadError::Setup);
+                        }
+                        Message::Close(frame) => {
+                            return Ok(Incoming::Closed(format!("closed by server: {frame:?}")));
+                        }
+                        // Pings are answered by tungstenite itself; nothing else is expected.
+                        _ => continue,
+                    }
+                }
+                _ = self.heartbeat.tick() => {
+                    self.heartbeat().await?;
+                }
+            }
+        }
+    }
+
+    /// Joins `topic` and waits for its reply (pushes of *other* topics that arrive meanwhile are
+    /// dropped: callers join before traffic starts, or on a socket of their own).
+    pub async fn join(
+        &mut self,
+        join_ref: &str,
+        topic: &str,
+        payload: &str,
+    ) -> Result<Value, LoadError> {
+        self.send_frame(Some(join_ref), join_ref, topic, "phx_join", payload)
+            .await?;
+        loop {
+            match self.next().await? {
+                Incoming::Closed(why) => {
+                    return Err(LoadError::Setup(format!(
+                        "join {topic}: socket closed: {why}"
+                    )))
+                }
+                Incoming::Frame(f)
+                    if f.event == "phx_reply" && f.reference.as_deref() == Some(join_ref) =>
+                {
+                    return f.reply().map_err(|(reason, raw)| {
+                        LoadError::Setup(format!("join {topic}: {reason}: {raw}"))
+                    });
+                }
+                Incoming::Frame(_) => continue,
+            }
+        }
+    }
+
+    /// Closes the socket politely (close frame); errors are irrelevant at that point.
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+    }
+}

@@ -1,0 +1,321 @@
+//! The outcome of a run: one [`Report`] (serialised as the `--json` file), a markdown table row
+//! for `docs/benchmarks.md`, and a plain-text summary for the terminal. `failures` holds
+//! everything that makes the run a failure (a gap, a repeat, a subscriber that never reached the
+//! final seq, a socket that died): the binary exits non-zero when it is not empty.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::append::Names;
+use crate::cli::{Args, Scenario, Target, Transport};
+use crate::gapcheck::ViolationCounts;
+use crate::stats::{LatencySummary, Recorder, TimelinePoint};
+use crate::LoadError;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub label: String,
+    /// The per-run part of conversation ids (`<prefix>-<run_id>-<n>`), stream names and keys.
+    pub run_id: String,
+    pub scenario: Scenario,
+    /// `ferry`, `nats` or `redis`.
+    pub system: String,
+    pub target: String,
+    /// Only meaningful for Ferry.
+    pub transport: Transport,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub conversations: usize,
+    pub payload_bytes: usize,
+    pub connections: usize,
+    pub max_outstanding: usize,
+    /// Seconds from the first scheduled send until the last answer (or the drain timeout).
+    pub elapsed_s: f64,
+    /// Sends the schedule asked for.
+    pub scheduled: u64,
+    pub ok: u64,
+    pub try_again: u64,
+    pub errors: u64,
+    /// Sends not made because `max_outstanding` were in flight.
+    pub skipped: u64,
+    /// Acknowledged appends per second of `elapsed_s`.
+    pub throughput_per_s: f64,
+    /// `try_again / (sends made)`.
+    pub try_again_rate: f64,
+    /// Scheduled send to acknowledgement.
+    pub ack_latency: LatencySummary,
+    pub delivery: Option<DeliveryReport>,
+    pub resume: Option<ResumeReport>,
+    pub sockets: Option<SocketsReport>,
+    pub reads: Option<ReadsReport>,
+    pub error_samples: Vec<String>,
+    pub failures: Vec<String>,
+    pub timeline: Vec<TimelinePoint>,
+}
+
+/// `fanout` and `resume`: what the subscribers received.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryReport {
+    pub subscribers: usize,
+    /// Sum over subscribers of their conversation's final seq (what each should have seen).
+    pub expected: u64,
+    pub delivered: u64,
+    /// Scheduled send to delivery on the subscriber.
+    pub latency: LatencySummary,
+    pub violations: ViolationCounts,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResumeReport {
+    pub reconnects: u64,
+    pub reconnect_failures: u64,
+    /// Socket connect + join reply, per reconnect.
+    pub reconnect_latency: LatencySummary,
+    pub subscribers_reached_final: usize,
+    /// The first violations, verbatim.
+    pub examples: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SocketsReport {
+    pub requested: usize,
+    pub opened: u64,
+    pub failed: u64,
+    /// Sockets that still answered a heartbeat at the end of the hold.
+    pub alive_at_end: u64,
+    /// Scheduled open to join reply.
+    pub connect_latency: LatencySummary,
+    pub rss_before_kb: Option<u64>,
+    pub rss_after_kb: Option<u64>,
+    pub rss_per_socket_bytes: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadsReport {
+    pub forward_pages: LatencySummary,
+    pub backward_pages: LatencySummary,
+    /// Join with `after_seq=0` until the join's `last_seq` has been pushed.
+    pub replays: LatencySummary,
+    pub messages_read: u64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+}
+
+impl Report {
+    /// The common part of every report, from the appenders' merged record.
+    pub fn new(
+        args: &Args,
+        target: &Target,
+        names: &Names,
+        scheduled: u64,
+        acks: &Recorder,
+        elapsed_s: f64,
+    ) -> Report {
+        let made = scheduled.saturating_sub(acks.skipped);
+        let mut failures = Vec::new();
+        if acks.errors > 0 {
+            failures.push(format!("{} appends failed", acks.errors));
+        }
+        Report {
+            label: args.label(target),
+            run_id: names.run.clone(),
+            scenario: args.scenario,
+            system: target.system().to_owned(),
+            target: args.target.clone(),
+            transport: args.transport,
+            rate: args.rate,
+            duration_s: args.duration,
+            conversations: args.conversations,
+            payload_bytes: args.payload,
+            connections: args.connections,
+            max_outstanding: args.max_outstanding,
+            elapsed_s,
+            scheduled,
+            ok: acks.ok,
+            try_again: acks.try_again,
+            errors: acks.errors,
+            skipped: acks.skipped,
+            throughput_per_s: if elapsed_s > 0.0 {
+                acks.ok as f64 / elapsed_s
+            } else {
+                0.0
+            },
+            try_again_rate: if made > 0 {
+                acks.try_again as f64 / made as f64
+            } else {
+                0.0
+            },
+            ack_latency: acks.summary(),
+            delivery: None,
+            resume: None,
+            sockets: None,
+            reads: None,
+            error_samples: acks.error_samples.clone(),
+            failures,
+            timeline: acks.timeline_points(),
+        }
+    }
+
+    /// True when nothing in the run broke a guarantee.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    pub const MARKDOWN_HEADER: &'static str = "| run | scenario | rate/s | acked/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | try_again | errors | skipped | notes |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+
+    /// One row of the benchmark table; scenario-specific numbers go in `notes`.
+    pub fn markdown_row(&self) -> String {
+        let l = &self.ack_latency;
+        format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |\n",
+            self.label,
+            self.scenario,
+            self.rate,
+            self.throughput_per_s,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms,
+            self.try_again,
+            self.errors,
+            self.skipped,
+            self.notes().join("; ")
+        )
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(d) = &self.delivery {
+            notes.push(format!(
+                "delivered {}/{} to {} subscribers, deliver p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+                d.delivered,
+                d.expected,
+                d.subscribers,
+                d.latency.p50_ms,
+                d.latency.p99_ms,
+                d.latency.max_ms
+            ));
+            notes.push(format!(
+                "gaps {} repeats {} reorders {}",
+                d.violations.gaps, d.violations.repeats, d.violations.reorders
+            ));
+        }
+        if let Some(r) = &self.resume {
+            notes.push(format!(
+                "{} reconnects (p99 {:.2} ms), {} subscribers reached the final seq",
+                r.reconnects, r.reconnect_latency.p99_ms, r.subscribers_reached_final
+            ));
+        }
+        if let Some(s) = &self.sockets {
+            notes.push(format!(
+                "{} sockets open ({} alive at end), RSS {} → {} KiB, {} bytes/socket",
+                s.opened,
+                s.alive_at_end,
+                s.rss_before_kb.map_or("?".into(), |v| v.to_string()),
+                s.rss_after_kb.map_or("?".into(), |v| v.to_string()),
+                s.rss_per_socket_bytes
+                    .map_or("?".into(), |v| format!("{v:.0}"))
+            ));
+        }
+        if let Some(r) = &self.reads {
+            notes.push(format!(
+                "reads: {} messages, page p99 fwd {:.2} ms back {:.2} ms, replay p99 {:.2} ms, {} errors",
+                r.messages_read, r.forward_pages.p99_ms, r.backward_pages.p99_ms, r.replays.p99_ms, r.errors
+            ));
+        }
+        if !self.failures.is_empty() {
+            notes.push(format!("FAILED: {}", self.failures.join(", ")));
+        }
+        notes
+    }
+
+    /// The terminal summary.
+    pub fn text(&self) -> String {
+        if self.scenario == Scenario::Connections {
+            let mut s = format!(
+                "{} ({}) against {}\n",
+                self.label, self.scenario, self.target
+            );
+            if let Some(c) = &self.sockets {
+                let l = &c.connect_latency;
+                s.push_str(&format!(
+                    "  connect+join ms: p50 {:.2}  p99 {:.2}  max {:.2}\n",
+                    l.p50_ms, l.p99_ms, l.max_ms
+                ));
+            }
+            for note in self.notes() {
+                s.push_str(&format!("  {note}\n"));
+            }
+            for e in &self.error_samples {
+                s.push_str(&format!("  error: {e}\n"));
+            }
+            return s;
+        }
+        let l = &self.ack_latency;
+        let mut s = format!(
+            "{} ({}) against {}\n  scheduled {}  ok {}  try_again {} ({:.2}%)  errors {}  skipped {}\n  \
+             throughput {:.0}/s over {:.2}s\n  ack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            self.label,
+            self.scenario,
+            self.target,
+            self.scheduled,
+            self.ok,
+            self.try_again,
+            self.try_again_rate * 100.0,
+            self.errors,
+            self.skipped,
+            self.throughput_per_s,
+            self.elapsed_s,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms
+        );
+        for note in self.notes() {
+            s.push_str("  ");
+            s.push_str(&note);
+            s.push('\n');
+        }
+        for e in &self.error_samples {
+            s.push_str(&format!("  error: {e}\n"));
+        }
+        s
+    }
+}
+
+/// Writes whichever of `--json`, `--markdown`, `--plot` were asked for.
+pub fn write_outputs(args: &Args, report: &Report) -> Result<(), LoadError> {
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(report)
+            .map_err(|e| LoadError::Io(std::io::Error::other(e)))?;
+        std::fs::write(path, text + "\n")?;
+    }
+    if let Some(path) = &args.markdown {
+        append_markdown(path, report)?;
+    }
+    if let Some(path) = &args.plot {
+        crate::plot::write_svg(path, report)?;
+    }
+    Ok(())
+}
+
+/// Appends the row, writing the header first when the file is new or empty, so several runs
+/// build one table.
+fn append_markdown(path: &Path, report: &Report) -> Result<(), LoadError> {
+    let fresh = std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(true);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if fresh {
+        f.write_all(Report::MARKDOWN_HEADER.as_bytes())?;
+    }
+    f.write_all(report.markdown_row().as_bytes())?;
+    Ok(())
+}

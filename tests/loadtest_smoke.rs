@@ -1,0 +1,400 @@
+//! Smoke runs of every `ferry-loadtest` scenario against the real binary, through the library
+//! API, at a low rate for a second or two. They assert on the report: every append acknowledged,
+//! every subscriber saw every seq exactly once in order (also across reconnects), every socket
+//! still alive, RSS measured, reads consistent, outputs written. Redis Streams and JetStream get
+//! the same `append` run when their servers are installed (each test starts its own on a
+//! private port); without them those two tests say so and pass.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ferry_loadtest::{Args, Report};
+
+use common::{TestServer, API_KEY};
+
+fn args(target: &str, scenario: &str, extra: &[&str]) -> Args {
+    let mut argv = vec![
+        "ferry-loadtest",
+        scenario,
+        "--target",
+        target,
+        "--api-key",
+        API_KEY,
+        "--no-progress",
+        "--drain-timeout",
+        "20",
+    ];
+    argv.extend_from_slice(extra);
+    Args::try_parse_from(argv).unwrap_or_else(|e| panic!("bad test arguments: {e}"))
+}
+
+async fn run(args: &Args) -> Report {
+    let report = ferry_loadtest::run(args)
+        .await
+        .unwrap_or_else(|e| panic!("{} run failed: {e}", args.scenario));
+    eprintln!("{}", report.text());
+    report
+}
+
+/// Everything scheduled was sent and acknowledged, nothing else happened.
+fn assert_all_acked(r: &Report) {
+    assert!(r.scheduled > 0, "nothing scheduled");
+    assert_eq!(
+        (r.ok, r.try_again, r.errors, r.skipped),
+        (r.scheduled, 0, 0, 0),
+        "not every append was acknowledged: {:?}",
+        r.error_samples
+    );
+    assert_eq!(r.ack_latency.count, r.ok);
+    assert!(r.ack_latency.p50_ms > 0.0 && r.ack_latency.max_ms >= r.ack_latency.p99_ms);
+    assert!(r.passed(), "failures: {:?}", r.failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_over_http_acknowledges_every_scheduled_send_and_writes_outputs() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("report.json");
+    let md = dir.path().join("table.md");
+    let svg = dir.path().join("plot.svg");
+    let mut a = args(
+        &server.url(""),
+        "append",
+        &["--rate", "200", "--duration", "1", "--conversations", "4"],
+    );
+    a.connections = 2;
+    a.json = Some(json.clone());
+    a.markdown = Some(md.clone());
+    a.plot = Some(svg.clone());
+    let r = run(&a).await;
+    assert_eq!(r.scheduled, 200);
+    assert_all_acked(&r);
+    // Exactly the acknowledged messages are stored, spread evenly over the conversations.
+    for c in 0..4 {
+        let (messages, last_seq) = server.read_all(&format!("lt-{}-{c}", r.run_id)).await;
+        assert_eq!((messages.len(), last_seq), (50, 50), "conversation {c}");
+    }
+
+    ferry_loadtest::report::write_outputs(&a, &r).expect("write outputs");
+    let parsed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json parses");
+    assert_eq!(parsed["ok"], 200);
+    assert_eq!(parsed["scenario"], "append");
+    assert!(parsed["timeline"].as_array().is_some_and(|t| !t.is_empty()));
+    // A second run appends a row under the same header.
+    ferry_loadtest::report::write_outputs(&a, &r).expect("write outputs again");
+    let table = std::fs::read_to_string(&md).expect("markdown");
+    assert_eq!(table.matches("| run | scenario |").count(), 1, "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("| ferry http |"))
+            .count(),
+        2,
+        "{table}"
+    );
+    let plot = std::fs::read_to_string(&svg).expect("svg");
+    assert!(
+        plot.starts_with("<svg") && plot.contains("<polyline"),
+        "not an svg plot"
+    );
+    assert!(
+        plot.contains("ack latency"),
+        "caption missing from the plot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_over_websocket_acknowledges_every_scheduled_send() {
+    let server = TestServer::start();
+    let a = args(
+        &server.url(""),
+        "append",
+        &[
+            "--transport",
+            "ws",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--conversations",
+            "5",
+            "--connections",
+            "2",
+        ],
+    );
+    let r = run(&a).await;
+    assert_eq!(r.scheduled, 200);
+    assert_all_acked(&r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_delivers_every_message_to_every_subscriber_once() {
+    let server = TestServer::start();
+    let a = args(
+        &server.url(""),
+        "fanout",
+        &[
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+            "--conversations",
+            "2",
+            "--subscribers",
+            "3",
+        ],
+    );
+    let r = run(&a).await;
+    assert_all_acked(&r);
+    let d = r.delivery.as_ref().expect("delivery section");
+    assert_eq!(d.subscribers, 6);
+    assert_eq!(d.expected, r.ok * 3, "final seqs disagree with the acks");
+    assert_eq!(d.delivered, d.expected);
+    assert_eq!(d.latency.count, d.delivered);
+    assert_eq!(d.violations.total(), 0, "{:?}", d.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_rejoins_without_gaps_or_repeats() {
+    let server = TestServer::start();
+    // 4 subscribers, 600 drops/min in total: each drops every 0.4 s, ~5 times in 2 s.
+    let a = args(
+        &server.url(""),
+        "resume",
+        &[
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--conversations",
+            "2",
+            "--subscribers",
+            "2",
+            "--reconnects-per-min",
+            "600",
+        ],
+    );
+    let r = run(&a).await;
+    assert_all_acked(&r);
+    let d = r.delivery.as_ref().expect("delivery section");
+    let resume = r.resume.as_ref().expect("resume section");
+    assert!(
+        resume.reconnects >= 8,
+        "only {} reconnects",
+        resume.reconnects
+    );
+    assert_eq!(resume.subscribers_reached_final, 4);
+    assert_eq!(d.violations.total(), 0, "{:?}", resume.examples);
+    assert_eq!(d.expected, r.ok * 2);
+    assert_eq!(
+        d.delivered, d.expected,
+        "a resume lost or repeated messages"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_holds_idle_sockets_and_measures_server_rss() {
+    let server = TestServer::start();
+    let pid = server.pid().to_string();
+    let a = args(
+        &server.url(""),
+        "connections",
+        &[
+            "--sockets",
+            "60",
+            "--rate",
+            "200",
+            "--duration",
+            "0.5",
+            "--conversations",
+            "3",
+            "--server-pid",
+            &pid,
+        ],
+    );
+    let r = run(&a).await;
+    assert!(
+        r.passed(),
+        "failures: {:?} {:?}",
+        r.failures,
+        r.error_samples
+    );
+    let s = r.sockets.as_ref().expect("sockets section");
+    assert_eq!((s.opened, s.failed, s.alive_at_end), (60, 0, 60));
+    assert_eq!(s.connect_latency.count, 60);
+    assert!(s.rss_before_kb.is_some_and(|v| v > 0));
+    assert!(s.rss_after_kb.is_some_and(|v| v > 0));
+    assert!(s.rss_per_socket_bytes.is_some());
+    let metrics = server.metrics().await;
+    assert!(
+        common::metric_sum(&metrics, "ferry_ws_connections", &[]).is_some(),
+        "server exports no ferry_ws_connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_reads_pages_and_replays_consistently_while_appending() {
+    let server = TestServer::start();
+    let a = args(
+        &server.url(""),
+        "mixed",
+        &[
+            "--rate",
+            "150",
+            "--duration",
+            "1.5",
+            "--conversations",
+            "2",
+            "--readers",
+            "2",
+            "--page-size",
+            "20",
+        ],
+    );
+    let r = run(&a).await;
+    assert_all_acked(&r);
+    let reads = r.reads.as_ref().expect("reads section");
+    assert_eq!(reads.errors, 0, "{:?}", reads.error_samples);
+    assert!(reads.forward_pages.count > 0 && reads.backward_pages.count > 0);
+    assert!(reads.replays.count > 0);
+    assert!(reads.messages_read > 0);
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A peer server started for one test; killed on drop.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether the peer server binary is here. Missing is a skip, unless `FERRY_REQUIRE_PEERS` is
+/// set (`ops/test.sh` installs both and sets it), then it is a failure.
+fn peer_available(binary: &str) -> bool {
+    if installed(binary) {
+        return true;
+    }
+    assert!(
+        std::env::var_os("FERRY_REQUIRE_PEERS").is_none(),
+        "{binary} is required (FERRY_REQUIRE_PEERS) but not installed"
+    );
+    eprintln!("{binary} not installed: skipping");
+    false
+}
+
+fn installed(binary: &str) -> bool {
+    Command::new(binary)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Polls until `port` accepts TCP connections (the peer is up), failing after 15 s.
+fn wait_listening(port: u16, peer: &mut Peer) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = peer.0.try_wait() {
+            panic!("peer exited before listening: {status}");
+        }
+        assert!(Instant::now() < deadline, "peer not listening on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_and_fanout_against_redis_streams() {
+    if !peer_available("redis-server") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut peer = Peer(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server"),
+    );
+    wait_listening(port, &mut peer);
+    let target = format!("redis://127.0.0.1:{port}");
+    let r = run(&args(
+        &target,
+        "append",
+        &["--rate", "200", "--duration", "1"],
+    ))
+    .await;
+    assert_eq!(r.system, "redis");
+    assert_all_acked(&r);
+    let r = run(&args(
+        &target,
+        "fanout",
+        &[
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+            "--conversations",
+            "2",
+            "--subscribers",
+            "2",
+        ],
+    ))
+    .await;
+    assert_all_acked(&r);
+    let d = r.delivery.as_ref().expect("delivery section");
+    assert_eq!((d.expected, d.delivered), (r.ok * 2, r.ok * 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_against_nats_jetstream() {
+    if !peer_available("nats-server") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut peer = Peer(
+        Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server"),
+    );
+    wait_listening(port, &mut peer);
+    let r = run(&args(
+        &format!("nats://127.0.0.1:{port}"),
+        "append",
+        &["--rate", "200", "--duration", "1"],
+    ))
+    .await;
+    assert_eq!(r.system, "nats");
+    assert_all_acked(&r);
+    assert!(Path::new(dir.path()).exists());
+}
