@@ -1,14 +1,14 @@
 //! The topics of one socket: `conversation:{id}` and `inbox:{participant}` (PROTOCOL.md,
 //! "WebSocket").
 //!
-//! A joined conversation runs three tasks, all writing into the socket's one [`Outbox`]:
+//! A joined conversation runs up to three tasks, all writing into the socket's one [`Outbox`]:
 //! - delivery: a [`Cursor`] from the join's `after_seq`, pushing `message` for every seq in
 //!   order, replay then live. It waits when the outbox is full, so a slow client falls behind
 //!   and catches up from the log with one page in memory; it is never disconnected.
 //! - ephemeral: forwards `chunk`/`typing` of the other sockets on this node.
-//! - appends: submits this socket's `send`s in the order they arrived without waiting for each
-//!   to be durable (each append's first poll hands it to the conversation actor, then it is
-//!   kept in flight), and replies to each once it is durable.
+//! - appends (started by the first `send`): submits this socket's `send`s in the order they
+//!   arrived without waiting for each to be durable (each append's first poll hands it to the
+//!   conversation actor, then it is kept in flight), and replies to each once it is durable.
 //!
 //! Requests that wait on the node or the database (`send`, `ack`, `read`) never block the
 //! socket's reader; at most [`MAX_IN_FLIGHT`] of them per socket, beyond that `try_again`.
@@ -84,8 +84,11 @@ struct AppendJob {
 /// One joined topic.
 struct Joined {
     join_ref: Value,
-    /// The conversation and its append pipeline's queue (`None` for an inbox).
-    conversation: Option<(ConversationId, mpsc::Sender<AppendJob>)>,
+    /// The conversation (`None` for an inbox).
+    conversation: Option<ConversationId>,
+    /// The append pipeline's queue, started by the topic's first `send`: most sockets only
+    /// listen, and an idle join should cost no task and no queue.
+    appends: Option<mpsc::Sender<AppendJob>>,
     /// Delivery and ephemeral tasks: stopped as soon as the join ends.
     tasks: Vec<AbortHandle>,
     /// The append pipeline: finishes its in-flight appends after a leave, stopped with the socket.
@@ -304,21 +307,14 @@ impl SocketChannels {
             join_ref.clone(),
             frame.topic.clone(),
         ));
-        let (appends, jobs) = mpsc::channel(MAX_IN_FLIGHT);
-        let pipeline = tokio::spawn(run_appends(
-            self.state.clone(),
-            self.principal.clone(),
-            id.clone(),
-            jobs,
-            self.outbox.clone(),
-        ));
         self.topics.insert(
             frame.topic.clone(),
             Joined {
                 join_ref,
-                conversation: Some((id, appends)),
+                conversation: Some(id),
+                appends: None,
                 tasks: vec![delivery.abort_handle(), forward.abort_handle()],
-                pipeline: Some(pipeline.abort_handle()),
+                pipeline: None,
                 _gauge: ChannelGauge::open("conversation"),
             },
         );
@@ -355,6 +351,7 @@ impl SocketChannels {
             Joined {
                 join_ref,
                 conversation: None,
+                appends: None,
                 tasks: vec![task.abort_handle()],
                 pipeline: None,
                 _gauge: ChannelGauge::open("inbox"),
@@ -382,11 +379,11 @@ impl SocketChannels {
             .topics
             .get(&frame.topic)
             .ok_or_else(|| not_joined(&frame.topic))?;
-        let Some((id, appends)) = joined.conversation.clone() else {
+        let Some(id) = joined.conversation.clone() else {
             return Err(unknown_event(&frame.topic, &frame.event));
         };
         match frame.event.as_str() {
-            "send" => self.send(&frame, &appends),
+            "send" => self.send(&frame, &id),
             "ack" => self.cursor(&frame, id, CursorKind::Ack),
             "read" => self.cursor(&frame, id, CursorKind::Read),
             "chunk" => self.ephemeral(&frame, &id, "chunk").await,
@@ -396,7 +393,7 @@ impl SocketChannels {
     }
 
     /// Validates on the reader (errors are answered at once) and queues the append.
-    fn send(&self, frame: &Frame, appends: &mpsc::Sender<AppendJob>) -> Result<(), ApiError> {
+    fn send(&mut self, frame: &Frame, id: &ConversationId) -> Result<(), ApiError> {
         let body: AppendBody = parse_payload(&frame.payload, "send")?;
         let sender = access::sender(&self.principal, body.sender.as_deref())?;
         let request = build_request(
@@ -406,6 +403,7 @@ impl SocketChannels {
             self.state.config.limits.max_message_bytes,
         )?;
         let permit = self.permit()?;
+        let appends = self.pipeline(&frame.topic, id)?;
         // Never full: the queue has room for every permit.
         appends
             .try_send(AppendJob {
@@ -414,6 +412,31 @@ impl SocketChannels {
                 _permit: permit,
             })
             .map_err(|_| too_many_in_flight())
+    }
+
+    /// The topic's append pipeline, started on first use.
+    fn pipeline(
+        &mut self,
+        topic: &str,
+        id: &ConversationId,
+    ) -> Result<mpsc::Sender<AppendJob>, ApiError> {
+        let (state, principal, outbox) = (
+            self.state.clone(),
+            self.principal.clone(),
+            self.outbox.clone(),
+        );
+        let joined = self
+            .topics
+            .get_mut(topic)
+            .ok_or_else(|| not_joined(topic))?;
+        if let Some(appends) = &joined.appends {
+            return Ok(appends.clone());
+        }
+        let (appends, jobs) = mpsc::channel(MAX_IN_FLIGHT);
+        let pipeline = tokio::spawn(run_appends(state, principal, id.clone(), jobs, outbox));
+        joined.appends = Some(appends.clone());
+        joined.pipeline = Some(pipeline.abort_handle());
+        Ok(appends)
     }
 
     /// `ack` / `read`: moves a cursor (never backwards) in a task of its own.
