@@ -1,8 +1,9 @@
 //! # Archive benchmarks: Postgres batch inserts and replay from the cold tier
 //!
 //! - `pg-insert`: what the archiver does, alone: `Archive::store_messages` of batches of
-//!   `--batch` messages (default 2000 = `archive.batch_records`), one batch at a time, into a fresh
-//!   Postgres database, for `--duration` seconds. Reports messages/s and the batch latency.
+//!   `--batch` messages (default 10,000 = `archive.batch_records`), as many batches at once as
+//!   the archiver keeps in flight (`Archive::max_concurrent_batches`: 3 on Postgres), into a
+//!   fresh Postgres database, for `--duration` seconds. Reports messages/s and the batch latency.
 //! - `cold-replay`: 10,000 messages of one conversation compacted into segment objects (local
 //!   files, the embedded default), then read back in pages of 1000 through `Archive::read_messages`
 //!   as a reconnecting client's replay does, with the segment cache cold (a fresh store per run).
@@ -18,8 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
+
+#[path = "common/pg.rs"]
+mod pg;
 
 use ferry::cold::ColdTier;
 use ferry::compactor::{self, CompactorConfig};
@@ -40,7 +43,7 @@ fn args() -> Args {
     let mut a = Args {
         scenarios: Vec::new(),
         duration: Duration::from_secs(10),
-        batch: 2000,
+        batch: 10_000,
         payload: 200,
         database_url: std::env::var("FERRY_BENCH_DATABASE_URL")
             .or_else(|_| std::env::var("FERRY_TEST_DATABASE_URL"))
@@ -84,25 +87,6 @@ fn message(conversation: &ConversationId, seq: u64, payload: usize, at_ms: i64) 
     })
 }
 
-/// A fresh database on the server `admin_url` names; dropped by [`drop_database`].
-async fn create_database(admin_url: &str) -> (String, String) {
-    let name = format!("ferry_bench_{:016x}", rand::random::<u64>());
-    let mut conn = PgConnection::connect(admin_url).await.expect("connect");
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create database");
-    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
-    (name.clone(), format!("{base}/{name}"))
-}
-
-async fn drop_database(admin_url: &str, name: &str) {
-    if let Ok(mut conn) = PgConnection::connect(admin_url).await {
-        let _ = conn
-            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-            .await;
-    }
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -115,31 +99,50 @@ async fn pg_insert(a: &Args) {
         println!("pg-insert: skipped (no Postgres URL)");
         return;
     };
-    let (name, url) = create_database(admin).await;
+    let (name, url) = pg::create_database(admin).await;
     let store = Store::connect(&url, 4).await.expect("connect");
     store.migrate().await.expect("migrate");
-    let conversations: Vec<ConversationId> = (0..100)
-        .map(|i| ConversationId::parse(&format!("bench-{i}")).expect("id"))
-        .collect();
-    let mut next_seq = vec![1u64; conversations.len()];
-    let mut batches = Vec::new();
-    let mut stored = 0u64;
+    // As the archiver does: this many batches in flight at once, each on its own connection.
+    let streams = store.max_concurrent_batches();
     let started = Instant::now();
-    while started.elapsed() < a.duration {
-        let now = now_ms();
-        let batch: Vec<Arc<Message>> = (0..a.batch)
-            .map(|i| {
-                let c = i % conversations.len();
-                let seq = next_seq[c];
-                next_seq[c] += 1;
-                message(&conversations[c], seq, a.payload, now)
+    let tasks: Vec<_> = (0..streams)
+        .map(|stream| {
+            let store = store.clone();
+            let (duration, batch_len, payload) = (a.duration, a.batch, a.payload);
+            tokio::spawn(async move {
+                let conversations: Vec<ConversationId> = (0..100)
+                    .map(|i| ConversationId::parse(&format!("bench-{stream}-{i}")).expect("id"))
+                    .collect();
+                let mut next_seq = vec![1u64; conversations.len()];
+                let mut batches = Vec::new();
+                let mut stored = 0u64;
+                while started.elapsed() < duration {
+                    let now = now_ms();
+                    let batch: Vec<Arc<Message>> = (0..batch_len)
+                        .map(|i| {
+                            let c = i % conversations.len();
+                            let seq = next_seq[c];
+                            next_seq[c] += 1;
+                            message(&conversations[c], seq, payload, now)
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    store.store_messages(&batch).await.expect("store batch");
+                    batches.push(t.elapsed());
+                    stored += batch.len() as u64;
+                }
+                (stored, batches)
             })
-            .collect();
-        let t = Instant::now();
-        store.store_messages(&batch).await.expect("store batch");
-        batches.push(t.elapsed());
-        stored += batch.len() as u64;
+        })
+        .collect();
+    let mut stored = 0u64;
+    let mut batches = Vec::new();
+    for task in tasks {
+        let (n, b) = task.await.expect("insert task");
+        stored += n;
+        batches.extend(b);
     }
+    println!("pg-insert: {streams} batches in flight at once (Archive::max_concurrent_batches)");
     let elapsed = started.elapsed();
     batches.sort();
     println!(
@@ -154,7 +157,7 @@ async fn pg_insert(a: &Args) {
         batches.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
     store.close().await;
-    drop_database(admin, &name).await;
+    pg::drop_database(admin, &name).await;
 }
 
 async fn cold_replay(a: &Args) {
@@ -163,7 +166,7 @@ async fn cold_replay(a: &Args) {
     let dir = tempfile::tempdir().expect("temp dir");
     let (url, pg) = match a.database_url.as_deref() {
         Some(admin) => {
-            let (name, url) = create_database(admin).await;
+            let (name, url) = pg::create_database(admin).await;
             (url, Some((admin.to_owned(), name)))
         }
         None => (format!("sqlite://{}/ferry.db", dir.path().display()), None),
@@ -241,7 +244,7 @@ async fn cold_replay(a: &Args) {
     );
     store.close().await;
     if let Some((admin, name)) = pg {
-        drop_database(&admin, &name).await;
+        pg::drop_database(&admin, &name).await;
     }
 }
 
