@@ -84,6 +84,7 @@ fn message(conversation: &ConversationId, seq: u64, payload: usize, at_ms: i64) 
         .expect("json"),
         metadata: RawValue::from_string("{}".into()).expect("json"),
         idempotency_key: None,
+        rendered: Default::default(),
     })
 }
 

@@ -209,6 +209,7 @@ mod tests {
             content: RawValue::from_string(format!("{{\"text\":\"{text}\",\"n\":{seq}}}")).unwrap(),
             metadata: RawValue::from_string("{}".into()).unwrap(),
             idempotency_key: seq.is_multiple_of(2).then(|| format!("k{seq}").into()),
+            rendered: Default::default(),
         })
     }
 

@@ -1254,6 +1254,7 @@ fn message_from_row(id: &ConversationId, row: MessageRow) -> Result<Message, Sto
         metadata,
         created_at_ms,
         idempotency_key: key.map(Box::from),
+        rendered: Default::default(),
         slot: slot as u32,
     })
 }

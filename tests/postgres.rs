@@ -439,8 +439,9 @@ async fn postgres_outage_under_appends_loses_nothing_and_writes_nothing_twice() 
     };
     let server = TestServer::builder()
         .database_url(&cluster.url())
-        // About a thousand messages of backlog: reached well within the outage.
-        .env("FERRY_ARCHIVE__BACKLOG_BYTES", "262144")
+        // About a thousand messages of backlog (~520 accounted bytes each): reached well within
+        // the outage.
+        .env("FERRY_ARCHIVE__BACKLOG_BYTES", "524288")
         .env("FERRY_ARCHIVE__ACQUIRE_TIMEOUT", "1s")
         .env("FERRY_ARCHIVE__STATEMENT_TIMEOUT", "5s")
         .start();
@@ -519,17 +520,19 @@ async fn postgres_outage_under_appends_loses_nothing_and_writes_nothing_twice() 
         max_backlog = max_backlog.max(backlog);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (acked_in_outage, refused_backlog) = {
+    let (acked_in_outage, refused_backlog, refused) = {
         let o = outcomes.lock().expect("o");
         assert!(o.failures.is_empty(), "writer failures: {:?}", o.failures);
         (
             o.acked.len() - acked_at_stop,
             o.refused.get("archive_backlog").copied().unwrap_or(0),
+            format!("{:?}", o.refused),
         )
     };
     assert!(
         acked_in_outage > 100,
-        "appends must be acknowledged from the WAL while Postgres is down (got {acked_in_outage})"
+        "appends must be acknowledged from the WAL while Postgres is down (got {acked_in_outage}; \
+         {acked_at_stop} before; refused {refused}; archive backlog peaked at {max_backlog} records)"
     );
     assert!(
         refused_backlog > 0,
@@ -660,6 +663,7 @@ async fn archive_batches_are_stored_once_even_when_repeated() {
                     .expect("json"),
                 metadata: RawValue::from_string(r#"{"k":"v,\"w\""}"#.into()).expect("json"),
                 idempotency_key: (seq % 2 == 0).then(|| format!("key-{seq},\"x\"").into()),
+                rendered: Default::default(),
             })
         })
         .collect();

@@ -5,7 +5,7 @@
 //! Content and metadata are kept as the client's JSON text (validated once at the edge), so the
 //! hot path never re-parses or re-serialises them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use serde_json::value::RawValue;
@@ -38,6 +38,10 @@ pub struct Message {
     /// Always a JSON object.
     pub metadata: Box<RawValue>,
     pub idempotency_key: Option<Box<str>>,
+    /// The message's JSON (its `Serialize` output), rendered on first use by [`Message::json`]
+    /// and kept: a message pushed to many subscribers is serialized once, not once per socket.
+    /// Construct with `Default::default()`.
+    pub rendered: OnceLock<Box<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,14 +55,26 @@ pub enum DecodeError {
 }
 
 impl Message {
-    /// Bytes this message accounts for in memory budgets (ring, archive backlog).
+    /// The message as JSON (what its `Serialize` writes), rendered once.
+    pub fn json(&self) -> &str {
+        self.rendered.get_or_init(|| {
+            serde_json::to_string(self)
+                .unwrap_or_default()
+                .into_boxed_str()
+        })
+    }
+
+    /// Bytes this message accounts for in memory budgets (ring, archive backlog), counting its
+    /// [`Message::json`] rendering as if it were there: a delivered message holds both.
     pub fn approx_bytes(&self) -> usize {
-        96 + self.conversation_id.as_str().len()
+        let body = self.conversation_id.as_str().len()
             + self.sender.as_str().len()
             + self.kind.len()
             + self.content.get().len()
-            + self.metadata.get().len()
-            + self.idempotency_key.as_deref().map_or(0, str::len)
+            + self.metadata.get().len();
+        // Struct and allocations, then the rendering: the body again plus keys, id, seq and
+        // timestamp (~150 bytes).
+        96 + body + self.idempotency_key.as_deref().map_or(0, str::len) + body + 160
     }
 
     /// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T02:28:36.123Z`.
@@ -129,6 +145,7 @@ impl Message {
             content,
             metadata,
             idempotency_key,
+            rendered: Default::default(),
         })
     }
 }
@@ -264,6 +281,7 @@ mod tests {
             content: RawValue::from_string(content.to_owned()).unwrap(),
             metadata: RawValue::from_string("{\"a\":1}".to_owned()).unwrap(),
             idempotency_key: key.map(Box::from),
+            rendered: Default::default(),
         }
     }
 

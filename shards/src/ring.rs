@@ -367,6 +367,7 @@ mod tests {
             content: RawValue::from_string("\"0123456789\"".into()).unwrap(),
             metadata: RawValue::from_string("{}".into()).unwrap(),
             idempotency_key: None,
+            rendered: Default::default(),
         })
     }
 

@@ -90,7 +90,7 @@ fn events(cursor: Cursor) -> impl Stream<Item = Result<Event, Infallible>> {
                 let events: Vec<Result<Event, Infallible>> = batch
                     .iter()
                     .map(|m| {
-                        let data = serde_json::to_string(&**m).unwrap_or_default();
+                        let data = m.json().to_owned();
                         Ok(Event::default()
                             .id(m.seq.to_string())
                             .event("message")

@@ -592,7 +592,7 @@ async fn deliver(
             Ok(batch) => {
                 failures = 0;
                 for message in &batch {
-                    let push = frame::push(&join_ref, &topic, "message", &**message);
+                    let push = frame::push_json(&join_ref, &topic, "message", message.json());
                     if !outbox.send(push).await {
                         return;
                     }

@@ -190,6 +190,23 @@ pub fn push(join_ref: &Value, topic: &str, event: &str, payload: &impl Serialize
     encode(join_ref, &Value::Null, topic, event, payload)
 }
 
+/// A push whose payload is already JSON text (a message's cached rendering): the same frame as
+/// [`push`] without serializing the payload again.
+pub fn push_json(join_ref: &Value, topic: &str, event: &str, payload_json: &str) -> String {
+    let head = encode_head(join_ref, topic, event);
+    let mut out = String::with_capacity(head.len() + payload_json.len() + 1);
+    // `head` is a 4-element JSON array; reopen it for the fifth.
+    out.push_str(&head[..head.len() - 1]);
+    out.push(',');
+    out.push_str(payload_json);
+    out.push(']');
+    out
+}
+
+fn encode_head(join_ref: &Value, topic: &str, event: &str) -> String {
+    serde_json::to_string(&(join_ref, Value::Null, topic, event)).expect("frame head serializes")
+}
+
 /// `phx_close` / `phx_error` for a join, as Phoenix sends them: both refs are the join_ref.
 pub fn lifecycle(join_ref: &Value, topic: &str, event: &str) -> String {
     encode(join_ref, join_ref, topic, event, &json!({}))
@@ -279,6 +296,18 @@ mod tests {
         assert_eq!(v[4]["response"]["retry_after_ms"], 20);
         assert_eq!(v[4]["response"]["message"], "busy");
         assert!(v[4]["response"].get("error").is_none());
+        let payload = json!({"seq": 3, "content": {"text": "a \"quoted\" ]"}});
+        for join_ref in [json!("1"), json!(null), json!("j\"2")] {
+            assert_eq!(
+                push_json(
+                    &join_ref,
+                    "conversation:c\"",
+                    "message",
+                    &payload.to_string()
+                ),
+                push(&join_ref, "conversation:c\"", "message", &payload)
+            );
+        }
         assert_eq!(
             push(&json!("1"), "t", "typing", &json!({"participant": "p"})),
             r#"["1",null,"t","typing",{"participant":"p"}]"#

@@ -127,6 +127,7 @@ fn append(state: &ConversationArgs, req: AppendRequest, reply: AppendReply, admi
         content: req.content,
         metadata: req.metadata,
         idempotency_key: req.idempotency_key,
+        rendered: Default::default(),
     });
     let outcome = AppendOutcome {
         seq,
