@@ -58,7 +58,7 @@ pub fn encode(messages: &[Arc<Message>]) -> Result<Vec<u8>, SegmentError> {
             )));
         }
     }
-    let mut block = Vec::with_capacity(messages.iter().map(|m| m.approx_bytes()).sum());
+    let mut block = Vec::with_capacity(messages.iter().map(|m| 8 + m.encoded_len()).sum());
     for m in messages {
         let payload = m.encode();
         block.extend_from_slice(&(payload.len() as u32).to_le_bytes());

@@ -87,8 +87,23 @@ impl Message {
     /// `slot u32 | seq u64 | created_at_ms i64 | id [16] | conversation_id str16 | sender str16 |
     /// kind str16 | idempotency_key (u8 present, str16 if present) | content str32 | metadata str32`
     /// where `str16` is a `u16` byte length followed by UTF-8 and `str32` likewise with a `u32`.
+    /// The exact length of [`Message::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
+        // slot, seq, created_at_ms, id; three str16; key flag (+ str16); two str32.
+        4 + 8
+            + 8
+            + 16
+            + (2 + self.conversation_id.as_str().len())
+            + (2 + self.sender.as_str().len())
+            + (2 + self.kind.len())
+            + 1
+            + self.idempotency_key.as_deref().map_or(0, |k| 2 + k.len())
+            + (4 + self.content.get().len())
+            + (4 + self.metadata.get().len())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.approx_bytes());
+        let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(&self.slot.to_le_bytes());
         out.extend_from_slice(&self.seq.to_le_bytes());
         out.extend_from_slice(&self.created_at_ms.to_le_bytes());
@@ -105,6 +120,7 @@ impl Message {
         }
         put_str32(&mut out, self.content.get());
         put_str32(&mut out, self.metadata.get());
+        debug_assert_eq!(out.len(), self.encoded_len());
         out
     }
 
