@@ -74,6 +74,9 @@ pub struct ArchiveSection {
     /// Durable but unarchived bytes beyond which appends get `try_again`.
     pub backlog_bytes: usize,
     pub batch_records: usize,
+    /// How long a partial archive batch waits to fill before it is stored anyway.
+    #[serde(with = "duration_str")]
+    pub linger: Duration,
     /// SQL connections in the pool.
     pub pool_size: u32,
     /// Postgres cancels a statement running longer than this (SQLite: how long to wait for the
@@ -160,6 +163,7 @@ impl Default for ArchiveSection {
             compact_interval: Duration::from_secs(60),
             backlog_bytes: 512 * 1024 * 1024,
             batch_records: 10_000,
+            linger: Duration::from_millis(100),
             pool_size: 8,
             statement_timeout: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(5),
@@ -278,6 +282,9 @@ impl Config {
         }
         if self.archive.batch_records == 0 {
             bail!("archive.batch_records must be positive");
+        }
+        if self.archive.linger > Duration::from_secs(10) {
+            bail!("archive.linger must be at most 10s");
         }
         if self.archive.pool_size == 0 {
             bail!("archive.pool_size must be positive");

@@ -23,6 +23,8 @@ use serde_json::value::RawValue;
 struct MemoryArchive {
     conversations: Mutex<HashMap<ConversationId, ConversationMeta>>,
     messages: Mutex<BTreeMap<(String, u64), Arc<Message>>>,
+    /// The size of every `store_messages` call, in order.
+    batches: Mutex<Vec<usize>>,
 }
 
 impl MemoryArchive {
@@ -92,6 +94,7 @@ impl Archive for MemoryArchive {
         messages: &'a [Arc<Message>],
     ) -> BoxFuture<'a, Result<(), ArchiveError>> {
         Box::pin(async move {
+            self.batches.lock().unwrap().push(messages.len());
             let mut stored = self.messages.lock().unwrap();
             for m in messages {
                 stored
@@ -296,4 +299,47 @@ async fn unknown_conversations_are_not_found() {
         Err(NodeError::NotFound)
     ));
     node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archiver_stores_full_batches_at_once_and_lets_partial_ones_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("linger");
+    // A linger far longer than the test: a partial batch is only stored by the shutdown.
+    let config = NodeConfig {
+        archive_batch_records: 50,
+        archive_linger: Duration::from_secs(600),
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    for i in 0..60 {
+        append_retrying(&node, &id, &format!("m{i}")).await;
+    }
+    // The 50th message completed a batch, which went without waiting for the linger.
+    eventually("the full batch to be stored", || {
+        archive.stored(&id).len() == 50
+    })
+    .await;
+    assert_eq!(*archive.batches.lock().unwrap(), vec![50]);
+    let handle = node.conversation(&id).await.unwrap();
+    let all = node.read_after(&handle, 0, 100).await.unwrap();
+    assert_eq!(
+        all.len(),
+        60,
+        "lingering messages are readable from the ring"
+    );
+    node.shutdown().await;
+    // Stopping stores what lingered, as one batch.
+    assert_eq!(*archive.batches.lock().unwrap(), vec![50, 10]);
+    assert_eq!(
+        archive
+            .stored(&id)
+            .iter()
+            .map(|m| m.seq)
+            .collect::<Vec<_>>(),
+        (1..=60).collect::<Vec<_>>()
+    );
 }
