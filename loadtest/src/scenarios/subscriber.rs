@@ -69,6 +69,10 @@ pub async fn run(
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let mut next_drop = spec.reconnect.map_or(far, |(first, _)| start + first);
     let mut deadline = far;
+    // One timer for the whole run, moved when the schedule moves: a fresh `sleep_until` per
+    // received frame would register and cancel a timer for every message.
+    let drop_timer = tokio::time::sleep_until(next_drop);
+    tokio::pin!(drop_timer);
 
     loop {
         if let Some(f) = final_seq {
@@ -134,13 +138,14 @@ pub async fn run(
                     socket = None;
                 }
             },
-            _ = tokio::time::sleep_until(next_drop), if final_seq.is_none() => {
+            _ = &mut drop_timer, if final_seq.is_none() => {
                 // Dropped without a close frame: the server sees the connection vanish.
                 socket = None;
                 next_drop = match spec.reconnect {
                     Some((_, every)) => next_drop + every,
                     None => far,
                 };
+                drop_timer.as_mut().reset(next_drop);
             }
             changed = finals.changed(), if final_seq.is_none() => {
                 match changed {
