@@ -250,12 +250,26 @@ pub fn format_rfc3339_millis(ms: i64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    let (hh, mm, ss) = (sod / 3600, (sod / 60) % 60, sod % 60);
+    if !(0..=9999).contains(&y) {
+        return format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{millis:03}Z");
+    }
+    // Every message rendering and reply carries one of these: digits by hand, no formatter.
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, i64::from(m));
+    put(8, 2, i64::from(d));
+    put(11, 2, hh);
+    put(14, 2, mm);
+    put(17, 2, ss);
+    put(20, 3, millis);
+    std::str::from_utf8(&b).expect("ascii digits").to_owned()
 }
 
 /// Howard Hinnant's days → (year, month, day) in the proleptic Gregorian calendar.
@@ -298,6 +312,39 @@ mod tests {
             metadata: RawValue::from_string("{\"a\":1}".to_owned()).unwrap(),
             idempotency_key: key.map(Box::from),
             rendered: Default::default(),
+        }
+    }
+
+    #[test]
+    fn hand_formatted_timestamps_match_the_formatter() {
+        let reference = |ms: i64| {
+            let secs = ms.div_euclid(1000);
+            let sod = secs.rem_euclid(86_400);
+            let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+            format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+                sod / 3600,
+                (sod / 60) % 60,
+                sod % 60,
+                ms.rem_euclid(1000)
+            )
+        };
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // 1970 .. ~2286, plus the edges of the four-digit range.
+            let ms = (x >> 20) as i64 % 10_000_000_000_000;
+            assert_eq!(format_rfc3339_millis(ms), reference(ms));
+        }
+        for ms in [
+            -1,
+            -62_135_596_800_000,
+            253_402_300_799_999,
+            253_402_300_800_000,
+        ] {
+            assert_eq!(format_rfc3339_millis(ms), reference(ms));
         }
     }
 

@@ -586,13 +586,14 @@ async fn deliver(
             return;
         }
     }
+    let head = frame::push_head(&join_ref, &topic, "message");
     let mut failures = 0u32;
     loop {
         match cursor.next_batch().await {
             Ok(batch) => {
                 failures = 0;
                 for message in &batch {
-                    let push = frame::push_json(&join_ref, &topic, "message", message.json());
+                    let push = frame::push_with_head(&head, message.json());
                     if !outbox.send(push).await {
                         return;
                     }

@@ -193,11 +193,23 @@ pub fn push(join_ref: &Value, topic: &str, event: &str, payload: &impl Serialize
 /// A push whose payload is already JSON text (a message's cached rendering): the same frame as
 /// [`push`] without serializing the payload again.
 pub fn push_json(join_ref: &Value, topic: &str, event: &str, payload_json: &str) -> String {
-    let head = encode_head(join_ref, topic, event);
-    let mut out = String::with_capacity(head.len() + payload_json.len() + 1);
+    push_with_head(&push_head(join_ref, topic, event), payload_json)
+}
+
+/// The part of a push frame before its payload (`[join_ref,null,topic,event,`), for a sender
+/// that pushes many payloads on one topic and renders this once.
+pub fn push_head(join_ref: &Value, topic: &str, event: &str) -> String {
+    let mut head = encode_head(join_ref, topic, event);
     // `head` is a 4-element JSON array; reopen it for the fifth.
-    out.push_str(&head[..head.len() - 1]);
-    out.push(',');
+    head.pop();
+    head.push(',');
+    head
+}
+
+/// A push from its [`push_head`] and its payload's JSON text.
+pub fn push_with_head(head: &str, payload_json: &str) -> String {
+    let mut out = String::with_capacity(head.len() + payload_json.len() + 1);
+    out.push_str(head);
     out.push_str(payload_json);
     out.push(']');
     out

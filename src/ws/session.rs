@@ -241,6 +241,7 @@ where
     E: Display,
     C: Channels,
 {
+    let frames_in = metrics::frames_in();
     loop {
         let message = match tokio::time::timeout(config.idle_timeout, stream.next()).await {
             Err(_) => return End::Idle,
@@ -260,7 +261,7 @@ where
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Close(_) => return End::ClientClosed,
         };
-        metrics::frames_in();
+        frames_in.increment(1);
         if text.len() > config.max_frame_bytes {
             return End::TooLarge;
         }
@@ -302,6 +303,7 @@ where
     S: Sink<Message> + Unpin,
     S::Error: Display,
 {
+    let frames_out = metrics::frames_out();
     let result: Result<(), String> = async {
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
@@ -317,7 +319,7 @@ where
                             .map_err(|e| e.to_string())?;
                     }
                     Outgoing::Close { code, reason } => {
-                        metrics::frames_out(written);
+                        frames_out.increment(written);
                         let close = Message::Close(Some(CloseFrame {
                             code,
                             reason: reason.into(),
@@ -333,7 +335,7 @@ where
                 }
             }
             sink.flush().await.map_err(|e| e.to_string())?;
-            metrics::frames_out(written);
+            frames_out.increment(written);
         }
         let _ = sink.close().await;
         Ok(())
