@@ -685,18 +685,14 @@ async fn run_appends(
     mut jobs: mpsc::Receiver<AppendJob>,
     outbox: Outbox,
 ) {
+    // The appends borrow the topic's state: nothing is cloned per message.
+    let (state, principal, id, outbox) = (&state, &principal, &id, &outbox);
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
             job = jobs.recv() => {
                 let Some(job) = job else { break };
-                let mut append = Box::pin(append_one(
-                    state.clone(),
-                    principal.clone(),
-                    id.clone(),
-                    job,
-                    outbox.clone(),
-                ));
+                let mut append = Box::pin(append_one(state, principal, id, job, outbox));
                 // The first poll reaches the conversation actor's mailbox (synchronously while
                 // the conversation is active, which a joined one is), so the next job cannot
                 // overtake this one; after that they proceed together.
@@ -710,12 +706,21 @@ async fn run_appends(
     while in_flight.next().await.is_some() {}
 }
 
+/// The `ok` reply to a `send`.
+#[derive(Serialize)]
+struct SendReply {
+    seq: u64,
+    id: uuid::Uuid,
+    created_at: String,
+    deduped: bool,
+}
+
 async fn append_one(
-    state: AppState,
-    principal: Principal,
-    id: ConversationId,
+    state: &AppState,
+    principal: &Principal,
+    id: &ConversationId,
     job: AppendJob,
-    outbox: Outbox,
+    outbox: &Outbox,
 ) {
     let AppendJob {
         to,
@@ -725,25 +730,21 @@ async fn append_one(
     let result = async {
         if let Principal::User { .. } = principal {
             // Membership can change after the join.
-            let handle = state.node.conversation(&id).await?;
-            access::authorize(&principal, &handle.meta())?;
+            let handle = state.node.conversation(id).await?;
+            access::authorize(principal, &handle.meta())?;
         }
-        Ok::<_, ApiError>(state.node.append(&id, request).await?)
+        Ok::<_, ApiError>(state.node.append(id, request).await?)
     }
     .await;
     match result {
         Ok(outcome) => {
-            outbox
-                .ok(
-                    &to,
-                    &json!({
-                        "seq": outcome.seq,
-                        "id": outcome.id.to_string(),
-                        "created_at": format_rfc3339_millis(outcome.created_at_ms),
-                        "deduped": outcome.deduped,
-                    }),
-                )
-                .await
+            let reply = SendReply {
+                seq: outcome.seq,
+                id: outcome.id,
+                created_at: format_rfc3339_millis(outcome.created_at_ms),
+                deduped: outcome.deduped,
+            };
+            outbox.ok(&to, &reply).await
         }
         Err(e) => outbox.error(&to, &e).await,
     };
