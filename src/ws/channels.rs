@@ -1,10 +1,12 @@
 //! The topics of one socket: `conversation:{id}` and `inbox:{participant}` (PROTOCOL.md,
 //! "WebSocket").
 //!
-//! A joined conversation runs up to three tasks, all writing into the socket's one [`Outbox`]:
-//! - delivery: a [`Cursor`] from the join's `after_seq`, pushing `message` for every seq in
-//!   order, replay then live. It waits when the outbox is full, so a slow client falls behind
-//!   and catches up from the log with one page in memory; it is never disconnected.
+//! A joined conversation has a delivery and up to two tasks, all writing into the socket's one
+//! [`Outbox`]:
+//! - delivery: a [`Cursor`] from the join's `after_seq`, yielding a `message` push for every seq
+//!   in order, replay then live. It is a stream the socket's writer pulls from directly (see
+//!   [`super::session::Delivery`]), only when the socket can take more, so a slow client falls behind and
+//!   catches up from the log with one page in memory; it is never disconnected.
 //! - ephemeral: forwards `chunk`/`typing` of the other sockets on this node.
 //! - appends (started by the first `send`): submits this socket's `send`s in the order they
 //!   arrived without waiting for each to be durable (each append's first poll hands it to the
@@ -89,8 +91,10 @@ struct Joined {
     /// The append pipeline's queue, started by the topic's first `send`: most sockets only
     /// listen, and an idle join should cost no task and no queue.
     appends: Option<mpsc::Sender<AppendJob>>,
-    /// Delivery and ephemeral tasks: stopped as soon as the join ends.
+    /// Ephemeral (or inbox) tasks: stopped as soon as the join ends.
     tasks: Vec<AbortHandle>,
+    /// The conversation's pushes, pulled by the socket's writer: ended as soon as the join ends.
+    delivery: Option<futures_util::future::AbortHandle>,
     /// The append pipeline: finishes its in-flight appends after a leave, stopped with the socket.
     pipeline: Option<AbortHandle>,
     _gauge: ChannelGauge,
@@ -100,6 +104,9 @@ impl Drop for Joined {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
+        }
+        if let Some(delivery) = &self.delivery {
+            delivery.abort();
         }
     }
 }
@@ -293,13 +300,15 @@ impl SocketChannels {
         }
         tracing::debug!(topic = %frame.topic, after_seq, last_seq, "joined conversation");
         let join_ref = frame.join_ref.clone();
-        let delivery = tokio::spawn(deliver(
+        let (delivery, delivery_abort) = futures_util::stream::abortable(deliveries(
             gap,
             cursor,
-            self.outbox.clone(),
             join_ref.clone(),
             frame.topic.clone(),
         ));
+        if !self.outbox.deliver(Box::pin(delivery)).await {
+            return Ok(());
+        }
         let forward = tokio::spawn(forward_ephemeral(
             ephemeral,
             self.socket_id,
@@ -313,7 +322,8 @@ impl SocketChannels {
                 join_ref,
                 conversation: Some(id),
                 appends: None,
-                tasks: vec![delivery.abort_handle(), forward.abort_handle()],
+                tasks: vec![forward.abort_handle()],
+                delivery: Some(delivery_abort),
                 pipeline: None,
                 _gauge: ChannelGauge::open("conversation"),
             },
@@ -353,6 +363,7 @@ impl SocketChannels {
                 conversation: None,
                 appends: None,
                 tasks: vec![task.abort_handle()],
+                delivery: None,
                 pipeline: None,
                 _gauge: ChannelGauge::open("inbox"),
             },
@@ -569,58 +580,91 @@ struct Gap {
     to_seq: u64,
 }
 
-/// Pushes the `gap` (if the join's position has expired), then every message after the cursor,
-/// in order, for as long as the join lasts.
-async fn deliver(
+/// Most rendered bytes one pull of a delivery yields (at least one message): the writer holds
+/// what it pulled until it is written, so this bounds a socket's rendered-but-unsent pushes.
+const PULL_BYTES: usize = 64 * 1024;
+
+/// Where a delivery stands between two pulls.
+struct Delivering {
     gap: Option<Gap>,
-    mut cursor: Cursor,
-    outbox: Outbox,
+    cursor: Cursor,
+    /// Read from the cursor, not rendered yet (shared with the ring: no copy).
+    pending: std::collections::VecDeque<Arc<ferry_shards::record::Message>>,
+    head: String,
     join_ref: Value,
     topic: String,
-) {
-    if let Some(gap) = gap {
-        if !outbox
-            .send(frame::push(&join_ref, &topic, "gap", &gap))
-            .await
-        {
-            return;
+    failures: u32,
+    done: bool,
+}
+
+/// The `gap` push (if the join's position has expired), then a `message` push for every message
+/// after the cursor, in order, for as long as the join lasts; pulled by the socket's writer.
+fn deliveries(
+    gap: Option<Gap>,
+    cursor: Cursor,
+    join_ref: Value,
+    topic: String,
+) -> impl futures_util::Stream<Item = Vec<String>> + Send {
+    let state = Delivering {
+        gap,
+        cursor,
+        pending: Default::default(),
+        head: frame::push_head(&join_ref, &topic, "message"),
+        join_ref,
+        topic,
+        failures: 0,
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
         }
-    }
-    let head = frame::push_head(&join_ref, &topic, "message");
-    let mut failures = 0u32;
-    loop {
-        match cursor.next_batch().await {
-            Ok(batch) => {
-                failures = 0;
-                for message in &batch {
-                    let push = frame::push_with_head(&head, message.json());
-                    if !outbox.send(push).await {
-                        return;
+        if let Some(gap) = st.gap.take() {
+            let push = frame::push(&st.join_ref, &st.topic, "gap", &gap);
+            return Some((vec![push], st));
+        }
+        while st.pending.is_empty() {
+            match st.cursor.next_batch().await {
+                Ok(batch) => {
+                    st.failures = 0;
+                    st.pending.extend(batch);
+                }
+                Err(e) => {
+                    st.failures += 1;
+                    tracing::warn!(
+                        topic = %st.topic,
+                        position = st.cursor.position(),
+                        failures = st.failures,
+                        error = %e.message,
+                        "ws delivery read failed"
+                    );
+                    if st.failures >= MAX_DELIVERY_FAILURES {
+                        // The client rejoins from its last seq (phoenix clients do so on their own).
+                        metrics::error("delivery");
+                        st.done = true;
+                        let push = frame::lifecycle(&st.join_ref, &st.topic, frame::ERROR);
+                        return Some((vec![push], st));
                     }
+                    let wait =
+                        e.retry_after_ms.unwrap_or(100).clamp(10, 2000) * u64::from(st.failures);
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(
-                    topic = %topic,
-                    position = cursor.position(),
-                    failures,
-                    error = %e.message,
-                    "ws delivery read failed"
-                );
-                if failures >= MAX_DELIVERY_FAILURES {
-                    // The client rejoins from its last seq (phoenix clients do so on their own).
-                    metrics::error("delivery");
-                    outbox
-                        .send(frame::lifecycle(&join_ref, &topic, frame::ERROR))
-                        .await;
-                    return;
-                }
-                let wait = e.retry_after_ms.unwrap_or(100).clamp(10, 2000) * u64::from(failures);
-                tokio::time::sleep(Duration::from_millis(wait)).await;
             }
         }
-    }
+        let mut pushes = Vec::new();
+        let mut bytes = 0;
+        while let Some(message) = st.pending.front() {
+            let json = message.json();
+            let len = st.head.len() + json.len() + 1;
+            if !pushes.is_empty() && bytes + len > PULL_BYTES {
+                break;
+            }
+            bytes += len;
+            pushes.push(frame::push_with_head(&st.head, json));
+            st.pending.pop_front();
+        }
+        Some((pushes, st))
+    })
 }
 
 async fn forward_ephemeral(

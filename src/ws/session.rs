@@ -6,6 +6,9 @@
 //! server says to the client — replies, pushes from per-topic tasks, the final close frame —
 //! goes through the outbox, so frames leave in the order they were queued and a client that
 //! does not read makes the senders wait (memory stays bounded) instead of growing a buffer.
+//! A conversation's message pushes are the exception that keeps the same order: the outbox
+//! hands the writer a [`Delivery`] stream (after the join reply), and the writer pulls pushes
+//! from it itself whenever the socket can take more.
 //!
 //! The loop is generic over `Sink`/`Stream` of [`Message`] so it runs without a socket in tests.
 //! Ending: when the reader stops (client closed, silence, a fatal frame), the channels are
@@ -14,10 +17,12 @@
 
 use std::fmt::Display;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::stream::SelectAll;
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -49,11 +54,21 @@ pub struct SessionConfig {
     pub max_frame_bytes: usize,
 }
 
+/// A topic's pushes, pulled by the socket's writer whenever the socket can take more: the
+/// writer polls it directly (no task, no queue in between), so a push costs no hop between
+/// tasks, and a client that does not read stops the pulling. It ends when the join does (it is
+/// made abortable by its owner) or when delivery gives up.
+pub type Delivery = Pin<Box<dyn Stream<Item = Vec<String>> + Send>>;
+
 /// What the writer is asked to do.
-#[derive(Debug)]
 pub enum Outgoing {
     Text(String),
-    Close { code: u16, reason: String },
+    /// Start pulling this topic's pushes; frames queued before it go first.
+    Deliver(Delivery),
+    Close {
+        code: u16,
+        reason: String,
+    },
 }
 
 /// The sending side of a socket's single outgoing queue; cheap to clone.
@@ -88,6 +103,11 @@ impl Outbox {
             "ws error reply"
         );
         self.send(frame::reply_error(to, error)).await
+    }
+
+    /// Hands a topic's pushes to the writer. False once the socket is gone.
+    pub async fn deliver(&self, delivery: Delivery) -> bool {
+        self.tx.send(Outgoing::Deliver(delivery)).await.is_ok()
     }
 
     async fn close(&self, code: u16, reason: String) -> bool {
@@ -297,28 +317,40 @@ where
     }
 }
 
-/// Writes queued frames in order, batching what is already queued into one flush.
+/// What the writer does next.
+enum Step {
+    Item(Outgoing),
+    Pushes(Vec<String>),
+    /// Every outbox is gone: the session is over.
+    Done,
+}
+
+/// Writes queued frames and the pushes of every delivery it was handed, batching whatever is
+/// ready into one flush. Queued frames (replies) go before pushes that are ready at the same time.
 async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outgoing>)
 where
     S: Sink<Message> + Unpin,
     S::Error: Display,
 {
     let frames_out = metrics::frames_out();
+    let mut deliveries: SelectAll<Delivery> = SelectAll::new();
     let result: Result<(), String> = async {
-        while let Some(first) = rx.recv().await {
+        loop {
+            let first = tokio::select! {
+                biased;
+                item = rx.recv() => item.map_or(Step::Done, Step::Item),
+                Some(pushes) = deliveries.next(), if !deliveries.is_empty() => Step::Pushes(pushes),
+            };
             let mut next = Some(first);
             let mut batch_bytes = 0;
             let mut written = 0;
-            while let Some(item) = next.take() {
-                match item {
-                    Outgoing::Text(text) => {
-                        batch_bytes += text.len();
-                        written += 1;
-                        sink.feed(Message::Text(text.into()))
-                            .await
-                            .map_err(|e| e.to_string())?;
+            while let Some(step) = next.take() {
+                let texts = match step {
+                    Step::Done => {
+                        let _ = sink.close().await;
+                        return Ok(());
                     }
-                    Outgoing::Close { code, reason } => {
+                    Step::Item(Outgoing::Close { code, reason }) => {
                         frames_out.increment(written);
                         let close = Message::Close(Some(CloseFrame {
                             code,
@@ -329,16 +361,32 @@ where
                         let _ = sink.close().await;
                         return Ok(());
                     }
+                    Step::Item(Outgoing::Deliver(delivery)) => {
+                        deliveries.push(delivery);
+                        Vec::new()
+                    }
+                    Step::Item(Outgoing::Text(text)) => vec![text],
+                    Step::Pushes(pushes) => pushes,
+                };
+                for text in texts {
+                    batch_bytes += text.len();
+                    written += 1;
+                    sink.feed(Message::Text(text.into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
                 if batch_bytes < WRITE_BATCH_BYTES {
-                    next = rx.try_recv().ok();
+                    next = match rx.try_recv() {
+                        Ok(item) => Some(Step::Item(item)),
+                        Err(_) if deliveries.is_empty() => None,
+                        // Only what is ready now; the select above waits for the rest.
+                        Err(_) => deliveries.next().now_or_never().flatten().map(Step::Pushes),
+                    };
                 }
             }
             sink.flush().await.map_err(|e| e.to_string())?;
             frames_out.increment(written);
         }
-        let _ = sink.close().await;
-        Ok(())
     }
     .await;
     if let Err(e) = result {
@@ -540,6 +588,46 @@ mod tests {
         let c = start(config());
         drop(c.to_server);
         assert_eq!(c.session.await.unwrap(), End::ClientGone);
+    }
+
+    #[tokio::test]
+    async fn the_writer_pulls_deliveries_after_the_frames_queued_before_them() {
+        let (outbox, rx) = Outbox::new(8);
+        let (server_out, mut from_server) = unbounded_channel::<Message>();
+        let sink = Box::pin(futures_util::sink::unfold(
+            server_out,
+            |tx, message: Message| async move {
+                tx.send(message).map_err(|e| e.to_string())?;
+                Ok::<_, String>(tx)
+            },
+        ));
+        let writer = tokio::spawn(write_loop(sink, rx));
+        // A delivery whose second pull waits until the test lets it go on.
+        let (more_tx, more_rx) = tokio::sync::oneshot::channel::<()>();
+        let delivery = futures_util::stream::iter([vec!["p1".to_owned(), "p2".to_owned()]]).chain(
+            futures_util::stream::once(async move {
+                more_rx.await.unwrap();
+                vec!["p3".to_owned()]
+            }),
+        );
+        assert!(outbox.send("reply".into()).await);
+        assert!(outbox.deliver(Box::pin(delivery)).await);
+        async fn text(rx: &mut UnboundedReceiver<Message>) -> String {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                Ok(Some(Message::Text(t))) => t.to_string(),
+                other => panic!("expected a text frame within 5s, got {other:?}"),
+            }
+        }
+        for expected in ["reply", "p1", "p2"] {
+            assert_eq!(text(&mut from_server).await, expected);
+        }
+        // A reply queued while the delivery waits is written at once.
+        assert!(outbox.send("later".into()).await);
+        assert_eq!(text(&mut from_server).await, "later");
+        more_tx.send(()).unwrap();
+        assert_eq!(text(&mut from_server).await, "p3");
+        drop(outbox);
+        writer.await.unwrap();
     }
 
     #[test]
