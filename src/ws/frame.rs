@@ -209,12 +209,6 @@ pub fn push(join_ref: &Value, topic: &str, event: &str, payload: &impl Serialize
     encode(join_ref, &Value::Null, topic, event, payload)
 }
 
-/// A push whose payload is already JSON text (a message's cached rendering): the same frame as
-/// [`push`] without serializing the payload again.
-pub fn push_json(join_ref: &Value, topic: &str, event: &str, payload_json: &str) -> String {
-    push_with_head(&push_head(join_ref, topic, event), payload_json)
-}
-
 /// The part of a push frame before its payload (`[join_ref,null,topic,event,`), for a sender
 /// that pushes many payloads on one topic and renders this once.
 pub fn push_head(join_ref: &Value, topic: &str, event: &str) -> String {
@@ -225,7 +219,8 @@ pub fn push_head(join_ref: &Value, topic: &str, event: &str) -> String {
     head
 }
 
-/// A push from its [`push_head`] and its payload's JSON text.
+/// A push from its [`push_head`] and its payload's JSON text (a message's cached rendering):
+/// the same frame as [`push`] without serializing the payload again.
 pub fn push_with_head(head: &str, payload_json: &str) -> String {
     let mut out = String::with_capacity(head.len() + payload_json.len() + 1);
     out.push_str(head);
@@ -355,10 +350,8 @@ mod tests {
         let payload = json!({"seq": 3, "content": {"text": "a \"quoted\" ]"}});
         for join_ref in [json!("1"), json!(null), json!("j\"2")] {
             assert_eq!(
-                push_json(
-                    &join_ref,
-                    "conversation:c\"",
-                    "message",
+                push_with_head(
+                    &push_head(&join_ref, "conversation:c\"", "message"),
                     &payload.to_string()
                 ),
                 push(&join_ref, "conversation:c\"", "message", &payload)
