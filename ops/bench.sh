@@ -237,8 +237,8 @@ ferry_scenarios() {
 
 mkdir -p "$out"
 log "building release binaries"
-cargo build --release --locked -p ferry --bin ferry >&2
-cargo build --release --locked -p ferry-loadtest --bin ferry-loadtest >&2
+# One invocation: both packages share one feature resolution, so nothing is built twice.
+cargo build --release --locked -p ferry --bin ferry -p ferry-loadtest --bin ferry-loadtest >&2
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 case "$what" in
   all) ensure_nats; ensure_redis; machine; compare; ferry_scenarios ;;

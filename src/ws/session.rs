@@ -299,7 +299,9 @@ where
                     outbox.error(&to, &e).await;
                 }
             }
-            Decoded::Frame(frame) => channels.handle(frame).await,
+            // Boxed: a channel frame's future (a join reads the store) is many times larger
+            // than the rest of this loop, and unboxed it would sit in every idle socket's task.
+            Decoded::Frame(frame) => Box::pin(channels.handle(frame)).await,
             Decoded::Invalid { address, message } => {
                 outbox.error(&address, &ApiError::invalid(message)).await;
             }
