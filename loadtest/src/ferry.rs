@@ -8,11 +8,12 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::append::Outcome;
@@ -213,11 +214,46 @@ pub struct PushedContent {
     pub i: Option<u64>,
 }
 
-/// The payload of a `gap` push.
+/// A frame decoded in one pass for the subscribers' hot path: topic and event borrowed from the
+/// text, and of the payload only the fields of a `message` or `gap` push (everything else is
+/// skipped, not kept). A frame this cannot decode (a payload that is not an object, a string with
+/// escapes in the topic) is decoded again with [`Frame::parse`].
 #[derive(Debug, Deserialize)]
-pub struct GapPush {
-    pub from_seq: u64,
-    pub to_seq: u64,
+pub struct PushView<'a>(
+    IgnoredAny,
+    IgnoredAny,
+    #[serde(borrow)] &'a str,
+    #[serde(borrow)] &'a str,
+    PushFields,
+);
+
+/// The payload fields a subscriber reads: `seq` and `content.i` of a `message`, `from_seq` and
+/// `to_seq` of a `gap`.
+#[derive(Debug, Default, Deserialize)]
+pub struct PushFields {
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub content: PushedContent,
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
+}
+
+impl<'a> PushView<'a> {
+    pub fn parse(text: &'a str) -> Option<PushView<'a>> {
+        serde_json::from_str(text).ok()
+    }
+
+    pub fn topic(&self) -> &'a str {
+        self.2
+    }
+
+    pub fn event(&self) -> &'a str {
+        self.3
+    }
+
+    pub fn fields(&self) -> &PushFields {
+        &self.4
+    }
 }
 
 pub struct PhxSocket {
@@ -232,6 +268,13 @@ const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// What [`PhxSocket::next`] hands back.
 pub enum Incoming {
     Frame(Frame),
+    /// The server closed the socket (or the connection dropped).
+    Closed(String),
+}
+
+/// What [`PhxSocket::next_text`] hands back.
+pub enum Text {
+    Frame(Utf8Bytes),
     /// The server closed the socket (or the connection dropped).
     Closed(String),
 }
@@ -291,22 +334,28 @@ impl PhxSocket {
     /// The next frame, sending heartbeats on schedule while waiting. Heartbeat replies are
     /// passed through like any other frame (they are `phx_reply` on topic `phoenix`).
     pub async fn next(&mut self) -> Result<Incoming, LoadError> {
+        match self.next_text().await? {
+            Text::Frame(text) => Frame::parse(text.as_str())
+                .map(Incoming::Frame)
+                .map_err(LoadError::Setup),
+            Text::Closed(why) => Ok(Incoming::Closed(why)),
+        }
+    }
+
+    /// Like [`PhxSocket::next`], but the frame's text is left undecoded (for [`PushView`]).
+    pub async fn next_text(&mut self) -> Result<Text, LoadError> {
         loop {
             tokio::select! {
                 msg = self.stream.next() => {
                     let msg = match msg {
-                        None => return Ok(Incoming::Closed("connection ended".into())),
-                        Some(Err(e)) => return Ok(Incoming::Closed(e.to_string())),
+                        None => return Ok(Text::Closed("connection ended".into())),
+                        Some(Err(e)) => return Ok(Text::Closed(e.to_string())),
                         Some(Ok(m)) => m,
                     };
                     match msg {
-                        Message::Text(text) => {
-                            return Frame::parse(text.as_str())
-                                .map(Incoming::Frame)
-                                .map_err(LoadError::Setup);
-                        }
+                        Message::Text(text) => return Ok(Text::Frame(text)),
                         Message::Close(frame) => {
-                            return Ok(Incoming::Closed(format!("closed by server: {frame:?}")));
+                            return Ok(Text::Closed(format!("closed by server: {frame:?}")));
                         }
                         // Pings are answered by tungstenite itself; nothing else is expected.
                         _ => continue,

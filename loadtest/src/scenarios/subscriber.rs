@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::ferry::{GapPush, Incoming, PhxSocket, PushedMessage};
+use crate::ferry::{Frame, PhxSocket, PushFields, PushView, Text};
 use crate::gapcheck::{SeqChecker, Violation, ViolationCounts};
 use crate::pacer::Pacer;
 use crate::progress::Live;
@@ -101,35 +101,33 @@ pub async fn run(
             continue;
         };
         tokio::select! {
-            incoming = sock.next() => match incoming {
-                Ok(Incoming::Frame(f)) if f.event == "message" => {
-                    match serde_json::from_str::<PushedMessage>(f.payload.get()) {
-                        Ok(m) => {
-                            checker.observe(m.seq);
-                            Live::bump(&live.delivered);
-                            if let Some(i) = m.content.i {
-                                let now = Instant::now();
-                                let scheduled = start + pacer.offset(i);
-                                delivery.record_ok(
-                                    now.saturating_duration_since(start),
-                                    now.saturating_duration_since(scheduled),
-                                );
-                            }
+            incoming = sock.next_text() => match incoming {
+                Ok(Text::Frame(text)) => match Seen::of(text.as_str()) {
+                    Seen::Message { seq, i } => {
+                        checker.observe(seq);
+                        Live::bump(&live.delivered);
+                        if let Some(i) = i {
+                            let now = Instant::now();
+                            let scheduled = start + pacer.offset(i);
+                            delivery.record_ok(
+                                now.saturating_duration_since(start),
+                                now.saturating_duration_since(scheduled),
+                            );
                         }
-                        Err(e) => delivery.record_error(start.elapsed(), format!("bad message push: {e}")),
                     }
-                }
-                Ok(Incoming::Frame(f)) if f.event == "gap" => {
-                    if let Ok(g) = serde_json::from_str::<GapPush>(f.payload.get()) {
-                        checker.observe_server_gap(g.from_seq, g.to_seq);
+                    Seen::Gap { from_seq, to_seq } => checker.observe_server_gap(from_seq, to_seq),
+                    Seen::Lost(event) => {
+                        delivery.record_error(start.elapsed(), format!("{event} on {}", spec.topic));
+                        socket = None;
                     }
-                }
-                Ok(Incoming::Frame(f)) if f.event == "phx_error" || f.event == "phx_close" => {
-                    delivery.record_error(start.elapsed(), format!("{} on {}", f.event, spec.topic));
-                    socket = None;
-                }
-                Ok(Incoming::Frame(_)) => {}
-                Ok(Incoming::Closed(why)) => {
+                    Seen::BadPush(e) => delivery.record_error(start.elapsed(), e),
+                    Seen::BadFrame(e) => {
+                        delivery.record_error(start.elapsed(), format!("socket failed: {e}"));
+                        socket = None;
+                    }
+                    Seen::Other => {}
+                },
+                Ok(Text::Closed(why)) => {
                     delivery.record_error(start.elapsed(), format!("socket lost: {why}"));
                     socket = None;
                 }
@@ -178,5 +176,107 @@ pub async fn run(
         delivered,
         reached_final,
         final_seq,
+    }
+}
+
+/// What one frame means to a subscriber.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Message {
+        seq: u64,
+        i: Option<u64>,
+    },
+    Gap {
+        from_seq: u64,
+        to_seq: u64,
+    },
+    /// `phx_error` or `phx_close`: the join is gone.
+    Lost(String),
+    /// A `message` push without a readable seq.
+    BadPush(String),
+    /// Not a Phoenix frame at all.
+    BadFrame(String),
+    Other,
+}
+
+impl Seen {
+    /// Decodes a frame in one borrowed pass ([`PushView`]); what that cannot read is decoded
+    /// again the general way, so an unusual frame is judged the same either way.
+    fn of(text: &str) -> Seen {
+        if let Some(view) = PushView::parse(text) {
+            return Seen::from_fields(view.event(), view.fields());
+        }
+        let frame = match Frame::parse(text) {
+            Ok(frame) => frame,
+            Err(e) => return Seen::BadFrame(e),
+        };
+        match serde_json::from_str::<PushFields>(frame.payload.get()) {
+            Ok(fields) => Seen::from_fields(&frame.event, &fields),
+            Err(e) if frame.event == "message" => Seen::BadPush(format!("bad message push: {e}")),
+            Err(_) => Seen::from_fields(&frame.event, &PushFields::default()),
+        }
+    }
+
+    fn from_fields(event: &str, fields: &PushFields) -> Seen {
+        match event {
+            "message" => match fields.seq {
+                Some(seq) => Seen::Message {
+                    seq,
+                    i: fields.content.i,
+                },
+                None => Seen::BadPush("message push without seq".into()),
+            },
+            "gap" => match (fields.from_seq, fields.to_seq) {
+                (Some(from_seq), Some(to_seq)) => Seen::Gap { from_seq, to_seq },
+                _ => Seen::Other,
+            },
+            "phx_error" | "phx_close" => Seen::Lost(event.to_owned()),
+            _ => Seen::Other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seen;
+
+    #[test]
+    fn frames_decode_the_same_through_the_fast_and_the_general_path() {
+        let message = r#"["1",null,"conversation:c-0","message",{"conversation_id":"c-0","seq":7,"id":"x","sender":"loadtest","kind":"text","content":{"i":41,"pad":"a\"b"},"metadata":{},"created_at":"t"}]"#;
+        assert_eq!(
+            Seen::of(message),
+            Seen::Message {
+                seq: 7,
+                i: Some(41)
+            }
+        );
+        // A topic with an escape cannot be borrowed: decoded the general way, same answer.
+        let escaped = r#"["1",null,"conversation:c\u002d0","message",{"seq":8,"content":{"i":1}}]"#;
+        assert_eq!(Seen::of(escaped), Seen::Message { seq: 8, i: Some(1) });
+        // Someone else's content: the seq still counts, there is no send index.
+        let foreign =
+            r#"["1",null,"conversation:c-0","message",{"seq":9,"content":{"text":"hi"}}]"#;
+        assert_eq!(Seen::of(foreign), Seen::Message { seq: 9, i: None });
+        let gap = r#"["1",null,"conversation:c-0","gap",{"from_seq":1,"to_seq":5}]"#;
+        assert_eq!(
+            Seen::of(gap),
+            Seen::Gap {
+                from_seq: 1,
+                to_seq: 5
+            }
+        );
+        let close = r#"["1","2","conversation:c-0","phx_close",{}]"#;
+        assert_eq!(Seen::of(close), Seen::Lost("phx_close".into()));
+        let reply = r#"[null,"3","phoenix","phx_reply",{"status":"ok","response":{}}]"#;
+        assert_eq!(Seen::of(reply), Seen::Other);
+        assert!(matches!(
+            Seen::of(r#"["1",null,"conversation:c-0","message",{"seq":"x"}]"#),
+            Seen::BadPush(_)
+        ));
+        assert!(matches!(
+            Seen::of(r#"["1",null,"conversation:c-0","message",{"content":"text"}]"#),
+            Seen::BadPush(_)
+        ));
+        assert!(matches!(Seen::of("{not a frame"), Seen::BadFrame(_)));
     }
 }
