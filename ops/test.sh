@@ -10,10 +10,11 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[ops/test.sh] %s\n' "$*" >&2; }
 
-# The C toolchain builds the bundled SQLite; everything else comes from crates.io.
+# The C toolchain builds the bundled SQLite (cc) and jemalloc (cc and make); everything else
+# comes from crates.io.
 ensure_build_tools() {
-  if ! command -v cc >/dev/null 2>&1; then
-    log "installing a C compiler (bundled SQLite builds with it)"
+  if ! command -v cc >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1; then
+    log "installing a C toolchain (bundled SQLite and jemalloc build with it)"
     apt_install build-essential
   fi
 }
