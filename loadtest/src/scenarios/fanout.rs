@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::subscriber::{self, Spec};
+use super::subscriber::{self, Recorders, Spec};
 use crate::append::{Names, Publisher};
 use crate::cli::{Args, Target};
 use crate::gapcheck::ViolationCounts;
@@ -66,7 +66,10 @@ pub async fn run_ferry(
                     .map(|every| (every.mul_f64((k as f64 + 0.5) / total_subs as f64), every)),
                 drain: Duration::from_secs_f64(args.drain_timeout),
             };
-            sockets.push(subscriber::connect(&spec, 0).await?);
+            sockets.push((
+                subscriber::connect(&spec, 0).await?,
+                Recorders::for_run(args.duration),
+            ));
             specs.push(spec);
         }
     }
@@ -80,7 +83,7 @@ pub async fn run_ferry(
     let subs: Vec<_> = specs
         .into_iter()
         .zip(sockets)
-        .map(|(spec, socket)| {
+        .map(|(spec, (socket, recorders))| {
             tokio::spawn(subscriber::run(
                 spec,
                 Some(socket),
@@ -88,6 +91,7 @@ pub async fn run_ferry(
                 pacer,
                 finals_rx.clone(),
                 live.clone(),
+                recorders,
             ))
         })
         .collect();
@@ -177,6 +181,7 @@ async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, Lo
             subs.push((
                 c,
                 RedisSubscriber::connect(url, &names.conversations[c]).await?,
+                Recorder::for_run(args.duration),
             ));
         }
     }
@@ -189,11 +194,10 @@ async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, Lo
     let start = Instant::now();
     let handles: Vec<_> = subs
         .into_iter()
-        .map(|(c, mut sub)| {
+        .map(|(c, mut sub, mut rec)| {
             let mut finals = finals_rx.clone();
             let live = live.clone();
             tokio::spawn(async move {
-                let mut rec = Recorder::new();
                 let mut seen = 0u64;
                 let mut deadline: Option<Instant> = None;
                 loop {

@@ -44,6 +44,21 @@ pub struct Outcome {
     pub final_seq: u64,
 }
 
+/// A subscriber's recorders, made before the clock starts (see [`Recorder::for_run`]).
+pub struct Recorders {
+    delivery: Recorder,
+    reconnect: Recorder,
+}
+
+impl Recorders {
+    pub fn for_run(seconds: f64) -> Recorders {
+        Recorders {
+            delivery: Recorder::for_run(seconds),
+            reconnect: Recorder::new(),
+        }
+    }
+}
+
 /// Connects and joins from the beginning (before the clock starts).
 pub async fn connect(spec: &Spec, after_seq: u64) -> Result<PhxSocket, crate::LoadError> {
     let mut socket = PhxSocket::connect(&spec.ws_url, spec.heartbeat).await?;
@@ -60,10 +75,13 @@ pub async fn run(
     pacer: Pacer,
     mut finals: watch::Receiver<Option<Arc<Vec<u64>>>>,
     live: Arc<Live>,
+    recorders: Recorders,
 ) -> Outcome {
     let mut checker = SeqChecker::new(1);
-    let mut delivery = Recorder::new();
-    let mut reconnect = Recorder::new();
+    let Recorders {
+        mut delivery,
+        mut reconnect,
+    } = recorders;
     let mut reconnects = 0;
     let mut final_seq: Option<u64> = None;
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
