@@ -127,6 +127,7 @@ start_ferry() {
     >"$dir/stdout.log" 2>"$dir/stderr.log" &
   ferry_pid=$!
   pids+=("$ferry_pid")
+  server_pid="$ferry_pid"
   wait_port "$ferry_port"
 }
 
@@ -144,6 +145,7 @@ start_nats() {
   "$nats" -c "$dir/nats.conf" >"$dir/nats.log" 2>&1 &
   nats_pid=$!
   pids+=("$nats_pid")
+  server_pid="$nats_pid"
   wait_port "$nats_port"
 }
 
@@ -155,6 +157,7 @@ start_redis() {
     --appendonly yes --appendfsync "$fsync" --daemonize no >"$dir/redis.log" 2>&1 &
   redis_pid=$!
   pids+=("$redis_pid")
+  server_pid="$redis_pid"
   wait_port "$redis_port"
 }
 
@@ -168,7 +171,8 @@ append_sweep() {
     loadtest append --target "$target" --api-key "$key" --rate "$rate" --duration "$duration" \
       --conversations "$conversations" --payload "$payload" --label "$label @ $rate/s" \
       --json "$out/append-$label-$rate.json" --markdown "$out/append.md" \
-      --plot "$out/append-$label-$rate.svg" "$@" || log "$label at $rate/s failed"
+      --plot "$out/append-$label-$rate.svg" --server-pid "$server_pid" "$@" ||
+      log "$label at $rate/s failed"
   done
 }
 
@@ -206,7 +210,7 @@ ferry_scenarios() {
       --duration "$duration" --conversations "$convs" --subscribers 10 --connections 8 \
       --transport ws --label "fanout 10 subs, $convs conversations @ $rate/s" \
       --json "$out/fanout-$convs-$rate.json" --markdown "$out/ferry.md" \
-      --plot "$out/fanout-$convs-$rate.svg" || log "fanout failed"
+      --plot "$out/fanout-$convs-$rate.svg" --server-pid "$server_pid" || log "fanout failed"
     stop "$ferry_pid"
   done
 
@@ -215,7 +219,8 @@ ferry_scenarios() {
   loadtest resume --target "http://127.0.0.1:$ferry_port" --api-key "$key" --rate 10000 \
     --duration "$((duration * 3))" --conversations 100 --subscribers 1 --reconnects-per-min 1000 \
     --connections 8 --label "resume @ 10000/s, 1000 reconnects/min" --json "$out/resume.json" \
-    --markdown "$out/ferry.md" --plot "$out/resume.svg" || log "resume FAILED"
+    --markdown "$out/ferry.md" --plot "$out/resume.svg" --server-pid "$server_pid" ||
+    log "resume FAILED"
   stop "$ferry_pid"
 
   start_ferry connections
@@ -231,7 +236,7 @@ ferry_scenarios() {
   loadtest mixed --target "http://127.0.0.1:$ferry_port" --api-key "$key" --rate 10000 \
     --duration "$duration" --conversations 100 --readers 4 --connections 8 \
     --label "mixed @ 10000/s + 4 readers" --json "$out/mixed.json" --markdown "$out/ferry.md" \
-    --plot "$out/mixed.svg" || log "mixed failed"
+    --plot "$out/mixed.svg" --server-pid "$server_pid" || log "mixed failed"
   stop "$ferry_pid"
 }
 

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::cli::{Args, Target, Transport};
+use crate::cpu::{CpuReport, CpuWindow};
 use crate::ferry::{append_body, FerryHttp, Incoming, PhxSocket, SENDER};
 use crate::pacer::Pacer;
 use crate::peers::{nats::NatsAppender, redis::RedisAppender};
@@ -128,6 +129,13 @@ pub struct Publisher {
     conversations: usize,
     max_outstanding: usize,
     drain: Duration,
+    server_pid: Option<u32>,
+}
+
+/// What [`Publisher::run`] measured: every answer, and the CPU both sides burned meanwhile.
+pub struct Published {
+    pub acks: Recorder,
+    pub cpu: CpuReport,
 }
 
 impl Publisher {
@@ -194,12 +202,14 @@ impl Publisher {
             conversations: names.conversations.len(),
             max_outstanding: args.max_outstanding,
             drain,
+            server_pid: args.server_pid,
         })
     }
 
     /// Runs the schedule from `start`, waits for every answer (or the drain timeout), and
     /// returns the merged record. Send `i` goes to conversation `i % conversations`.
-    pub async fn run(self, pacer: Pacer, start: Instant, live: Arc<Live>) -> Recorder {
+    pub async fn run(self, pacer: Pacer, start: Instant, live: Arc<Live>) -> Published {
+        let cpu = CpuWindow::start(self.server_pid);
         let mut senders = Vec::new();
         let mut handles: Vec<JoinHandle<Recorder>> = Vec::new();
         let by_conversation = matches!(self.workers, Workers::Ws(_));
@@ -268,7 +278,10 @@ impl Publisher {
                 }
             }
         }
-        Recorder::merged(&all)
+        Published {
+            acks: Recorder::merged(&all),
+            cpu: cpu.finish(),
+        }
     }
 }
 

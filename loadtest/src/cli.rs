@@ -59,7 +59,8 @@ pub struct Args {
     /// `connections`: idle sockets to open.
     #[arg(long, default_value_t = 1000)]
     pub sockets: usize,
-    /// `connections`: the server's pid, whose VmRSS is read before and after the ramp.
+    /// The server's pid: every scenario that publishes reports its CPU (cores, µs per ack) over
+    /// the publishing window; `connections` reads its VmRSS before and after the ramp.
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Seconds between heartbeats on every socket (the server closes sockets silent for 60 s).

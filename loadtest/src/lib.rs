@@ -19,9 +19,11 @@
 //! - [`scenarios`]: one module per scenario (`append`, `fanout`, `resume`, `connections`, `mixed`).
 //! - [`report`]: the final [`report::Report`], its JSON and markdown forms; [`plot`] its SVG.
 //! - [`progress`]: live counters and the terminal progress bar.
+//! - [`cpu`]: CPU burned by the server (`--server-pid`) and the tool while publishing.
 
 pub mod append;
 pub mod cli;
+pub mod cpu;
 pub mod ferry;
 pub mod gapcheck;
 pub mod pacer;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::append::Names;
 use crate::cli::{Args, Scenario, Target, Transport};
+use crate::cpu::CpuReport;
 use crate::gapcheck::ViolationCounts;
 use crate::stats::{LatencySummary, Recorder, TimelinePoint};
 use crate::LoadError;
@@ -50,6 +51,8 @@ pub struct Report {
     pub resume: Option<ResumeReport>,
     pub sockets: Option<SocketsReport>,
     pub reads: Option<ReadsReport>,
+    /// CPU of the server (`--server-pid`) and of the load tool while publishing.
+    pub cpu: Option<CpuReport>,
     pub error_samples: Vec<String>,
     pub failures: Vec<String>,
     pub timeline: Vec<TimelinePoint>,
@@ -151,6 +154,7 @@ impl Report {
             delivery: None,
             resume: None,
             sockets: None,
+            cpu: None,
             reads: None,
             error_samples: acks.error_samples.clone(),
             failures,
@@ -219,6 +223,17 @@ impl Report {
                 s.rss_per_socket_bytes
                     .map_or("?".into(), |v| format!("{v:.0}"))
             ));
+        }
+        if let Some(c) = &self.cpu {
+            let server = match (c.server_cores, c.server_us_per(self.ok)) {
+                (Some(cores), Some(us)) => format!("server {cores:.2} cores ({us:.1} µs per ack)"),
+                (Some(cores), None) => format!("server {cores:.2} cores"),
+                _ => "server ?".to_owned(),
+            };
+            let own = c
+                .loadtest_cores
+                .map_or("?".to_owned(), |cores| format!("{cores:.2} cores"));
+            notes.push(format!("cpu: {server}, load tool {own}"));
         }
         if let Some(r) = &self.reads {
             notes.push(format!(
