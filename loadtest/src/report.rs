@@ -225,15 +225,21 @@ impl Report {
             ));
         }
         if let Some(c) = &self.cpu {
-            let server = match (c.server_cores, c.server_us_per(self.ok)) {
-                (Some(cores), Some(us)) => format!("server {cores:.2} cores ({us:.1} µs per ack)"),
-                (Some(cores), None) => format!("server {cores:.2} cores"),
-                _ => "server ?".to_owned(),
-            };
-            let own = c
-                .loadtest_cores
-                .map_or("?".to_owned(), |cores| format!("{cores:.2} cores"));
-            notes.push(format!("cpu: {server}, load tool {own}"));
+            let mut parts = Vec::new();
+            match (c.server_cores, c.server_us_per(self.ok)) {
+                (Some(cores), Some(us)) => {
+                    parts.push(format!("server {cores:.2} cores ({us:.1} µs per ack)"))
+                }
+                (Some(cores), None) => parts.push(format!("server {cores:.2} cores")),
+                // Without --server-pid there is nothing to say about the server.
+                (None, _) => {}
+            }
+            if let Some(cores) = c.loadtest_cores {
+                parts.push(format!("load tool {cores:.2} cores"));
+            }
+            if !parts.is_empty() {
+                notes.push(format!("cpu: {}", parts.join(", ")));
+            }
         }
         if let Some(r) = &self.reads {
             notes.push(format!(
