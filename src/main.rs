@@ -11,7 +11,7 @@ use ferry::{server, store};
 
 /// jemalloc instead of the system allocator: the server allocates and frees many small buffers
 /// per message (frames, pushes, futures) on two or more threads at once, where glibc's malloc
-/// spent about a fifth of the server's CPU under fan-out load (`docs/benchmarks.md`).
+/// took about 15 % of the server's CPU samples under fan-out load (`docs/benchmarks.md`).
 #[cfg(unix)]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -214,15 +214,15 @@ pub struct PushedContent {
     pub i: Option<u64>,
 }
 
-/// A frame decoded in one pass for the subscribers' hot path: topic and event borrowed from the
-/// text, and of the payload only the fields of a `message` or `gap` push (everything else is
-/// skipped, not kept). A frame this cannot decode (a payload that is not an object, a string with
-/// escapes in the topic) is decoded again with [`Frame::parse`].
+/// A frame decoded in one pass for the subscribers' hot path: the event borrowed from the text,
+/// and of the payload only the fields of a `message` or `gap` push (everything else is skipped,
+/// not kept). A frame this cannot decode (a payload that is not an object, an event with escapes)
+/// is decoded again with [`Frame::parse`].
 #[derive(Debug, Deserialize)]
 pub struct PushView<'a>(
     IgnoredAny,
     IgnoredAny,
-    #[serde(borrow)] &'a str,
+    IgnoredAny,
     #[serde(borrow)] &'a str,
     PushFields,
 );
@@ -241,10 +241,6 @@ pub struct PushFields {
 impl<'a> PushView<'a> {
     pub fn parse(text: &'a str) -> Option<PushView<'a>> {
         serde_json::from_str(text).ok()
-    }
-
-    pub fn topic(&self) -> &'a str {
-        self.2
     }
 
     pub fn event(&self) -> &'a str {

@@ -268,7 +268,7 @@ mod tests {
                 i: Some(41)
             }
         );
-        // A topic with an escape cannot be borrowed: decoded the general way, same answer.
+        // An escape in the topic changes nothing.
         let escaped = r#"["1",null,"conversation:c\u002d0","message",{"seq":8,"content":{"i":1}}]"#;
         assert_eq!(Seen::of(escaped), Seen::Message { seq: 8, i: Some(1) });
         // Someone else's content: the seq still counts, there is no send index.
