@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::cli::{Args, Target, Transport};
 use crate::cpu::{CpuReport, CpuWindow};
-use crate::ferry::{append_body, FerryHttp, Incoming, PhxSocket, SENDER};
+use crate::ferry::{append_body, FerryHttp, Frame, PhxSocket, ReplyView, Text, SENDER};
 use crate::pacer::Pacer;
 use crate::peers::{nats::NatsAppender, redis::RedisAppender};
 use crate::progress::Live;
@@ -358,25 +358,36 @@ impl WsWorker {
             tokio::select! {
                 job = rx.recv(), if open => match job {
                     Some(job) => {
-                        let Some((join_ref, topic)) = self.topics.get(&job.conv) else {
-                            record(&mut rec, &live, start, job.scheduled,
-                                Outcome::Error(format!("conversation {} not joined", job.conv)));
-                            continue;
-                        };
-                        let body = format!(
-                            r#"{{"sender":"{SENDER}","content":{}}}"#,
-                            self.payload.content(job.index)
-                        );
-                        let sent = self
-                            .socket
-                            .send_frame(Some(join_ref), &job.index.to_string(), topic, "send", &body)
-                            .await;
-                        match sent {
-                            Ok(()) => {
-                                pending.insert(job.index, job);
+                        // Every send already due goes out in one write; none waits for another.
+                        let mut next = Some(job);
+                        while let Some(job) = next.take() {
+                            let Some((join_ref, topic)) = self.topics.get(&job.conv) else {
+                                record(&mut rec, &live, start, job.scheduled,
+                                    Outcome::Error(format!("conversation {} not joined", job.conv)));
+                                next = rx.try_recv().ok();
+                                continue;
+                            };
+                            let body = format!(
+                                r#"{{"sender":"{SENDER}","content":{}}}"#,
+                                self.payload.content(job.index)
+                            );
+                            let fed = self
+                                .socket
+                                .feed_frame(Some(join_ref), &job.index.to_string(), topic, "send", &body)
+                                .await;
+                            match fed {
+                                Ok(()) => {
+                                    pending.insert(job.index, job);
+                                    next = rx.try_recv().ok();
+                                }
+                                Err(e) => {
+                                    record(&mut rec, &live, start, job.scheduled, Outcome::Error(e.to_string()));
+                                    broken = Some(e.to_string());
+                                }
                             }
-                            Err(e) => {
-                                record(&mut rec, &live, start, job.scheduled, Outcome::Error(e.to_string()));
+                        }
+                        if broken.is_none() {
+                            if let Err(e) = self.socket.flush().await {
                                 broken = Some(e.to_string());
                             }
                         }
@@ -386,24 +397,16 @@ impl WsWorker {
                         drain_deadline.as_mut().reset(Instant::now() + drain);
                     }
                 },
-                incoming = self.socket.next() => match incoming {
-                    Ok(Incoming::Frame(f)) if f.event == "phx_reply" => {
-                        let job = f
-                            .reference
-                            .as_deref()
-                            .and_then(|r| r.parse::<u64>().ok())
-                            .and_then(|i| pending.remove(&i));
-                        let Some(job) = job else { continue };
-                        let outcome = match f.reply() {
-                            Ok(_) => Outcome::Ok,
-                            Err((reason, _)) if reason == "try_again" => Outcome::TryAgain,
-                            Err((reason, raw)) => Outcome::Error(format!("send: {reason}: {raw}")),
+                incoming = self.socket.next_text() => match incoming {
+                    Ok(Text::Frame(text)) => {
+                        let Some((index, outcome)) = reply_outcome(text.as_str()) else {
+                            // Our own messages pushed back to us, heartbeat replies: not measured.
+                            continue;
                         };
+                        let Some(job) = pending.remove(&index) else { continue };
                         record(&mut rec, &live, start, job.scheduled, outcome);
                     }
-                    // Our own messages pushed back to us, heartbeat replies: not measured here.
-                    Ok(Incoming::Frame(_)) => {}
-                    Ok(Incoming::Closed(why)) => broken = Some(why),
+                    Ok(Text::Closed(why)) => broken = Some(why),
                     Err(e) => broken = Some(e.to_string()),
                 },
                 _ = &mut drain_deadline, if !open => {
@@ -437,6 +440,30 @@ impl WsWorker {
     }
 }
 
+/// The send index (the ref) and outcome of a reply to a `send`; `None` for any other frame
+/// (pushes, heartbeat replies). Read in one borrowed pass ([`ReplyView`]); what that cannot
+/// read goes through [`Frame::parse`].
+fn reply_outcome(text: &str) -> Option<(u64, Outcome)> {
+    let (index, reply) = match ReplyView::parse(text) {
+        Some(view) if view.event() != "phx_reply" => return None,
+        Some(view) => (view.reference()?.parse().ok()?, view.outcome()),
+        None => {
+            let frame = Frame::parse(text).ok()?;
+            if frame.event != "phx_reply" {
+                return None;
+            }
+            let index = frame.reference.as_deref()?.parse().ok()?;
+            (index, frame.reply().map(|_| ()))
+        }
+    };
+    let outcome = match reply {
+        Ok(()) => Outcome::Ok,
+        Err((reason, _)) if reason == "try_again" => Outcome::TryAgain,
+        Err((reason, raw)) => Outcome::Error(format!("send: {reason}: {raw}")),
+    };
+    Some((index, outcome))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,5 +484,33 @@ mod tests {
         assert_eq!(n.conversations.len(), 3);
         assert!(n.conversations[2].starts_with("lt-") && n.conversations[2].ends_with("-2"));
         assert_ne!(n.conversations[0], n.conversations[1]);
+    }
+
+    #[test]
+    fn replies_to_sends_are_read_and_everything_else_is_skipped() {
+        let ok = r#"["1","42","conversation:a","phx_reply",{"status":"ok","response":{"seq":7,"id":"x","created_at":"t","deduped":false}}]"#;
+        assert_eq!(reply_outcome(ok), Some((42, Outcome::Ok)));
+        let busy = r#"["1","43","conversation:a","phx_reply",{"status":"error","response":{"reason":"try_again","retry_after_ms":50}}]"#;
+        assert_eq!(reply_outcome(busy), Some((43, Outcome::TryAgain)));
+        let refused = r#"["1","44","conversation:a","phx_reply",{"status":"error","response":{"reason":"forbidden"}}]"#;
+        let Some((44, Outcome::Error(e))) = reply_outcome(refused) else {
+            panic!("an error reply is an error");
+        };
+        assert!(e.starts_with("send: forbidden: {"), "{e}");
+        // Our own message pushed back, and a heartbeat reply (its ref is not a send index).
+        let push = r#"["1",null,"conversation:a","message",{"seq":7,"content":{"i":42}}]"#;
+        assert_eq!(reply_outcome(push), None);
+        let heartbeat = r#"[null,"r3","phoenix","phx_reply",{"status":"ok","response":{}}]"#;
+        assert_eq!(reply_outcome(heartbeat), None);
+        // A string with an escape cannot be borrowed: the general decoder reads the frame.
+        let escaped = r#"["1","44","conversation:a\u0021","phx_reply",{"status":"error","response":{"reason":"invalid"}}]"#;
+        assert!(
+            ReplyView::parse(escaped).is_some(),
+            "the topic is ignored, not borrowed"
+        );
+        let escaped =
+            r#"["1","4\u0035","conversation:a","phx_reply",{"status":"ok","response":{}}]"#;
+        assert!(ReplyView::parse(escaped).is_none());
+        assert_eq!(reply_outcome(escaped), Some((45, Outcome::Ok)));
     }
 }

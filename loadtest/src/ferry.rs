@@ -179,23 +179,69 @@ impl Frame {
 
     /// For `phx_reply`: `Ok(response)` or `Err((reason, whole payload))`.
     pub fn reply(&self) -> Result<Value, (String, String)> {
+        parse_reply(self.payload.get())
+    }
+}
+
+/// A `phx_reply` payload: `Ok(response)` or `Err((reason, whole payload))`.
+fn parse_reply(raw: &str) -> Result<Value, (String, String)> {
+    #[derive(Deserialize)]
+    struct Reply {
+        status: String,
+        #[serde(default)]
+        response: Value,
+    }
+    match serde_json::from_str::<Reply>(raw) {
+        Ok(r) if r.status == "ok" => Ok(r.response),
+        Ok(r) => Err((
+            r.response["reason"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_owned(),
+            raw.to_owned(),
+        )),
+        Err(e) => Err(("malformed".to_owned(), format!("{e}: {raw}"))),
+    }
+}
+
+/// A frame as a publisher reads it, decoded in one borrowed pass: ref and event borrowed from
+/// the text, the payload left raw and read only for a `phx_reply` (a publisher also receives
+/// every message it sends as a push, and skips those). A frame this cannot borrow (a string
+/// with escapes) is decoded again with [`Frame::parse`].
+#[derive(Debug, Deserialize)]
+pub struct ReplyView<'a>(
+    IgnoredAny,
+    #[serde(borrow)] Option<&'a str>,
+    IgnoredAny,
+    #[serde(borrow)] &'a str,
+    #[serde(borrow)] &'a RawValue,
+);
+
+impl<'a> ReplyView<'a> {
+    pub fn parse(text: &'a str) -> Option<ReplyView<'a>> {
+        serde_json::from_str(text).ok()
+    }
+
+    pub fn reference(&self) -> Option<&'a str> {
+        self.1
+    }
+
+    pub fn event(&self) -> &'a str {
+        self.3
+    }
+
+    /// For `phx_reply`: `Ok` for status `ok` (its response is not read), else the reason and the
+    /// whole payload, as [`Frame::reply`] gives them.
+    pub fn outcome(&self) -> Result<(), (String, String)> {
         #[derive(Deserialize)]
-        struct Reply {
-            status: String,
-            #[serde(default)]
-            response: Value,
+        struct Status<'a> {
+            #[serde(borrow)]
+            status: &'a str,
         }
-        let raw = self.payload.get();
-        match serde_json::from_str::<Reply>(raw) {
-            Ok(r) if r.status == "ok" => Ok(r.response),
-            Ok(r) => Err((
-                r.response["reason"]
-                    .as_str()
-                    .unwrap_or("unknown")
-                    .to_owned(),
-                raw.to_owned(),
-            )),
-            Err(e) => Err(("malformed".to_owned(), format!("{e}: {raw}"))),
+        let raw = self.4.get();
+        match serde_json::from_str::<Status>(raw) {
+            Ok(s) if s.status == "ok" => Ok(()),
+            _ => parse_reply(raw).map(|_| ()),
         }
     }
 }
@@ -310,12 +356,33 @@ impl PhxSocket {
         event: &str,
         payload: &str,
     ) -> Result<(), LoadError> {
+        self.feed_frame(join_ref, reference, topic, event, payload)
+            .await?;
+        self.flush().await
+    }
+
+    /// Like [`PhxSocket::send_frame`], but the frame waits in the socket's write buffer for
+    /// [`PhxSocket::flush`] (or for the buffer to fill), so frames due together leave in one write.
+    pub async fn feed_frame(
+        &mut self,
+        join_ref: Option<&str>,
+        reference: &str,
+        topic: &str,
+        event: &str,
+        payload: &str,
+    ) -> Result<(), LoadError> {
         let join_ref = match join_ref {
             Some(j) => format!("\"{j}\""),
             None => "null".to_owned(),
         };
         let text = format!(r#"[{join_ref},"{reference}","{topic}","{event}",{payload}]"#);
-        self.stream.send(Message::text(text)).await?;
+        self.stream.feed(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// Writes whatever [`PhxSocket::feed_frame`] buffered.
+    pub async fn flush(&mut self) -> Result<(), LoadError> {
+        self.stream.flush().await?;
         Ok(())
     }
 
