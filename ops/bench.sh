@@ -2,9 +2,10 @@
 # The end-to-end benchmark behind docs/benchmarks.md: Ferry against NATS JetStream and Redis
 # Streams on this machine, same workload, same load tool (ferry-loadtest), same run.
 #
-#   ops/bench.sh                 # everything (about 20 minutes on 2 cores)
+#   ops/bench.sh                 # everything (about 25 minutes on 2 cores)
 #   ops/bench.sh compare         # only the append comparison against the peers
-#   ops/bench.sh ferry           # only Ferry's own scenarios (fanout, resume, connections, mixed)
+#   ops/bench.sh fanout          # only the fan-out sweep, Ferry and Redis Streams run by run
+#   ops/bench.sh ferry           # only Ferry's other scenarios (resume, connections, mixed)
 #
 # Every system runs alone on private ports in its own temp dir, is measured, and is stopped
 # before the next one starts. What each one promises when it acknowledges:
@@ -151,6 +152,8 @@ start_nats() {
 
 start_redis() {
   local fsync="$1" dir="$work/redis-$1"
+  # Fresh each time: a restarted Redis would replay the last run's AOF.
+  rm -rf "$dir"
   mkdir -p "$dir"
   redis_port="$(free_port)"
   redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$dir" --save "" \
@@ -196,24 +199,39 @@ compare() {
   done
 }
 
-ferry_scenarios() {
-  rm -f "$out/ferry.md"
-  # Fan-out: 10 subscriber sockets per conversation, publishers on 8 WebSockets. The sweep
-  # spreads the same rates over 100, 10 and 1 conversations: per delivered message the cost is
-  # one socket write when each subscriber sees a message every few ms (100 conversations), and
-  # shared by a batch when messages to one socket arrive faster than a group commit (1).
+fanout() {
+  rm -f "$out/fanout.md"
+  # 10 subscribers per conversation, publishers on 8 connections. The sweep spreads the same
+  # rates over 100, 10 and 1 conversations: per delivered message the cost is one socket write
+  # when each subscriber sees a message every few ms (100 conversations), and shared by a batch
+  # when messages to one socket arrive faster than a group commit (1). Each point runs on Ferry
+  # (Phoenix WebSocket subscribers) and right after on Redis Streams with `appendfsync always`
+  # (an `XREAD BLOCK` loop per subscriber, each on its own connection), so both see the machine
+  # in the same state.
   for spec in $fanout_sweep; do
     local convs="${spec%%:*}" rate="${spec##*:}"
     start_ferry "fanout-$convs-$rate"
-    log "fanout: 10 subscribers per conversation, $convs conversations, $rate appends/s"
+    log "fanout ferry: 10 subscribers per conversation, $convs conversations, $rate appends/s"
     loadtest fanout --target "http://127.0.0.1:$ferry_port" --api-key "$key" --rate "$rate" \
       --duration "$duration" --conversations "$convs" --subscribers 10 --connections 8 \
-      --transport ws --label "fanout 10 subs, $convs conversations @ $rate/s" \
-      --json "$out/fanout-$convs-$rate.json" --markdown "$out/ferry.md" \
+      --transport ws --label "ferry: fanout 10 subs, $convs conversations @ $rate/s" \
+      --json "$out/fanout-$convs-$rate.json" --markdown "$out/fanout.md" \
       --plot "$out/fanout-$convs-$rate.svg" --server-pid "$server_pid" || log "fanout failed"
     stop "$ferry_pid"
+    start_redis always
+    log "fanout redis-always: 10 subscribers per stream, $convs streams, $rate appends/s"
+    loadtest fanout --target "redis://127.0.0.1:$redis_port" --rate "$rate" \
+      --duration "$duration" --conversations "$convs" --subscribers 10 --connections 8 \
+      --label "redis-always: fanout 10 subs, $convs streams @ $rate/s" \
+      --json "$out/fanout-redis-always-$convs-$rate.json" --markdown "$out/fanout.md" \
+      --plot "$out/fanout-redis-always-$convs-$rate.svg" --server-pid "$server_pid" ||
+      log "redis fanout failed"
+    stop "$redis_pid"
   done
+}
 
+ferry_scenarios() {
+  rm -f "$out/ferry.md"
   start_ferry resume
   log "resume: 10,000 messages/s, 1,000 reconnects/min"
   loadtest resume --target "http://127.0.0.1:$ferry_port" --api-key "$key" --rate 10000 \
@@ -246,9 +264,10 @@ log "building release binaries"
 cargo build --release --locked -p ferry --bin ferry -p ferry-loadtest --bin ferry-loadtest >&2
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 case "$what" in
-  all) ensure_nats; ensure_redis; machine; compare; ferry_scenarios ;;
+  all) ensure_nats; ensure_redis; machine; compare; fanout; ferry_scenarios ;;
   compare) ensure_nats; ensure_redis; machine; compare ;;
+  fanout) ensure_redis; machine; fanout ;;
   ferry) machine; ferry_scenarios ;;
-  *) echo "usage: ops/bench.sh [all|compare|ferry]" >&2; exit 2 ;;
+  *) echo "usage: ops/bench.sh [all|compare|fanout|ferry]" >&2; exit 2 ;;
 esac
 log "results in $out"

@@ -67,7 +67,8 @@ pub struct DeliveryReport {
     pub delivered: u64,
     /// Scheduled send to delivery on the subscriber.
     pub latency: LatencySummary,
-    pub violations: ViolationCounts,
+    /// `None` where there is no seq to check order by (Redis entries carry none).
+    pub violations: Option<ViolationCounts>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -202,10 +203,13 @@ impl Report {
                 d.latency.p99_ms,
                 d.latency.max_ms
             ));
-            notes.push(format!(
-                "gaps {} repeats {} reorders {}",
-                d.violations.gaps, d.violations.repeats, d.violations.reorders
-            ));
+            notes.push(match &d.violations {
+                Some(v) => format!(
+                    "gaps {} repeats {} reorders {}",
+                    v.gaps, v.repeats, v.reorders
+                ),
+                None => "order not checked (no seq)".to_owned(),
+            });
         }
         if let Some(r) = &self.resume {
             notes.push(format!(

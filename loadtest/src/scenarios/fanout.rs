@@ -158,7 +158,7 @@ pub async fn run_ferry(
         expected,
         delivered,
         latency: delivery.summary(),
-        violations: counts,
+        violations: Some(counts),
     });
     if reconnects_per_min.is_some() {
         report.resume = Some(ResumeReport {
@@ -267,7 +267,7 @@ async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, Lo
         expected,
         delivered,
         latency: delivery.summary(),
-        violations: ViolationCounts::default(),
+        violations: None,
     });
     Ok(report)
 }
