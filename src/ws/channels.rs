@@ -37,7 +37,7 @@ use ferry_shards::record::{format_rfc3339_millis, now_ms};
 
 use super::frame::{self, Address, Frame};
 use super::metrics::{self, ChannelGauge};
-use super::session::{Channels, Outbox};
+use super::session::{AwaitedReply, Channels, Outbox};
 use crate::access;
 use crate::auth::Principal;
 use crate::delivery::Cursor;
@@ -81,6 +81,8 @@ struct AppendJob {
     request: AppendRequest,
     /// Counts against the socket's in-flight bound until the reply is queued.
     _permit: OwnedSemaphorePermit,
+    /// Tells the socket's writer a reply is coming, until it is queued.
+    _awaited: AwaitedReply,
 }
 
 /// One joined topic.
@@ -421,6 +423,7 @@ impl SocketChannels {
                 to: frame.address(),
                 request,
                 _permit: permit,
+                _awaited: self.outbox.awaiting_reply(),
             })
             .map_err(|_| too_many_in_flight())
     }
@@ -770,6 +773,7 @@ async fn append_one(
         to,
         request,
         _permit,
+        _awaited,
     } = job;
     let result = async {
         if let Principal::User { .. } = principal {

@@ -18,6 +18,8 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message};
@@ -75,12 +77,34 @@ pub enum Outgoing {
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Outgoing>,
+    /// Replies the socket's requests are still waiting for (see [`Outbox::awaiting_reply`]).
+    awaited: Arc<AtomicUsize>,
+}
+
+/// Counts one request as waiting for its reply until dropped (see [`Outbox::awaiting_reply`]).
+pub struct AwaitedReply(Arc<AtomicUsize>);
+
+impl Drop for AwaitedReply {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Outbox {
     pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Outbox { tx }, rx)
+        let awaited = Arc::new(AtomicUsize::new(0));
+        (Outbox { tx, awaited }, rx)
+    }
+
+    /// Marks a request whose reply comes later (a `send` waiting to be durable) until the guard
+    /// is dropped, after its reply is queued. While any is pending the writer lets other ready
+    /// tasks run once before it writes: the durable advance that makes a conversation's pushes
+    /// ready also completes the sends behind them, and their replies then share the pushes'
+    /// write instead of costing a second one.
+    pub fn awaiting_reply(&self) -> AwaitedReply {
+        self.awaited.fetch_add(1, Ordering::Relaxed);
+        AwaitedReply(self.awaited.clone())
     }
 
     /// Queues a frame, waiting while the queue is full. False once the socket is gone.
@@ -217,7 +241,7 @@ where
     C: Channels,
 {
     let (outbox, rx) = Outbox::new(config.outbox_frames);
-    let mut writer = tokio::spawn(write_loop(sink, rx));
+    let mut writer = tokio::spawn(write_loop(sink, rx, outbox.awaited.clone()));
     let mut channels = make_channels(outbox.clone());
     let end = tokio::select! {
         end = read_loop(&mut stream, &mut channels, &outbox, &config) => end,
@@ -327,9 +351,22 @@ enum Step {
     Done,
 }
 
+/// What is ready to write right now, without waiting: queued frames first.
+fn ready_now(
+    rx: &mut mpsc::Receiver<Outgoing>,
+    deliveries: &mut SelectAll<Delivery>,
+) -> Option<Step> {
+    match rx.try_recv() {
+        Ok(item) => Some(Step::Item(item)),
+        Err(_) if deliveries.is_empty() => None,
+        Err(_) => deliveries.next().now_or_never().flatten().map(Step::Pushes),
+    }
+}
+
 /// Writes queued frames and the pushes of every delivery it was handed, batching whatever is
 /// ready into one flush. Queued frames (replies) go before pushes that are ready at the same time.
-async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outgoing>)
+/// `awaited` counts replies still to come (see [`Outbox::awaiting_reply`]).
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Outgoing>, awaited: Arc<AtomicUsize>)
 where
     S: Sink<Message> + Unpin,
     S::Error: Display,
@@ -346,44 +383,55 @@ where
             let mut next = Some(first);
             let mut batch_bytes = 0;
             let mut written = 0;
-            while let Some(step) = next.take() {
-                let texts = match step {
-                    Step::Done => {
-                        let _ = sink.close().await;
-                        return Ok(());
-                    }
-                    Step::Item(Outgoing::Close { code, reason }) => {
-                        frames_out.increment(written);
-                        let close = Message::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        }));
-                        // The peer may already be gone; nothing more to do either way.
-                        let _ = sink.send(close).await;
-                        let _ = sink.close().await;
-                        return Ok(());
-                    }
-                    Step::Item(Outgoing::Deliver(delivery)) => {
-                        deliveries.push(delivery);
-                        Vec::new()
-                    }
-                    Step::Item(Outgoing::Text(text)) => vec![text],
-                    Step::Pushes(pushes) => pushes,
-                };
-                for text in texts {
-                    batch_bytes += text.len();
-                    written += 1;
-                    sink.feed(Message::Text(text.into()))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                if batch_bytes < WRITE_BATCH_BYTES {
-                    next = match rx.try_recv() {
-                        Ok(item) => Some(Step::Item(item)),
-                        Err(_) if deliveries.is_empty() => None,
-                        // Only what is ready now; the select above waits for the rest.
-                        Err(_) => deliveries.next().now_or_never().flatten().map(Step::Pushes),
+            let mut yielded = false;
+            loop {
+                while let Some(step) = next.take() {
+                    let texts = match step {
+                        Step::Done => {
+                            let _ = sink.close().await;
+                            return Ok(());
+                        }
+                        Step::Item(Outgoing::Close { code, reason }) => {
+                            frames_out.increment(written);
+                            let close = Message::Close(Some(CloseFrame {
+                                code,
+                                reason: reason.into(),
+                            }));
+                            // The peer may already be gone; nothing more to do either way.
+                            let _ = sink.send(close).await;
+                            let _ = sink.close().await;
+                            return Ok(());
+                        }
+                        Step::Item(Outgoing::Deliver(delivery)) => {
+                            deliveries.push(delivery);
+                            Vec::new()
+                        }
+                        Step::Item(Outgoing::Text(text)) => vec![text],
+                        Step::Pushes(pushes) => pushes,
                     };
+                    for text in texts {
+                        batch_bytes += text.len();
+                        written += 1;
+                        sink.feed(Message::Text(text.into()))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    if batch_bytes < WRITE_BATCH_BYTES {
+                        // Only what is ready now; the select above waits for the rest.
+                        next = ready_now(&mut rx, &mut deliveries);
+                    }
+                }
+                if yielded
+                    || batch_bytes >= WRITE_BATCH_BYTES
+                    || awaited.load(Ordering::Relaxed) == 0
+                {
+                    break;
+                }
+                yielded = true;
+                tokio::task::yield_now().await;
+                next = ready_now(&mut rx, &mut deliveries);
+                if next.is_none() {
+                    break;
                 }
             }
             sink.flush().await.map_err(|e| e.to_string())?;
@@ -603,7 +651,7 @@ mod tests {
                 Ok::<_, String>(tx)
             },
         ));
-        let writer = tokio::spawn(write_loop(sink, rx));
+        let writer = tokio::spawn(write_loop(sink, rx, Arc::default()));
         // A delivery whose second pull waits until the test lets it go on.
         let (more_tx, more_rx) = tokio::sync::oneshot::channel::<()>();
         let delivery = futures_util::stream::iter([vec!["p1".to_owned(), "p2".to_owned()]]).chain(
@@ -630,6 +678,93 @@ mod tests {
         assert_eq!(text(&mut from_server).await, "p3");
         drop(outbox);
         writer.await.unwrap();
+    }
+
+    /// A sink that records what each flush wrote.
+    struct Flushes {
+        pending: Vec<String>,
+        tx: UnboundedSender<Vec<String>>,
+    }
+
+    impl Sink<Message> for Flushes {
+        type Error = String;
+
+        fn poll_ready(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), String>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), String> {
+            if let Message::Text(t) = item {
+                self.pending.push(t.to_string());
+            }
+            Ok(())
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), String>> {
+            if !self.pending.is_empty() {
+                let batch = std::mem::take(&mut self.pending);
+                self.tx.send(batch).map_err(|e| e.to_string())?;
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(
+            self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), String>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_completed_with_the_pushes_shares_their_write() {
+        for awaiting in [true, false] {
+            let (outbox, rx) = Outbox::new(8);
+            let (tx, mut flushes) = unbounded_channel();
+            let sink = Flushes {
+                pending: Vec::new(),
+                tx,
+            };
+            let writer = tokio::spawn(write_loop(sink, rx, outbox.awaited.clone()));
+            let (push_tx, push_rx) = unbounded_channel::<Vec<String>>();
+            let delivery = futures_util::stream::unfold(push_rx, |mut rx| async move {
+                rx.recv().await.map(|p| (p, rx))
+            });
+            assert!(outbox.deliver(Box::pin(delivery)).await);
+            let awaited = awaiting.then(|| outbox.awaiting_reply());
+            // One durable advance: the pushes are ready, and the task that queues the reply is
+            // woken right behind the writer (the test runtime runs tasks in wake order).
+            push_tx.send(vec!["push".to_owned()]).unwrap();
+            let replier = outbox.clone();
+            let reply = tokio::spawn(async move {
+                assert!(replier.send("reply".to_owned()).await);
+                drop(awaited);
+            });
+            reply.await.unwrap();
+            let mut written: Vec<Vec<String>> = Vec::new();
+            while written.iter().map(Vec::len).sum::<usize>() < 2 {
+                let batch = tokio::time::timeout(Duration::from_secs(5), flushes.recv())
+                    .await
+                    .expect("a flush within 5s")
+                    .expect("writer running");
+                written.push(batch);
+            }
+            let expected: Vec<Vec<String>> = if awaiting {
+                vec![vec!["push".into(), "reply".into()]]
+            } else {
+                vec![vec!["push".into()], vec!["reply".into()]]
+            };
+            assert_eq!(written, expected, "awaiting a reply: {awaiting}");
+            drop(outbox);
+            drop(push_tx);
+            writer.await.unwrap();
+        }
     }
 
     #[test]
