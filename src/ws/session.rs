@@ -384,54 +384,46 @@ where
             let mut batch_bytes = 0;
             let mut written = 0;
             let mut yielded = false;
-            loop {
-                while let Some(step) = next.take() {
-                    let texts = match step {
-                        Step::Done => {
-                            let _ = sink.close().await;
-                            return Ok(());
-                        }
-                        Step::Item(Outgoing::Close { code, reason }) => {
-                            frames_out.increment(written);
-                            let close = Message::Close(Some(CloseFrame {
-                                code,
-                                reason: reason.into(),
-                            }));
-                            // The peer may already be gone; nothing more to do either way.
-                            let _ = sink.send(close).await;
-                            let _ = sink.close().await;
-                            return Ok(());
-                        }
-                        Step::Item(Outgoing::Deliver(delivery)) => {
-                            deliveries.push(delivery);
-                            Vec::new()
-                        }
-                        Step::Item(Outgoing::Text(text)) => vec![text],
-                        Step::Pushes(pushes) => pushes,
-                    };
-                    for text in texts {
-                        batch_bytes += text.len();
-                        written += 1;
-                        sink.feed(Message::Text(text.into()))
-                            .await
-                            .map_err(|e| e.to_string())?;
+            while let Some(step) = next.take() {
+                let texts = match step {
+                    Step::Done => {
+                        let _ = sink.close().await;
+                        return Ok(());
                     }
-                    if batch_bytes < WRITE_BATCH_BYTES {
-                        // Only what is ready now; the select above waits for the rest.
+                    Step::Item(Outgoing::Close { code, reason }) => {
+                        frames_out.increment(written);
+                        let close = Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        }));
+                        // The peer may already be gone; nothing more to do either way.
+                        let _ = sink.send(close).await;
+                        let _ = sink.close().await;
+                        return Ok(());
+                    }
+                    Step::Item(Outgoing::Deliver(delivery)) => {
+                        deliveries.push(delivery);
+                        Vec::new()
+                    }
+                    Step::Item(Outgoing::Text(text)) => vec![text],
+                    Step::Pushes(pushes) => pushes,
+                };
+                for text in texts {
+                    batch_bytes += text.len();
+                    written += 1;
+                    sink.feed(Message::Text(text.into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                if batch_bytes < WRITE_BATCH_BYTES {
+                    // Only what is ready now; the select above waits for the rest.
+                    next = ready_now(&mut rx, &mut deliveries);
+                    if next.is_none() && !yielded && awaited.load(Ordering::Relaxed) > 0 {
+                        // A reply is coming: let the tasks woken with this batch queue it first.
+                        yielded = true;
+                        tokio::task::yield_now().await;
                         next = ready_now(&mut rx, &mut deliveries);
                     }
-                }
-                if yielded
-                    || batch_bytes >= WRITE_BATCH_BYTES
-                    || awaited.load(Ordering::Relaxed) == 0
-                {
-                    break;
-                }
-                yielded = true;
-                tokio::task::yield_now().await;
-                next = ready_now(&mut rx, &mut deliveries);
-                if next.is_none() {
-                    break;
                 }
             }
             sink.flush().await.map_err(|e| e.to_string())?;
