@@ -439,9 +439,10 @@ async fn postgres_outage_under_appends_loses_nothing_and_writes_nothing_twice() 
     };
     let server = TestServer::builder()
         .database_url(&cluster.url())
-        // About a thousand messages of backlog (~520 accounted bytes each): reached well within
-        // the outage.
-        .env("FERRY_ARCHIVE__BACKLOG_BYTES", "524288")
+        // About two thousand messages of backlog (~520 accounted bytes each): room for what
+        // the archiver has not stored yet when Postgres stops (up to a linger's worth of
+        // appends), and still reached within the first seconds of the outage.
+        .env("FERRY_ARCHIVE__BACKLOG_BYTES", "1048576")
         .env("FERRY_ARCHIVE__ACQUIRE_TIMEOUT", "1s")
         .env("FERRY_ARCHIVE__STATEMENT_TIMEOUT", "5s")
         .start();
@@ -506,8 +507,22 @@ async fn postgres_outage_under_appends_loses_nothing_and_writes_nothing_twice() 
         }));
     }
 
-    // Healthy: appends flow into Postgres.
+    // Healthy: appends flow into Postgres. Waiting for acks alone is not enough: on a busy
+    // machine the first archive batch can still be lingering when Postgres stops, and the
+    // backlog it leaves would fill the bound before the outage is measured.
     wait_acked(&outcomes, 150, "before the outage").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = server.metrics().await;
+        if metric_sum(&text, "ferry_archive_records_total", &[]).unwrap_or(0.0) >= 150.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Postgres took no appends before the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Outage.
     cluster.stop();
