@@ -375,16 +375,13 @@ impl WsWorker {
                                 .socket
                                 .feed_frame(Some(join_ref), &job.index.to_string(), topic, "send", &body)
                                 .await;
-                            match fed {
-                                Ok(()) => {
-                                    pending.insert(job.index, job);
-                                    next = rx.try_recv().ok();
-                                }
-                                Err(e) => {
-                                    record(&mut rec, &live, start, job.scheduled, Outcome::Error(e.to_string()));
-                                    broken = Some(e.to_string());
-                                }
+                            if let Err(e) = fed {
+                                record(&mut rec, &live, start, job.scheduled, Outcome::Error(e.to_string()));
+                                broken = Some(e.to_string());
+                                break;
                             }
+                            pending.insert(job.index, job);
+                            next = rx.try_recv().ok();
                         }
                         if broken.is_none() {
                             if let Err(e) = self.socket.flush().await {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::append::Names;
+use crate::append::{Names, Published};
 use crate::cli::{Args, Scenario, Target, Transport};
 use crate::cpu::CpuReport;
 use crate::gapcheck::ViolationCounts;
@@ -109,6 +109,20 @@ pub struct ReadsReport {
 
 impl Report {
     /// The common part of every report, from the appenders' merged record.
+    /// The report of a run that published: [`Report::new`] from its acks, with its CPU.
+    pub fn published(
+        args: &Args,
+        target: &Target,
+        names: &Names,
+        scheduled: u64,
+        published: Published,
+        elapsed_s: f64,
+    ) -> Report {
+        let mut report = Report::new(args, target, names, scheduled, &published.acks, elapsed_s);
+        report.cpu = Some(published.cpu);
+        report
+    }
+
     pub fn new(
         args: &Args,
         target: &Target,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::append::{Published, Publisher};
+use crate::append::Publisher;
 use crate::cli::{Args, Target};
 use crate::pacer::Pacer;
 use crate::progress::{Live, Progress};
@@ -23,10 +23,15 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
     let live = Arc::new(Live::default());
     let progress = Progress::start(live.clone(), pacer.total(), !args.no_progress);
     let start = Instant::now();
-    let Published { acks, cpu } = publisher.run(pacer, start, live).await;
+    let published = publisher.run(pacer, start, live).await;
     let elapsed = start.elapsed().as_secs_f64();
     progress.finish();
-    let mut report = Report::new(args, target, &names, pacer.total(), &acks, elapsed);
-    report.cpu = Some(cpu);
-    Ok(report)
+    Ok(Report::published(
+        args,
+        target,
+        &names,
+        pacer.total(),
+        published,
+        elapsed,
+    ))
 }

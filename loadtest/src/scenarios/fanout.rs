@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::subscriber::{self, Recorders, Spec};
-use crate::append::{Names, Published, Publisher};
+use crate::append::{Names, Publisher};
 use crate::cli::{Args, Target};
 use crate::gapcheck::ViolationCounts;
 use crate::pacer::Pacer;
@@ -97,7 +97,7 @@ pub async fn run_ferry(
         .collect();
     drop(finals_rx);
 
-    let Published { acks, cpu } = publisher.run(pacer, start, live).await;
+    let published = publisher.run(pacer, start, live).await;
     let finals = super::final_seqs(&http, &names).await?;
     let _ = finals_tx.send(Some(finals.clone()));
     let mut outcomes = Vec::new();
@@ -107,8 +107,7 @@ pub async fn run_ferry(
     let elapsed = start.elapsed().as_secs_f64();
     progress.finish();
 
-    let mut report = Report::new(args, target, &names, pacer.total(), &acks, elapsed);
-    report.cpu = Some(cpu);
+    let mut report = Report::published(args, target, &names, pacer.total(), published, elapsed);
     let delivery = Recorder::merged(outcomes.iter().map(|o| &o.delivery));
     let reconnect = Recorder::merged(outcomes.iter().map(|o| &o.reconnect));
     let mut counts = ViolationCounts::default();
@@ -232,7 +231,7 @@ async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, Lo
             })
         })
         .collect();
-    let Published { acks, cpu } = publisher.run(pacer, start, live).await;
+    let published = publisher.run(pacer, start, live).await;
     // The stream length is the number of acknowledged XADDs (fresh keys per run).
     let mut conn = redis::Client::open(url)?
         .get_multiplexed_async_connection()
@@ -255,8 +254,7 @@ async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, Lo
     let elapsed = start.elapsed().as_secs_f64();
     progress.finish();
     let delivery = Recorder::merged(&recs);
-    let mut report = Report::new(args, target, &names, pacer.total(), &acks, elapsed);
-    report.cpu = Some(cpu);
+    let mut report = Report::published(args, target, &names, pacer.total(), published, elapsed);
     if delivered != expected {
         report.failures.push(format!(
             "delivered {delivered} messages, expected {expected}"

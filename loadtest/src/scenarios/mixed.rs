@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::append::{Published, Publisher};
+use crate::append::Publisher;
 use crate::cli::{Args, Target};
 use crate::ferry::{FerryHttp, Incoming, PhxSocket, PushedMessage};
 use crate::gapcheck::SeqChecker;
@@ -56,7 +56,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
             tokio::spawn(reader(ctx, r, stop.clone()))
         })
         .collect();
-    let Published { acks, cpu } = publisher.run(pacer, start, live).await;
+    let published = publisher.run(pacer, start, live).await;
     stop.store(true, Ordering::Relaxed);
     let mut records = Vec::new();
     for r in readers {
@@ -68,8 +68,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
     let elapsed = start.elapsed().as_secs_f64();
     progress.finish();
 
-    let mut report = Report::new(args, target, &names, pacer.total(), &acks, elapsed);
-    report.cpu = Some(cpu);
+    let mut report = Report::published(args, target, &names, pacer.total(), published, elapsed);
     let forward = Recorder::merged(records.iter().map(|r| &r.forward));
     let backward = Recorder::merged(records.iter().map(|r| &r.backward));
     let replay = Recorder::merged(records.iter().map(|r| &r.replay));
