@@ -19,7 +19,8 @@
 //! and values but not necessarily the client's key order or spacing. JSONB also refuses a few
 //! things plain JSON allows (`\u0000`, lone surrogates, numbers beyond `numeric`'s range); the
 //! gateway rejects those with [`check_storable_json`] on every backend, so a stored message can
-//! never wedge the archiver.
+//! never wedge the archiver. It also rejects values nested deeper than [`MAX_JSON_DEPTH`], which
+//! could be stored but not served back inside a page or a push.
 //!
 //! With a cold tier attached ([`Store::with_cold_tier`]), reads merge SQL with segment objects:
 //! compaction ([`crate::compactor`]) only ever moves a conversation's *oldest* messages out of
@@ -1280,17 +1281,38 @@ pub fn redact_url(url: &str) -> String {
 const MAX_INTEGER_DIGITS: i64 = 131_000;
 const MAX_FRACTION_DIGITS: i64 = 16_000;
 
+/// Deepest nesting of arrays and objects a stored JSON value (a message's `content`, a
+/// `metadata` object) may have. Every place the value is served wraps it a few levels deeper (a
+/// page, a push, an inbox entry), and common JSON parsers, serde_json among them, stop at 128
+/// levels: past that a stored message could be written but no longer read back.
+pub const MAX_JSON_DEPTH: usize = 64;
+
 /// Checks that a JSON text (already known to be valid JSON) holds nothing a JSONB column refuses:
-/// the escape `\u0000`, an unpaired surrogate escape, or a number beyond `numeric`'s range. Such
-/// a message would be accepted into the WAL and then fail every archive attempt, so the gateway
-/// refuses it up front, on every backend alike.
+/// the escape `\u0000`, an unpaired surrogate escape, or a number beyond `numeric`'s range; and
+/// that it nests no deeper than [`MAX_JSON_DEPTH`]. Such a message would be accepted into the
+/// WAL and then fail every archive attempt or every read, so the gateway refuses it up front, on
+/// every backend alike.
 pub fn check_storable_json(text: &str) -> Result<(), String> {
     let b = text.as_bytes();
     let mut i = 0;
+    let mut depth = 0usize;
     while i < b.len() {
         match b[i] {
             b'"' => i = scan_string(b, i + 1)?,
             b'-' | b'0'..=b'9' => i = scan_number(b, i)?,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(format!(
+                        "nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+                    ));
+                }
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
             _ => i += 1,
         }
     }
@@ -1488,6 +1510,35 @@ mod tests {
             "-0",
         ] {
             assert_eq!(check_storable_json(ok), Ok(()), "{ok}");
+        }
+        let deepest = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH),
+            "]".repeat(MAX_JSON_DEPTH)
+        );
+        assert_eq!(check_storable_json(&deepest), Ok(()));
+        // Brackets inside strings are text, not nesting.
+        let quoted = format!(r#"{{"a": "{}"}}"#, "[{".repeat(200));
+        assert_eq!(check_storable_json(&quoted), Ok(()));
+        // Depth is nesting, not the number of containers.
+        let wide = format!("[{}[]]", "[[]],".repeat(500));
+        assert_eq!(check_storable_json(&wide), Ok(()));
+    }
+
+    #[test]
+    fn storable_json_refuses_nesting_past_the_limit() {
+        let d = MAX_JSON_DEPTH + 1;
+        for bad in [
+            format!("{}{}", "[".repeat(d), "]".repeat(d)),
+            format!("{}1{}", r#"{"a":"#.repeat(d), "}".repeat(d)),
+            format!(
+                r#"{{"x": "]]]", "y": {}{}}}"#,
+                "[".repeat(d - 1),
+                "]".repeat(d - 1)
+            ),
+        ] {
+            let err = check_storable_json(&bad).unwrap_err();
+            assert!(err.contains("nested deeper than 64"), "{err}");
         }
     }
 
