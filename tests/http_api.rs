@@ -574,6 +574,91 @@ async fn bad_inputs_get_their_protocol_codes_never_500() {
             .expect("bad key post");
         expect_error(resp, 401, "unauthorized", &format!("Authorization: {auth}")).await;
     }
+    // Credentials come first: without them a bad or oversized body is still a 401.
+    let huge = "x".repeat(300 * 1024);
+    for (method, path, body) in [
+        ("POST", "/v1/conversations/c1/messages", "not json"),
+        ("POST", "/v1/conversations/c1/messages", ""),
+        ("POST", "/v1/conversations/c1/messages", huge.as_str()),
+        ("PUT", "/v1/conversations/c9", "{"),
+        ("POST", "/v1/conversations/c1/read", ""),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let resp = anon
+            .request(method.clone(), server.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("anon bad body");
+        let what = format!("{method} {path} without a key, body {:.10}", body);
+        expect_error(resp, 401, "unauthorized", &what).await;
+    }
+
+    // Nesting: as deep as MAX_JSON_DEPTH (64) is stored and served back; deeper is invalid,
+    // in content and in metadata, and nothing of it is stored.
+    let nested = |depth: usize| {
+        let text = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        serde_json::from_str::<Value>(&text).expect("nested JSON")
+    };
+    let resp = client
+        .post(&messages)
+        .json(&json!({"sender": "alice", "content": nested(65)}))
+        .send()
+        .await
+        .expect("too deep content");
+    expect_error(resp, 400, "invalid", "content nested 65 deep").await;
+    let resp = client
+        .post(&messages)
+        .json(&json!({"sender": "alice", "content": "x", "metadata": {"a": nested(64)}}))
+        .send()
+        .await
+        .expect("too deep metadata");
+    expect_error(resp, 400, "invalid", "metadata nested 65 deep").await;
+    let resp = client
+        .put(server.url("/v1/conversations/deep"))
+        .json(&json!({"participants": ["alice"], "metadata": {"a": nested(64)}}))
+        .send()
+        .await
+        .expect("too deep conversation metadata");
+    expect_error(resp, 400, "invalid", "conversation metadata nested 65 deep").await;
+    let resp = client
+        .get(server.url("/v1/conversations/deep"))
+        .send()
+        .await
+        .expect("get deep");
+    expect_error(
+        resp,
+        404,
+        "not_found",
+        "the refused conversation was not created",
+    )
+    .await;
+    server.create_conversation("deep-ok", &["alice"]).await;
+    server.append("deep-ok", "alice", nested(64)).await;
+    let page: Value = client
+        .get(server.url("/v1/conversations/deep-ok/messages"))
+        .send()
+        .await
+        .expect("page")
+        .json()
+        .await
+        .expect("page body");
+    assert_eq!(
+        page["messages"][0]["content"],
+        nested(64),
+        "64 deep reads back"
+    );
+    let inbox = client
+        .get(server.url("/v1/participants/alice/inbox"))
+        .send()
+        .await
+        .expect("inbox");
+    assert_eq!(
+        inbox.status().as_u16(),
+        200,
+        "the inbox holds the 64-deep message"
+    );
 
     // Unknown conversations.
     let resp = client

@@ -12,7 +12,7 @@ use ferry_shards::actor::conversation::AppendRequest;
 use ferry_shards::record::{format_rfc3339_millis, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES};
 
 use super::error::ApiError;
-use super::{conversation_id, object_or_invalid, AppState, JsonBody};
+use super::{conversation_id, object_or_invalid, AppState, Caller, JsonBody};
 use crate::access;
 use crate::auth::Principal;
 use ferry_shards::ids::ParticipantId;
@@ -95,9 +95,9 @@ pub async fn append(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
     headers: HeaderMap,
+    Caller(principal): Caller,
     JsonBody(body): JsonBody<AppendBody>,
 ) -> Result<Response, ApiError> {
-    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let header_key = headers
         .get("idempotency-key")

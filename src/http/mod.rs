@@ -12,7 +12,8 @@ mod stream;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -28,7 +29,7 @@ use ferry_shards::node::Node;
 use ferry_shards::placement::slot_of;
 use ferry_shards::record::{format_rfc3339_millis, now_ms};
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Principal};
 use crate::config::Config;
 use crate::store::Store;
 use error::ApiError;
@@ -95,6 +96,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The caller, authenticated from the `Authorization` header. As an extractor it runs before the
+/// body is read, so a request without valid credentials is a 401 whatever its body holds.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        state.auth.authenticate(&parts.headers).await.map(Caller)
+    }
+}
+
 /// A JSON body read under the configured size limit; every failure is a protocol error.
 pub struct JsonBody<T>(pub T);
 
@@ -158,10 +171,9 @@ fn conversation_json(meta: &ConversationMeta, slot: u32, last_seq: u64) -> serde
 async fn put_conversation(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
     JsonBody(body): JsonBody<PutConversation>,
 ) -> Result<Response, ApiError> {
-    let principal = state.auth.authenticate(&headers).await?;
     crate::access::require_api_key(&principal)?;
     let id = conversation_id(&raw_id)?;
     if body.participants.len() > state.config.limits.max_participants {

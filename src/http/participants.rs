@@ -10,7 +10,7 @@ use serde_json::json;
 use ferry_shards::record::now_ms;
 
 use super::error::ApiError;
-use super::{conversation_id, participant_id, AppState, JsonBody};
+use super::{conversation_id, participant_id, AppState, Caller, JsonBody};
 use crate::{access, inbox};
 
 #[derive(Deserialize)]
@@ -24,10 +24,9 @@ pub struct ReadBody {
 pub async fn mark_read(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
     JsonBody(body): JsonBody<ReadBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let participant = access::sender(&principal, body.participant.as_deref())
         .map_err(|_| ApiError::invalid("participant is required with an API key"))?;
