@@ -238,6 +238,32 @@ pub struct Overrides {
     pub repair: bool,
 }
 
+/// Dotted keys of the text settings: those whose default is a string, or unset (every optional
+/// setting is text).
+fn text_keys() -> Vec<String> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(members) => {
+                for (key, value) in members {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&path, value, out);
+                }
+            }
+            serde_json::Value::String(_) | serde_json::Value::Null => out.push(prefix.to_owned()),
+            _ => {}
+        }
+    }
+    let mut keys = Vec::new();
+    if let Ok(defaults) = serde_json::to_value(Config::default()) {
+        walk("", &defaults, &mut keys);
+    }
+    keys
+}
+
 impl Config {
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
@@ -251,10 +277,23 @@ impl Config {
             let key = key.as_str().to_ascii_lowercase();
             key.contains('.') || TOP_LEVEL_KEYS.contains(&key.as_str())
         });
+        // Figment reads environment values as TOML-like literals: `FERRY_NODE_ID=7` would be a
+        // number, `FERRY_JWT_SECRET='"x"'` would lose its quotes. Text settings take the
+        // variable verbatim instead, as their flags do.
+        let text = text_keys();
+        let verbatim: Vec<(String, String)> = env
+            .iter()
+            .map(|(key, value)| (key.as_str().to_ascii_lowercase(), value))
+            .filter(|(key, _)| text.contains(key))
+            .collect();
         let repair = overrides.repair;
         let mut flags = overrides.clone();
         flags.repair = false;
-        figment = figment.merge(env).merge(Serialized::defaults(flags));
+        figment = figment.merge(env);
+        for (key, value) in verbatim {
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        figment = figment.merge(Serialized::defaults(flags));
         let mut config: Config = figment.extract().context("invalid configuration")?;
         if repair {
             config.wal.repair = true;
@@ -460,6 +499,49 @@ mod tests {
             assert_eq!(c.retention, Duration::from_secs(30 * 86_400));
             Ok(())
         });
+    }
+
+    #[test]
+    fn text_settings_from_the_environment_are_taken_verbatim() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FERRY_NODE_ID", "7");
+            jail.set_env("FERRY_BOOTSTRAP_API_KEY", "true");
+            jail.set_env("FERRY_JWT_SECRET", "\"s3cret\"");
+            jail.set_env("FERRY_REDIS_URL", "[abc]");
+            jail.set_env("FERRY_DATA_DIR", "2024");
+            jail.set_env("FERRY_WAL__FSYNC", "always");
+            jail.set_env("FERRY_SLOTS__COUNT", "32");
+            jail.set_env("FERRY_ARCHIVE__SQL_RETENTION", "2h");
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.node_id.as_deref(), Some("7"));
+            assert_eq!(c.bootstrap_api_key.as_deref(), Some("true"));
+            assert_eq!(c.jwt_secret.as_deref(), Some("\"s3cret\""));
+            assert_eq!(c.redis_url.as_deref(), Some("[abc]"));
+            assert_eq!(c.data_dir, PathBuf::from("2024"));
+            assert_eq!(c.wal.fsync, "always");
+            assert_eq!(c.slots.count, 32, "numbers stay numbers");
+            assert_eq!(c.archive.sql_retention, Duration::from_secs(7200));
+            // A flag still wins over the verbatim variable.
+            let flags = Overrides {
+                node_id: Some("flag".into()),
+                ..Overrides::default()
+            };
+            let c = Config::load(None, &flags).unwrap();
+            assert_eq!(c.node_id.as_deref(), Some("flag"));
+            Ok(())
+        });
+        let keys = text_keys();
+        for key in [
+            "node_id",
+            "jwt_secret",
+            "database_url",
+            "listen",
+            "wal.fsync",
+            "retention",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
+        assert!(!keys.iter().any(|k| k == "slots.count"), "{keys:?}");
     }
 
     #[test]
