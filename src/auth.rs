@@ -150,9 +150,21 @@ impl Auth {
         }
         if let Some(jwt) = &self.jwt {
             if token.split('.').count() == 3 {
-                return jwt.verify(token);
+                return match jwt.verify(token) {
+                    Ok(user) => Ok(user),
+                    // An API key may have the shape of a JWT (three parts separated by dots).
+                    Err(e) => self.api_key(token).await?.ok_or(e),
+                };
             }
         }
+        self.api_key(token).await?.ok_or_else(|| {
+            count_auth_failure("invalid");
+            ApiError::unauthorized("invalid credentials")
+        })
+    }
+
+    /// The API key `token`, if it is one.
+    async fn api_key(&self, token: &str) -> Result<Option<Principal>, ApiError> {
         let hash = hash_key(token);
         if let Some(admin) = self
             .cache
@@ -160,21 +172,16 @@ impl Auth {
             .unwrap_or_else(|e| e.into_inner())
             .get(&hash)
         {
-            return Ok(Principal::ApiKey { admin: *admin });
+            return Ok(Some(Principal::ApiKey { admin: *admin }));
         }
-        match self.store.api_key(&hash).await? {
-            Some(admin) => {
-                self.cache
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(hash, admin);
-                Ok(Principal::ApiKey { admin })
-            }
-            None => {
-                count_auth_failure("invalid");
-                Err(ApiError::unauthorized("invalid credentials"))
-            }
-        }
+        let Some(admin) = self.store.api_key(&hash).await? else {
+            return Ok(None);
+        };
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash, admin);
+        Ok(Some(Principal::ApiKey { admin }))
     }
 
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {

@@ -733,6 +733,47 @@ async fn jwt_hs256_users_are_confined_to_their_conversations() {
 /// audience is configured, so a correctly signed, unexpired token with a valid `sub` must be
 /// accepted whatever its `aud` says (PROTOCOL.md: 401 only for missing, unknown, expired or
 /// badly signed credentials).
+/// With JWTs enabled, a token of three dot-separated parts that is no valid JWT may still be an
+/// API key; one that is neither stays a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_shaped_like_a_jwt_still_work_when_jwts_are_enabled() {
+    const DOTTED: &str = "it.dotted.key";
+    let server = TestServer::builder()
+        .env("FERRY_JWT_SECRET", HS_SECRET)
+        .bootstrap_key(DOTTED)
+        .start();
+    let conv = send_ok(
+        req(&server, Method::PUT, "/v1/conversations/dots", Some(DOTTED))
+            .json(&json!({"participants": ["alice"]})),
+        201,
+        "PUT with the dotted key",
+    )
+    .await;
+    assert_eq!(conv["id"], "dots");
+    let alice = hs256(HS_SECRET, &claims("alice"));
+    send_ok(
+        req(&server, Method::GET, "/v1/conversations/dots", Some(&alice)),
+        200,
+        "a JWT user next to it",
+    )
+    .await;
+    let (status, body) = send(
+        req(
+            &server,
+            Method::GET,
+            "/v1/conversations/dots",
+            Some("it.other.key"),
+        ),
+        "neither a JWT nor a key",
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_with_standard_iss_and_aud_claims_is_accepted() {
     let server = TestServer::builder()

@@ -59,6 +59,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Registers `key` as the admin key (`FERRY_BOOTSTRAP_API_KEY`) instead of [`API_KEY`].
+    pub fn bootstrap_key(mut self, key: &str) -> Self {
+        self.bootstrap_key = Some(key.to_owned());
+        self
+    }
+
     /// Starts without `FERRY_BOOTSTRAP_API_KEY`: an empty database makes the server print a key.
     pub fn without_bootstrap_key(mut self) -> Self {
         self.bootstrap_key = None;
