@@ -4,12 +4,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
 use ferry_shards::actor::conversation::AppendRequest;
-use ferry_shards::record::{format_rfc3339_millis, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES};
+use ferry_shards::record::{
+    format_rfc3339_millis, Message, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES,
+};
 
 use super::error::ApiError;
 use super::{conversation_id, object_or_invalid, AppState, Caller, JsonBody};
@@ -151,7 +153,7 @@ pub async fn list(
     Path(raw_id): Path<String>,
     headers: HeaderMap,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
@@ -189,11 +191,21 @@ pub async fn list(
             (page, more)
         }
     };
-    let last_seq = handle.log.durable_seq();
-    Ok(Json(json!({
-        "messages": messages.iter().map(|m| &**m).collect::<Vec<_>>(),
-        "last_seq": last_seq,
-        "has_more": has_more,
-        "first_available_seq": first_available,
-    })))
+    let page = Page {
+        messages: messages.iter().map(|m| &**m).collect(),
+        last_seq: handle.log.durable_seq(),
+        has_more,
+        first_available_seq: first_available,
+    };
+    Ok(Json(page).into_response())
+}
+
+/// A page of messages, serialized straight from the messages (no `serde_json::Value` in
+/// between, which would parse every `content` and `metadata` back into a tree first).
+#[derive(Serialize)]
+struct Page<'a> {
+    messages: Vec<&'a Message>,
+    last_seq: u64,
+    has_more: bool,
+    first_available_seq: u64,
 }
