@@ -162,6 +162,8 @@ impl StoreOptions {
 pub struct Upserted {
     pub meta: ConversationMeta,
     pub created: bool,
+    /// Participants this call added (all of them when it created the conversation).
+    pub added: Vec<ParticipantId>,
 }
 
 /// The cheap, cloneable handle to the archive database (and the cold tier, when attached).
@@ -370,21 +372,23 @@ impl Store {
                 .await?
                 .rows_affected()
                 == 1;
-            let (meta, created) = if inserted {
-                (fresh, true)
+            let (meta, created, added) = if inserted {
+                let added = fresh.participants.clone();
+                (fresh, true, added)
             } else {
                 let row: ConversationRow = sqlx::query_as(&select)
                     .bind(id.as_str())
                     .fetch_one(&mut *tx)
                     .await?;
                 let mut meta = meta_from_row(id, row)?;
-                let mut changed = false;
+                let mut added = Vec::new();
                 for p in participants {
                     if !meta.has_participant(p.as_str()) {
                         meta.participants.push(p.clone());
-                        changed = true;
+                        added.push(p.clone());
                     }
                 }
+                let mut changed = !added.is_empty();
                 if let Some(m) = metadata {
                     if m.get() != meta.metadata.get() {
                         meta.metadata = m.to_owned();
@@ -399,7 +403,7 @@ impl Store {
                         .execute(&mut *tx)
                         .await?;
                 }
-                (meta, false)
+                (meta, false, added)
             };
             for p in &meta.participants {
                 sqlx::query(
@@ -411,7 +415,11 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
-            Ok(Upserted { meta, created })
+            Ok(Upserted {
+                meta,
+                created,
+                added,
+            })
         })
     }
 

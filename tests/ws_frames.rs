@@ -745,6 +745,26 @@ async fn chunk_and_typing_reach_the_other_sockets_and_the_inbox_gets_deltas() {
     assert!(agent.pending.is_empty(), "agent got {:?}", agent.pending);
     assert_eq!(server.page("c1", "after_seq=0").await.last_seq, 0);
 
+    // Changing only c1's metadata changes no inbox; joining c2 changes alice's. Deltas are
+    // coalesced, so had the first PUT counted, c1 would be in this delta or in one before it.
+    let resp = server
+        .client()
+        .put(server.url("/v1/conversations/c1"))
+        .json(&json!({"participants": ["alice", "agent"], "metadata": {"topic": "billing"}}))
+        .send()
+        .await
+        .expect("metadata PUT");
+    assert_eq!(resp.status().as_u16(), 200);
+    server.create_conversation("c2", &["alice"]).await;
+    let delta = alice.next_push("inbox:alice", "inbox_delta").await;
+    let ids: Vec<&str> = delta[4]["conversations"]
+        .as_array()
+        .expect("conversations")
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["c2"], "{delta}");
+
     // A stored message shows in alice's inbox as a delta.
     let reply = agent
         .call(

@@ -203,7 +203,8 @@ async fn put_conversation(
         .upsert_conversation(&id, &participants, metadata.as_deref(), now_ms())
         .await?;
     state.node.refresh_meta(upserted.meta.clone());
-    for p in &upserted.meta.participants {
+    // Only a participant's own inbox changes, and only when it joins.
+    for p in &upserted.added {
         state.events.membership_changed(p, &id);
     }
     let handle = state.node.conversation(&id).await?;
