@@ -151,10 +151,9 @@ fn parse_u64(name: &str, raw: Option<&str>) -> Result<Option<u64>, ApiError> {
 pub async fn list(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
     let after = parse_u64("after_seq", q.after_seq.as_deref())?;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -228,9 +228,8 @@ async fn put_conversation(
 async fn get_conversation(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let handle = state.node.conversation(&id).await?;
     crate::access::authorize(&principal, &handle.meta())?;

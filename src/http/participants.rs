@@ -2,7 +2,6 @@
 //! `GET /v1/participants/{id}/inbox`.
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
@@ -61,9 +60,8 @@ pub async fn mark_read(
 pub async fn inbox(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let principal = state.auth.authenticate(&headers).await?;
     let participant = participant_id(&raw_id)?;
     access::act_for(&principal, &participant)?;
     let conversations = inbox::snapshot(&state.node, &state.store, &participant).await?;

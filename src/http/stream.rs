@@ -15,7 +15,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::{conversation_id, AppState};
+use super::{conversation_id, AppState, Caller};
 use crate::access;
 use crate::delivery::Cursor;
 
@@ -31,9 +31,9 @@ pub async fn sse(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
     headers: HeaderMap,
+    Caller(principal): Caller,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let principal = state.auth.authenticate(&headers).await?;
     let id = conversation_id(&raw_id)?;
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
     let parse = |name: &str, v: &str| {
