@@ -117,15 +117,24 @@ pub async fn entry(
         None => (store.last_seq(conversation).await?, None, None),
     };
     let read_seq = read_seq.min(last_seq);
+    // What retention deleted is neither unread nor the last message, even while the hot ring
+    // still holds it (pages do not serve it either).
+    let first_available = store.first_available_seq(conversation).await?;
+    let counted_after = read_seq.max(first_available.saturating_sub(1));
     let (unread, last_message) = match ring {
         Some(ring) => {
             let from_ring = ring
                 .messages
                 .iter()
-                .filter(|m| m.sender != *participant)
+                .filter(|m| m.seq > counted_after && m.sender != *participant)
                 .count() as u64;
             let below = store
-                .count_unread(conversation, participant, read_seq, ring.ring_first_seq)
+                .count_unread(
+                    conversation,
+                    participant,
+                    counted_after,
+                    ring.ring_first_seq,
+                )
                 .await?;
             let last = match newest {
                 Some(m) => Some(m),
@@ -135,11 +144,12 @@ pub async fn entry(
         }
         None => (
             store
-                .count_unread(conversation, participant, read_seq, u64::MAX)
+                .count_unread(conversation, participant, counted_after, u64::MAX)
                 .await?,
             store.last_message(conversation).await?,
         ),
     };
+    let last_message = last_message.filter(|m| m.seq >= first_available);
     Ok(InboxEntry {
         id: conversation.to_string(),
         last_seq,

@@ -488,7 +488,7 @@ async fn object_store_outage_keeps_rows_in_sql_until_segments_are_durable() {
 /// even when nothing is left.
 async fn retention_expires_every_tier(builder: ServerBuilder, sql: Sql<'_>) {
     let mut server = cold_settings(builder).env("FERRY_RETENTION", "8s").start();
-    server.create_conversation("old", &["p"]).await;
+    server.create_conversation("old", &["p", "r"]).await;
     let started = Instant::now();
     append_range(&server, "old", 1..=60).await;
     server
@@ -560,6 +560,8 @@ async fn retention_expires_every_tier(builder: ServerBuilder, sql: Sql<'_>) {
         segments <= 1,
         "only B may be in a segment by now: {segments}"
     );
+    // r never read: only what is left is unread.
+    assert_eq!(r_inbox_entry(&server).await, (10, 70, Some(70)));
 
     // Everything expires; a crash and restart keep the seq going.
     server
@@ -575,12 +577,18 @@ async fn retention_expires_every_tier(builder: ServerBuilder, sql: Sql<'_>) {
         (0, 0),
         "every tier is empty"
     );
+    assert_eq!(
+        r_inbox_entry(&server).await,
+        (0, 70, None),
+        "nothing unread, no last message, though the ring may still hold them"
+    );
     server.kill9();
     server.restart();
     let ack = server
         .append("old", "p", json!("after everything expired"))
         .await;
     assert_eq!(ack.seq, 71, "seqs are never reused");
+    assert_eq!(r_inbox_entry(&server).await, (1, 71, Some(71)));
     let resp = server
         .client()
         .get(server.url("/v1/conversations/old/messages?after_seq=0"))
@@ -589,6 +597,28 @@ async fn retention_expires_every_tier(builder: ServerBuilder, sql: Sql<'_>) {
         .expect("page");
     let body = common::expect_error(resp, 410, "gap", "after a restart").await;
     assert_eq!(body["first_available_seq"], 71, "{body}");
+}
+
+/// Participant `r`'s inbox entry for `old`: unread, last seq, and the last message's seq.
+async fn r_inbox_entry(server: &TestServer) -> (u64, u64, Option<u64>) {
+    let body: serde_json::Value = server
+        .client()
+        .get(server.url("/v1/participants/r/inbox"))
+        .send()
+        .await
+        .expect("inbox")
+        .json()
+        .await
+        .expect("inbox body");
+    let entry = body["conversations"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["id"] == "old"))
+        .unwrap_or_else(|| panic!("old is in r's inbox: {body}"));
+    (
+        entry["unread"].as_u64().expect("unread"),
+        entry["last_seq"].as_u64().expect("last_seq"),
+        entry["last_message"]["seq"].as_u64(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
