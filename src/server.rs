@@ -27,6 +27,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
 
+    if let Some(url) = &config.redis_url {
+        // Redis carries cluster membership; this node runs alone and does not connect to it.
+        tracing::warn!(
+            redis = %crate::store::redact_url(url),
+            "redis_url is set but clustering is not available yet; running as a single node"
+        );
+    }
     let database_url = config.database_url();
     let store = Store::connect_with(&database_url, &config.store_options())
         .await

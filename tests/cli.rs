@@ -26,6 +26,23 @@ fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
+/// `--redis-url` (here through its variable) is accepted; the node says it runs alone, without
+/// logging the URL's password, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_url_is_accepted_and_the_node_says_it_runs_alone() {
+    let server = TestServer::builder()
+        .env("FERRY_REDIS_URL", "redis://ops:hunter2@127.0.0.1:1/0")
+        .start();
+    let created = server.create_conversation("alone", &["a"]).await;
+    assert_eq!(created["id"], "alone");
+    let log = server.stderr_all();
+    assert!(
+        log.contains("clustering is not available yet"),
+        "the warning is logged: {log}"
+    );
+    assert!(!log.contains("hunter2"), "the password is redacted: {log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_admin_key_is_printed_once_and_works() {
     let mut server = TestServer::builder().without_bootstrap_key().start();
