@@ -601,15 +601,7 @@ async fn retention_expires_every_tier(builder: ServerBuilder, sql: Sql<'_>) {
 
 /// Participant `r`'s inbox entry for `old`: unread, last seq, and the last message's seq.
 async fn r_inbox_entry(server: &TestServer) -> (u64, u64, Option<u64>) {
-    let body: serde_json::Value = server
-        .client()
-        .get(server.url("/v1/participants/r/inbox"))
-        .send()
-        .await
-        .expect("inbox")
-        .json()
-        .await
-        .expect("inbox body");
+    let body = server.get_json("/v1/participants/r/inbox").await;
     let entry = body["conversations"]
         .as_array()
         .and_then(|all| all.iter().find(|c| c["id"] == "old"))

@@ -636,29 +636,14 @@ async fn bad_inputs_get_their_protocol_codes_never_500() {
     .await;
     server.create_conversation("deep-ok", &["alice"]).await;
     server.append("deep-ok", "alice", nested(64)).await;
-    let page: Value = client
-        .get(server.url("/v1/conversations/deep-ok/messages"))
-        .send()
-        .await
-        .expect("page")
-        .json()
-        .await
-        .expect("page body");
+    let page = server.get_json("/v1/conversations/deep-ok/messages").await;
     assert_eq!(
         page["messages"][0]["content"],
         nested(64),
         "64 deep reads back"
     );
-    let inbox = client
-        .get(server.url("/v1/participants/alice/inbox"))
-        .send()
-        .await
-        .expect("inbox");
-    assert_eq!(
-        inbox.status().as_u16(),
-        200,
-        "the inbox holds the 64-deep message"
-    );
+    // The inbox holds the 64-deep message and still answers 200.
+    server.get_json("/v1/participants/alice/inbox").await;
 
     // Unknown conversations.
     let resp = client

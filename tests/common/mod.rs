@@ -483,6 +483,23 @@ impl TestServer {
     }
 
     /// `GET .../messages?<query>`; asserts 200 and returns the page.
+    /// `GET path` with the admin key; must answer 200 with a JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let resp = self
+            .client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        let body: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: JSON body: {e}"));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
     pub async fn page(&self, conversation: &str, query: &str) -> Page {
         let resp = self
             .client()
