@@ -99,6 +99,8 @@ pub struct LimitsSection {
     pub max_page_size: usize,
     pub max_participants: usize,
     pub mailbox_capacity: usize,
+    /// Requests (`send`, `ack`, `read`) one WebSocket may have in flight.
+    pub socket_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +182,7 @@ impl Default for LimitsSection {
             max_page_size: 1000,
             max_participants: 1000,
             mailbox_capacity: 1024,
+            socket_in_flight: 256,
         }
     }
 }

@@ -803,6 +803,77 @@ async fn chunk_and_typing_reach_the_other_sockets_and_the_inbox_gets_deltas() {
 }
 
 /// VmRSS of a process, in bytes.
+/// Past `limits.socket_in_flight` unanswered requests a socket's sends are refused with
+/// `try_again` (`socket_in_flight`), counted by reason, and never written: every send gets exactly
+/// one reply, and the accepted ones are exactly the conversation's seqs, in order.
+#[tokio::test]
+async fn sends_past_the_socket_in_flight_bound_get_try_again_and_are_not_written() {
+    const SENDS: usize = 500;
+    let server = TestServer::builder()
+        .env("FERRY_LIMITS__SOCKET_IN_FLIGHT", "1")
+        .start();
+    server.create_conversation("c1", &["alice"]).await;
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    let (join_ref, _) = ws.join_ok("conversation:c1", json!({"after_seq": 0})).await;
+
+    // One burst: the reader takes the next send while the one before waits for its fsync.
+    let mut refs = Vec::with_capacity(SENDS);
+    for i in 0..SENDS {
+        let r = ws.make_ref();
+        let frame = json!([join_ref, r, "conversation:c1", "send",
+            {"sender": "alice", "content": {"i": i}}]);
+        ws.stream
+            .feed(Message::text(frame.to_string()))
+            .await
+            .expect("queue frame");
+        refs.push(r);
+    }
+    ws.stream.flush().await.expect("send burst");
+
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for (i, r) in refs.iter().enumerate() {
+        let reply = ws.reply(r).await;
+        let payload = &reply[4];
+        if payload["status"] == "ok" {
+            accepted.push((payload["response"]["seq"].as_u64().expect("seq"), i));
+        } else {
+            assert_error(payload, "try_again", "send past the bound");
+            assert_eq!(payload["response"]["detail"], "socket_in_flight", "{reply}");
+            assert_eq!(payload["response"]["retry_after_ms"], 50, "{reply}");
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 0,
+        "a burst of {SENDS} sends never exceeded one in flight"
+    );
+    assert_eq!(accepted.len() + refused, SENDS);
+    // Accepted sends got seqs 1.. in the order they were sent, with nothing in between.
+    for (n, (seq, _)) in accepted.iter().enumerate() {
+        assert_eq!(*seq, n as u64 + 1, "accepted sends: {accepted:?}");
+    }
+    assert!(accepted.windows(2).all(|w| w[0].1 < w[1].1), "{accepted:?}");
+    // The pushes are exactly the accepted messages (ws.pending keeps them in arrival order).
+    for (seq, i) in &accepted {
+        let push = ws.next_push("conversation:c1", "message").await;
+        assert_eq!(push[4]["seq"], *seq);
+        assert_eq!(push[4]["content"]["i"], *i);
+    }
+    let conversation = server.get_json("/v1/conversations/c1").await;
+    assert_eq!(conversation["last_seq"], accepted.len());
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "ferry_try_again_total",
+            &[("reason", "socket_in_flight")]
+        ),
+        Some(refused as f64),
+        "refusals are counted by reason"
+    );
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
     let line = status

@@ -13,7 +13,7 @@
 //!   conversation actor, then it is kept in flight), and replies to each once it is durable.
 //!
 //! Requests that wait on the node or the database (`send`, `ack`, `read`) never block the
-//! socket's reader; at most [`MAX_IN_FLIGHT`] of them per socket, beyond that `try_again`.
+//! socket's reader; at most `limits.socket_in_flight` of them per socket, beyond that `try_again`.
 //! Leaving a topic (or joining it again) stops its delivery and ephemeral tasks at once; its
 //! appends still answer. Dropping [`SocketChannels`] (the socket ended) stops everything.
 
@@ -46,8 +46,6 @@ use crate::http::messages::{build_request, AppendBody};
 use crate::http::{conversation_id, participant_id, AppState};
 use crate::inbox::{self, EphemeralEvent, InboxWatch};
 
-/// Requests (`send`, `ack`, `read`) a socket may have in flight.
-pub const MAX_IN_FLIGHT: usize = 256;
 /// Messages a delivery cursor reads per page (its memory bound).
 const PAGE: usize = 256;
 /// Consecutive delivery failures before the topic is errored (`phx_error`; clients rejoin).
@@ -122,6 +120,8 @@ pub struct SocketChannels {
     outbox: Outbox,
     topics: HashMap<String, Joined>,
     in_flight: Arc<Semaphore>,
+    /// `limits.socket_in_flight`: the permits of `in_flight`.
+    in_flight_limit: usize,
     /// Pipelines of topics that were left, still answering their last appends.
     draining: Vec<AbortHandle>,
 }
@@ -170,9 +170,11 @@ fn unknown_event(topic: &str, event: &str) -> ApiError {
     e
 }
 
-fn too_many_in_flight() -> ApiError {
+fn too_many_in_flight(limit: usize) -> ApiError {
+    ::metrics::counter!(ferry_shards::metrics::TRY_AGAIN_TOTAL, "reason" => "socket_in_flight")
+        .increment(1);
     let mut e = ApiError::try_again(TryAgainReason::MailboxFull, 50);
-    e.message = format!("more than {MAX_IN_FLIGHT} requests in flight on this socket");
+    e.message = format!("more than {limit} requests in flight on this socket");
     e.reason = Some("socket_in_flight");
     e
 }
@@ -220,13 +222,15 @@ impl SocketChannels {
         socket_id: u64,
         outbox: Outbox,
     ) -> SocketChannels {
+        let in_flight_limit = state.config.limits.socket_in_flight.max(1);
         SocketChannels {
             state,
             principal,
             socket_id,
             outbox,
             topics: HashMap::new(),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            in_flight: Arc::new(Semaphore::new(in_flight_limit)),
+            in_flight_limit,
             draining: Vec::new(),
         }
     }
@@ -235,7 +239,7 @@ impl SocketChannels {
         self.in_flight
             .clone()
             .try_acquire_owned()
-            .map_err(|_| too_many_in_flight())
+            .map_err(|_| too_many_in_flight(self.in_flight_limit))
     }
 
     /// Ends a join: its tasks stop now, its append pipeline finishes what it has.
@@ -425,7 +429,7 @@ impl SocketChannels {
                 _permit: permit,
                 _awaited: self.outbox.awaiting_reply(),
             })
-            .map_err(|_| too_many_in_flight())
+            .map_err(|_| too_many_in_flight(self.in_flight_limit))
     }
 
     /// The topic's append pipeline, started on first use.
@@ -446,7 +450,7 @@ impl SocketChannels {
         if let Some(appends) = &joined.appends {
             return Ok(appends.clone());
         }
-        let (appends, jobs) = mpsc::channel(MAX_IN_FLIGHT);
+        let (appends, jobs) = mpsc::channel(self.in_flight_limit);
         let pipeline = tokio::spawn(run_appends(state, principal, id.clone(), jobs, outbox));
         joined.appends = Some(appends.clone());
         joined.pipeline = Some(pipeline.abort_handle());
