@@ -1,18 +1,53 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`, the `/dashboard` slot
+//! map, and, with an admin API key, `/admin/cluster`, `/admin/slots`, drain, undrain and rebalance.
+//!
+//! A node runs alone until clustering exists: it owns every slot at epoch 1, its placement is the
+//! ring over one node (so a rebalance has nothing to move), and draining it would leave nowhere for
+//! its slots to go, so a drain is refused with `conflict` (SIGTERM finishes in-flight work and
+//! exits instead). The answers already have the cluster's shape (`nodes`, per-slot `owner`,
+//! `epoch`, `state`), so clients and the `ferry admin` CLI need not change when more nodes join.
 
-use axum::extract::State;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::sync::watch;
 
 use ferry_shards::node::Node;
+use ferry_shards::record::format_rfc3339_millis;
+
+use crate::auth::{Auth, Principal};
+use crate::http::error::ApiError;
+
+/// Every slot's owner epoch while the node runs alone: ownership never changed hands.
+pub const SINGLE_NODE_EPOCH: u64 = 1;
+/// How often per-slot append rates are sampled.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// What the admin surface says about this node.
+pub struct NodeInfo {
+    pub id: String,
+    pub listen: String,
+    pub admin: String,
+    pub started_at_ms: i64,
+}
 
 #[derive(Clone)]
 pub struct AdminState {
     pub node: Node,
     pub prometheus: PrometheusHandle,
+    pub auth: Arc<Auth>,
+    pub info: Arc<NodeInfo>,
+    /// True once the node is shutting down (its state reads `draining`).
+    pub shutdown: watch::Receiver<bool>,
+    pub rates: Arc<SlotRates>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -20,6 +55,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/dashboard", get(dashboard))
+        .route("/dashboard/slots.json", get(dashboard_slots))
+        .route("/admin/cluster", get(cluster))
+        .route("/admin/slots", get(slots))
+        .route("/admin/nodes/{id}/drain", post(drain))
+        .route("/admin/nodes/{id}/undrain", post(undrain))
+        .route("/admin/rebalance", post(rebalance))
+        .fallback(crate::http::not_found)
+        .method_not_allowed_fallback(crate::http::method_not_allowed)
         .with_state(state)
 }
 
@@ -39,5 +83,344 @@ async fn readyz(State(state): State<AdminState>) -> StatusCode {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// A caller holding an admin API key: 401 without valid credentials, 403 for any other caller.
+pub struct AdminCaller;
+
+impl FromRequestParts<AdminState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        match state.auth.authenticate(&parts.headers).await? {
+            Principal::ApiKey { admin: true } => Ok(AdminCaller),
+            _ => {
+                crate::metrics::count_auth_failure("not_admin");
+                Err(ApiError::forbidden("the admin API needs an admin API key"))
+            }
+        }
+    }
+}
+
+/// Per-slot append rates over the last [`RATE_WINDOW`], sampled in the background.
+#[derive(Default)]
+pub struct SlotRates {
+    per_sec: Mutex<Vec<f64>>,
+}
+
+impl SlotRates {
+    /// Samples `node`'s per-slot append counts every [`RATE_WINDOW`] until `stop` turns true.
+    pub fn spawn(node: Node, mut stop: watch::Receiver<bool>) -> Arc<SlotRates> {
+        let rates = Arc::new(SlotRates::default());
+        let sampler = rates.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), node.slot_appends());
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(RATE_WINDOW) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let now = (Instant::now(), node.slot_appends());
+                let secs = now.0.duration_since(last.0).as_secs_f64().max(1e-3);
+                let per_sec = now
+                    .1
+                    .iter()
+                    .zip(&last.1)
+                    .map(|(n, before)| n.saturating_sub(*before) as f64 / secs)
+                    .collect();
+                *sampler.per_sec.lock().unwrap_or_else(|e| e.into_inner()) = per_sec;
+                last = now;
+            }
+        });
+        rates
+    }
+
+    fn get(&self, slot: usize) -> f64 {
+        let per_sec = self.per_sec.lock().unwrap_or_else(|e| e.into_inner());
+        per_sec.get(slot).copied().unwrap_or(0.0)
+    }
+}
+
+#[derive(Serialize)]
+pub struct SlotView {
+    pub slot: u32,
+    pub owner: String,
+    pub epoch: u64,
+    pub state: &'static str,
+    /// Conversations with a running actor on this slot.
+    pub conversations: usize,
+    /// Appends acknowledged on this slot since the owner started.
+    pub appends_total: u64,
+    /// Appends acknowledged per second over the last sampling window (5 s).
+    pub appends_per_sec: f64,
+}
+
+#[derive(Serialize)]
+pub struct NodeView {
+    pub id: String,
+    pub state: &'static str,
+    pub ready: bool,
+    pub listen: String,
+    pub admin: String,
+    pub slots: usize,
+    pub conversations: usize,
+    pub appends_per_sec: f64,
+    pub archive_backlog_records: usize,
+    pub archive_backlog_bytes: usize,
+    pub started_at: String,
+}
+
+#[derive(Serialize)]
+pub struct ClusterView {
+    /// `single`: one node, no Redis or shared membership.
+    pub mode: &'static str,
+    /// The node that answered.
+    pub node: String,
+    pub slot_count: u32,
+    /// Slots without an owner (none while a node is up).
+    pub unassigned_slots: usize,
+    pub nodes: Vec<NodeView>,
+}
+
+fn slot_views(state: &AdminState) -> Vec<SlotView> {
+    let conversations = state.node.slot_conversations();
+    let appends = state.node.slot_appends();
+    let slot_state = if *state.shutdown.borrow() {
+        "draining"
+    } else {
+        "active"
+    };
+    (0..state.node.config().slot_count)
+        .map(|slot| {
+            let i = slot as usize;
+            SlotView {
+                slot,
+                owner: state.info.id.clone(),
+                epoch: SINGLE_NODE_EPOCH,
+                state: slot_state,
+                conversations: conversations.get(i).copied().unwrap_or(0),
+                appends_total: appends.get(i).copied().unwrap_or(0),
+                appends_per_sec: state.rates.get(i),
+            }
+        })
+        .collect()
+}
+
+fn node_view(state: &AdminState, slots: &[SlotView]) -> NodeView {
+    let (records, bytes) = state.node.archive_backlog();
+    NodeView {
+        id: state.info.id.clone(),
+        state: if *state.shutdown.borrow() {
+            "draining"
+        } else {
+            "active"
+        },
+        ready: state.node.ready(),
+        listen: state.info.listen.clone(),
+        admin: state.info.admin.clone(),
+        slots: slots.len(),
+        conversations: slots.iter().map(|s| s.conversations).sum(),
+        appends_per_sec: slots.iter().map(|s| s.appends_per_sec).sum(),
+        archive_backlog_records: records,
+        archive_backlog_bytes: bytes,
+        started_at: format_rfc3339_millis(state.info.started_at_ms),
+    }
+}
+
+fn cluster_view(state: &AdminState) -> ClusterView {
+    let slots = slot_views(state);
+    ClusterView {
+        mode: "single",
+        node: state.info.id.clone(),
+        slot_count: state.node.config().slot_count,
+        unassigned_slots: 0,
+        nodes: vec![node_view(state, &slots)],
+    }
+}
+
+async fn cluster(_: AdminCaller, State(state): State<AdminState>) -> Json<ClusterView> {
+    Json(cluster_view(&state))
+}
+
+#[derive(Serialize)]
+struct SlotsBody {
+    slots: Vec<SlotView>,
+}
+
+async fn slots(_: AdminCaller, State(state): State<AdminState>) -> Json<SlotsBody> {
+    Json(SlotsBody {
+        slots: slot_views(&state),
+    })
+}
+
+/// The node `id` names, or `not_found`.
+fn this_node<'a>(state: &'a AdminState, id: &str) -> Result<&'a NodeInfo, ApiError> {
+    if id == state.info.id {
+        Ok(&state.info)
+    } else {
+        Err(ApiError::not_found(format!(
+            "no node {id:?} in this cluster (its only node is {:?})",
+            state.info.id
+        )))
+    }
+}
+
+async fn drain(
+    _: AdminCaller,
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let node = this_node(&state, &id)?;
+    tracing::warn!(node = %node.id, "drain refused: no other node can take the slots");
+    Err(ApiError::conflict(format!(
+        "node {:?} is the only node: no other node can take its {} slots. \
+         Start another node with the same database and Redis to move them, \
+         or stop this one with SIGTERM (it finishes in-flight work first)",
+        node.id,
+        state.node.config().slot_count
+    )))
+}
+
+async fn undrain(
+    _: AdminCaller,
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    this_node(&state, &id)?;
+    if *state.shutdown.borrow() {
+        return Err(ApiError::conflict(
+            "this node is shutting down; it cannot take its slots back",
+        ));
+    }
+    // Already active and owning every slot: nothing to change.
+    let slots = slot_views(&state);
+    Ok(Json(node_view(&state, &slots)))
+}
+
+#[derive(Serialize)]
+struct RebalanceBody {
+    /// Slot moves started toward the ring's placement.
+    moves: Vec<SlotMove>,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct SlotMove {
+    slot: u32,
+    from: String,
+    to: String,
+}
+
+async fn rebalance(_: AdminCaller, State(state): State<AdminState>) -> Json<RebalanceBody> {
+    tracing::info!(node = %state.info.id, moves = 0, "rebalance: placement already matches");
+    Json(RebalanceBody {
+        moves: Vec::new(),
+        message: format!(
+            "placement already matches the ring: all {} slots are on the only node {:?}",
+            state.node.config().slot_count,
+            state.info.id
+        ),
+    })
+}
+
+/// The slot map's data: public, like the page (no message or conversation data in it).
+async fn dashboard_slots(State(state): State<AdminState>) -> Json<ClusterSnapshot> {
+    Json(ClusterSnapshot {
+        cluster: cluster_view(&state),
+        slots: slot_views(&state),
+    })
+}
+
+#[derive(Serialize)]
+struct ClusterSnapshot {
+    cluster: ClusterView,
+    slots: Vec<SlotView>,
+}
+
+async fn dashboard(State(state): State<AdminState>) -> Html<String> {
+    Html(render_dashboard(&cluster_view(&state), &slot_views(&state)))
+}
+
+/// The slot map as one self-contained page: rendered here, refreshed in place every 2 s from
+/// `/dashboard/slots.json` (rates computed from the change in `appends_total`).
+fn render_dashboard(cluster: &ClusterView, slots: &[SlotView]) -> String {
+    let mut nodes = String::new();
+    for n in &cluster.nodes {
+        nodes.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{:.0}</td><td>{}</td></tr>",
+            escape(&n.id),
+            n.state,
+            if n.ready { "yes" } else { "no" },
+            escape(&n.listen),
+            n.slots,
+            n.conversations,
+            n.appends_per_sec,
+            n.archive_backlog_records,
+        ));
+    }
+    let mut cells = String::with_capacity(slots.len() * 120);
+    for s in slots {
+        cells.push_str(&format!(
+            "<div class=\"slot {state}\" data-slot=\"{slot}\" title=\"slot {slot} · owner {owner} · \
+             epoch {epoch} · {state} · {conv} conversations · {rate:.1} appends/s\">{slot}</div>",
+            slot = s.slot,
+            owner = escape(&s.owner),
+            epoch = s.epoch,
+            state = s.state,
+            conv = s.conversations,
+            rate = s.appends_per_sec,
+        ));
+    }
+    DASHBOARD_TEMPLATE
+        .replace("{{node}}", &escape(&cluster.node))
+        .replace("{{mode}}", cluster.mode)
+        .replace("{{slot_count}}", &cluster.slot_count.to_string())
+        .replace("{{nodes}}", &nodes)
+        .replace("{{cells}}", &cells)
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const DASHBOARD_TEMPLATE: &str = include_str!("dashboard.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(slot: u32, owner: &str, rate: f64) -> SlotView {
+        SlotView {
+            slot,
+            owner: owner.into(),
+            epoch: 1,
+            state: "active",
+            conversations: 2,
+            appends_total: 10,
+            appends_per_sec: rate,
+        }
+    }
+
+    #[test]
+    fn the_dashboard_has_one_cell_per_slot_and_escapes_names() {
+        let slots: Vec<SlotView> = (0..8).map(|s| slot(s, "n<1>", 1.5)).collect();
+        let cluster = ClusterView {
+            mode: "single",
+            node: "n<1>".into(),
+            slot_count: 8,
+            unassigned_slots: 0,
+            nodes: vec![],
+        };
+        let html = render_dashboard(&cluster, &slots);
+        assert_eq!(html.matches("class=\"slot active\"").count(), 8);
+        assert!(html.contains("data-slot=\"7\""));
+        assert!(html.contains("owner n&lt;1&gt;"));
+        assert!(!html.contains("n<1>"));
+        assert!(!html.contains("{{"), "every placeholder is filled");
     }
 }

@@ -4,7 +4,7 @@
 //! (placement, actors, WAL) to the world.
 //!
 //! ## Layout
-//! - `main.rs`: the CLI (`ferry serve | migrate`).
+//! - `main.rs`: the CLI (`ferry serve | admin | migrate`); [`admin_cli`] is `ferry admin`.
 //! - [`config`]: defaults ← TOML file ← `FERRY_*` environment ← flags.
 //! - [`server`]: start-up, listeners, the `ferry ready` line, graceful shutdown.
 //! - [`http`]: the public HTTP API; `http::error` maps every failure to a protocol code.
@@ -16,11 +16,12 @@
 //! - [`cold`]: the cold tier, segment objects in an object store (local files or S3);
 //!   [`segment`] is their byte format; [`compactor`] moves old messages from SQL into them.
 //! - [`ws`]: the WebSocket gateway (Phoenix Channels V2 JSON), topics `conversation:` and `inbox:`.
-//! - [`admin`]: the admin listener (`/metrics`).
+//! - [`admin`]: the admin listener (`/metrics`, `/dashboard`, `/admin/*`).
 //! - [`metrics`]: metric names of this binary and the Prometheus recorder.
 
 pub mod access;
 pub mod admin;
+pub mod admin_cli;
 pub mod auth;
 pub mod cold;
 pub mod compactor;

@@ -1,4 +1,5 @@
-//! The `ferry` command line: `serve` runs a node, `migrate` prepares the database.
+//! The `ferry` command line: `serve` runs a node, `admin` talks to a node's admin listener,
+//! `migrate` prepares the database.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use ferry::admin_cli::{self, Action};
 use ferry::config::{Config, Overrides};
 use ferry::{server, store};
 
@@ -31,8 +33,39 @@ struct Cli {
 enum Command {
     /// Run a node.
     Serve(ServeArgs),
+    /// Operate the cluster through a node's admin listener (needs an admin API key).
+    Admin(AdminArgs),
     /// Run the database migrations and exit.
     Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    #[command(subcommand)]
+    action: AdminAction,
+    /// The admin listener [default: http://$FERRY_ADMIN_LISTEN, else http://127.0.0.1:4001].
+    #[arg(long, env = "FERRY_ADMIN_URL", global = true)]
+    admin_url: Option<String>,
+    /// An admin API key [default: $FERRY_BOOTSTRAP_API_KEY].
+    #[arg(long, env = "FERRY_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print the raw JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// The nodes, their state and load.
+    Status,
+    /// Every slot: owner, epoch, state, conversations, appends.
+    Slots,
+    /// Move a node's slots to the other nodes and stop routing new ones to it.
+    Drain { node: String },
+    /// Let a drained node own slots again.
+    Undrain { node: String },
+    /// Move slots toward the ring's placement over the active nodes.
+    Rebalance,
 }
 
 #[derive(Args)]
@@ -108,6 +141,29 @@ fn main() -> ExitCode {
                 init_tracing(config.log_format == "json");
                 runtime()?.block_on(server::serve(config))
             })
+        }
+        Command::Admin(args) => {
+            let options = admin_cli::Options {
+                admin_url: args.admin_url.unwrap_or_else(|| {
+                    let listen = std::env::var("FERRY_ADMIN_LISTEN")
+                        .unwrap_or_else(|_| "127.0.0.1:4001".to_owned());
+                    format!("http://{listen}")
+                }),
+                api_key: args
+                    .api_key
+                    .or_else(|| std::env::var("FERRY_BOOTSTRAP_API_KEY").ok()),
+                json: args.json,
+            };
+            let action = match args.action {
+                AdminAction::Status => Action::Status,
+                AdminAction::Slots => Action::Slots,
+                AdminAction::Drain { node } => Action::Drain(node),
+                AdminAction::Undrain { node } => Action::Undrain(node),
+                AdminAction::Rebalance => Action::Rebalance,
+            };
+            runtime()
+                .and_then(|rt| rt.block_on(admin_cli::run(action, &options)))
+                .map(|out| print!("{out}"))
         }
         Command::Migrate(args) => {
             let overrides = Overrides {

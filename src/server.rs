@@ -135,11 +135,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         events: crate::inbox::Events::default(),
         shutdown: stop_rx.clone(),
     };
-    let app = http::router(state);
-    let admin_app = admin::router(AdminState {
+    let admin_state = AdminState {
         node: node.clone(),
         prometheus,
-    });
+        auth: state.auth.clone(),
+        info: Arc::new(admin::NodeInfo {
+            id: config.node_id(),
+            listen: public_addr.to_string(),
+            admin: admin_addr.to_string(),
+            started_at_ms: now_ms(),
+        }),
+        rates: admin::SlotRates::spawn(node.clone(), stop_rx.clone()),
+        shutdown: stop_rx.clone(),
+    };
+    let app = http::router(state);
+    let admin_app = admin::router(admin_state);
 
     let mut public_stop = stop_rx.clone();
     let mut admin_stop = stop_rx;

@@ -7,7 +7,7 @@
 //! sync the WAL (answering everything queued), give the archiver one last chance, stop the actors.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -202,6 +202,8 @@ struct AckMetrics {
     ok: metrics::Counter,
     /// Indexed by slot.
     slot_appends: Vec<metrics::Counter>,
+    /// The same counts, readable here (the slot map reports them; a recorder's are write-only).
+    slot_appends_seen: Vec<AtomicU64>,
     /// Catch-up reads the hot ring answered: every live delivery is one.
     ring_reads: metrics::Counter,
 }
@@ -215,6 +217,7 @@ impl AckMetrics {
             slot_appends: (0..slot_count)
                 .map(|slot| metrics::counter!(m::SLOT_APPENDS_TOTAL, "slot" => slot.to_string()))
                 .collect(),
+            slot_appends_seen: (0..slot_count).map(|_| AtomicU64::new(0)).collect(),
             ring_reads: metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "ring"),
         }
     }
@@ -268,6 +271,9 @@ impl Shared {
         metrics.ok.increment(1);
         if let Some(counter) = metrics.slot_appends.get(slot as usize) {
             counter.increment(1);
+        }
+        if let Some(seen) = metrics.slot_appends_seen.get(slot as usize) {
+            seen.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -536,6 +542,16 @@ impl Node {
     /// WAL and not yet activated), without starting anything.
     pub fn peek_log(&self, id: &ConversationId) -> Option<Arc<ConversationLog>> {
         self.shared.registry(self.slot_of(id)).logs.get(id).cloned()
+    }
+
+    /// Appends acknowledged per slot since this node started.
+    pub fn slot_appends(&self) -> Vec<u64> {
+        self.shared
+            .ack_metrics
+            .slot_appends_seen
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Active conversation actors per slot.

@@ -13,6 +13,7 @@ pub enum Code {
     Unauthorized,
     Forbidden,
     NotFound,
+    Conflict,
     TooLarge,
     TryAgain,
     Gap,
@@ -25,6 +26,7 @@ impl Code {
             Code::Unauthorized => "unauthorized",
             Code::Forbidden => "forbidden",
             Code::NotFound => "not_found",
+            Code::Conflict => "conflict",
             Code::TooLarge => "too_large",
             Code::TryAgain => "try_again",
             Code::Gap => "gap",
@@ -68,6 +70,10 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(Code::NotFound, StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::Conflict, StatusCode::CONFLICT, message)
     }
 
     pub fn too_large(message: impl Into<String>) -> ApiError {

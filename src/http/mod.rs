@@ -70,11 +70,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }
 
-async fn method_not_allowed() -> Response {
+pub(crate) async fn method_not_allowed() -> Response {
     let mut e = ApiError::invalid("method not allowed on this route");
     e.status = StatusCode::METHOD_NOT_ALLOWED;
     e.into_response()

@@ -1,0 +1,264 @@
+//! `ferry admin`: the operator's client for the admin listener's `/admin` API.
+//!
+//! Prints tables for people (`--json` for the raw answers). Exit status: 0 on success, 1 when
+//! the listener cannot be reached or answers with an error (printed as `CODE: message`).
+
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// One `ferry admin` request.
+pub enum Action {
+    Status,
+    Slots,
+    Drain(String),
+    Undrain(String),
+    Rebalance,
+}
+
+pub struct Options {
+    /// Base URL of the admin listener, e.g. `http://127.0.0.1:4001`.
+    pub admin_url: String,
+    pub api_key: Option<String>,
+    pub json: bool,
+}
+
+/// Runs `action` and returns what to print on stdout.
+pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
+    let base = options.admin_url.trim_end_matches('/');
+    let base = if base.contains("://") {
+        base.to_owned()
+    } else {
+        format!("http://{base}")
+    };
+    let (method, path) = match &action {
+        Action::Status => (reqwest::Method::GET, "/admin/cluster".to_owned()),
+        Action::Slots => (reqwest::Method::GET, "/admin/slots".to_owned()),
+        Action::Drain(node) => (
+            reqwest::Method::POST,
+            format!("/admin/nodes/{}/drain", path_segment(node)),
+        ),
+        Action::Undrain(node) => (
+            reqwest::Method::POST,
+            format!("/admin/nodes/{}/undrain", path_segment(node)),
+        ),
+        Action::Rebalance => (reqwest::Method::POST, "/admin/rebalance".to_owned()),
+    };
+    let url = format!("{base}{path}");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let mut request = client.request(method, &url);
+    if let Some(key) = &options.api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the admin listener at {base}: {e}"))?;
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url} answered {status} without a JSON body: {e}"))?;
+    if !status.is_success() {
+        let code = body["error"].as_str().unwrap_or("error");
+        let message = body["message"].as_str().unwrap_or("");
+        anyhow::bail!("{code}: {message}");
+    }
+    if options.json {
+        return Ok(serde_json::to_string_pretty(&body)? + "\n");
+    }
+    Ok(match action {
+        Action::Status => render_status(serde_json::from_value(body)?),
+        Action::Slots => render_slots(serde_json::from_value(body)?),
+        Action::Drain(_) | Action::Undrain(_) => render_nodes(&[serde_json::from_value(body)?]),
+        Action::Rebalance => {
+            let moves = body["moves"].as_array().map_or(0, Vec::len);
+            let message = body["message"].as_str().unwrap_or_default();
+            format!("{moves} slot moves started. {message}\n")
+        }
+    })
+}
+
+/// Percent-encodes everything but the characters node ids are made of.
+fn path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct Cluster {
+    mode: String,
+    node: String,
+    slot_count: u32,
+    unassigned_slots: usize,
+    nodes: Vec<NodeRow>,
+}
+
+#[derive(Deserialize)]
+struct NodeRow {
+    id: String,
+    state: String,
+    ready: bool,
+    listen: String,
+    admin: String,
+    slots: usize,
+    conversations: usize,
+    appends_per_sec: f64,
+    archive_backlog_records: usize,
+}
+
+#[derive(Deserialize)]
+struct Slots {
+    slots: Vec<SlotRow>,
+}
+
+#[derive(Deserialize)]
+struct SlotRow {
+    slot: u32,
+    owner: Option<String>,
+    epoch: u64,
+    state: String,
+    #[serde(default)]
+    conversations: usize,
+    #[serde(default)]
+    appends_total: u64,
+    #[serde(default)]
+    appends_per_sec: f64,
+}
+
+fn render_status(cluster: Cluster) -> String {
+    let mode = if cluster.mode == "single" {
+        "single node".to_owned()
+    } else {
+        cluster.mode
+    };
+    let mut out = format!(
+        "cluster: {mode}, {} nodes, {} slots, {} unassigned (answered by {})\n",
+        cluster.nodes.len(),
+        cluster.slot_count,
+        cluster.unassigned_slots,
+        cluster.node
+    );
+    out.push_str(&render_nodes(&cluster.nodes));
+    out
+}
+
+fn render_nodes(nodes: &[NodeRow]) -> String {
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                n.state.clone(),
+                if n.ready { "yes" } else { "no" }.to_owned(),
+                n.slots.to_string(),
+                n.conversations.to_string(),
+                format!("{:.1}", n.appends_per_sec),
+                n.archive_backlog_records.to_string(),
+                n.listen.clone(),
+                n.admin.clone(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "NODE",
+            "STATE",
+            "READY",
+            "SLOTS",
+            "CONVERSATIONS",
+            "APPENDS/S",
+            "BACKLOG",
+            "LISTEN",
+            "ADMIN",
+        ],
+        &rows,
+    )
+}
+
+fn render_slots(slots: Slots) -> String {
+    let rows = slots
+        .slots
+        .iter()
+        .map(|s| {
+            vec![
+                s.slot.to_string(),
+                s.owner.clone().unwrap_or_else(|| "-".to_owned()),
+                s.epoch.to_string(),
+                s.state.clone(),
+                s.conversations.to_string(),
+                s.appends_total.to_string(),
+                format!("{:.1}", s.appends_per_sec),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "SLOT",
+            "OWNER",
+            "EPOCH",
+            "STATE",
+            "CONVERSATIONS",
+            "APPENDS",
+            "APPENDS/S",
+        ],
+        &rows,
+    )
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            let _ = write!(text, "{cell:<w$}");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_their_columns() {
+        let text = table(
+            &["A", "LONG"],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
+        );
+        assert_eq!(text, "A    LONG\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn node_ids_are_escaped_in_paths() {
+        assert_eq!(path_segment("node-1.a_b"), "node-1.a_b");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
+}
