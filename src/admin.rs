@@ -275,8 +275,7 @@ async fn drain(
     tracing::warn!(node = %node.id, "drain refused: no other node can take the slots");
     Err(ApiError::conflict(format!(
         "node {:?} is the only node: no other node can take its {} slots. \
-         Start another node with the same database and Redis to move them, \
-         or stop this one with SIGTERM (it finishes in-flight work first)",
+         To take it out of service, stop it with SIGTERM (it finishes in-flight work first)",
         node.id,
         state.node.config().slot_count
     )))

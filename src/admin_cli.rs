@@ -139,12 +139,13 @@ fn render_status(cluster: Cluster) -> String {
     } else {
         cluster.mode
     };
+    let nodes = match cluster.nodes.len() {
+        1 => "1 node".to_owned(),
+        n => format!("{n} nodes"),
+    };
     let mut out = format!(
-        "cluster: {mode}, {} nodes, {} slots, {} unassigned (answered by {})\n",
-        cluster.nodes.len(),
-        cluster.slot_count,
-        cluster.unassigned_slots,
-        cluster.node
+        "cluster: {mode}, {nodes}, {} slots, {} unassigned (answered by {})\n",
+        cluster.slot_count, cluster.unassigned_slots, cluster.node
     );
     out.push_str(&render_nodes(&cluster.nodes));
     out

@@ -289,7 +289,7 @@ async fn the_admin_cli_reports_and_refuses_like_the_api() {
     assert!(out.status.success(), "status: {}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.starts_with("cluster: single node, 1 nodes, 512 slots"),
+        text.starts_with("cluster: single node, 1 node, 512 slots"),
         "{text}"
     );
     let row = text
