@@ -5,7 +5,6 @@
 mod common;
 
 use std::process::{Command, Output};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -15,18 +14,9 @@ const JWT_SECRET: &str = "admin-test-secret-5d21";
 /// `conversation-1` hashes to slot 316 of 512 (the placement's check value).
 const SLOT_OF_CONVERSATION_1: usize = 316;
 
+/// An HS256 end-user token for `sub`.
 fn jwt(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({ "sub": sub, "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .expect("encode jwt")
+    common::user_token(JWT_SECRET, sub)
 }
 
 async fn admin_get(server: &TestServer, path: &str) -> Value {
@@ -64,46 +54,21 @@ async fn the_admin_api_needs_an_admin_key() {
         ("POST", format!("/admin/nodes/{node}/undrain")),
         ("POST", "/admin/rebalance".to_owned()),
     ];
+    let callers = [
+        (None, 401, "unauthorized", "without a key"),
+        (Some("not-a-key"), 401, "unauthorized", "with a bad key"),
+        (Some(user.as_str()), 403, "forbidden", "as a user"),
+    ];
     for (method, path) in &routes {
         let method: reqwest::Method = method.parse().expect("method");
-        let resp = anonymous
-            .request(method.clone(), server.admin_url(path))
-            .send()
-            .await
-            .expect("request");
-        expect_error(
-            resp,
-            401,
-            "unauthorized",
-            &format!("{method} {path} without a key"),
-        )
-        .await;
-        let resp = anonymous
-            .request(method.clone(), server.admin_url(path))
-            .bearer_auth("not-a-key")
-            .send()
-            .await
-            .expect("request");
-        expect_error(
-            resp,
-            401,
-            "unauthorized",
-            &format!("{method} {path} bad key"),
-        )
-        .await;
-        let resp = anonymous
-            .request(method.clone(), server.admin_url(path))
-            .bearer_auth(&user)
-            .send()
-            .await
-            .expect("request");
-        expect_error(
-            resp,
-            403,
-            "forbidden",
-            &format!("{method} {path} as a user"),
-        )
-        .await;
+        for (token, status, code, who) in callers {
+            let mut request = anonymous.request(method.clone(), server.admin_url(path));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let resp = request.send().await.expect("request");
+            expect_error(resp, status, code, &format!("{method} {path} {who}")).await;
+        }
     }
     // The admin API is not on the public listener.
     let resp = server

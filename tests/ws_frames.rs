@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -24,19 +24,9 @@ use common::{metric_sum, TestServer, API_KEY};
 const FRAME_TIMEOUT: Duration = Duration::from_secs(15);
 const JWT_SECRET: &str = "ws-test-secret-1b8e";
 
-/// An HS256 end-user token for `sub`, valid for an hour.
+/// An HS256 end-user token for `sub`.
 fn jwt(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({ "sub": sub, "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .expect("encode jwt")
+    common::user_token(JWT_SECRET, sub)
 }
 
 fn socket_url(server: &TestServer, query: &str) -> String {

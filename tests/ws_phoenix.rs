@@ -17,7 +17,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -36,18 +36,9 @@ const KILL_AFTER: u64 = 10;
 /// Every wait on the Node script fails the test after this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// An HS256 end-user token for `sub`.
 fn jwt(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({ "sub": sub, "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .expect("encode jwt")
+    common::user_token(JWT_SECRET, sub)
 }
 
 fn js_dir() -> PathBuf {
