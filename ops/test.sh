@@ -3,8 +3,8 @@
 # the real `ferry` binary on port 0 with a temporary data dir).
 #
 # It installs and starts what the tests need when it is missing (a C compiler, PostgreSQL, the
-# s3s-fs S3 server, Node with the phoenix client, redis-server and nats-server), so it works on a
-# fresh Debian machine that has only the Rust toolchain. Safe to run repeatedly.
+# s3s-fs S3 server, Node with the phoenix client, redis-server, nats-server and promtool), so it
+# works on a fresh Debian machine that has only the Rust toolchain. Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -129,7 +129,17 @@ ensure_peers() {
   export FERRY_REQUIRE_PEERS=1
 }
 
+# promtool checks the Prometheus alert rules under ops/prometheus and runs their unit tests.
+ensure_promtool() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    log "installing promtool (Debian's prometheus package)"
+    apt_install --no-install-recommends prometheus
+  fi
+  export FERRY_REQUIRE_PROMTOOL=1
+}
+
 ensure_build_tools
+ensure_promtool
 ensure_node
 ensure_peers
 ensure_postgres

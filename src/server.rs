@@ -91,6 +91,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         archive_linger: config.archive.linger,
         ..NodeConfig::default()
     };
+    metrics::gauge!(ferry_shards::metrics::ARCHIVE_BACKLOG_LIMIT_BYTES)
+        .set(config.archive.backlog_bytes as f64);
     let (node, report) = Node::start(node_config, wal, Arc::new(store.clone()))
         .await
         .context("cannot start the node")?;

@@ -33,6 +33,8 @@ pub const ACTOR_RESTARTS_TOTAL: &str = "ferry_actor_restarts_total";
 pub const RING_BYTES: &str = "ferry_ring_bytes";
 /// Gauge: bytes durable in the WAL but not yet archived.
 pub const ARCHIVE_BACKLOG_BYTES: &str = "ferry_archive_backlog_bytes";
+/// Gauge: the archive backlog (bytes) past which appends are refused (`archive_backlog`).
+pub const ARCHIVE_BACKLOG_LIMIT_BYTES: &str = "ferry_archive_backlog_limit_bytes";
 /// Gauge: records durable in the WAL but not yet archived.
 pub const ARCHIVE_BACKLOG_RECORDS: &str = "ferry_archive_backlog_records";
 /// Gauge: seconds between the oldest unarchived record becoming durable and now.
