@@ -10,9 +10,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -25,6 +25,7 @@ use ferry_shards::record::format_rfc3339_millis;
 
 use crate::auth::{Auth, Principal};
 use crate::http::error::ApiError;
+use crate::http::PathParam;
 
 /// Every slot's owner epoch while the node runs alone: ownership never changed hands.
 pub const SINGLE_NODE_EPOCH: u64 = 1;
@@ -53,7 +54,7 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(crate::http::healthz))
         .route("/readyz", get(readyz))
         .route("/dashboard", get(dashboard))
         .route("/dashboard/slots.json", get(dashboard_slots))
@@ -78,12 +79,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(state): State<AdminState>) -> StatusCode {
-    if state.node.ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    }
+/// The same answer as the public listener's `/readyz`.
+async fn readyz(State(state): State<AdminState>) -> Response {
+    crate::http::readiness(&state.node)
 }
 
 /// A caller holding an admin API key: 401 without valid credentials, 403 for any other caller.
@@ -152,7 +150,7 @@ pub struct SlotView {
     pub conversations: usize,
     /// Appends acknowledged on this slot since the owner started.
     pub appends_total: u64,
-    /// Appends acknowledged per second over the last sampling window (5 s).
+    /// Appends acknowledged per second over the last completed 5 s sampling window.
     pub appends_per_sec: f64,
 }
 
@@ -269,7 +267,7 @@ fn this_node<'a>(state: &'a AdminState, id: &str) -> Result<&'a NodeInfo, ApiErr
 async fn drain(
     _: AdminCaller,
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<NodeView>, ApiError> {
     let node = this_node(&state, &id)?;
     tracing::warn!(node = %node.id, "drain refused: no other node can take the slots");
@@ -284,7 +282,7 @@ async fn drain(
 async fn undrain(
     _: AdminCaller,
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<NodeView>, ApiError> {
     this_node(&state, &id)?;
     if *state.shutdown.borrow() {

@@ -1,6 +1,6 @@
 //! `ferry admin`: the operator's client for the admin listener's `/admin` API.
 //!
-//! Prints tables for people (`--json` for the raw answers). Exit status: 0 on success, 1 when
+//! Prints tables for people (`--json`: the JSON answer as the node sent it). Exit status: 0 on success, 1 when
 //! the listener cannot be reached or answers with an error (printed as `CODE: message`).
 
 use std::fmt::Write as _;
@@ -24,13 +24,51 @@ pub struct Options {
     pub json: bool,
 }
 
+/// The admin listener's base URL: `http://` added to a bare `host:port`, no trailing `/`.
+fn base_url(admin_url: &str) -> anyhow::Result<String> {
+    let text = admin_url.trim();
+    let base = if text.contains("://") {
+        text.to_owned()
+    } else {
+        format!("http://{text}")
+    };
+    match reqwest::Url::parse(&base) {
+        Ok(url)
+            if matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some_and(|h| !h.is_empty())
+                && url.path() == "/"
+                && !base.contains('?') =>
+        {
+            Ok(base.trim_end_matches('/').to_owned())
+        }
+        _ => anyhow::bail!(
+            "invalid admin URL {admin_url:?}: give the admin listener as http://HOST:PORT"
+        ),
+    }
+}
+
+/// Why a request did not get an answer: reqwest's message and every cause below it.
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Runs `action` and returns what to print on stdout.
 pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
-    let base = options.admin_url.trim_end_matches('/');
-    let base = if base.contains("://") {
-        base.to_owned()
-    } else {
-        format!("http://{base}")
+    let base = base_url(&options.admin_url)?;
+    let Some(key) = options.api_key.as_deref().filter(|k| !k.is_empty()) else {
+        anyhow::bail!(
+            "no admin API key: pass --api-key or set FERRY_API_KEY (or FERRY_BOOTSTRAP_API_KEY)"
+        );
     };
     let (method, path) = match &action {
         Action::Status => (reqwest::Method::GET, "/admin/cluster".to_owned()),
@@ -49,18 +87,23 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
-    let mut request = client.request(method, &url);
-    if let Some(key) = &options.api_key {
-        request = request.bearer_auth(key);
-    }
-    let response = request
+    let response = client
+        .request(method, &url)
+        .bearer_auth(key)
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the admin listener at {base}: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the admin listener at {base}: {}",
+                describe(&e)
+            )
+        })?;
     let status = response.status();
-    let body: Value = response
-        .json()
+    let text = response
+        .text()
         .await
+        .map_err(|e| anyhow::anyhow!("reading the answer from {url}: {}", describe(&e)))?;
+    let body: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{url} answered {status} without a JSON body: {e}"))?;
     if !status.is_success() {
         let code = body["error"].as_str().unwrap_or("error");
@@ -68,7 +111,7 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
         anyhow::bail!("{code}: {message}");
     }
     if options.json {
-        return Ok(serde_json::to_string_pretty(&body)? + "\n");
+        return Ok(text + "\n");
     }
     Ok(match action {
         Action::Status => render_status(serde_json::from_value(body)?),
@@ -255,6 +298,16 @@ mod tests {
             ],
         );
         assert_eq!(text, "A    LONG\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn admin_urls_need_a_host() {
+        assert_eq!(base_url("127.0.0.1:4001").unwrap(), "http://127.0.0.1:4001");
+        assert_eq!(base_url("http://h:1/").unwrap(), "http://h:1");
+        assert_eq!(base_url("HTTPS://h").unwrap(), "HTTPS://h");
+        for bad in ["", " ", "http://", "ftp://h:1", "http://h:1/x", "h:1?q"] {
+            assert!(base_url(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

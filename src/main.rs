@@ -49,8 +49,8 @@ struct AdminArgs {
     /// An admin API key [default: $FERRY_BOOTSTRAP_API_KEY].
     #[arg(long, env = "FERRY_API_KEY", global = true, hide_env_values = true)]
     api_key: Option<String>,
-    /// Print the raw JSON answer instead of a table.
-    #[arg(long, global = true)]
+    /// Print the JSON answer as the node sent it instead of a table.
+    #[arg(long, env = "FERRY_JSON", global = true)]
     json: bool,
 }
 
@@ -144,14 +144,16 @@ fn main() -> ExitCode {
         }
         Command::Admin(args) => {
             let options = admin_cli::Options {
-                admin_url: args.admin_url.unwrap_or_else(|| {
-                    let listen = std::env::var("FERRY_ADMIN_LISTEN")
-                        .unwrap_or_else(|_| "127.0.0.1:4001".to_owned());
-                    format!("http://{listen}")
-                }),
+                // An empty flag or variable counts as unset.
+                admin_url: args
+                    .admin_url
+                    .filter(|u| !u.trim().is_empty())
+                    .or_else(|| non_empty_env("FERRY_ADMIN_LISTEN").map(|l| format!("http://{l}")))
+                    .unwrap_or_else(|| "http://127.0.0.1:4001".to_owned()),
                 api_key: args
                     .api_key
-                    .or_else(|| std::env::var("FERRY_BOOTSTRAP_API_KEY").ok()),
+                    .filter(|k| !k.is_empty())
+                    .or_else(|| non_empty_env("FERRY_BOOTSTRAP_API_KEY")),
                 json: args.json,
             };
             let action = match args.action {
@@ -194,6 +196,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

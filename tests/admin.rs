@@ -70,6 +70,21 @@ async fn the_admin_api_needs_an_admin_key() {
             expect_error(resp, status, code, &format!("{method} {path} {who}")).await;
         }
     }
+    // A path that does not decode is `invalid` JSON, after the credentials are checked.
+    let resp = anonymous
+        .post(server.admin_url("/admin/nodes/%FF/drain"))
+        .send()
+        .await
+        .expect("request");
+    expect_error(
+        resp,
+        401,
+        "unauthorized",
+        "undecodable node id without a key",
+    )
+    .await;
+    let resp = admin_post(&server, "/admin/nodes/%FF/drain").await;
+    expect_error(resp, 400, "invalid", "undecodable node id").await;
     // The admin API is not on the public listener.
     let resp = server
         .client()
@@ -307,9 +322,39 @@ async fn the_admin_cli_reports_and_refuses_like_the_api() {
         stdout(&out)
     );
 
+    // No key: said before anything is sent; a wrong one: the node's answer.
     let out = ferry_admin(&["status", "--admin-url", &url], &[]);
     assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no admin API key"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ferry_admin(&["status", "--admin-url", &url, "--api-key", "wrong"], &[]);
+    assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("unauthorized: "), "{}", stderr(&out));
+
+    // An empty FERRY_ADMIN_URL counts as unset: FERRY_ADMIN_LISTEN names the listener.
+    let admin = server.admin.to_string();
+    let out = ferry_admin(
+        &["status", "--json"],
+        &[
+            ("FERRY_ADMIN_URL", ""),
+            ("FERRY_ADMIN_LISTEN", &admin),
+            key[0],
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let body: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(body["node"], server.node.as_str());
+    // A URL without a host is refused before any key is sent anywhere.
+    let out = ferry_admin(&["status", "--admin-url", "http://"], &key);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("invalid admin URL"),
+        "{}",
+        stderr(&out)
+    );
 
     // Nothing listens on port 1.
     let out = ferry_admin(&["status", "--admin-url", "http://127.0.0.1:1"], &key);

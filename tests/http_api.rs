@@ -447,7 +447,8 @@ async fn bad_inputs_get_their_protocol_codes_never_500() {
 
     // Conversation ids, on every route that takes one.
     let long_id = "c".repeat(129);
-    for id in ["a%20b", long_id.as_str(), "a%2Fb", "caf%C3%A9"] {
+    // (`%FF` does not even decode to UTF-8.)
+    for id in ["a%20b", long_id.as_str(), "a%2Fb", "caf%C3%A9", "a%FFb"] {
         let path = format!("/v1/conversations/{id}");
         let resp = client
             .put(server.url(&path))
@@ -470,6 +471,20 @@ async fn bad_inputs_get_their_protocol_codes_never_500() {
             .expect("get");
         expect_error(resp, 400, "invalid", &format!("GET messages of {id:.20}")).await;
     }
+    // …and without credentials that is still a 401 first.
+    let resp = server
+        .anonymous_client()
+        .get(server.url("/v1/conversations/a%FFb/messages"))
+        .send()
+        .await
+        .expect("get");
+    expect_error(resp, 401, "unauthorized", "undecodable id without a key").await;
+    let resp = client
+        .get(server.url("/v1/participants/a%FFb/inbox"))
+        .send()
+        .await
+        .expect("get");
+    expect_error(resp, 400, "invalid", "undecodable participant id").await;
     // 128 characters is still fine.
     server
         .create_conversation(&"c".repeat(128), &["alice"])
@@ -738,6 +753,16 @@ async fn health_and_metrics_endpoints() {
     ] {
         let resp = anon.get(&url).send().await.expect(&url);
         assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+        let body: Value = resp.json().await.expect("JSON body");
+        let expected = if url.ends_with("/healthz") {
+            "ok"
+        } else {
+            "ready"
+        };
+        assert_eq!(
+            body["status"], expected,
+            "GET {url}: both listeners answer alike"
+        );
     }
 
     server.create_conversation("m", &["a"]).await;

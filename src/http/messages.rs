@@ -1,6 +1,6 @@
 //! `POST /v1/conversations/{id}/messages` (append) and `GET` (pages, forwards and backwards).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,7 +14,7 @@ use ferry_shards::record::{
 };
 
 use super::error::ApiError;
-use super::{conversation_id, object_or_invalid, AppState, Caller, JsonBody};
+use super::{conversation_id, object_or_invalid, AppState, Caller, JsonBody, PathParam};
 use crate::access;
 use crate::auth::Principal;
 use ferry_shards::ids::ParticipantId;
@@ -95,9 +95,9 @@ pub fn build_request(
 
 pub async fn append(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
     headers: HeaderMap,
     Caller(principal): Caller,
+    PathParam(raw_id): PathParam,
     JsonBody(body): JsonBody<AppendBody>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&raw_id)?;
@@ -150,8 +150,8 @@ fn parse_u64(name: &str, raw: Option<&str>) -> Result<Option<u64>, ApiError> {
 
 pub async fn list(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
     Caller(principal): Caller,
+    PathParam(raw_id): PathParam,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&raw_id)?;

@@ -80,17 +80,22 @@ pub(crate) async fn method_not_allowed() -> Response {
     e.into_response()
 }
 
-async fn healthz() -> Json<serde_json::Value> {
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.node.ready() {
+    readiness(&state.node)
+}
+
+/// `/readyz` on either listener: 200 `{status: "ready"}`, or 503 while the node cannot append.
+pub(crate) fn readiness(node: &Node) -> Response {
+    if node.ready() {
         Json(json!({"status": "ready"})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "wal_poisoned": state.node.wal().poisoned()})),
+            Json(json!({"status": "unavailable", "wal_poisoned": node.wal().poisoned()})),
         )
             .into_response()
     }
@@ -105,6 +110,22 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         state.auth.authenticate(&parts.headers).await.map(Caller)
+    }
+}
+
+/// One path parameter, percent-decoded; a path that does not decode (say `%FF`, not UTF-8) is
+/// `invalid` in the protocol's JSON, not axum's plain-text rejection. Handlers take it after
+/// [`Caller`], so credentials are checked first.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| PathParam(value))
+            .map_err(|e| ApiError::invalid(format!("bad path: {}", e.body_text())))
     }
 }
 
@@ -170,8 +191,8 @@ fn conversation_json(meta: &ConversationMeta, slot: u32, last_seq: u64) -> serde
 
 async fn put_conversation(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
     Caller(principal): Caller,
+    PathParam(raw_id): PathParam,
     JsonBody(body): JsonBody<PutConversation>,
 ) -> Result<Response, ApiError> {
     crate::access::require_api_key(&principal)?;
@@ -227,8 +248,8 @@ async fn put_conversation(
 
 async fn get_conversation(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
     Caller(principal): Caller,
+    PathParam(raw_id): PathParam,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = conversation_id(&raw_id)?;
     let handle = state.node.conversation(&id).await?;

@@ -1,7 +1,7 @@
 //! Read cursors and the inbox: `POST /v1/conversations/{id}/read`,
 //! `GET /v1/participants/{id}/inbox`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
@@ -9,7 +9,7 @@ use serde_json::json;
 use ferry_shards::record::now_ms;
 
 use super::error::ApiError;
-use super::{conversation_id, participant_id, AppState, Caller, JsonBody};
+use super::{conversation_id, participant_id, AppState, Caller, JsonBody, PathParam};
 use crate::{access, inbox};
 
 #[derive(Deserialize)]
@@ -22,8 +22,8 @@ pub struct ReadBody {
 
 pub async fn mark_read(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
     Caller(principal): Caller,
+    PathParam(raw_id): PathParam,
     JsonBody(body): JsonBody<ReadBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = conversation_id(&raw_id)?;
@@ -59,8 +59,8 @@ pub async fn mark_read(
 
 pub async fn inbox(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
     Caller(principal): Caller,
+    PathParam(raw_id): PathParam,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let participant = participant_id(&raw_id)?;
     access::act_for(&principal, &participant)?;

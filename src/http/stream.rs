@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::{conversation_id, AppState, Caller};
+use super::{conversation_id, AppState, Caller, PathParam};
 use crate::access;
 use crate::delivery::Cursor;
 
@@ -29,9 +29,9 @@ const PAGE: usize = 500;
 
 pub async fn sse(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
     headers: HeaderMap,
     Caller(principal): Caller,
+    PathParam(raw_id): PathParam,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&raw_id)?;
