@@ -93,7 +93,8 @@ struct ServeArgs {
     #[arg(long)]
     no_migrate: bool,
     /// Quarantine corrupt WAL segments instead of refusing to start (reports what was lost).
-    #[arg(long)]
+    /// Also `FERRY_WAL__REPAIR` in the config's naming.
+    #[arg(long, env = "FERRY_REPAIR_WAL")]
     repair_wal: bool,
 }
 

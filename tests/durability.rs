@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use common::pg::TestDatabase;
-use common::{seq_of, Ack, ServerBuilder, TestServer};
+use common::{files_with_suffix, seq_of, Ack, ServerBuilder, TestServer};
 
 const CONVERSATIONS: [&str; 3] = ["burst-a", "burst-b", "burst-c"];
 const WRITERS: usize = 6;
@@ -352,4 +352,107 @@ async fn sigterm_during_a_burst(builder: ServerBuilder) -> HashMap<String, u64> 
     let last = verify(&server, &ledger, "after SIGTERM and a new append").await;
     server.wait_archived(Duration::from_secs(20)).await;
     last
+}
+
+/// A flipped byte inside one record with intact records after it is corruption, not a torn
+/// tail: the node refuses to start and names the segment and the repair switch. With
+/// `FERRY_REPAIR_WAL` it quarantines the segment, says so, and starts; the damaged records were
+/// archived before the damage, so every message is still served and new ones follow on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_wal_refuses_to_start_until_repair_is_asked_for() {
+    let lost = corrupt_then_repair(false).await;
+    assert!(
+        lost.contains("lost=[]"),
+        "a clean stop checkpoints what it archived, so nothing archived counts as lost: {lost}"
+    );
+}
+
+/// The same damage when the WAL's checkpoint lags SQL (here: its file is gone, as after a crash
+/// before the first checkpoint was written). Repair counts the cut-off records as lost to the
+/// WAL, but SQL holds them: the node serves them and continues after SQL's last seq, never
+/// handing out a seq SQL already has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_repair_seqs_continue_after_what_sql_holds() {
+    let lost = corrupt_then_repair(true).await;
+    assert!(
+        lost.contains("lost=[6..=20]"),
+        "the WAL alone lost 6..=20: {lost}"
+    );
+}
+
+/// Appends 20 messages, stops cleanly, flips a byte in record 6, checks the refusal, repairs
+/// and checks that history and new appends are whole. Returns the `wal repaired` log line.
+async fn corrupt_then_repair(forget_checkpoint: bool) -> String {
+    let mut server = TestServer::start();
+    server.create_conversation("c1", &["alice"]).await;
+    for i in 0..20 {
+        server
+            .append("c1", "alice", json!(format!("marker-{i:04}")))
+            .await;
+    }
+    // A clean stop archives everything; the live segment keeps every record.
+    assert_eq!(server.terminate().code(), Some(0));
+    let wal = server.data_dir().join("wal");
+    if forget_checkpoint {
+        std::fs::remove_file(wal.join("checkpoint")).expect("remove checkpoint");
+    }
+    let segments = files_with_suffix(&wal, ".wal");
+    assert_eq!(segments.len(), 1, "one live segment: {segments:?}");
+    let segment = &segments[0];
+    let mut bytes = std::fs::read(segment).expect("read segment");
+    let at = bytes
+        .windows(b"marker-0005".len())
+        .position(|w| w == b"marker-0005")
+        .expect("record 6's content is in the segment");
+    bytes[at] ^= 0x20;
+    std::fs::write(segment, &bytes).expect("write segment");
+
+    let (status, _stdout, stderr) = server.start_expecting_failure();
+    assert!(!status.success(), "a corrupt WAL must stop the start");
+    let name = segment.file_name().expect("name").to_string_lossy();
+    assert!(
+        stderr.contains(name.as_ref()),
+        "names the segment {name}: {stderr}"
+    );
+    assert!(stderr.contains("repair"), "says how to repair: {stderr}");
+
+    server.set_env("FERRY_REPAIR_WAL", "true");
+    server.restart();
+    let quarantined = files_with_suffix(&wal.join("quarantine"), "");
+    assert_eq!(
+        quarantined.len(),
+        1,
+        "the damaged segment is kept aside: {quarantined:?}"
+    );
+    let log = server.stderr_all();
+    let repaired = log
+        .lines()
+        .find(|l| l.contains("wal repaired"))
+        .unwrap_or_else(|| panic!("the repair is reported: {}", server.stderr_tail()))
+        .to_owned();
+
+    let (messages, last_seq) = server.read_all("c1").await;
+    assert_eq!(last_seq, 20);
+    let contents: Vec<&str> = messages
+        .iter()
+        .map(|m| m["content"].as_str().expect("text"))
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("marker-{i:04}")).collect();
+    assert_eq!(
+        contents, expected,
+        "every archived message is served after the repair"
+    );
+    assert_eq!(server.append("c1", "alice", json!("after")).await.seq, 21);
+    let (messages, last_seq) = server.read_all("c1").await;
+    assert_eq!(last_seq, 21);
+    assert_eq!(messages.len(), 21);
+    assert_eq!(messages[20]["content"], "after");
+    // And the same once the new message has gone through SQL: a restart serves it from there.
+    assert_eq!(server.terminate().code(), Some(0));
+    server.restart();
+    let (messages, _) = server.read_all("c1").await;
+    assert_eq!(messages.len(), 21);
+    assert_eq!(messages[5]["content"], "marker-0005");
+    assert_eq!(messages[20]["content"], "after");
+    repaired
 }

@@ -497,12 +497,23 @@ impl Node {
     /// stops the actors. Idempotent.
     pub async fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
-        let wal = self.shared.wal.clone();
-        let _ = tokio::task::spawn_blocking(move || wal.shutdown()).await;
+        // Everything accepted becomes durable (and is answered) first, so that the archiver's
+        // last pass can store it; that pass advances the checkpoint, and closing the WAL then
+        // persists it. After a clean stop the next start has nothing to replay, and the WAL's
+        // checkpoint agrees with SQL (a repair never counts archived records as lost).
+        let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
+        let barrier = self.shared.wal.barrier(Box::new(move |result| {
+            let _ = synced_tx.send(result);
+        }));
+        if barrier.is_ok() {
+            let _ = synced_rx.await;
+        }
         let _ = self.archiver_stop.send(true);
         if let Some(task) = self.archiver_done.lock().await.take() {
             let _ = task.await;
         }
+        let wal = self.shared.wal.clone();
+        let _ = tokio::task::spawn_blocking(move || wal.shutdown()).await;
         for slot in self.slots.iter() {
             slot.stop(None);
         }

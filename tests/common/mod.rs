@@ -120,7 +120,7 @@ impl ServerBuilder {
 
     /// Runs the binary expecting it to refuse to start: it must exit (bounded wait) without a
     /// ready line. Returns the exit status, stdout and stderr.
-    pub fn start_expecting_failure(self) -> (ExitStatus, String, String) {
+    pub fn start_expecting_failure(&self) -> (ExitStatus, String, String) {
         let mut child = self
             .command(&self.root.path().join("data"))
             .stdin(Stdio::null())
@@ -397,6 +397,20 @@ impl TestServer {
         }
     }
 
+    /// Sets an environment variable for every later start (`restart`, `start_expecting_failure`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.builder.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Starts the binary on the same data dir expecting it to refuse; the server must be stopped.
+    pub fn start_expecting_failure(&self) -> (ExitStatus, String, String) {
+        assert!(
+            self.child.is_none(),
+            "stop the server first (kill9 or terminate)"
+        );
+        self.builder.start_expecting_failure()
+    }
+
     /// Starts the binary again on the same data dir, config and key. The server must be stopped.
     pub fn restart(&mut self) {
         assert!(
@@ -482,7 +496,6 @@ impl TestServer {
         Ack::from_json(&body)
     }
 
-    /// `GET .../messages?<query>`; asserts 200 and returns the page.
     /// `GET path` with the admin key; must answer 200 with a JSON body.
     pub async fn get_json(&self, path: &str) -> Value {
         let resp = self
@@ -500,6 +513,7 @@ impl TestServer {
         body
     }
 
+    /// `GET .../messages?<query>`; asserts 200 and returns the page.
     pub async fn page(&self, conversation: &str, query: &str) -> Page {
         let resp = self
             .client()

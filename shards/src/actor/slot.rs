@@ -149,6 +149,22 @@ async fn activate(
         .ok_or(NodeError::NotFound)?;
 
     let recovered = state.shared.registry(state.slot).logs.get(&id).cloned();
+    // A log recovered from the WAL is normally at or ahead of SQL (the archiver only stores
+    // durable records). If SQL is ahead, the WAL lost records that had been archived (a repair
+    // cut them off): SQL is then the complete history, and seqs continue after it — a stale
+    // log would hand out seqs SQL already holds.
+    let recovered = recovered.filter(|log| {
+        let stale = snapshot.last_seq > log.durable_seq();
+        if stale {
+            tracing::warn!(
+                conversation = %id,
+                wal_last_seq = log.durable_seq(),
+                archived_last_seq = snapshot.last_seq,
+                "archive is ahead of the recovered wal log; continuing after the archive"
+            );
+        }
+        !stale
+    });
     let log = match recovered {
         Some(log) => {
             // A log recovered from the WAL: its window needs the archived keys before the
