@@ -431,6 +431,9 @@ async fn corrupt_then_repair(forget_checkpoint: bool) -> String {
         .unwrap_or_else(|| panic!("the repair is reported: {}", server.stderr_tail()))
         .to_owned();
 
+    // Before anything starts the conversation: the inbox already sees SQL's history.
+    let inbox = server.get_json("/v1/participants/alice/inbox").await;
+    assert_eq!(inbox["conversations"][0]["last_seq"], 20, "{inbox}");
     let (messages, last_seq) = server.read_all("c1").await;
     assert_eq!(last_seq, 20);
     let contents: Vec<&str> = messages

@@ -332,7 +332,11 @@ impl Node {
             durable_events: broadcast::channel(4096).0,
             ack_metrics,
         });
+        let repaired = recovery.repair.is_some();
         let report = adopt_recovery(&shared, recovery)?;
+        if repaired {
+            drop_logs_behind_archive(&shared).await?;
+        }
 
         let mut slots = Vec::with_capacity(shared.config.slot_count as usize);
         for slot in 0..shared.config.slot_count {
@@ -571,6 +575,45 @@ impl Node {
             .map(|s| self.shared.registry(s).handles.len())
             .collect()
     }
+}
+
+/// After a repair: a recovered log that ends below the last seq SQL holds lost archived records
+/// to the repair, and SQL is the complete history. Such logs are dropped before anything reads
+/// them, so the conversation starts from SQL (its recovered records are still re-archived,
+/// idempotently). The slot actor checks the same when it starts a conversation.
+async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(), NodeError> {
+    let recovered: Vec<(u32, ConversationId, u64)> = (0..shared.config.slot_count)
+        .flat_map(|slot| {
+            shared
+                .registry(slot)
+                .logs
+                .iter()
+                .map(|(id, log)| (slot, id.clone(), log.durable_seq()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (slot, id, wal_last_seq) in recovered {
+        let snapshot = shared
+            .archive
+            .load_conversation(&id, 0)
+            .await
+            .map_err(|e| {
+                NodeError::Unavailable(format!(
+                    "after the wal repair, conversation {id} cannot be checked against the archive: {e}"
+                ))
+            })?;
+        let archived_last_seq = snapshot.map_or(0, |s| s.last_seq);
+        if archived_last_seq > wal_last_seq {
+            tracing::warn!(
+                conversation = %id,
+                wal_last_seq,
+                archived_last_seq,
+                "archive is ahead of the recovered wal log; continuing after the archive"
+            );
+            shared.registry(slot).logs.remove(&id);
+        }
+    }
+    Ok(())
 }
 
 /// Rebuilds a log for every conversation with messages above the checkpoint and queues them for
