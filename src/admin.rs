@@ -181,14 +181,19 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
 }
 
-fn slot_views(state: &AdminState) -> Vec<SlotView> {
-    let conversations = state.node.slot_conversations();
-    let appends = state.node.slot_appends();
-    let slot_state = if *state.shutdown.borrow() {
+/// `draining` once the node is shutting down (its slots with it), else `active`.
+fn node_state(state: &AdminState) -> &'static str {
+    if *state.shutdown.borrow() {
         "draining"
     } else {
         "active"
-    };
+    }
+}
+
+fn slot_views(state: &AdminState) -> Vec<SlotView> {
+    let conversations = state.node.slot_conversations();
+    let appends = state.node.slot_appends();
+    let slot_state = node_state(state);
     (0..state.node.config().slot_count)
         .map(|slot| {
             let i = slot as usize;
@@ -209,11 +214,7 @@ fn node_view(state: &AdminState, slots: &[SlotView]) -> NodeView {
     let (records, bytes) = state.node.archive_backlog();
     NodeView {
         id: state.info.id.clone(),
-        state: if *state.shutdown.borrow() {
-            "draining"
-        } else {
-            "active"
-        },
+        state: node_state(state),
         ready: state.node.ready(),
         listen: state.info.listen.clone(),
         admin: state.info.admin.clone(),
