@@ -16,6 +16,7 @@
 //! - [`archive`]: the trait the node implements to read and write the SQL archive.
 //! - [`actor`]: slot actors supervising conversation actors (ractor); the conversation actor assigns
 //!   `seq`, dedupes idempotency keys and submits to the WAL without waiting for the fsync.
+//! - [`ownership`]: the slot ownership state machine (pure; the cluster persists it with CAS).
 //! - [`node`]: the cloneable handle that ties WAL, actors, archiver queue and budgets together.
 //! - [`metrics`]: the metric names this crate records.
 //!
@@ -30,6 +31,7 @@ pub mod archive;
 pub mod ids;
 pub mod metrics;
 pub mod node;
+pub mod ownership;
 pub mod placement;
 pub mod record;
 pub mod ring;
