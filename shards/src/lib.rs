@@ -16,7 +16,8 @@
 //! - [`archive`]: the trait the node implements to read and write the SQL archive.
 //! - [`actor`]: slot actors supervising conversation actors (ractor); the conversation actor assigns
 //!   `seq`, dedupes idempotency keys and submits to the WAL without waiting for the fsync.
-//! - [`ownership`]: the slot ownership state machine (pure; the cluster persists it with CAS).
+//! - [`ownership`]: the slot ownership state machine and the rebalance planner (pure; the cluster
+//!   persists changes with CAS).
 //! - [`node`]: the cloneable handle that ties WAL, actors, archiver queue and budgets together.
 //! - [`metrics`]: the metric names this crate records.
 //!

@@ -1,4 +1,5 @@
-//! Slot ownership: the pure state machine behind the cluster's `slot_owners` table.
+//! Slot ownership: the pure state machine behind the cluster's `slot_owners` table, and the
+//! rebalance planner that drives it.
 //!
 //! A slot row says who owns the slot (`owner`), under which `epoch`, and whether it is being
 //! handed to another node (`Moving { target }`). The database row is the truth; this module only
@@ -30,9 +31,17 @@
 //! own (a later step) — and nothing here completes a move whose owner's lease lapsed, because the
 //! owner may not have shipped its unarchived tail.
 //!
+//! The planner ([`plan`], in `ownership/planner.rs`) proposes changes that move the table toward
+//! the hash-ring [`Placement`](crate::placement::Placement) over alive, active nodes, `max_moves`
+//! data moves at a time.
+//!
 //! This module does no IO and reads no clock: liveness arrives as [`NodeView::alive`].
 
 use std::fmt;
+
+mod planner;
+
+pub use planner::{desired, plan};
 
 /// A node's membership state, as stored in the `nodes` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -287,6 +296,11 @@ pub fn slot_status(row: &SlotRow, nodes: &[NodeView]) -> &'static str {
 /// The first view of `id` in `nodes`.
 fn node_view<'a>(id: &str, nodes: &'a [NodeView]) -> Option<&'a NodeView> {
     nodes.iter().find(|node| node.id == id)
+}
+
+/// Whether `id` may receive slots now: alive and active.
+fn can_receive(id: &str, nodes: &[NodeView]) -> bool {
+    node_view(id, nodes).is_some_and(|node| node.alive && node.state == NodeState::Active)
 }
 
 fn require_alive<'a>(id: &str, nodes: &'a [NodeView]) -> Result<&'a NodeView, Refusal> {
