@@ -19,7 +19,8 @@
 //! | [`Change::CancelMove`] | owner, moving | same owner and epoch, active | — |
 //! | [`Change::Reclaim`] | owner `node`, any state | same owner, epoch + 1, active | `node` alive |
 //!
-//! Invariants:
+//! Invariants (checked after every step by the model-based property test in `ownership/model.rs`,
+//! with stale planners racing each other, lease expiry, crashes and drains):
 //! - a slot's epoch never goes back;
 //! - every change of owner raises the epoch by exactly one, so one `(slot, epoch)` names at most
 //!   one owner over the whole history;
@@ -39,6 +40,8 @@
 
 use std::fmt;
 
+#[cfg(test)]
+mod model;
 mod planner;
 
 pub use planner::{desired, plan};
