@@ -400,7 +400,9 @@ impl Outcomes {
                 TryAgainReason::WalFull => &self.wal_full,
                 TryAgainReason::ArchiveBacklog => &self.archive_backlog,
                 TryAgainReason::Restarting => &self.restarting,
-                TryAgainReason::Unavailable => &self.unavailable,
+                TryAgainReason::Unavailable
+                | TryAgainReason::SlotMoving
+                | TryAgainReason::OwnerUnavailable => &self.unavailable,
             },
             _ => &self.other_errors,
         };

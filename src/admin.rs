@@ -49,6 +49,8 @@ pub struct AdminState {
     /// True once the node is shutting down (its state reads `draining`).
     pub shutdown: watch::Receiver<bool>,
     pub rates: Arc<SlotRates>,
+    /// This node's cluster membership; `None` for a node that runs alone.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -81,7 +83,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 
 /// The same answer as the public listener's `/readyz`.
 async fn readyz(State(state): State<AdminState>) -> Response {
-    crate::http::readiness(&state.node)
+    crate::http::readiness(&state.node, state.cluster.as_ref())
 }
 
 /// A caller holding an admin API key: 401 without valid credentials, 403 for any other caller.
@@ -140,12 +142,17 @@ impl SlotRates {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize, Clone)]
 pub struct SlotView {
     pub slot: u32,
-    pub owner: String,
+    /// `null` while the slot is unassigned (a cluster that is still forming).
+    pub owner: Option<String>,
     pub epoch: u64,
-    pub state: &'static str,
+    /// `active`, `moving`, `unavailable` (its owner's lease expired) or `unassigned`.
+    pub state: std::borrow::Cow<'static, str>,
+    /// The node a moving slot goes to.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub target: Option<String>,
     /// Conversations with a running actor on this slot.
     pub conversations: usize,
     /// Appends acknowledged on this slot since the owner started.
@@ -154,13 +161,17 @@ pub struct SlotView {
     pub appends_per_sec: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize, Clone)]
 pub struct NodeView {
     pub id: String,
-    pub state: &'static str,
+    pub state: std::borrow::Cow<'static, str>,
     pub ready: bool,
     pub listen: String,
     pub admin: String,
+    /// Where the other nodes reach this node's admin listener.
+    pub advertise_url: String,
+    /// The node's last lease renewal (database clock); `null` for a node that runs alone.
+    pub last_heartbeat: Option<String>,
     pub slots: usize,
     pub conversations: usize,
     pub appends_per_sec: f64,
@@ -171,13 +182,16 @@ pub struct NodeView {
 
 #[derive(Serialize)]
 pub struct ClusterView {
-    /// `single`: one node, no Redis or shared membership.
+    /// `single`: one node, no Redis or shared membership; `cluster`: nodes sharing Postgres
+    /// and Redis.
     pub mode: &'static str,
     /// The node that answered.
     pub node: String,
     pub slot_count: u32,
     /// Slots without an owner (none while a node is up).
     pub unassigned_slots: usize,
+    pub moving_slots: usize,
+    pub unavailable_slots: usize,
     pub nodes: Vec<NodeView>,
 }
 
@@ -190,7 +204,7 @@ fn node_state(state: &AdminState) -> &'static str {
     }
 }
 
-fn slot_views(state: &AdminState) -> Vec<SlotView> {
+pub fn slot_views(state: &AdminState) -> Vec<SlotView> {
     let conversations = state.node.slot_conversations();
     let appends = state.node.slot_appends();
     let slot_state = node_state(state);
@@ -199,9 +213,10 @@ fn slot_views(state: &AdminState) -> Vec<SlotView> {
             let i = slot as usize;
             SlotView {
                 slot,
-                owner: state.info.id.clone(),
+                owner: Some(state.info.id.clone()),
                 epoch: SINGLE_NODE_EPOCH,
-                state: slot_state,
+                state: slot_state.into(),
+                target: None,
                 conversations: conversations.get(i).copied().unwrap_or(0),
                 appends_total: appends.get(i).copied().unwrap_or(0),
                 appends_per_sec: state.rates.get(i),
@@ -210,14 +225,16 @@ fn slot_views(state: &AdminState) -> Vec<SlotView> {
         .collect()
 }
 
-fn node_view(state: &AdminState, slots: &[SlotView]) -> NodeView {
+pub fn node_view(state: &AdminState, slots: &[SlotView]) -> NodeView {
     let (records, bytes) = state.node.archive_backlog();
     NodeView {
         id: state.info.id.clone(),
-        state: node_state(state),
+        state: node_state(state).into(),
         ready: state.node.ready(),
         listen: state.info.listen.clone(),
         admin: state.info.admin.clone(),
+        advertise_url: format!("http://{}", state.info.admin),
+        last_heartbeat: None,
         slots: slots.len(),
         conversations: slots.iter().map(|s| s.conversations).sum(),
         appends_per_sec: slots.iter().map(|s| s.appends_per_sec).sum(),
@@ -234,12 +251,23 @@ fn cluster_view(state: &AdminState) -> ClusterView {
         node: state.info.id.clone(),
         slot_count: state.node.config().slot_count,
         unassigned_slots: 0,
+        moving_slots: 0,
+        unavailable_slots: 0,
         nodes: vec![node_view(state, &slots)],
     }
 }
 
+/// The cluster and its slots as the answering node sees them: the tables from Postgres, each
+/// node's own counters from that node.
+async fn snapshot(state: &AdminState) -> (ClusterView, Vec<SlotView>) {
+    match &state.cluster {
+        None => (cluster_view(state), slot_views(state)),
+        Some(cluster) => crate::cluster::admin::snapshot(state, cluster).await,
+    }
+}
+
 async fn cluster(_: AdminCaller, State(state): State<AdminState>) -> Json<ClusterView> {
-    Json(cluster_view(&state))
+    Json(snapshot(&state).await.0)
 }
 
 #[derive(Serialize)]
@@ -249,7 +277,7 @@ struct SlotsBody {
 
 async fn slots(_: AdminCaller, State(state): State<AdminState>) -> Json<SlotsBody> {
     Json(SlotsBody {
-        slots: slot_views(&state),
+        slots: snapshot(&state).await.1,
     })
 }
 
@@ -270,6 +298,11 @@ async fn drain(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
 ) -> Result<Json<NodeView>, ApiError> {
+    if let Some(cluster) = &state.cluster {
+        return crate::cluster::admin::drain(&state, cluster, &id)
+            .await
+            .map(Json);
+    }
     let node = this_node(&state, &id)?;
     tracing::warn!(node = %node.id, "drain refused: no other node can take the slots");
     Err(ApiError::conflict(format!(
@@ -285,6 +318,11 @@ async fn undrain(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
 ) -> Result<Json<NodeView>, ApiError> {
+    if let Some(cluster) = &state.cluster {
+        return crate::cluster::admin::undrain(&state, cluster, &id)
+            .await
+            .map(Json);
+    }
     this_node(&state, &id)?;
     if *state.shutdown.borrow() {
         return Err(ApiError::conflict(
@@ -297,37 +335,42 @@ async fn undrain(
 }
 
 #[derive(Serialize)]
-struct RebalanceBody {
+pub struct RebalanceBody {
     /// Slot moves started toward the ring's placement.
-    moves: Vec<SlotMove>,
-    message: String,
+    pub moves: Vec<SlotMove>,
+    pub message: String,
 }
 
 #[derive(Serialize)]
-struct SlotMove {
-    slot: u32,
-    from: String,
-    to: String,
+pub struct SlotMove {
+    pub slot: u32,
+    /// `null` for an unassigned slot being assigned.
+    pub from: Option<String>,
+    pub to: String,
 }
 
-async fn rebalance(_: AdminCaller, State(state): State<AdminState>) -> Json<RebalanceBody> {
+async fn rebalance(
+    _: AdminCaller,
+    State(state): State<AdminState>,
+) -> Result<Json<RebalanceBody>, ApiError> {
+    if let Some(cluster) = &state.cluster {
+        return crate::cluster::admin::rebalance(cluster).await.map(Json);
+    }
     tracing::info!(node = %state.info.id, moves = 0, "rebalance: placement already matches");
-    Json(RebalanceBody {
+    Ok(Json(RebalanceBody {
         moves: Vec::new(),
         message: format!(
             "placement already matches the ring: all {} slots are on the only node {:?}",
             state.node.config().slot_count,
             state.info.id
         ),
-    })
+    }))
 }
 
 /// The slot map's data: public, like the page (no message or conversation data in it).
 async fn dashboard_slots(State(state): State<AdminState>) -> Json<ClusterSnapshot> {
-    Json(ClusterSnapshot {
-        cluster: cluster_view(&state),
-        slots: slot_views(&state),
-    })
+    let (cluster, slots) = snapshot(&state).await;
+    Json(ClusterSnapshot { cluster, slots })
 }
 
 #[derive(Serialize)]
@@ -337,7 +380,8 @@ struct ClusterSnapshot {
 }
 
 async fn dashboard(State(state): State<AdminState>) -> Html<String> {
-    Html(render_dashboard(&cluster_view(&state), &slot_views(&state)))
+    let (cluster, slots) = snapshot(&state).await;
+    Html(render_dashboard(&cluster, &slots))
 }
 
 /// The slot map as one self-contained page: rendered here, refreshed in place every 2 s from
@@ -364,7 +408,7 @@ fn render_dashboard(cluster: &ClusterView, slots: &[SlotView]) -> String {
             "<div class=\"slot {state}\" data-slot=\"{slot}\" title=\"slot {slot} · owner {owner} · \
              epoch {epoch} · {state} · {conv} conversations · {rate:.1} appends/s\">{slot}</div>",
             slot = s.slot,
-            owner = escape(&s.owner),
+            owner = escape(s.owner.as_deref().unwrap_or("-")),
             epoch = s.epoch,
             state = s.state,
             conv = s.conversations,
@@ -395,9 +439,10 @@ mod tests {
     fn slot(slot: u32, owner: &str, rate: f64) -> SlotView {
         SlotView {
             slot,
-            owner: owner.into(),
+            owner: Some(owner.into()),
             epoch: 1,
-            state: "active",
+            state: "active".into(),
+            target: None,
             conversations: 2,
             appends_total: 10,
             appends_per_sec: rate,
@@ -412,6 +457,8 @@ mod tests {
             node: "n<1>".into(),
             slot_count: 8,
             unassigned_slots: 0,
+            moving_slots: 0,
+            unavailable_slots: 0,
             nodes: vec![],
         };
         let html = render_dashboard(&cluster, &slots);

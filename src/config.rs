@@ -25,6 +25,11 @@ pub struct Config {
     /// Default: `sqlite://<data_dir>/ferry.db`.
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
+    /// Shared by every node of a cluster; opens the node-to-node API and nothing else.
+    pub cluster_secret: Option<String>,
+    /// Where the other nodes reach this node's admin listener. Default: `http://` + the admin
+    /// listener's bound address.
+    pub advertise_url: Option<String>,
     /// Default: `file://<data_dir>/objects`.
     pub object_store: Option<String>,
     pub bootstrap_api_key: Option<String>,
@@ -42,6 +47,49 @@ pub struct Config {
     pub archive: ArchiveSection,
     pub limits: LimitsSection,
     pub runtime: RuntimeSection,
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`: used when the node is part of a cluster (a Redis URL is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// How often a node renews its lease (and refreshes its view of the slot table).
+    #[serde(with = "duration_str")]
+    pub heartbeat: Duration,
+    /// A node not renewed for this long is `dead`; a node stops acknowledging before its own
+    /// lease can expire.
+    #[serde(with = "duration_str")]
+    pub lease: Duration,
+    /// Slot moves in progress at once, cluster-wide.
+    pub max_moves: usize,
+    /// How long SIGTERM waits for the node's slots to move away before it exits anyway.
+    #[serde(with = "duration_str")]
+    pub drain_timeout: Duration,
+    /// `local`: an append is acknowledged after the owner's fdatasync.
+    pub durability: String,
+    /// `manual`: a dead node's slots stay unavailable until it returns.
+    pub failover: String,
+    /// Durable-but-unarchived messages one conversation may have.
+    pub max_unarchived: u64,
+    /// How long an append to a moving slot waits before `try_again` (`slot_moving`).
+    #[serde(with = "duration_str")]
+    pub move_hold: Duration,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            heartbeat: Duration::from_secs(1),
+            lease: Duration::from_secs(5),
+            max_moves: 16,
+            drain_timeout: Duration::from_secs(60),
+            durability: "local".into(),
+            failover: "manual".into(),
+            max_unarchived: 10_000,
+            move_hold: Duration::from_secs(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +170,8 @@ impl Default for Config {
             node_id: None,
             database_url: None,
             redis_url: None,
+            cluster_secret: None,
+            advertise_url: None,
             object_store: None,
             bootstrap_api_key: None,
             jwt_secret: None,
@@ -134,6 +184,7 @@ impl Default for Config {
             archive: ArchiveSection::default(),
             limits: LimitsSection::default(),
             runtime: RuntimeSection::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -207,6 +258,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "node_id",
     "database_url",
     "redis_url",
+    "cluster_secret",
+    "advertise_url",
     "object_store",
     "bootstrap_api_key",
     "jwt_secret",
@@ -231,6 +284,10 @@ pub struct Overrides {
     pub database_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object_store: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -354,7 +411,64 @@ impl Config {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be text or json");
         }
+        self.validate_cluster()
+    }
+
+    /// A Redis URL makes the node a cluster member, which needs Postgres and the secret.
+    fn validate_cluster(&self) -> anyhow::Result<()> {
+        let c = &self.cluster;
+        if c.heartbeat.is_zero() || c.lease < c.heartbeat * 2 {
+            bail!(
+                "cluster.lease must be at least twice cluster.heartbeat (and heartbeat positive)"
+            );
+        }
+        if c.max_moves == 0 {
+            bail!("cluster.max_moves must be positive");
+        }
+        if c.max_unarchived == 0 {
+            bail!("cluster.max_unarchived must be positive");
+        }
+        match c.durability.as_str() {
+            "local" => {}
+            "archive" => bail!(
+                "cluster.durability = \"archive\" is not available in this version; use \"local\""
+            ),
+            other => bail!("cluster.durability must be local or archive, not {other:?}"),
+        }
+        match c.failover.as_str() {
+            "manual" => {}
+            "auto" => bail!(
+                "cluster.failover = \"auto\" is not available in this version; use \"manual\""
+            ),
+            other => bail!("cluster.failover must be manual or auto, not {other:?}"),
+        }
+        if self.redis_url.is_none() {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        if !self.database_url().starts_with("postgres") {
+            missing.push("a Postgres --database-url (the cluster coordinates through it)");
+        }
+        if self.cluster_secret.as_deref().is_none_or(str::is_empty) {
+            missing.push("--cluster-secret (FERRY_CLUSTER_SECRET), the same on every node");
+        }
+        if !missing.is_empty() {
+            bail!(
+                "--redis-url makes this node part of a cluster, which also needs {}",
+                missing.join(" and ")
+            );
+        }
+        if let Some(url) = &self.advertise_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("advertise_url must be an http:// or https:// URL, not {url:?}");
+            }
+        }
         Ok(())
+    }
+
+    /// Part of a cluster (a Redis URL is set; `validate` checked the rest).
+    pub fn clustered(&self) -> bool {
+        self.redis_url.is_some()
     }
 
     pub fn fsync_policy(&self) -> anyhow::Result<FsyncPolicy> {
@@ -382,6 +496,11 @@ impl Config {
             pool_size: self.archive.pool_size,
             statement_timeout: self.archive.statement_timeout,
             acquire_timeout: self.archive.acquire_timeout,
+            // A paused cluster member's archive transaction holds read locks on its slot rows:
+            // Postgres ends it well before the member's lease could expire elsewhere.
+            idle_in_transaction_timeout: self
+                .clustered()
+                .then(|| (self.cluster.lease / 2).max(std::time::Duration::from_millis(500))),
         }
     }
 

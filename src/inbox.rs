@@ -6,16 +6,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::node::Node;
 use ferry_shards::record::Message;
 
+use crate::cluster::fanout::ClusterEvent;
 use crate::http::error::ApiError;
 use crate::http::AppState;
 use crate::store::{Store, StoreError};
@@ -51,11 +52,21 @@ enum Change {
     Membership(ParticipantId, ConversationId),
 }
 
-/// The node-local event hub. Cheap to clone.
+/// The node's event hub: cursor and membership changes (inbox deltas), ephemeral events, slot
+/// moves (`backpressure`). In a cluster, what happens here is also published to the other nodes
+/// and what they publish is applied here ([`Events::apply_remote`]). Cheap to clone.
 #[derive(Clone)]
 pub struct Events {
     changes: broadcast::Sender<Change>,
     ephemeral: Arc<Mutex<HashMap<ConversationId, broadcast::Sender<EphemeralEvent>>>>,
+    /// `(slot, retry_after_ms)`: the slot is being handed to another node.
+    moving: broadcast::Sender<(u32, u64)>,
+    /// Conversations that advanced on another node (inbox watchers of this node listen).
+    remote_durable: broadcast::Sender<ConversationId>,
+    /// Conversations whose description changed on another node.
+    meta: broadcast::Sender<ConversationId>,
+    /// Where events for the other nodes go (set when the node joins a cluster).
+    outbound: Arc<OnceLock<mpsc::Sender<ClusterEvent>>>,
 }
 
 impl Default for Events {
@@ -63,22 +74,44 @@ impl Default for Events {
         Events {
             changes: broadcast::channel(1024).0,
             ephemeral: Arc::default(),
+            moving: broadcast::channel(1024).0,
+            remote_durable: broadcast::channel(4096).0,
+            meta: broadcast::channel(256).0,
+            outbound: Arc::default(),
         }
     }
 }
 
 static SOCKET_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// A process-unique id for a socket (to avoid echoing its own ephemeral events).
+/// A process-unique id for a socket (to avoid echoing its own ephemeral events). Never 0, which
+/// marks events that came from another node.
 pub fn next_socket_id() -> u64 {
     SOCKET_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Events {
+    /// Publishes this node's events to the cluster from now on.
+    pub fn set_outbound(&self, outbound: mpsc::Sender<ClusterEvent>) {
+        let _ = self.outbound.set(outbound);
+    }
+
+    fn publish(&self, event: impl FnOnce() -> ClusterEvent) {
+        if let Some(out) = self.outbound.get() {
+            // Best effort: a full queue drops the event (inboxes still catch up on the next
+            // change; ephemeral events are not worth buffering).
+            let _ = out.try_send(event());
+        }
+    }
+
     pub fn cursor_changed(&self, participant: &ParticipantId, conversation: &ConversationId) {
         let _ = self
             .changes
             .send(Change::Cursor(participant.clone(), conversation.clone()));
+        self.publish(|| ClusterEvent::Cursor {
+            participant: participant.to_string(),
+            conversation: conversation.to_string(),
+        });
     }
 
     pub fn membership_changed(&self, participant: &ParticipantId, conversation: &ConversationId) {
@@ -86,6 +119,22 @@ impl Events {
             participant.clone(),
             conversation.clone(),
         ));
+        self.publish(|| ClusterEvent::Membership {
+            participant: participant.to_string(),
+            conversation: conversation.to_string(),
+        });
+    }
+
+    /// A conversation's description changed here: other nodes drop their cached copy.
+    pub fn meta_changed(&self, conversation: &ConversationId) {
+        self.publish(|| ClusterEvent::Meta {
+            conversation: conversation.to_string(),
+        });
+    }
+
+    /// Descriptions changed on other nodes.
+    pub fn meta_changes(&self) -> broadcast::Receiver<ConversationId> {
+        self.meta.subscribe()
     }
 
     /// The ephemeral channel of a conversation (created on first use; unused ones are pruned).
@@ -97,6 +146,99 @@ impl Events {
         map.entry(conversation.clone())
             .or_insert_with(|| broadcast::channel(256).0)
             .clone()
+    }
+
+    /// Sends an ephemeral event to the conversation's other sockets, on every node.
+    pub fn send_ephemeral(&self, conversation: &ConversationId, event: EphemeralEvent) {
+        self.publish(|| ClusterEvent::Ephemeral {
+            conversation: conversation.to_string(),
+            event: event.event.to_owned(),
+            payload: event.payload.clone(),
+        });
+        // No receivers (nobody else here) is not an error: ephemeral events are best effort.
+        let _ = self.ephemeral(conversation).send(event);
+    }
+
+    /// Slot moves, as `(slot, retry_after_ms)`.
+    pub fn moving(&self) -> broadcast::Receiver<(u32, u64)> {
+        self.moving.subscribe()
+    }
+
+    /// This node is handing `slot` over.
+    pub fn slot_moving(&self, slot: u32, retry_after_ms: u64) {
+        let _ = self.moving.send((slot, retry_after_ms));
+    }
+
+    /// A conversation advanced on another node.
+    pub fn remote_durable(&self, conversation: &ConversationId) {
+        if self.remote_durable.receiver_count() > 0 {
+            let _ = self.remote_durable.send(conversation.clone());
+        }
+    }
+
+    /// Applies an event another node published.
+    pub fn apply_remote(&self, event: ClusterEvent) {
+        let conversation_of = |c: &str| ConversationId::parse(c).ok();
+        let participant_of = |p: &str| ParticipantId::parse(p).ok();
+        match event {
+            ClusterEvent::Ephemeral {
+                conversation,
+                event,
+                payload,
+            } => {
+                let name = match event.as_str() {
+                    "chunk" => "chunk",
+                    "typing" => "typing",
+                    _ => return,
+                };
+                if let Some(c) = conversation_of(&conversation) {
+                    let sender = self
+                        .ephemeral
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&c)
+                        .cloned();
+                    if let Some(sender) = sender {
+                        let _ = sender.send(EphemeralEvent {
+                            from_socket: 0,
+                            event: name,
+                            payload,
+                        });
+                    }
+                }
+            }
+            ClusterEvent::Cursor {
+                participant,
+                conversation,
+            } => {
+                if let (Some(p), Some(c)) =
+                    (participant_of(&participant), conversation_of(&conversation))
+                {
+                    let _ = self.changes.send(Change::Cursor(p, c));
+                }
+            }
+            ClusterEvent::Membership {
+                participant,
+                conversation,
+            } => {
+                if let (Some(p), Some(c)) =
+                    (participant_of(&participant), conversation_of(&conversation))
+                {
+                    let _ = self.changes.send(Change::Membership(p, c));
+                }
+            }
+            ClusterEvent::Meta { conversation } => {
+                if let Some(c) = conversation_of(&conversation) {
+                    let _ = self.meta.send(c);
+                }
+            }
+            ClusterEvent::Moving {
+                slot,
+                retry_after_ms,
+            } => {
+                let _ = self.moving.send((slot, retry_after_ms));
+            }
+        }
     }
 }
 
@@ -159,15 +301,14 @@ pub async fn entry(
     })
 }
 
-/// The whole inbox of a participant.
+/// The whole inbox of a participant; each entry from the conversation's owner.
 pub async fn snapshot(
-    node: &Node,
-    store: &Store,
+    state: &AppState,
     participant: &ParticipantId,
-) -> Result<Vec<InboxEntry>, StoreError> {
+) -> Result<Vec<InboxEntry>, ApiError> {
     let mut out = Vec::new();
-    for conversation in store.conversations_of(participant).await? {
-        out.push(entry(node, store, participant, &conversation).await?);
+    for conversation in state.store.conversations_of(participant).await? {
+        out.push(crate::service::inbox_entry(state, participant, &conversation).await?);
     }
     Ok(out)
 }
@@ -178,6 +319,8 @@ pub struct InboxWatch {
     participant: ParticipantId,
     conversations: HashSet<ConversationId>,
     durable: broadcast::Receiver<ferry_shards::node::DurableEvent>,
+    /// Conversations that advanced on other nodes of the cluster.
+    remote: broadcast::Receiver<ConversationId>,
     changes: broadcast::Receiver<Change>,
     last_push: Option<Instant>,
 }
@@ -186,6 +329,7 @@ impl InboxWatch {
     pub async fn new(state: AppState, participant: ParticipantId) -> Result<InboxWatch, ApiError> {
         // Subscribe before listing so no change between the two is missed.
         let durable = state.node.subscribe_durable();
+        let remote = state.events.remote_durable.subscribe();
         let changes = state.events.changes.subscribe();
         let conversations = state
             .store
@@ -198,6 +342,7 @@ impl InboxWatch {
             participant,
             conversations,
             durable,
+            remote,
             changes,
             last_push: None,
         })
@@ -228,6 +373,18 @@ impl InboxWatch {
                 event = self.durable.recv() => match event {
                     Ok(e) if self.conversations.contains(&e.conversation_id) => {
                         dirty.insert(e.conversation_id);
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        dirty.extend(self.conversations.iter().cloned());
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(ApiError::unavailable("node stopping"));
+                    }
+                },
+                advanced = self.remote.recv() => match advanced {
+                    Ok(c) if self.conversations.contains(&c) => {
+                        dirty.insert(c);
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -268,7 +425,7 @@ impl InboxWatch {
         ids.sort();
         let mut out = Vec::with_capacity(ids.len());
         for c in ids {
-            out.push(entry(&self.state.node, &self.state.store, &self.participant, &c).await?);
+            out.push(crate::service::inbox_entry(&self.state, &self.participant, &c).await?);
         }
         Ok(out)
     }

@@ -9,6 +9,10 @@
 //! - [`server`]: start-up, listeners, the `ferry ready` line, graceful shutdown.
 //! - [`http`]: the public HTTP API; `http::error` maps every failure to a protocol code.
 //! - [`auth`]: API keys and JWT end users; [`access`]: who may do what in a conversation.
+//! - [`service`]: the layer every transport calls (append, read, cursors, inbox); it decides
+//!   "this node, the owner over the node-to-node API, or the archive".
+//! - [`cluster`]: membership, fenced slot ownership, hand-overs, the rebalancer, the
+//!   node-to-node API and Redis fan-out.
 //! - [`delivery`]: cursor-driven delivery (replay from ring/SQL, then live) for SSE and WebSocket.
 //! - [`inbox`]: read cursors, unread counts, inbox deltas and ephemeral fan-out.
 //! - [`store`]: the SQL archive (SQLite embedded, Postgres in production), implementing the
@@ -23,6 +27,7 @@ pub mod access;
 pub mod admin;
 pub mod admin_cli;
 pub mod auth;
+pub mod cluster;
 pub mod cold;
 pub mod compactor;
 pub mod config;
@@ -32,5 +37,6 @@ pub mod inbox;
 pub mod metrics;
 pub mod segment;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod ws;

@@ -85,6 +85,12 @@ struct ServeArgs {
     database_url: Option<String>,
     #[arg(long)]
     redis_url: Option<String>,
+    /// Shared by every node of a cluster; opens the node-to-node API and nothing else.
+    #[arg(long, hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// Where the other nodes reach this node's admin listener [default: http://ADMIN_ADDR].
+    #[arg(long)]
+    advertise_url: Option<String>,
     #[arg(long)]
     object_store: Option<String>,
     #[arg(long)]
@@ -133,6 +139,8 @@ fn main() -> ExitCode {
                 node_id: args.node_id,
                 database_url: args.database_url,
                 redis_url: args.redis_url,
+                cluster_secret: args.cluster_secret,
+                advertise_url: args.advertise_url,
                 object_store: args.object_store,
                 bootstrap_api_key: args.bootstrap_api_key,
                 no_migrate: args.no_migrate,

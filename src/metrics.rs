@@ -26,6 +26,22 @@ pub const RETENTION_DELETED_TOTAL: &str = "ferry_retention_deleted_messages_tota
 /// Gauge: Unix time (seconds) of the last retention pass that finished without error.
 pub const RETENTION_LAST_SUCCESS: &str = "ferry_retention_last_success_timestamp_seconds";
 
+/// Gauge: nodes of the cluster by `state` (as this node last read the table).
+pub const CLUSTER_NODES: &str = "ferry_cluster_nodes";
+/// Counter: slot hand-overs this node carried out, by `result` (`ok`, `cancelled`).
+pub const SLOT_MOVES_TOTAL: &str = "ferry_slot_moves_total";
+/// Histogram: how long a moving slot held its appends (unavailability of the slot).
+pub const SLOT_MOVE_SECONDS: &str = "ferry_slot_move_seconds";
+/// Counter: requests forwarded to the owner of a conversation's slot, by `op`
+/// (`append` counts appends, `read`, `inbox`).
+pub const FORWARDED_TOTAL: &str = "ferry_forwarded_total";
+/// Counter: gaps in the live fan-out that a subscriber filled from the owner.
+pub const FANOUT_GAP_FILLS_TOTAL: &str = "ferry_fanout_gap_fills_total";
+/// Counter: messages a returning node wrote into seqs a failover reserved for it.
+pub const RESTORED_MESSAGES_TOTAL: &str = "ferry_restored_messages_total";
+/// Histogram: duration of one lease renewal round trip.
+pub const LEASE_RENEW_SECONDS: &str = "ferry_lease_renew_seconds";
+
 pub fn count_http_error(code: &'static str) {
     metrics::counter!(HTTP_ERRORS_TOTAL, "code" => code).increment(1);
 }

@@ -27,13 +27,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
 
-    if let Some(url) = &config.redis_url {
-        // Redis carries cluster membership; this node runs alone and does not connect to it.
-        tracing::warn!(
-            redis = %crate::store::redact_url(url),
-            "redis_url is set but clustering is not available yet; running as a single node"
-        );
-    }
     let database_url = config.database_url();
     let store = Store::connect_with(&database_url, &config.store_options())
         .await
@@ -73,6 +66,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("generated an admin api key and printed it once on stdout; store it now");
     }
 
+    let public = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin_listener = TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
+    let public_addr = public.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let node_id = config.node_id();
+
     let mut wal = WalOptions::new(config.data_dir.join("wal"));
     wal.fsync = config.fsync_policy()?;
     wal.segment_bytes = config.wal.segment_bytes;
@@ -89,11 +92,46 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         archive_backlog_bytes: config.archive.backlog_bytes,
         archive_batch_records: config.archive.batch_records,
         archive_linger: config.archive.linger,
+        clustered: config.clustered(),
+        hold_timeout: config.cluster.move_hold,
         ..NodeConfig::default()
     };
     metrics::gauge!(ferry_shards::metrics::ARCHIVE_BACKLOG_LIMIT_BYTES)
         .set(config.archive.backlog_bytes as f64);
-    let (node, report) = Node::start(node_config, wal, Arc::new(store.clone()))
+    // Cluster tasks stop only after the node has drained and shut down (its lease must hold
+    // while its slots move away and its last writes are archived).
+    let (cluster_stop_tx, cluster_stop) = tokio::sync::watch::channel(false);
+    let joining = if config.clustered() {
+        let advertise = config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{admin_addr}"));
+        Some(
+            join_cluster(
+                &config,
+                &node_id,
+                &advertise,
+                &database_url,
+                cluster_stop.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let gates = match &joining {
+        Some(j) => j.gates.clone(),
+        None => ferry_shards::gate::Gates::standalone(config.slots.count),
+    };
+    let archive: Arc<dyn ferry_shards::archive::Archive> = match &joining {
+        Some(j) => Arc::new(store.clone().with_fence(crate::store::Fence {
+            node_id: node_id.clone(),
+            gates: gates.clone(),
+            db: j.db.clone(),
+        })),
+        None => Arc::new(store.clone()),
+    };
+    let (node, report) = Node::start_with_gates(node_config, wal, archive, gates)
         .await
         .context("cannot start the node")?;
     tracing::info!(
@@ -105,6 +143,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         scan_ms = report.scan_duration.as_millis() as u64,
         "wal recovered"
     );
+    let events = crate::inbox::Events::default();
+    let cluster = match joining {
+        Some(j) => Some(
+            start_cluster(
+                &config,
+                j,
+                node.clone(),
+                store.clone(),
+                events.clone(),
+                cluster_stop.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let (compactor_stop, compactor_stop_rx) = tokio::sync::watch::channel(false);
     let compactor_task = tokio::spawn(compactor::run(
@@ -119,23 +172,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         compactor_stop_rx,
     ));
 
-    let public = TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let admin_listener = TcpListener::bind(&config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
-    let public_addr = public.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = AppState {
         node: node.clone(),
         store: store.clone(),
         auth,
         config: config.clone(),
-        events: crate::inbox::Events::default(),
+        events,
         shutdown: stop_rx.clone(),
+        cluster: cluster.clone(),
     };
     let admin_state = AdminState {
         node: node.clone(),
@@ -149,9 +194,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }),
         rates: admin::SlotRates::spawn(node.clone(), stop_rx.clone()),
         shutdown: stop_rx.clone(),
+        cluster: cluster.clone(),
     };
+    let mut admin_app = admin::router(admin_state.clone());
+    if let Some(cluster) = &cluster {
+        admin_app = admin_app.merge(crate::cluster::internal::router(
+            crate::cluster::internal::InternalState {
+                app: state.clone(),
+                cluster: cluster.clone(),
+                secret: config.cluster_secret.clone().unwrap_or_default(),
+                admin: admin_state,
+            },
+        ));
+    }
     let app = http::router(state);
-    let admin_app = admin::router(admin_state);
 
     let mut public_stop = stop_rx.clone();
     let mut admin_stop = stop_rx;
@@ -170,11 +226,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .await
     });
 
-    let node_id = config.node_id();
     println!("ferry ready listen={public_addr} admin={admin_addr} node={node_id}");
     tracing::info!(listen = %public_addr, admin = %admin_addr, node = %node_id, "ferry ready");
 
     wait_for_signal().await;
+    if let Some(cluster) = &cluster {
+        // Hand every slot to the other nodes first; the listeners keep serving meanwhile (the
+        // hand-overs and the forwarded requests need them).
+        cluster.leave().await;
+    }
     tracing::info!("shutting down: finishing in-flight work");
     let _ = stop_tx.send(true);
     // In-flight requests finish (their appends are answered once the WAL drains); bounded so a
@@ -188,6 +248,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("some connections did not finish within 20s");
     }
     node.shutdown().await;
+    if let Some(cluster) = &cluster {
+        cluster.left().await;
+    }
+    let _ = cluster_stop_tx.send(true);
     let _ = compactor_stop.send(true);
     if tokio::time::timeout(Duration::from_secs(20), compactor_task)
         .await
@@ -198,6 +262,136 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What a cluster member sets up before its WAL is recovered: its membership row and lease,
+/// and the slots it owned (reclaimed at a new epoch), so recovery knows which are still its own.
+struct Joining {
+    db: crate::cluster::db::ClusterDb,
+    gates: Arc<ferry_shards::gate::Gates>,
+    advertise_url: String,
+    incarnation: u64,
+    state: ferry_shards::ownership::NodeState,
+}
+
+async fn join_cluster(
+    config: &Config,
+    node_id: &str,
+    advertise_url: &str,
+    database_url: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Joining> {
+    use crate::cluster::{db::ClusterDb, membership};
+    let c = &config.cluster;
+    let db = ClusterDb::connect(database_url, 4, c.lease)
+        .await
+        .context("cannot open the cluster tables")?;
+    db.init_slots(config.slots.count)
+        .await
+        .context("cannot prepare the slot table")?;
+    let sent = std::time::Instant::now();
+    let registered = db
+        .register(node_id, advertise_url, c.lease)
+        .await
+        .context("cannot register this node")?;
+    let gates = ferry_shards::gate::Gates::clustered(config.slots.count);
+    let owned = db
+        .reclaim(node_id)
+        .await
+        .context("cannot reclaim this node's slots")?;
+    for row in &owned {
+        gates.set_serving(row.slot, row.epoch);
+    }
+    gates.extend_lease(sent + c.lease - membership::lease_margin(c.lease));
+    tracing::info!(
+        node = node_id,
+        incarnation = registered.incarnation,
+        state = %registered.state,
+        slots = owned.len(),
+        advertise_url,
+        "joined the cluster"
+    );
+    tokio::spawn(membership::run_lease(
+        db.clone(),
+        gates.clone(),
+        node_id.to_owned(),
+        registered.incarnation,
+        c.heartbeat,
+        c.lease,
+        stop,
+    ));
+    Ok(Joining {
+        db,
+        gates,
+        advertise_url: advertise_url.to_owned(),
+        incarnation: registered.incarnation,
+        state: registered.state,
+    })
+}
+
+/// Once the node runs: fan-out, the view of the tables, the rebalancer; then `active`.
+async fn start_cluster(
+    config: &Config,
+    joining: Joining,
+    node: Node,
+    store: Store,
+    events: crate::inbox::Events,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<crate::cluster::Cluster> {
+    use crate::cluster::{fanout::Fanout, membership, rebalancer, Cluster};
+    let node_id = config.node_id();
+    let redis_url = config.redis_url.clone().unwrap_or_default();
+    let fanout = Fanout::start(
+        &redis_url,
+        node_id.clone(),
+        node.clone(),
+        events.clone(),
+        stop.clone(),
+    )
+    .with_context(|| format!("invalid redis url {}", crate::store::redact_url(&redis_url)))?;
+    let cluster = Cluster::new(
+        node_id,
+        joining.advertise_url,
+        config.cluster_secret.clone().unwrap_or_default(),
+        config.cluster.clone(),
+        config.slots.count,
+        joining.db,
+        node.clone(),
+        fanout,
+        joining.incarnation,
+        joining.state,
+    );
+    membership::refresh_view(&cluster).await;
+    tokio::spawn(membership::run_view(cluster.clone(), stop.clone()));
+    tokio::spawn(rebalancer::run(cluster.clone(), stop.clone()));
+    tokio::spawn(refresh_changed_meta(node, store, events, stop));
+    cluster.activate().await;
+    Ok(cluster)
+}
+
+/// Drops cached descriptions of conversations another node changed.
+async fn refresh_changed_meta(
+    node: Node,
+    store: Store,
+    events: crate::inbox::Events,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut changes = events.meta_changes();
+    loop {
+        let id = tokio::select! {
+            c = changes.recv() => match c {
+                Ok(id) => id,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        if node.active_handle(&id).is_some() {
+            if let Ok(Some(meta)) = store.conversation(&id).await {
+                node.refresh_meta(meta);
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -98,6 +98,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("cold tier: {0}")]
     Cold(#[from] ColdError),
+    /// An archive write of a slot this node does not own at the epoch it serves it at.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl From<StoreError> for ArchiveError {
@@ -146,6 +149,9 @@ pub struct StoreOptions {
     /// How long a caller waits for a connection before the archive counts as unavailable (while
     /// the database is down this bounds how long a read that needs SQL can hang).
     pub acquire_timeout: Duration,
+    /// Postgres ends a transaction left idle this long (a cluster member sets it well below its
+    /// lease: a paused node must not keep the slot-row locks of its archive transaction).
+    pub idle_in_transaction_timeout: Option<Duration>,
 }
 
 impl StoreOptions {
@@ -154,6 +160,7 @@ impl StoreOptions {
             pool_size,
             statement_timeout: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: None,
         }
     }
 }
@@ -174,6 +181,37 @@ pub struct Store {
     cold: Option<Arc<ColdTier>>,
     /// `expired_through_seq` of conversations read so far (see `first_available_seq`).
     expired: Arc<std::sync::Mutex<HashMap<ConversationId, u64>>>,
+    /// In a cluster: every archive write checks, inside its transaction, that this node owns
+    /// each slot of the batch at the epoch it serves it at.
+    fence: Option<Arc<Fence>>,
+}
+
+/// What an archive write of a cluster member is checked against (see `Store::with_fence`).
+pub struct Fence {
+    pub node_id: String,
+    /// The epochs this node serves its slots at.
+    pub gates: Arc<ferry_shards::gate::Gates>,
+    pub db: crate::cluster::db::ClusterDb,
+}
+
+impl Fence {
+    /// The `(slot, epoch)` pairs a batch is written under; a slot not owned here refuses it.
+    fn epochs(&self, messages: &[Arc<Message>]) -> Result<Vec<(u32, u64)>, StoreError> {
+        let mut slots: Vec<u32> = messages.iter().map(|m| m.slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        slots
+            .into_iter()
+            .map(|slot| {
+                self.gates
+                    .owned_epoch(slot)
+                    .map(|epoch| (slot, epoch))
+                    .ok_or_else(|| {
+                        StoreError::Fenced(format!("slot {slot} is not owned by this node"))
+                    })
+            })
+            .collect()
+    }
 }
 
 /// One row of the segment index (`message_segments`).
@@ -279,6 +317,13 @@ impl Store {
                 let connect = PgConnectOptions::from_str(url)?
                     .application_name("ferry")
                     .options([("statement_timeout", timeout_ms.to_string())]);
+                let connect = match options.idle_in_transaction_timeout {
+                    Some(idle) => connect.options([(
+                        "idle_in_transaction_session_timeout",
+                        idle.as_millis().max(1).to_string(),
+                    )]),
+                    None => connect,
+                };
                 let pool = PgPoolOptions::new()
                     .max_connections(options.pool_size.max(1))
                     .acquire_timeout(options.acquire_timeout)
@@ -291,7 +336,14 @@ impl Store {
             db,
             cold: None,
             expired: Arc::default(),
+            fence: None,
         })
+    }
+
+    /// Archive writes are fenced from now on (a cluster member; Postgres only).
+    pub fn with_fence(mut self, fence: Fence) -> Store {
+        self.fence = Some(Arc::new(fence));
+        self
     }
 
     /// Reads merge this cold tier below SQL from now on.
@@ -798,13 +850,24 @@ impl Store {
                 }
                 tx.commit().await?;
             }
-            Db::Postgres(pool) => match pg_copy_messages(pool, messages).await {
-                Ok(()) => {}
-                // Some of the batch is already stored (a retry after a failure or a crash): the
-                // plain COPY refuses duplicates, the slower insert skips them.
-                Err(e) if is_unique_violation(&e) => pg_insert_messages(pool, messages).await?,
-                Err(e) => return Err(e.into()),
-            },
+            Db::Postgres(pool) => {
+                let fence = match &self.fence {
+                    Some(f) => Some((f.node_id.as_str(), f.epochs(messages)?)),
+                    None => None,
+                };
+                let fence = fence
+                    .as_ref()
+                    .map(|(node, epochs)| (*node, epochs.as_slice()));
+                match pg_copy_messages(pool, messages, fence).await {
+                    Ok(()) => {}
+                    // Some of the batch is already stored (a retry after a failure or a crash):
+                    // the plain COPY refuses duplicates, the slower insert skips them.
+                    Err(e) if is_unique_violation(&e) => {
+                        pg_insert_messages(pool, messages, fence).await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Ok(())
     }
@@ -1110,8 +1173,13 @@ impl Archive for Store {
 /// transaction. COPY does plain inserts where `INSERT … ON CONFLICT DO NOTHING` does speculative
 /// ones, which costs the server noticeably more per row; the price is that a duplicate fails the
 /// whole COPY (SQLSTATE 23505), and the caller then falls back to [`pg_insert_messages`].
-async fn pg_copy_messages(pool: &PgPool, messages: &[Arc<Message>]) -> Result<(), sqlx::Error> {
+async fn pg_copy_messages(
+    pool: &PgPool,
+    messages: &[Arc<Message>],
+    fence: Option<(&str, &[(u32, u64)])>,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    check_fence(&mut tx, fence).await?;
     let mut copy = tx.copy_in_raw(PG_COPY_MESSAGES).await?;
     let mut buf = Vec::with_capacity(PG_COPY_CHUNK + 16 * 1024);
     for m in messages {
@@ -1130,8 +1198,13 @@ async fn pg_copy_messages(pool: &PgPool, messages: &[Arc<Message>]) -> Result<()
 
 /// `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`: idempotent, for batches of which
 /// some rows may already be stored.
-async fn pg_insert_messages(pool: &PgPool, messages: &[Arc<Message>]) -> Result<(), sqlx::Error> {
+async fn pg_insert_messages(
+    pool: &PgPool,
+    messages: &[Arc<Message>],
+    fence: Option<(&str, &[(u32, u64)])>,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    check_fence(&mut tx, fence).await?;
     for chunk in messages.chunks(MAX_ROWS_PER_UNNEST) {
         let n = chunk.len();
         let mut conversation = Vec::with_capacity(n);
@@ -1172,6 +1245,26 @@ async fn pg_insert_messages(pool: &PgPool, messages: &[Arc<Message>]) -> Result<
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// The cluster's fence inside an archive transaction: the batch's slot rows are read-locked
+/// (`FOR SHARE`) and must name this node at the epochs it serves them at, so a stale owner's
+/// write fails (Temporal's range-id pattern). The lock lasts until the commit; a paused holder's
+/// transaction is ended by the connection's `idle_in_transaction_session_timeout`.
+async fn check_fence(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    fence: Option<(&str, &[(u32, u64)])>,
+) -> Result<(), sqlx::Error> {
+    let Some((node, epochs)) = fence else {
+        return Ok(());
+    };
+    crate::cluster::db::check_fence(tx, node, epochs)
+        .await
+        .map_err(|e| {
+            metrics::counter!(ferry_shards::metrics::ARCHIVE_ERRORS_TOTAL).increment(1);
+            tracing::error!(error = %e, "archive write fenced off: this node no longer owns a slot of the batch at its epoch");
+            sqlx::Error::Protocol(format!("fenced: {e}"))
+        })
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

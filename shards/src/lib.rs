@@ -13,6 +13,8 @@
 //! - [`record`]: the message record and its byte encoding inside a WAL frame.
 //! - [`ring`]: the shared per-conversation log in memory: the hot ring of recent messages plus every
 //!   message not yet archived, and the watch subscribers wait on.
+//! - [`gate`]: per-slot serving gates (serving, holding for a hand-over, not owned) and the lease
+//!   deadline a clustered node fences itself with.
 //! - [`archive`]: the trait the node implements to read and write the SQL archive.
 //! - [`actor`]: slot actors supervising conversation actors (ractor); the conversation actor assigns
 //!   `seq`, dedupes idempotency keys and submits to the WAL without waiting for the fsync.
@@ -29,6 +31,7 @@
 
 pub mod actor;
 pub mod archive;
+pub mod gate;
 pub mod ids;
 pub mod metrics;
 pub mod node;

@@ -18,6 +18,7 @@ use crate::actor::conversation::{AppendOutcome, AppendRequest, ConversationMsg};
 use crate::actor::slot::{SlotActor, SlotArgs, SlotMsg};
 use crate::actor::ConversationHandle;
 use crate::archive::{Archive, ArchiveError};
+use crate::gate::{GateGuard, GateRefusal, Gates};
 use crate::ids::ConversationId;
 use crate::metrics as m;
 use crate::placement::slot_of;
@@ -51,6 +52,11 @@ pub struct NodeConfig {
     /// message (an index page touched by a commit is written whole), and durability does not
     /// depend on it: the WAL holds every message until it is stored.
     pub archive_linger: Duration,
+    /// Part of a cluster: slots are served only once the cluster hands them to this node, and
+    /// only while its lease holds. A node alone serves every slot at epoch 1.
+    pub clustered: bool,
+    /// How long an append waits for a slot that is being handed over before `try_again`.
+    pub hold_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -66,6 +72,8 @@ impl Default for NodeConfig {
             archive_batch_records: 10_000,
             archive_batch_bytes: 8 * 1024 * 1024,
             archive_linger: Duration::from_millis(100),
+            clustered: false,
+            hold_timeout: Duration::from_millis(2000),
         }
     }
 }
@@ -79,6 +87,10 @@ pub enum TryAgainReason {
     Restarting,
     /// The WAL is poisoned or closed; this node takes no more appends.
     Unavailable,
+    /// The conversation's slot is being handed to another node.
+    SlotMoving,
+    /// The slot's owner is not reachable (its lease expired, or this node's did).
+    OwnerUnavailable,
 }
 
 impl TryAgainReason {
@@ -89,6 +101,8 @@ impl TryAgainReason {
             TryAgainReason::ArchiveBacklog => "archive_backlog",
             TryAgainReason::Restarting => "restarting",
             TryAgainReason::Unavailable => "unavailable",
+            TryAgainReason::SlotMoving => "slot_moving",
+            TryAgainReason::OwnerUnavailable => "owner_unavailable",
         }
     }
 
@@ -98,6 +112,8 @@ impl TryAgainReason {
             TryAgainReason::Restarting => 10,
             TryAgainReason::ArchiveBacklog => 500,
             TryAgainReason::Unavailable => 1000,
+            TryAgainReason::SlotMoving => 50,
+            TryAgainReason::OwnerUnavailable => 1000,
         }
     }
 }
@@ -120,6 +136,9 @@ pub enum NodeError {
     Archive(#[from] ArchiveError),
     #[error("wal record {lsn} cannot be decoded: {reason}")]
     BadRecord { lsn: Lsn, reason: String },
+    /// This node does not own the conversation's slot (any more); route to the owner.
+    #[error("slot {slot} is not owned by this node")]
+    NotOwner { slot: u32 },
 }
 
 impl NodeError {
@@ -153,6 +172,9 @@ pub struct ArchiveQueue {
     items: Mutex<VecDeque<ArchiveItem>>,
     notify: Notify,
     bytes: AtomicUsize,
+    /// Store what is queued now instead of letting a partial batch linger (a slot hand-over
+    /// waits for its tail to be archived).
+    urgent: AtomicBool,
 }
 
 impl ArchiveQueue {
@@ -187,6 +209,8 @@ pub struct Shared {
     pub budget: Arc<RingBudget>,
     registries: Vec<Mutex<SlotRegistry>>,
     pub archive_queue: ArchiveQueue,
+    /// Which slots this node serves, and its lease.
+    pub gates: Arc<Gates>,
     stopping: AtomicBool,
     /// Every message that became durable, for node-wide watchers (inbox). Lossy by design: a
     /// lagging receiver is told so and rebuilds from the logs.
@@ -228,6 +252,7 @@ impl AckMetrics {
 pub struct DurableEvent {
     pub conversation_id: ConversationId,
     pub seq: u64,
+    pub message: Arc<Message>,
 }
 
 impl Shared {
@@ -242,6 +267,9 @@ impl Shared {
         if self.stopping.load(Ordering::Relaxed) || self.wal.poisoned() {
             return Err(TryAgainReason::Unavailable);
         }
+        if !self.gates.lease_valid() {
+            return Err(TryAgainReason::OwnerUnavailable);
+        }
         if self.archive_queue.bytes() > self.config.archive_backlog_bytes {
             return Err(TryAgainReason::ArchiveBacklog);
         }
@@ -255,6 +283,7 @@ impl Shared {
             let _ = self.durable_events.send(DurableEvent {
                 conversation_id: message.conversation_id.clone(),
                 seq: message.seq,
+                message: message.clone(),
             });
         }
         self.archive_queue.push(ArchiveItem {
@@ -287,6 +316,32 @@ impl Shared {
     }
 }
 
+/// An append in its conversation actor's mailbox; resolves once it is durable (or refused).
+pub struct AppendTicket {
+    reply: tokio::sync::oneshot::Receiver<Result<AppendOutcome, NodeError>>,
+    /// Counts the append as in flight on its slot until it is answered.
+    _guard: GateGuard,
+}
+
+impl AppendTicket {
+    pub async fn outcome(self) -> Result<AppendOutcome, NodeError> {
+        match self.reply.await {
+            Ok(result) => result,
+            // The actor stopped before handling it: nothing was written.
+            Err(_) => Err(NodeError::try_again(TryAgainReason::Restarting)),
+        }
+    }
+}
+
+/// An append [`Node::submit`] did not take, handed back unchanged where it can be retried.
+pub enum Refused {
+    /// The slot is being handed over: wait for a gate change and submit again.
+    Holding(AppendRequest),
+    /// Not this node's slot: route it to the owner.
+    NotOwner(AppendRequest),
+    Failed(NodeError),
+}
+
 /// What start-up found in the WAL.
 #[derive(Debug, Clone)]
 pub struct StartupReport {
@@ -313,6 +368,22 @@ impl Node {
         wal_options: WalOptions,
         archive: Arc<dyn Archive>,
     ) -> Result<(Node, StartupReport), NodeError> {
+        let gates = if config.clustered {
+            Gates::clustered(config.slot_count)
+        } else {
+            Gates::standalone(config.slot_count)
+        };
+        Node::start_with_gates(config, wal_options, archive, gates).await
+    }
+
+    /// Starts with gates the caller prepared: a cluster member marks the slots it owns before
+    /// recovery, so that what its WAL holds for slots that went elsewhere is recognized.
+    pub async fn start_with_gates(
+        config: NodeConfig,
+        wal_options: WalOptions,
+        archive: Arc<dyn Archive>,
+        gates: Arc<Gates>,
+    ) -> Result<(Node, StartupReport), NodeError> {
         let (wal, recovery) = tokio::task::spawn_blocking(move || Wal::open(wal_options))
             .await
             .map_err(|e| NodeError::Unavailable(format!("wal open task: {e}")))??;
@@ -328,6 +399,7 @@ impl Node {
             budget,
             registries,
             archive_queue: ArchiveQueue::default(),
+            gates,
             stopping: AtomicBool::new(false),
             durable_events: broadcast::channel(4096).0,
             ack_metrics,
@@ -336,6 +408,9 @@ impl Node {
         let report = adopt_recovery(&shared, recovery)?;
         if repaired {
             drop_logs_behind_archive(&shared).await?;
+        }
+        if shared.config.clustered {
+            drop_logs_of_other_owners(&shared).await?;
         }
 
         let mut slots = Vec::with_capacity(shared.config.slot_count as usize);
@@ -386,30 +461,66 @@ impl Node {
         )
     }
 
-    /// The active conversation, starting its actor if needed.
+    /// The active conversation, starting its actor if needed. Refused with `NotOwner` for a
+    /// slot this node does not own: looking at another node's conversation must not start a
+    /// writer here.
     pub async fn conversation(&self, id: &ConversationId) -> Result<ConversationHandle, NodeError> {
         let slot = self.slot_of(id);
         if let Some(handle) = self.shared.registry(slot).handles.get(id) {
             return Ok(handle.clone());
         }
+        if self.shared.gates.owned_epoch(slot).is_none() {
+            return Err(NodeError::NotOwner { slot });
+        }
         ractor::call!(self.slots[slot as usize], SlotMsg::Activate, id.clone())
             .map_err(|e| NodeError::Unavailable(format!("slot {slot}: {e}")))?
     }
 
-    /// Appends a message; answers once it is durable.
-    pub async fn append(
+    /// The serving gates of this node's slots and its lease.
+    pub fn gates(&self) -> &Arc<Gates> {
+        &self.shared.gates
+    }
+
+    /// Hands an append to its conversation actor and returns once it is in the actor's mailbox
+    /// (it then has its place in the conversation's order), without waiting for durability.
+    ///
+    /// **Ordering:** appends to one conversation that one caller submits one after the other
+    /// (each `submit` returned before the next began) take seqs in that order. Callers that need
+    /// "a socket's sends take seqs in send order" submit sequentially and await the tickets
+    /// together. A refused append comes back unchanged, so the caller can wait (`Holding`) or
+    /// route it to the owner (`NotOwner`) without reordering it behind later ones.
+    pub async fn submit(
         &self,
         id: &ConversationId,
         mut request: AppendRequest,
-    ) -> Result<AppendOutcome, NodeError> {
+    ) -> Result<AppendTicket, Refused> {
         let admitted_at = Instant::now();
+        let slot = self.slot_of(id);
+        let guard = match self.shared.gates.enter(slot) {
+            Ok(guard) => guard,
+            Err(GateRefusal::Holding) => return Err(Refused::Holding(request)),
+            Err(GateRefusal::NotOwned) => return Err(Refused::NotOwner(request)),
+            Err(GateRefusal::Fenced) => {
+                self.shared
+                    .count_try_again(TryAgainReason::OwnerUnavailable);
+                return Err(Refused::Failed(NodeError::try_again(
+                    TryAgainReason::OwnerUnavailable,
+                )));
+            }
+        };
         // A handle can go stale when its actor retires or is restarted; the message comes back
         // from the failed send and is rerouted.
         for _ in 0..3 {
-            let handle = self.conversation(id).await?;
+            let handle = match self.conversation(id).await {
+                Ok(handle) => handle,
+                Err(NodeError::NotOwner { .. }) => return Err(Refused::NotOwner(request)),
+                Err(e) => return Err(Refused::Failed(e)),
+            };
             if !handle.log.try_admit(self.shared.config.mailbox_capacity) {
                 self.shared.count_try_again(TryAgainReason::MailboxFull);
-                return Err(NodeError::try_again(TryAgainReason::MailboxFull));
+                return Err(Refused::Failed(NodeError::try_again(
+                    TryAgainReason::MailboxFull,
+                )));
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             match handle.actor.send_message(ConversationMsg::Append(
@@ -418,11 +529,10 @@ impl Node {
                 admitted_at,
             )) {
                 Ok(()) => {
-                    return match rx.await {
-                        Ok(result) => result,
-                        // The actor stopped before handling it: nothing was written.
-                        Err(_) => Err(NodeError::try_again(TryAgainReason::Restarting)),
-                    };
+                    return Ok(AppendTicket {
+                        reply: rx,
+                        _guard: guard,
+                    })
                 }
                 Err(ractor::MessagingErr::SendErr(ConversationMsg::Append(back, _, _))) => {
                     handle.log.release_admission();
@@ -431,11 +541,58 @@ impl Node {
                 }
                 Err(_) => {
                     handle.log.release_admission();
-                    return Err(NodeError::try_again(TryAgainReason::Restarting));
+                    return Err(Refused::Failed(NodeError::try_again(
+                        TryAgainReason::Restarting,
+                    )));
                 }
             }
         }
-        Err(NodeError::try_again(TryAgainReason::Restarting))
+        Err(Refused::Failed(NodeError::try_again(
+            TryAgainReason::Restarting,
+        )))
+    }
+
+    /// Appends a message; answers once it is durable. While the slot is being handed over it
+    /// waits up to `hold_timeout`, then answers `try_again` (`slot_moving`); a slot this node
+    /// does not own is `NotOwner`.
+    pub async fn append(
+        &self,
+        id: &ConversationId,
+        mut request: AppendRequest,
+    ) -> Result<AppendOutcome, NodeError> {
+        let deadline = tokio::time::Instant::now() + self.shared.config.hold_timeout;
+        loop {
+            let mut changed = self.shared.gates.changed();
+            match self.submit(id, request).await {
+                Ok(ticket) => return ticket.outcome().await,
+                Err(Refused::Holding(back)) => {
+                    request = back;
+                    if !self.wait_gate_change(&mut changed, deadline).await {
+                        self.shared.count_try_again(TryAgainReason::SlotMoving);
+                        return Err(NodeError::try_again(TryAgainReason::SlotMoving));
+                    }
+                }
+                Err(Refused::NotOwner(_)) => {
+                    return Err(NodeError::NotOwner {
+                        slot: self.slot_of(id),
+                    })
+                }
+                Err(Refused::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for the next gate change (a held slot released or handed over); false once
+    /// `deadline` passes first.
+    pub async fn wait_gate_change(
+        &self,
+        changed: &mut watch::Receiver<u64>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        matches!(
+            tokio::time::timeout_at(deadline, changed.changed()).await,
+            Ok(Ok(()))
+        )
     }
 
     fn forget_handle(&self, id: &ConversationId, stale: &ConversationHandle) {
@@ -495,6 +652,63 @@ impl Node {
             .await?;
         out.append(&mut from_ring);
         Ok(out)
+    }
+
+    /// Asks the archiver to store what is queued now rather than after `archive.linger`.
+    pub fn archive_now(&self) {
+        self.shared
+            .archive_queue
+            .urgent
+            .store(true, Ordering::Relaxed);
+        self.shared.archive_queue.notify.notify_one();
+    }
+
+    /// Durable messages of `slot` that the archive does not hold yet.
+    pub fn slot_unarchived(&self, slot: u32) -> u64 {
+        self.shared
+            .registry(slot)
+            .logs
+            .values()
+            .map(|log| log.durable_seq().saturating_sub(log.archived_seq()))
+            .sum()
+    }
+
+    /// Waits until everything durable in `slot` is archived (asking the archiver to hurry), at
+    /// most `timeout`; true when it is.
+    pub async fn wait_slot_archived(&self, slot: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.slot_unarchived(slot) == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.archive_now();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Lets go of a slot that now belongs to another node at `epoch`: its appends are refused
+    /// with `NotOwner` from now on, its conversation actors stop, and readers of its logs are
+    /// told to follow the conversations to the new owner. Call only once nothing of the slot is
+    /// in flight or unarchived.
+    pub fn release_slot(&self, slot: u32, epoch: u64) {
+        self.shared.gates.set_not_owned(slot, epoch);
+        let (handles, logs) = {
+            let mut registry = self.shared.registry(slot);
+            (
+                std::mem::take(&mut registry.handles),
+                std::mem::take(&mut registry.logs),
+            )
+        };
+        for log in logs.values() {
+            log.mark_moved();
+        }
+        for handle in handles.values() {
+            handle.log.mark_moved();
+            handle.actor.stop(Some("slot moved".into()));
+        }
     }
 
     /// Stops taking appends, answers everything queued in the WAL, flushes the archive once, and
@@ -613,6 +827,73 @@ async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(), NodeError>
             shared.registry(slot).logs.remove(&id);
         }
     }
+    Ok(())
+}
+
+/// A clustered node's WAL can hold messages of slots that moved to other nodes since (a slot
+/// leaves only once its tail is archived, but the WAL checkpoint may lag). Those logs are dropped
+/// with their archive queue items: the archive has them, and this node may not write them (the
+/// fenced archive would refuse). Anything the archive lacks is logged as an error with its seqs.
+async fn drop_logs_of_other_owners(shared: &Arc<Shared>) -> Result<(), NodeError> {
+    let foreign: Vec<(u32, ConversationId, u64)> = (0..shared.config.slot_count)
+        .filter(|slot| shared.gates.owned_epoch(*slot).is_none())
+        .flat_map(|slot| {
+            shared
+                .registry(slot)
+                .logs
+                .iter()
+                .map(|(id, log)| (slot, id.clone(), log.durable_seq()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let mut dropped = std::collections::HashSet::new();
+    for (slot, id, wal_last_seq) in foreign {
+        let archived_last_seq = shared
+            .archive
+            .load_conversation(&id, 0)
+            .await
+            .map_err(|e| {
+                NodeError::Unavailable(format!(
+                    "conversation {id} of slot {slot} cannot be checked against the archive: {e}"
+                ))
+            })?
+            .map_or(0, |s| s.last_seq);
+        if archived_last_seq < wal_last_seq {
+            tracing::error!(
+                conversation = %id,
+                slot,
+                wal_last_seq,
+                archived_last_seq,
+                "the wal holds messages of a slot another node owns that the archive lacks; they are not served"
+            );
+        }
+        shared.registry(slot).logs.remove(&id);
+        dropped.insert(id);
+    }
+    let mut items = shared
+        .archive_queue
+        .items
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut bytes = 0;
+    items.retain(|item| {
+        let keep = !dropped.contains(&item.message.conversation_id);
+        if !keep {
+            bytes += item.message.approx_bytes();
+        }
+        keep
+    });
+    shared
+        .archive_queue
+        .bytes
+        .fetch_sub(bytes, Ordering::Relaxed);
+    tracing::info!(
+        conversations = dropped.len(),
+        "dropped recovered logs of slots owned elsewhere"
+    );
     Ok(())
 }
 
@@ -846,6 +1127,7 @@ fn next_batch(shared: &Shared, dispatched: usize, stopping: bool) -> NextBatch {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let Some(oldest) = items.get(dispatched) else {
+        shared.archive_queue.urgent.store(false, Ordering::Relaxed);
         return NextBatch::Wait(None);
     };
     let until = oldest.durable_at + config.archive_linger;
@@ -856,6 +1138,7 @@ fn next_batch(shared: &Shared, dispatched: usize, stopping: bool) -> NextBatch {
             .take(config.archive_batch_records)
     };
     let ready = stopping
+        || shared.archive_queue.urgent.load(Ordering::Relaxed)
         || Instant::now() >= until
         || items.len() - dispatched >= config.archive_batch_records
         // Every queued byte (dispatched or not) bounds the pending ones: only when they could

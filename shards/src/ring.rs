@@ -13,7 +13,7 @@
 //! - `assigned_seq >= durable_seq`; seqs between them are submitted to the WAL but not yet durable.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -136,6 +136,9 @@ pub struct ConversationLog {
     pub dedupe: Mutex<DedupeWindow>,
     last_activity: Mutex<Instant>,
     budget: Arc<RingBudget>,
+    /// The conversation's slot went to another node: this log never advances again, and its
+    /// readers must follow the conversation to its new owner.
+    moved: AtomicBool,
 }
 
 impl ConversationLog {
@@ -172,7 +175,18 @@ impl ConversationLog {
             dedupe: Mutex::new(dedupe),
             last_activity: Mutex::new(Instant::now()),
             budget,
+            moved: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the log as handed over (see `moved`) and wakes every reader waiting on it.
+    pub fn mark_moved(&self) {
+        self.moved.store(true, Ordering::SeqCst);
+        self.durable.send_modify(|_| {});
+    }
+
+    pub fn is_moved(&self) -> bool {
+        self.moved.load(Ordering::SeqCst)
     }
 
     pub fn durable_seq(&self) -> u64 {

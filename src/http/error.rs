@@ -94,12 +94,41 @@ impl ApiError {
         e
     }
 
+    /// Rebuilds an error another node answered with (see `cluster::peer::WireError`).
+    pub fn from_parts(
+        code: &str,
+        status: StatusCode,
+        message: String,
+        retry_after_ms: Option<u64>,
+        reason: Option<&str>,
+        first_available_seq: Option<u64>,
+    ) -> ApiError {
+        let code = match code {
+            "invalid" => Code::Invalid,
+            "unauthorized" => Code::Unauthorized,
+            "forbidden" => Code::Forbidden,
+            "not_found" => Code::NotFound,
+            "conflict" => Code::Conflict,
+            "too_large" => Code::TooLarge,
+            "gap" => Code::Gap,
+            _ => Code::TryAgain,
+        };
+        ApiError {
+            code,
+            status,
+            message,
+            retry_after_ms,
+            reason: reason.and_then(known_reason),
+            first_available_seq,
+        }
+    }
+
     /// 429 for overload the caller can wait out, 503 when this node cannot serve at all.
     pub fn try_again(reason: TryAgainReason, retry_after_ms: u64) -> ApiError {
         let status = match reason {
-            TryAgainReason::Unavailable | TryAgainReason::ArchiveBacklog => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            TryAgainReason::Unavailable
+            | TryAgainReason::ArchiveBacklog
+            | TryAgainReason::OwnerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::TOO_MANY_REQUESTS,
         };
         let mut e = ApiError::new(
@@ -134,6 +163,25 @@ impl ApiError {
     }
 }
 
+/// The `detail` values this node can send, as static strings (an error crossing from another node
+/// names one of them).
+fn known_reason(reason: &str) -> Option<&'static str> {
+    const REASONS: &[&str] = &[
+        "mailbox_full",
+        "wal_full",
+        "archive_backlog",
+        "restarting",
+        "unavailable",
+        "slot_moving",
+        "owner_unavailable",
+        "socket_in_flight",
+        "not_joined",
+        "unknown_event",
+        "activating",
+    ];
+    REASONS.iter().find(|r| **r == reason).copied()
+}
+
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> ApiError {
         match e {
@@ -142,6 +190,11 @@ impl From<NodeError> for ApiError {
                 reason,
                 retry_after_ms,
             } => ApiError::try_again(reason, retry_after_ms),
+            // Only reaches a client when routing gave up (the slot kept moving).
+            NodeError::NotOwner { .. } => ApiError::try_again(
+                TryAgainReason::SlotMoving,
+                TryAgainReason::SlotMoving.retry_after_ms(),
+            ),
             other => {
                 tracing::warn!(error = %other, "request failed: node unavailable");
                 ApiError::unavailable(other.to_string())

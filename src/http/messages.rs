@@ -16,7 +16,6 @@ use ferry_shards::record::{
 use super::error::ApiError;
 use super::{conversation_id, object_or_invalid, AppState, Caller, JsonBody, PathParam};
 use crate::access;
-use crate::auth::Principal;
 use ferry_shards::ids::ParticipantId;
 
 #[derive(Deserialize)]
@@ -115,11 +114,7 @@ pub async fn append(
         sender,
         state.config.limits.max_message_bytes,
     )?;
-    if let Principal::User { .. } = principal {
-        let handle = state.node.conversation(&id).await?;
-        access::authorize(&principal, &handle.meta())?;
-    }
-    let outcome = state.node.append(&id, request).await?;
+    let outcome = crate::service::append(&state, &principal, &id, request).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -166,33 +161,27 @@ pub async fn list(
     if after.is_some() && before.is_some() {
         return Err(ApiError::invalid("give after_seq or before_seq, not both"));
     }
-    let handle = state.node.conversation(&id).await?;
-    access::authorize(&principal, &handle.meta())?;
     let limit = limit as usize;
     // Retention deleted everything below this (the hot ring may still hold some of it; it is
     // not served either, so every tier answers alike).
     let first_available = state.store.first_available_seq(&id).await?;
-    let (messages, has_more) = match before {
-        Some(before) => {
-            let mut page = state.node.read_before(&handle, before, limit).await?;
-            page.retain(|m| m.seq >= first_available);
-            let more = page.first().is_some_and(|m| m.seq > first_available);
-            (page, more)
+    if before.is_none() && after.unwrap_or(0).saturating_add(1) < first_available {
+        // Authorize first: a stranger learns nothing about retention.
+        crate::service::conversation(&state, &principal, &id).await?;
+        return Err(ApiError::gap(after.unwrap_or(0), first_available));
+    }
+    let (mut messages, last_seq) =
+        crate::service::read(&state, &principal, &id, after, before, limit).await?;
+    let has_more = match before {
+        Some(_) => {
+            messages.retain(|m| m.seq >= first_available);
+            messages.first().is_some_and(|m| m.seq > first_available)
         }
-        None => {
-            let after = after.unwrap_or(0);
-            if after.saturating_add(1) < first_available {
-                return Err(ApiError::gap(after, first_available));
-            }
-            let page = state.node.read_after(&handle, after, limit).await?;
-            let last = handle.log.durable_seq();
-            let more = page.last().map_or(after, |m| m.seq) < last;
-            (page, more)
-        }
+        None => messages.last().map_or(after.unwrap_or(0), |m| m.seq) < last_seq,
     };
     let page = Page {
         messages: messages.iter().map(|m| &**m).collect(),
-        last_seq: handle.log.durable_seq(),
+        last_seq,
         has_more,
         first_available_seq: first_available,
     };

@@ -44,6 +44,8 @@ pub struct AppState {
     pub events: crate::inbox::Events,
     /// Becomes true when the server starts shutting down: long-lived streams end on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// This node's cluster membership; `None` for a node that runs alone.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -85,19 +87,25 @@ pub(crate) async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    readiness(&state.node)
+    readiness(&state.node, state.cluster.as_ref())
 }
 
-/// `/readyz` on either listener: 200 `{status: "ready"}`, or 503 while the node cannot append.
-pub(crate) fn readiness(node: &Node) -> Response {
-    if node.ready() {
+/// `/readyz` on either listener: 200 `{status: "ready"}`, or 503 while the node cannot append
+/// (and, in a cluster, while it is not `active`: joining, draining, drained, or without a lease).
+pub(crate) fn readiness(node: &Node, cluster: Option<&crate::cluster::Cluster>) -> Response {
+    let ready = match cluster {
+        Some(cluster) => cluster.ready(),
+        None => node.ready(),
+    };
+    if ready {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "wal_poisoned": node.wal().poisoned()})),
-        )
-            .into_response()
+        let mut body = json!({"status": "unavailable", "wal_poisoned": node.wal().poisoned()});
+        if let Some(cluster) = cluster {
+            body["state"] = json!(cluster.state().as_str());
+            body["lease_valid"] = json!(node.gates().lease_valid());
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
@@ -224,11 +232,16 @@ async fn put_conversation(
         .upsert_conversation(&id, &participants, metadata.as_deref(), now_ms())
         .await?;
     state.node.refresh_meta(upserted.meta.clone());
+    if !upserted.created {
+        state.events.meta_changed(&id);
+    }
     // Only a participant's own inbox changes, and only when it joins.
     for p in &upserted.added {
         state.events.membership_changed(p, &id);
     }
-    let handle = state.node.conversation(&id).await?;
+    let last_seq = crate::service::conversation(&state, &principal, &id)
+        .await?
+        .last_seq;
     let status = if upserted.created {
         StatusCode::CREATED
     } else {
@@ -237,11 +250,7 @@ async fn put_conversation(
     let slot = slot_of(id.as_str(), state.config.slots.count);
     Ok((
         status,
-        Json(conversation_json(
-            &upserted.meta,
-            slot,
-            handle.log.durable_seq(),
-        )),
+        Json(conversation_json(&upserted.meta, slot, last_seq)),
     )
         .into_response())
 }
@@ -252,12 +261,11 @@ async fn get_conversation(
     PathParam(raw_id): PathParam,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = conversation_id(&raw_id)?;
-    let handle = state.node.conversation(&id).await?;
-    crate::access::authorize(&principal, &handle.meta())?;
+    let conversation = crate::service::conversation(&state, &principal, &id).await?;
     let slot = slot_of(id.as_str(), state.config.slots.count);
     Ok(Json(conversation_json(
-        &handle.meta(),
+        &conversation.meta,
         slot,
-        handle.log.durable_seq(),
+        conversation.last_seq,
     )))
 }

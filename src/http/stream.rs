@@ -16,7 +16,6 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::{conversation_id, AppState, Caller, PathParam};
-use crate::access;
 use crate::delivery::Cursor;
 
 #[derive(Deserialize)]
@@ -54,8 +53,7 @@ pub async fn sse(
         (None, Some(v)) => parse("after_seq", v)?,
         (None, None) => 0,
     };
-    let handle = state.node.conversation(&id).await?;
-    access::authorize(&principal, &handle.meta())?;
+    let conversation = crate::service::conversation(&state, &principal, &id).await?;
     let first_available = state.store.first_available_seq(&id).await?;
     let gap = (after_seq.saturating_add(1) < first_available).then(|| {
         let to_seq = first_available - 1;
@@ -66,8 +64,9 @@ pub async fn sse(
             .data(data.to_string()))
     });
     let cursor = Cursor::new(
-        state.node.clone(),
-        handle,
+        state.clone(),
+        id,
+        conversation.local,
         after_seq.max(first_available - 1),
         PAGE,
     );

@@ -33,7 +33,7 @@ use tokio::task::AbortHandle;
 use ferry_shards::actor::conversation::AppendRequest;
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::node::TryAgainReason;
-use ferry_shards::record::{format_rfc3339_millis, now_ms};
+use ferry_shards::record::format_rfc3339_millis;
 
 use super::frame::{self, Address, Frame};
 use super::metrics::{self, ChannelGauge};
@@ -45,6 +45,7 @@ use crate::http::error::ApiError;
 use crate::http::messages::{build_request, AppendBody};
 use crate::http::{conversation_id, participant_id, AppState};
 use crate::inbox::{self, EphemeralEvent, InboxWatch};
+use crate::service::{self, AppendQueue, CursorKind, Pending};
 
 /// Messages a delivery cursor reads per page (its memory bound).
 const PAGE: usize = 256;
@@ -209,12 +210,6 @@ struct CursorBody {
     participant: Option<String>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum CursorKind {
-    Ack,
-    Read,
-}
-
 impl SocketChannels {
     pub fn new(
         state: AppState,
@@ -271,8 +266,7 @@ impl SocketChannels {
     ) -> Result<(), ApiError> {
         let params: Option<JoinParams> = parse_payload(&frame.payload, frame::JOIN)?;
         let params = params.unwrap_or_default();
-        let handle = self.state.node.conversation(&id).await?;
-        access::authorize(&self.principal, &handle.meta())?;
+        let conversation = service::conversation(&self.state, &self.principal, &id).await?;
         let after_seq = match (params.after_seq.or(params.last_seq), &self.principal) {
             (Some(n), _) => n,
             (None, Principal::User { sub }) => self.state.store.cursor(&id, sub).await?.0,
@@ -287,13 +281,16 @@ impl SocketChannels {
         });
         // Subscribed before the reply, so nothing sent after the client sees it is missed.
         let ephemeral = self.state.events.ephemeral(&id).subscribe();
+        let moving = self.state.events.moving();
+        let slot = self.state.node.slot_of(&id);
         let cursor = Cursor::new(
-            self.state.node.clone(),
-            handle.clone(),
+            self.state.clone(),
+            id.clone(),
+            conversation.local,
             after_seq.max(first_available - 1),
             PAGE,
         );
-        let last_seq = handle.log.durable_seq();
+        let last_seq = conversation.last_seq;
         let to = frame.address();
         let reply = json!({
             "conversation_id": id.as_str(),
@@ -317,6 +314,8 @@ impl SocketChannels {
         }
         let forward = tokio::spawn(forward_ephemeral(
             ephemeral,
+            moving,
+            slot,
             self.socket_id,
             self.outbox.clone(),
             join_ref.clone(),
@@ -345,8 +344,7 @@ impl SocketChannels {
         access::act_for(&self.principal, &participant)?;
         // Watching starts before the snapshot is read, so no change falls between the two.
         let watch = InboxWatch::new(self.state.clone(), participant.clone()).await?;
-        let conversations =
-            inbox::snapshot(&self.state.node, &self.state.store, &participant).await?;
+        let conversations = inbox::snapshot(&self.state, &participant).await?;
         let to = frame.address();
         if !self
             .outbox
@@ -472,7 +470,8 @@ impl SocketChannels {
         let outbox = self.outbox.clone();
         let to = frame.address();
         tokio::spawn(async move {
-            let result = move_cursor(&state, &principal, &id, &participant, body.seq, kind).await;
+            let result =
+                service::move_cursor(&state, &principal, &id, &participant, body.seq, kind).await;
             match result {
                 Ok(response) => outbox.ok(&to, &response).await,
                 Err(e) => outbox.error(&to, &e).await,
@@ -523,60 +522,16 @@ impl SocketChannels {
         } else {
             json!({ "participant": participant.as_str() })
         };
-        // No receivers (nobody else here) is not an error: ephemeral events are best effort.
-        let _ = self.state.events.ephemeral(id).send(EphemeralEvent {
-            from_socket: self.socket_id,
-            event,
-            payload,
-        });
+        self.state.events.send_ephemeral(
+            id,
+            EphemeralEvent {
+                from_socket: self.socket_id,
+                event,
+                payload,
+            },
+        );
         self.outbox.ok(&frame.address(), &json!({})).await;
         Ok(())
-    }
-}
-
-async fn move_cursor(
-    state: &AppState,
-    principal: &Principal,
-    id: &ConversationId,
-    participant: &ParticipantId,
-    seq: u64,
-    kind: CursorKind,
-) -> Result<Value, ApiError> {
-    let handle = state.node.conversation(id).await?;
-    let meta = handle.meta();
-    access::authorize(principal, &meta)?;
-    if !meta.has_participant(participant.as_str()) {
-        return Err(ApiError::invalid(format!(
-            "{participant} is not a participant of {id}"
-        )));
-    }
-    let last_seq = handle.log.durable_seq();
-    if seq > last_seq {
-        return Err(ApiError::invalid(format!(
-            "seq {seq} is beyond last_seq {last_seq}"
-        )));
-    }
-    match kind {
-        CursorKind::Ack => {
-            state
-                .store
-                .set_cursor(id, participant, None, Some(seq), now_ms())
-                .await?;
-            Ok(json!({ "participant": participant.as_str(), "seq": seq }))
-        }
-        CursorKind::Read => {
-            state
-                .store
-                .set_cursor(id, participant, Some(seq), None, now_ms())
-                .await?;
-            state.events.cursor_changed(participant, id);
-            let entry = inbox::entry(&state.node, &state.store, participant, id).await?;
-            Ok(json!({
-                "participant": participant.as_str(),
-                "seq": entry.read_seq,
-                "unread": entry.unread,
-            }))
-        }
     }
 }
 
@@ -674,29 +629,45 @@ fn deliveries(
     })
 }
 
+/// Pushes the other sockets' `chunk`/`typing` of the conversation, and one `backpressure` each
+/// time its slot starts moving.
 async fn forward_ephemeral(
     mut events: broadcast::Receiver<EphemeralEvent>,
+    mut moving: broadcast::Receiver<(u32, u64)>,
+    slot: u32,
     socket_id: u64,
     outbox: Outbox,
     join_ref: Value,
     topic: String,
 ) {
     loop {
-        match events.recv().await {
-            Ok(event) if event.from_socket == socket_id => {}
-            Ok(event) => {
-                let push = frame::push(&join_ref, &topic, event.event, &event.payload);
-                if !outbox.send(push).await {
-                    return;
+        let push = tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) if event.from_socket == socket_id => continue,
+                Ok(event) => frame::push(&join_ref, &topic, event.event, &event.payload),
+                // This socket reads slower than the conversation streams; ephemeral events are
+                // not worth buffering without bound (messages are never lost this way: they
+                // have a log).
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    metrics::ephemeral_dropped(n);
+                    tracing::debug!(topic = %topic, missed = n, "ws socket lagged ephemeral events");
+                    continue;
                 }
-            }
-            // This socket reads slower than the conversation streams; ephemeral events are not
-            // worth buffering without bound (messages are never lost this way: they have a log).
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                metrics::ephemeral_dropped(n);
-                tracing::debug!(topic = %topic, missed = n, "ws socket lagged ephemeral events");
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            moved = moving.recv() => match moved {
+                Ok((moving_slot, retry_after_ms)) if moving_slot == slot => frame::push(
+                    &join_ref,
+                    &topic,
+                    "backpressure",
+                    &json!({"reason": "slot_moving", "retry_after_ms": retry_after_ms}),
+                ),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            },
+        };
+        if !outbox.send(push).await {
+            return;
         }
     }
 }
@@ -728,7 +699,10 @@ async fn push_inbox(mut watch: InboxWatch, outbox: Outbox, join_ref: Value, topi
     }
 }
 
-/// Submits a topic's appends in arrival order and keeps them in flight together.
+/// Submits a topic's appends in arrival order and keeps them in flight together. The
+/// [`AppendQueue`] hands each on only after the one before it (to the local actor's mailbox, or
+/// in one batch to the owner with whatever else is waiting), so the socket's sends take seqs in
+/// the order they were sent, across forwarding and slot moves.
 async fn run_appends(
     state: AppState,
     principal: Principal,
@@ -736,19 +710,33 @@ async fn run_appends(
     mut jobs: mpsc::Receiver<AppendJob>,
     outbox: Outbox,
 ) {
-    // The appends borrow the topic's state: nothing is cloned per message.
-    let (state, principal, id, outbox) = (&state, &principal, &id, &outbox);
+    let mut queue = AppendQueue::new(state, principal, id);
+    let outbox = &outbox;
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
             job = jobs.recv() => {
                 let Some(job) = job else { break };
-                let mut append = Box::pin(append_one(state, principal, id, job, outbox));
-                // The first poll reaches the conversation actor's mailbox (synchronously while
-                // the conversation is active, which a joined one is), so the next job cannot
-                // overtake this one; after that they proceed together.
-                if futures_util::poll!(append.as_mut()).is_pending() {
-                    in_flight.push(append);
+                let mut batch = vec![job];
+                while let Ok(job) = jobs.try_recv() {
+                    batch.push(job);
+                }
+                let mut requests = Vec::with_capacity(batch.len());
+                let mut replies = Vec::with_capacity(batch.len());
+                for job in batch {
+                    requests.push(job.request);
+                    replies.push((job.to, job._permit, job._awaited));
+                }
+                let pending = match queue.submit_batch(&mut requests).await {
+                    Ok(pending) => pending,
+                    Err(e) => replies.iter().map(|_| Pending::Done(Err(e.clone()))).collect(),
+                };
+                for ((to, permit, awaited), pending) in replies.into_iter().zip(pending) {
+                    in_flight.push(async move {
+                        let result = pending.outcome().await;
+                        reply_to_send(outbox, &to, result).await;
+                        drop((permit, awaited));
+                    });
                 }
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
@@ -766,28 +754,11 @@ struct SendReply {
     deduped: bool,
 }
 
-async fn append_one(
-    state: &AppState,
-    principal: &Principal,
-    id: &ConversationId,
-    job: AppendJob,
+async fn reply_to_send(
     outbox: &Outbox,
+    to: &Address,
+    result: Result<ferry_shards::actor::conversation::AppendOutcome, ApiError>,
 ) {
-    let AppendJob {
-        to,
-        request,
-        _permit,
-        _awaited,
-    } = job;
-    let result = async {
-        if let Principal::User { .. } = principal {
-            // Membership can change after the join.
-            let handle = state.node.conversation(id).await?;
-            access::authorize(principal, &handle.meta())?;
-        }
-        Ok::<_, ApiError>(state.node.append(id, request).await?)
-    }
-    .await;
     match result {
         Ok(outcome) => {
             let reply = SendReply {
@@ -796,9 +767,9 @@ async fn append_one(
                 created_at: format_rfc3339_millis(outcome.created_at_ms),
                 deduped: outcome.deduped,
             };
-            outbox.ok(&to, &reply).await
+            outbox.ok(to, &reply).await
         }
-        Err(e) => outbox.error(&to, &e).await,
+        Err(e) => outbox.error(to, &e).await,
     };
 }
 

@@ -150,8 +150,16 @@ fn append(state: &ConversationArgs, req: AppendRequest, reply: AppendReply, admi
             let answer = match result {
                 Ok(lsn) => {
                     done_shared.on_durable(lsn, done_message, &done_log);
-                    done_shared.record_ack(admitted_at, done_log.slot);
-                    Ok(outcome)
+                    // Self-fencing: a node whose lease ran out while the record was syncing
+                    // (a pause, a stall) does not acknowledge it. The record is durable and
+                    // keeps its seq; a retry with its idempotency key is answered with it.
+                    if done_shared.gates.lease_valid() {
+                        done_shared.record_ack(admitted_at, done_log.slot);
+                        Ok(outcome)
+                    } else {
+                        done_shared.count_try_again(TryAgainReason::OwnerUnavailable);
+                        Err(NodeError::try_again(TryAgainReason::OwnerUnavailable))
+                    }
                 }
                 Err(e) => Err(NodeError::Unavailable(e.to_string())),
             };
