@@ -112,6 +112,9 @@ struct Inner {
     incarnation: u64,
     /// Slots this node is handing over right now.
     moving: Mutex<HashSet<u32>>,
+    /// This node put itself into `draining` (SIGTERM), as opposed to an operator's drain: if the
+    /// drain cannot finish, it is undone on the way out, so the node comes back `active`.
+    self_drained: std::sync::atomic::AtomicBool,
     /// Wakes the rebalancer at once (a drain, an undrain, a rebalance request).
     kick: Notify,
 }
@@ -145,6 +148,7 @@ impl Cluster {
                 state: Mutex::new(state),
                 incarnation,
                 moving: Mutex::new(HashSet::new()),
+                self_drained: std::sync::atomic::AtomicBool::new(false),
                 kick: Notify::new(),
             }),
         }
@@ -380,9 +384,14 @@ impl Cluster {
     pub async fn leave(&self) {
         let db = &self.inner.db;
         let me = self.inner.node_id.clone();
-        let from = [NodeState::Active, NodeState::Joining, NodeState::Drained];
+        let from = [NodeState::Active, NodeState::Joining];
         match db.set_state(&me, &from, NodeState::Draining).await {
-            Ok(_) => self.set_own_state(NodeState::Draining),
+            Ok(changed) => {
+                self.inner
+                    .self_drained
+                    .store(changed, std::sync::atomic::Ordering::SeqCst);
+                self.set_own_state(NodeState::Draining);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot mark this node draining; stopping without a drain");
                 return;
@@ -422,11 +431,24 @@ impl Cluster {
     }
 
     /// After the node stopped: `left` if it owns nothing (it takes part in placement again when
-    /// it starts), else it stays `draining` and its lease runs out.
+    /// it starts). A drain of its own that could not finish is undone (the node keeps its slots
+    /// and comes back `active`; its lease runs out meanwhile and its slots read unavailable).
     pub async fn left(&self) {
         let me = self.inner.node_id.as_str();
         if let Ok(slots) = self.inner.db.slots().await {
             if slots.iter().any(|r| r.owner.as_deref() == Some(me)) {
+                if self
+                    .inner
+                    .self_drained
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    let _ = self
+                        .inner
+                        .db
+                        .set_state(me, &[NodeState::Draining], NodeState::Active)
+                        .await;
+                }
+                let _ = self.inner.db.resign(me).await;
                 return;
             }
             let from = [NodeState::Draining, NodeState::Drained];
