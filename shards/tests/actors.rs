@@ -343,3 +343,111 @@ async fn the_archiver_stores_full_batches_at_once_and_lets_partial_ones_linger()
         (1..=60).collect::<Vec<_>>()
     );
 }
+
+/// The ordering promise of `Node::submit`: appends one caller submits one after the other take
+/// seqs in that order, even though they become durable together. A held slot refuses new
+/// appends (handing them back unchanged) while the ones in flight finish, and a released slot
+/// answers `NotOwner` and tells its readers it moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_appends_take_seqs_in_submission_order_and_a_held_slot_hands_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("ordered");
+    let (node, _) = Node::start(config(), WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let mut tickets = Vec::new();
+    for i in 0..200 {
+        let ticket = match node.submit(&id, request(&format!("m{i}"), None)).await {
+            Ok(t) => t,
+            Err(_) => panic!("submit {i} refused"),
+        };
+        tickets.push(ticket);
+    }
+    let mut seqs = Vec::new();
+    for ticket in tickets {
+        seqs.push(ticket.outcome().await.unwrap().seq);
+    }
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    let handle = node.conversation(&id).await.unwrap();
+    let texts: Vec<String> = node
+        .read_after(&handle, 0, 500)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.content.get().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..200).map(|i| format!("\"m{i}\"")).collect();
+    assert_eq!(texts, expected, "seq order is submission order");
+
+    // Hand-over: hold, in-flight appends finish, new ones come back unchanged.
+    let slot = node.slot_of(&id);
+    let in_flight = match node.submit(&id, request("last before hold", None)).await {
+        Ok(t) => t,
+        Err(_) => panic!("submit refused"),
+    };
+    node.gates().hold(slot);
+    match node.submit(&id, request("held", Some("k-held"))).await {
+        Err(ferry_shards::node::Refused::Holding(back)) => {
+            assert_eq!(back.idempotency_key.as_deref(), Some("k-held"));
+        }
+        _ => panic!("a held slot must hand the append back"),
+    }
+    // The caller awaits its answer meanwhile; the append counts as in flight until then.
+    let answered = tokio::spawn(in_flight.outcome());
+    assert!(node.gates().wait_idle(slot, Duration::from_secs(5)).await);
+    assert_eq!(answered.await.unwrap().unwrap().seq, 201);
+    assert!(node.wait_slot_archived(slot, Duration::from_secs(5)).await);
+    let mut moved = handle.log.watch_durable();
+    node.release_slot(slot, 2);
+    assert!(handle.log.is_moved(), "readers of the log learn it moved");
+    assert!(moved.has_changed().unwrap_or(true));
+    match node.append(&id, request("after release", None)).await {
+        Err(NodeError::NotOwner { slot: s }) => assert_eq!(s, slot),
+        other => panic!("expected NotOwner, got {other:?}"),
+    }
+    assert!(matches!(
+        node.conversation(&id).await,
+        Err(NodeError::NotOwner { .. })
+    ));
+    // Everything acknowledged before the release is archived.
+    assert_eq!(archive.stored(&id).len(), 201);
+    node.shutdown().await;
+}
+
+/// A held slot makes `Node::append` wait for the hand-over to end, then answer `try_again`
+/// (`slot_moving`) once the hold outlasts `hold_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_to_a_held_slot_waits_then_answers_slot_moving() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("held");
+    let config = NodeConfig {
+        hold_timeout: Duration::from_millis(200),
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let slot = node.slot_of(&id);
+    node.gates().hold(slot);
+    // Released while the append waits: it goes through.
+    let waiting = {
+        let (node, id) = (node.clone(), id.clone());
+        tokio::spawn(async move { node.append(&id, request("waits", None)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    node.gates().set_serving(slot, 1);
+    assert_eq!(waiting.await.unwrap().unwrap().seq, 1);
+    // Held past the timeout: slot_moving, and nothing written.
+    node.gates().hold(slot);
+    match node.append(&id, request("refused", None)).await {
+        Err(NodeError::TryAgain { reason, .. }) => {
+            assert_eq!(reason.as_str(), "slot_moving")
+        }
+        other => panic!("expected try_again, got {other:?}"),
+    }
+    node.gates().set_serving(slot, 1);
+    assert_eq!(append_retrying(&node, &id, "next").await, 2);
+    node.shutdown().await;
+}
