@@ -91,10 +91,9 @@ pub async fn conversation(
         match route(state, id) {
             Route::Local => match state.node.conversation(id).await {
                 Ok(handle) => {
-                    let meta = handle.meta();
-                    access::authorize(principal, &meta)?;
+                    authorize_fresh(state, principal, &handle).await?;
                     return Ok(Conversation {
-                        meta,
+                        meta: handle.meta(),
                         last_seq: handle.log.durable_seq(),
                         local: Some(handle),
                     });
@@ -141,6 +140,22 @@ pub async fn conversation(
 
 fn is_unreachable(e: &ApiError) -> bool {
     e.reason == Some(TryAgainReason::OwnerUnavailable.as_str())
+}
+
+/// Authorizes against the owner's cached description; a refusal is checked once more against
+/// SQL (a participant added through another node may not have reached this cache yet).
+pub async fn authorize_fresh(
+    state: &AppState,
+    principal: &Principal,
+    handle: &ConversationHandle,
+) -> Result<(), ApiError> {
+    if access::authorize(principal, &handle.meta()).is_ok() {
+        return Ok(());
+    }
+    if let Some(meta) = state.store.conversation(&handle.log.id).await? {
+        state.node.refresh_meta(meta);
+    }
+    access::authorize(principal, &handle.meta())
 }
 
 /// The description from SQL, authorized.
@@ -293,7 +308,7 @@ impl AppendQueue {
                         // Membership can change after a join.
                         match self.state.node.conversation(&self.id).await {
                             Ok(handle) => {
-                                if let Err(e) = access::authorize(&self.principal, &handle.meta()) {
+                                if let Err(e) = authorize_fresh(&self.state, &self.principal, &handle).await {
                                     out.push(Pending::Done(Err(e)));
                                     continue;
                                 }
@@ -432,7 +447,7 @@ pub async fn read(
                     }
                     Err(e) => return Err(e.into()),
                 };
-                access::authorize(principal, &handle.meta())?;
+                authorize_fresh(state, principal, &handle).await?;
                 return read_local(state, &handle, after_seq, before_seq, limit).await;
             }
             Route::Stale => refresh(state, id).await,

@@ -28,7 +28,6 @@ use super::peer::{
     SlotHint, WireError, WireInboxEntry, WireMessage, WireResult, SECRET_HEADER,
 };
 use super::Cluster;
-use crate::access;
 use crate::auth::Principal;
 use crate::http::error::ApiError;
 use crate::http::AppState;
@@ -175,7 +174,7 @@ async fn read(State(state): State<InternalState>, Json(request): Json<ReadReques
         Err(NodeError::NotOwner { .. }) => return moved(),
         Err(e) => return error(&e.into()),
     };
-    if let Err(e) = access::authorize(&principal, &handle.meta()) {
+    if let Err(e) = service::authorize_fresh(&state.app, &principal, &handle).await {
         return error(&e);
     }
     let limit = request
