@@ -405,10 +405,17 @@ fn render_dashboard(cluster: &ClusterView, slots: &[SlotView]) -> String {
     let mut cells = String::with_capacity(slots.len() * 120);
     for s in slots {
         cells.push_str(&format!(
-            "<div class=\"slot {state}\" data-slot=\"{slot}\" title=\"slot {slot} · owner {owner} · \
-             epoch {epoch} · {state} · {conv} conversations · {rate:.1} appends/s\">{slot}</div>",
+            "<div class=\"slot {state}\" data-slot=\"{slot}\" data-owner=\"{owner}\" \
+             style=\"--hue:{hue}\" title=\"slot {slot} · owner {owner} · \
+             epoch {epoch} · {state}{target} · {conv} conversations · {rate:.1} appends/s\">{slot}</div>",
             slot = s.slot,
             owner = escape(s.owner.as_deref().unwrap_or("-")),
+            hue = owner_hue(s.owner.as_deref().unwrap_or("-")),
+            target = s
+                .target
+                .as_deref()
+                .map(|t| format!(" → {}", escape(t)))
+                .unwrap_or_default(),
             epoch = s.epoch,
             state = s.state,
             conv = s.conversations,
@@ -421,6 +428,14 @@ fn render_dashboard(cluster: &ClusterView, slots: &[SlotView]) -> String {
         .replace("{{slot_count}}", &cluster.slot_count.to_string())
         .replace("{{nodes}}", &nodes)
         .replace("{{cells}}", &cells)
+}
+
+/// The owner's colour: the same hash as the page's script, so cells keep their colour when it
+/// refreshes them.
+fn owner_hue(owner: &str) -> u32 {
+    owner
+        .encode_utf16()
+        .fold(0u32, |h, c| (h * 31 + u32::from(c)) % 360)
 }
 
 fn escape(text: &str) -> String {
