@@ -410,7 +410,7 @@ fn render_dashboard(cluster: &ClusterView, slots: &[SlotView]) -> String {
              epoch {epoch} · {state}{target} · {conv} conversations · {rate:.1} appends/s\">{slot}</div>",
             slot = s.slot,
             owner = escape(s.owner.as_deref().unwrap_or("-")),
-            hue = owner_hue(s.owner.as_deref().unwrap_or("-")),
+            hue = owner_hue(&cluster.nodes, s.owner.as_deref().unwrap_or("-")),
             target = s
                 .target
                 .as_deref()
@@ -430,12 +430,15 @@ fn render_dashboard(cluster: &ClusterView, slots: &[SlotView]) -> String {
         .replace("{{cells}}", &cells)
 }
 
-/// The owner's colour: the same hash as the page's script, so cells keep their colour when it
-/// refreshes them.
-fn owner_hue(owner: &str) -> u32 {
-    owner
-        .encode_utf16()
-        .fold(0u32, |h, c| (h * 31 + u32::from(c)) % 360)
+/// Well-separated hues, one per node in the order of the node table (the page's script uses
+/// the same palette, so cells keep their colour when it refreshes them).
+const PALETTE: [u32; 10] = [210, 30, 140, 280, 0, 175, 55, 320, 100, 250];
+
+fn owner_hue(nodes: &[NodeView], owner: &str) -> u32 {
+    nodes
+        .iter()
+        .position(|n| n.id == owner)
+        .map_or(0, |i| PALETTE[i % PALETTE.len()])
 }
 
 fn escape(text: &str) -> String {
