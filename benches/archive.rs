@@ -194,6 +194,7 @@ async fn cold_replay(a: &Args) {
         interval: Duration::from_secs(60),
         segment_records: 4096,
         retention: Duration::from_secs(30 * 86_400),
+        only_while: None,
     };
     let report = compactor::compact_once(&store, &cold, &config, now_ms())
         .await

@@ -237,7 +237,7 @@ pub fn node_view(state: &AdminState, slots: &[SlotView]) -> NodeView {
         last_heartbeat: None,
         slots: slots.len(),
         conversations: slots.iter().map(|s| s.conversations).sum(),
-        appends_per_sec: slots.iter().map(|s| s.appends_per_sec).sum(),
+        appends_per_sec: slots.iter().map(|s| s.appends_per_sec).sum::<f64>() + 0.0,
         archive_backlog_records: records,
         archive_backlog_bytes: bytes,
         started_at: format_rfc3339_millis(state.info.started_at_ms),

@@ -12,7 +12,8 @@ use serde_json::Value;
 pub enum Action {
     Status,
     Slots,
-    Drain(String),
+    /// Drain a node; with `wait`, return only once it owns no slot.
+    Drain(String, bool),
     Undrain(String),
     Rebalance,
 }
@@ -73,7 +74,7 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
     let (method, path) = match &action {
         Action::Status => (reqwest::Method::GET, "/admin/cluster".to_owned()),
         Action::Slots => (reqwest::Method::GET, "/admin/slots".to_owned()),
-        Action::Drain(node) => (
+        Action::Drain(node, _) => (
             reqwest::Method::POST,
             format!("/admin/nodes/{}/drain", path_segment(node)),
         ),
@@ -116,13 +117,51 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
     Ok(match action {
         Action::Status => render_status(serde_json::from_value(body)?),
         Action::Slots => render_slots(serde_json::from_value(body)?),
-        Action::Drain(_) | Action::Undrain(_) => render_nodes(&[serde_json::from_value(body)?]),
+        Action::Drain(node, true) => {
+            wait_drained(&client, &base, key, &node).await?;
+            let mut out = render_nodes(&[serde_json::from_value(body)?]);
+            out.push_str(&format!("{node} owns no slot.\n"));
+            out
+        }
+        Action::Drain(..) | Action::Undrain(_) => render_nodes(&[serde_json::from_value(body)?]),
         Action::Rebalance => {
             let moves = body["moves"].as_array().map_or(0, Vec::len);
             let message = body["message"].as_str().unwrap_or_default();
             format!("{moves} slot moves started. {message}\n")
         }
     })
+}
+
+/// Polls `/admin/slots` until `node` owns no slot (at most ten minutes).
+async fn wait_drained(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    node: &str,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let url = format!("{base}/admin/slots");
+    loop {
+        let owned = match client.get(&url).bearer_auth(key).send().await {
+            Ok(r) if r.status().is_success() => r.json::<Slots>().await.ok().map(|s| {
+                s.slots
+                    .iter()
+                    .filter(|slot| slot.owner.as_deref() == Some(node))
+                    .count()
+            }),
+            _ => None,
+        };
+        if owned == Some(0) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{node} still owns {} slots after 10 minutes",
+                owned.unwrap_or(0)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// Percent-encodes everything but the characters node ids are made of.

@@ -46,6 +46,9 @@ pub struct CompactorConfig {
     pub segment_records: usize,
     /// Anything older than this is deleted from every tier.
     pub retention: Duration,
+    /// Run passes only while this is true (in a cluster: while this node leads, so one node
+    /// compacts at a time); `None`: always.
+    pub only_while: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What one pass did.
@@ -82,6 +85,20 @@ pub async fn run(
 ) {
     loop {
         let started = Instant::now();
+        let our_turn = config
+            .only_while
+            .as_ref()
+            .is_none_or(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        if !our_turn {
+            tokio::select! {
+                _ = tokio::time::sleep(config.interval) => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return;
+            }
+            continue;
+        }
         match compact_once(&store, &cold, &config, now_ms()).await {
             Ok(report) => {
                 metrics::gauge!(m::COMPACTION_LAST_SUCCESS).set(now_ms() as f64 / 1000.0);

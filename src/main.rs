@@ -61,7 +61,12 @@ enum AdminAction {
     /// Every slot: owner, epoch, state, conversations, appends.
     Slots,
     /// Move a node's slots to the other nodes and stop routing new ones to it.
-    Drain { node: String },
+    Drain {
+        node: String,
+        /// Return only once the node owns no slot.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Let a drained node own slots again.
     Undrain { node: String },
     /// Move slots toward the ring's placement over the active nodes.
@@ -168,7 +173,7 @@ fn main() -> ExitCode {
             let action = match args.action {
                 AdminAction::Status => Action::Status,
                 AdminAction::Slots => Action::Slots,
-                AdminAction::Drain { node } => Action::Drain(node),
+                AdminAction::Drain { node, wait } => Action::Drain(node, wait),
                 AdminAction::Undrain { node } => Action::Undrain(node),
                 AdminAction::Rebalance => Action::Rebalance,
             };

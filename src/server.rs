@@ -168,6 +168,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             interval: config.archive.compact_interval,
             segment_records: config.archive.segment_records,
             retention: config.retention,
+            only_while: cluster.as_ref().map(|c| c.leading_flag()),
         },
         compactor_stop_rx,
     ));

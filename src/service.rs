@@ -308,7 +308,9 @@ impl AppendQueue {
                         // Membership can change after a join.
                         match self.state.node.conversation(&self.id).await {
                             Ok(handle) => {
-                                if let Err(e) = authorize_fresh(&self.state, &self.principal, &handle).await {
+                                if let Err(e) =
+                                    authorize_fresh(&self.state, &self.principal, &handle).await
+                                {
                                     out.push(Pending::Done(Err(e)));
                                     continue;
                                 }

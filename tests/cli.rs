@@ -29,18 +29,23 @@ fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 /// `--redis-url` (here through its variable) is accepted; the node says it runs alone, without
 /// logging the URL's password, and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_url_is_accepted_and_the_node_says_it_runs_alone() {
+async fn a_redis_url_without_postgres_or_secret_is_refused_with_what_is_missing() {
     let server = TestServer::builder()
         .env("FERRY_REDIS_URL", "redis://ops:hunter2@127.0.0.1:1/0")
-        .start();
-    let created = server.create_conversation("alone", &["a"]).await;
-    assert_eq!(created["id"], "alone");
-    let log = server.stderr_all();
+        .start_expecting_failure();
+    let (status, _stdout, stderr) = server;
     assert!(
-        log.contains("clustering is not available yet"),
-        "the warning is logged: {log}"
+        !status.success(),
+        "a half-configured cluster member must not start"
     );
-    assert!(!log.contains("hunter2"), "the password is redacted: {log}");
+    assert!(
+        stderr.contains("Postgres") && stderr.contains("--cluster-secret"),
+        "the message names both missing settings: {stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password is not printed: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

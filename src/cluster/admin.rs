@@ -120,7 +120,8 @@ pub async fn snapshot(state: &AdminState, cluster: &Cluster) -> (ClusterView, Ve
                 last_heartbeat: Some(format_rfc3339_millis(n.last_heartbeat_ms)),
                 slots: owned.len(),
                 conversations: owned.iter().map(|s| s.conversations).sum(),
-                appends_per_sec: owned.iter().map(|s| s.appends_per_sec).sum(),
+                // `+ 0.0`: an empty f64 sum is -0.0, which prints as "-0.0".
+                appends_per_sec: owned.iter().map(|s| s.appends_per_sec).sum::<f64>() + 0.0,
                 archive_backlog_records: own.map_or(0, |s| s.node.archive_backlog_records),
                 archive_backlog_bytes: own.map_or(0, |s| s.node.archive_backlog_bytes),
                 started_at: format_rfc3339_millis(n.started_at_ms),

@@ -117,6 +117,8 @@ struct Inner {
     self_drained: std::sync::atomic::AtomicBool,
     /// Wakes the rebalancer at once (a drain, an undrain, a rebalance request).
     kick: Notify,
+    /// This node holds the leader row (it rebalances, and it alone compacts).
+    leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cluster {
@@ -150,6 +152,7 @@ impl Cluster {
                 moving: Mutex::new(HashSet::new()),
                 self_drained: std::sync::atomic::AtomicBool::new(false),
                 kick: Notify::new(),
+                leading: Arc::default(),
             }),
         }
     }
@@ -209,6 +212,11 @@ impl Cluster {
 
     fn set_own_state(&self, state: NodeState) {
         *self.inner.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// True while this node leads (see `rebalancer`).
+    pub fn leading_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.inner.leading.clone()
     }
 
     /// Wakes the rebalancer now instead of at its next tick.
@@ -354,7 +362,8 @@ impl Cluster {
             tracing::info!(state = %self.state(), "rejoined the cluster; state kept");
             return;
         }
-        for attempt in 0..50u32 {
+        let mut attempt = 0u32;
+        loop {
             match self
                 .inner
                 .db
@@ -372,7 +381,8 @@ impl Cluster {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt, "cannot mark this node active yet");
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "cannot mark this node active yet; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }

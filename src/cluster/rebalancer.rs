@@ -52,6 +52,10 @@ pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
             let _ = cluster.db().resign(cluster.node_id()).await;
             leading = false;
         }
+        cluster
+            .inner
+            .leading
+            .store(leading, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             _ = tokio::time::sleep(cluster.config().heartbeat) => {}
             _ = cluster.inner.kick.notified() => {}
