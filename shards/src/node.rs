@@ -18,7 +18,7 @@ use crate::actor::conversation::{AppendOutcome, AppendRequest, ConversationMsg};
 use crate::actor::slot::{SlotActor, SlotArgs, SlotMsg};
 use crate::actor::ConversationHandle;
 use crate::archive::{Archive, ArchiveError};
-use crate::gate::{GateGuard, GateRefusal, Gates};
+use crate::gate::{GateRefusal, Gates};
 use crate::ids::ConversationId;
 use crate::metrics as m;
 use crate::placement::slot_of;
@@ -317,10 +317,10 @@ impl Shared {
 }
 
 /// An append in its conversation actor's mailbox; resolves once it is durable (or refused).
+/// The append counts as in flight on its slot until the actor answers it, whether or not the
+/// caller is awaiting the ticket at that moment.
 pub struct AppendTicket {
     reply: tokio::sync::oneshot::Receiver<Result<AppendOutcome, NodeError>>,
-    /// Counts the append as in flight on its slot until it is answered.
-    _guard: GateGuard,
 }
 
 impl AppendTicket {
@@ -510,6 +510,7 @@ impl Node {
         };
         // A handle can go stale when its actor retires or is restarted; the message comes back
         // from the failed send and is rerouted.
+        let mut guard = Some(guard);
         for _ in 0..3 {
             let handle = match self.conversation(id).await {
                 Ok(handle) => handle,
@@ -523,21 +524,19 @@ impl Node {
                 )));
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let Some(g) = guard.take() else { break };
             match handle.actor.send_message(ConversationMsg::Append(
                 request,
                 tx.into(),
                 admitted_at,
+                g,
             )) {
-                Ok(()) => {
-                    return Ok(AppendTicket {
-                        reply: rx,
-                        _guard: guard,
-                    })
-                }
-                Err(ractor::MessagingErr::SendErr(ConversationMsg::Append(back, _, _))) => {
+                Ok(()) => return Ok(AppendTicket { reply: rx }),
+                Err(ractor::MessagingErr::SendErr(ConversationMsg::Append(back, _, _, g))) => {
                     handle.log.release_admission();
                     self.forget_handle(id, &handle);
                     request = back;
+                    guard = Some(g);
                 }
                 Err(_) => {
                     handle.log.release_admission();

@@ -393,10 +393,9 @@ async fn submitted_appends_take_seqs_in_submission_order_and_a_held_slot_hands_t
         }
         _ => panic!("a held slot must hand the append back"),
     }
-    // The caller awaits its answer meanwhile; the append counts as in flight until then.
-    let answered = tokio::spawn(in_flight.outcome());
+    // In flight until the actor answers it, whether or not its caller is awaiting the answer.
     assert!(node.gates().wait_idle(slot, Duration::from_secs(5)).await);
-    assert_eq!(answered.await.unwrap().unwrap().seq, 201);
+    assert_eq!(in_flight.outcome().await.unwrap().seq, 201);
     assert!(node.wait_slot_archived(slot, Duration::from_secs(5)).await);
     let mut moved = handle.log.watch_durable();
     node.release_slot(slot, 2);

@@ -17,6 +17,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::gate::GateGuard;
 use crate::ids::ParticipantId;
 use crate::node::{NodeError, Shared, TryAgainReason};
 use crate::record::{now_ms, Message, KIND_MESSAGE};
@@ -46,7 +47,9 @@ pub struct AppendOutcome {
 pub type AppendReply = RpcReplyPort<Result<AppendOutcome, NodeError>>;
 
 pub enum ConversationMsg {
-    Append(AppendRequest, AppendReply, Instant),
+    /// An append, its reply, when it was admitted, and its slot's gate guard: the append counts
+    /// as in flight on its slot (a hand-over waits for it) until its reply is sent.
+    Append(AppendRequest, AppendReply, Instant, GateGuard),
     /// Stop if idle, quiescent (everything archived, nothing waiting) and unwatched. Decided here,
     /// between two appends, so no append can slip in between the check and the stop.
     Retire,
@@ -81,9 +84,9 @@ impl Actor for ConversationActor {
         state: &mut ConversationArgs,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ConversationMsg::Append(req, reply, admitted_at) => {
+            ConversationMsg::Append(req, reply, admitted_at, guard) => {
                 state.log.release_admission();
-                append(state, req, reply, admitted_at);
+                append(state, req, reply, admitted_at, guard);
                 Ok(())
             }
             ConversationMsg::Retire => {
@@ -95,7 +98,13 @@ impl Actor for ConversationActor {
     }
 }
 
-fn append(state: &ConversationArgs, req: AppendRequest, reply: AppendReply, admitted_at: Instant) {
+fn append(
+    state: &ConversationArgs,
+    req: AppendRequest,
+    reply: AppendReply,
+    admitted_at: Instant,
+    guard: GateGuard,
+) {
     let shared = &state.shared;
     let log = &state.log;
     log.touch();
@@ -104,7 +113,7 @@ fn append(state: &ConversationArgs, req: AppendRequest, reply: AppendReply, admi
     if let Some(key) = req.idempotency_key.as_deref() {
         if let Some(first) = window.get(key) {
             drop(window);
-            answer_duplicate(shared, log, first, reply);
+            answer_duplicate(shared, log, first, reply, guard);
             return;
         }
     }
@@ -166,6 +175,7 @@ fn append(state: &ConversationArgs, req: AppendRequest, reply: AppendReply, admi
             if let Some(reply) = take(&done_reply) {
                 let _ = reply.send(answer);
             }
+            drop(guard);
         }),
     );
     match submitted {
@@ -232,6 +242,7 @@ fn answer_duplicate(
     log: &ConversationLog,
     first: DedupeEntry,
     reply: AppendReply,
+    guard: GateGuard,
 ) {
     let outcome = AppendOutcome {
         seq: first.seq,
@@ -254,6 +265,7 @@ fn answer_duplicate(
                     .map_err(|e| NodeError::Unavailable(e.to_string())),
             );
         }
+        drop(guard);
     }));
     if barrier.is_err() {
         if let Some(reply) = take(&reply) {
