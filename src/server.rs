@@ -340,6 +340,16 @@ async fn start_cluster(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<crate::cluster::Cluster> {
     use crate::cluster::{fanout::Fanout, membership, rebalancer, Cluster};
+    use crate::metrics as m;
+    // Every cluster series exists from the start (at zero), so dashboards and alerts see them.
+    for result in ["ok", "cancelled"] {
+        metrics::counter!(m::SLOT_MOVES_TOTAL, "result" => result).increment(0);
+    }
+    for op in ["append", "read", "inbox"] {
+        metrics::counter!(m::FORWARDED_TOTAL, "op" => op).increment(0);
+    }
+    metrics::counter!(m::FANOUT_GAP_FILLS_TOTAL).increment(0);
+    metrics::counter!(m::RESTORED_MESSAGES_TOTAL).increment(0);
     let node_id = config.node_id();
     let redis_url = config.redis_url.clone().unwrap_or_default();
     let fanout = Fanout::start(

@@ -852,12 +852,10 @@ impl Store {
             }
             Db::Postgres(pool) => {
                 let fence = match &self.fence {
-                    Some(f) => Some((f.node_id.as_str(), f.epochs(messages)?)),
+                    Some(f) => Some((&**f, f.epochs(messages)?)),
                     None => None,
                 };
-                let fence = fence
-                    .as_ref()
-                    .map(|(node, epochs)| (*node, epochs.as_slice()));
+                let fence = fence.as_ref().map(|(f, epochs)| (*f, epochs.as_slice()));
                 match pg_copy_messages(pool, messages, fence).await {
                     Ok(()) => {}
                     // Some of the batch is already stored (a retry after a failure or a crash):
@@ -1176,7 +1174,7 @@ impl Archive for Store {
 async fn pg_copy_messages(
     pool: &PgPool,
     messages: &[Arc<Message>],
-    fence: Option<(&str, &[(u32, u64)])>,
+    fence: Option<(&Fence, &[(u32, u64)])>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     check_fence(&mut tx, fence).await?;
@@ -1201,7 +1199,7 @@ async fn pg_copy_messages(
 async fn pg_insert_messages(
     pool: &PgPool,
     messages: &[Arc<Message>],
-    fence: Option<(&str, &[(u32, u64)])>,
+    fence: Option<(&Fence, &[(u32, u64)])>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     check_fence(&mut tx, fence).await?;
@@ -1251,20 +1249,34 @@ async fn pg_insert_messages(
 /// (`FOR SHARE`) and must name this node at the epochs it serves them at, so a stale owner's
 /// write fails (Temporal's range-id pattern). The lock lasts until the commit; a paused holder's
 /// transaction is ended by the connection's `idle_in_transaction_session_timeout`.
+///
+/// A slot another node now owns stops being served here at once (its gate closes; appends are
+/// routed to the owner). The same node at another epoch (a reclaim after a lease lapse, not yet
+/// seen by this batch) is only retried.
 async fn check_fence(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    fence: Option<(&str, &[(u32, u64)])>,
+    fence: Option<(&Fence, &[(u32, u64)])>,
 ) -> Result<(), sqlx::Error> {
-    let Some((node, epochs)) = fence else {
+    use crate::cluster::db::ClusterDbError;
+    let Some((fence, epochs)) = fence else {
         return Ok(());
     };
-    crate::cluster::db::check_fence(tx, node, epochs)
-        .await
-        .map_err(|e| {
+    match crate::cluster::db::check_fence(tx, &fence.node_id, epochs).await {
+        Ok(()) => Ok(()),
+        Err(ClusterDbError::Fenced(f)) => {
             metrics::counter!(ferry_shards::metrics::ARCHIVE_ERRORS_TOTAL).increment(1);
-            tracing::error!(error = %e, "archive write fenced off: this node no longer owns a slot of the batch at its epoch");
-            sqlx::Error::Protocol(format!("fenced: {e}"))
-        })
+            if f.found_owner.as_deref() != Some(fence.node_id.as_str()) {
+                tracing::error!(error = %f, "archive write fenced off: another node owns the slot; no longer serving it");
+                fence
+                    .gates
+                    .set_not_owned(f.slot, f.found_epoch.unwrap_or(f.expected_epoch));
+            } else {
+                tracing::warn!(error = %f, "archive write under an old epoch of this node; retrying");
+            }
+            Err(sqlx::Error::Protocol(format!("fenced: {f}")))
+        }
+        Err(e) => Err(sqlx::Error::Protocol(format!("fence check failed: {e}"))),
+    }
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
