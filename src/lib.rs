@@ -16,6 +16,8 @@
 //! - [`cold`]: the cold tier, segment objects in an object store (local files or S3);
 //!   [`segment`] is their byte format; [`compactor`] moves old messages from SQL into them.
 //! - [`ws`]: the WebSocket gateway (Phoenix Channels V2 JSON), topics `conversation:` and `inbox:`.
+//! - [`cluster`]: several nodes on one Postgres: membership, leases, fenced slot ownership and the
+//!   rebalancer's election ([`cluster::db`] holds their tables).
 //! - [`admin`]: the admin listener (`/metrics`, `/dashboard`, `/admin/*`).
 //! - [`metrics`]: metric names of this binary and the Prometheus recorder.
 
@@ -23,6 +25,7 @@ pub mod access;
 pub mod admin;
 pub mod admin_cli;
 pub mod auth;
+pub mod cluster;
 pub mod cold;
 pub mod compactor;
 pub mod config;
