@@ -61,9 +61,10 @@ pub enum ClusterDbError {
     #[error("cluster database unavailable: {0}")]
     Unavailable(String),
     /// A row this statement must change is locked by another session (a running archive
-    /// transaction, or a paused node's until Postgres ends it); retry.
-    #[error("gave up waiting for a row lock after {0:?} (lock_timeout)")]
-    LockTimeout(Duration),
+    /// transaction, or a paused node's until Postgres ends it), and `lock_timeout` ran out;
+    /// retry.
+    #[error("gave up waiting for a row lock held by another session (lock_timeout)")]
+    LockTimeout,
     /// The cluster was created with another slot count; it can never change.
     #[error(
         "the cluster has {stored} slots, this node is configured with {requested}: \
@@ -97,8 +98,7 @@ impl From<sqlx::Error> for ClusterDbError {
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
                 if code == sqlstate::LOCK_NOT_AVAILABLE {
-                    // The duration is filled in by the caller that set the timeout.
-                    ClusterDbError::LockTimeout(Duration::ZERO)
+                    ClusterDbError::LockTimeout
                 } else if code == sqlstate::IDLE_IN_TRANSACTION_TIMEOUT
                     || sqlstate::TRANSIENT_CLASSES
                         .iter()
@@ -480,8 +480,8 @@ impl ClusterDb {
         .bind(new_target)
         .execute(&mut *tx)
         .await
-        .map_err(|e| self.lock_error(e))?;
-        tx.commit().await.map_err(|e| self.lock_error(e))?;
+        ?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -503,9 +503,8 @@ impl ClusterDb {
         )
         .bind(node_id)
         .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.lock_error(e))?;
-        tx.commit().await.map_err(|e| self.lock_error(e))?;
+        .await?;
+        tx.commit().await?;
         rows.sort_by_key(|r| r.0);
         rows.into_iter().map(slot_row).collect()
     }
@@ -563,13 +562,6 @@ impl ClusterDb {
             .execute(&mut *tx)
             .await?;
         Ok(tx)
-    }
-
-    fn lock_error(&self, e: sqlx::Error) -> ClusterDbError {
-        match ClusterDbError::from(e) {
-            ClusterDbError::LockTimeout(_) => ClusterDbError::LockTimeout(self.timeouts.lock),
-            other => other,
-        }
     }
 }
 
