@@ -202,6 +202,19 @@ async fn forward_read(
         .await
 }
 
+/// Messages an owner sent, rebuilt.
+fn decode_messages(
+    wire: Vec<crate::cluster::peer::WireMessage>,
+) -> Result<Vec<Arc<Message>>, ApiError> {
+    wire.into_iter()
+        .map(|m| {
+            m.into_message()
+                .map(Arc::new)
+                .map_err(|e| ApiError::unavailable(format!("owner sent a bad message: {e}")))
+        })
+        .collect()
+}
+
 /// Appends one message (HTTP); answers once it is durable on the owner.
 pub async fn append(
     state: &AppState,
@@ -463,15 +476,7 @@ pub async fn read(
                     limit,
                 };
                 match forward_read(state, &url, &request).await {
-                    Ok(reply) => {
-                        let mut messages = Vec::with_capacity(reply.messages.len());
-                        for m in reply.messages {
-                            messages.push(Arc::new(m.into_message().map_err(|e| {
-                                ApiError::unavailable(format!("owner sent a bad message: {e}"))
-                            })?));
-                        }
-                        return Ok((messages, reply.last_seq));
-                    }
+                    Ok(reply) => return Ok((decode_messages(reply.messages)?, reply.last_seq)),
                     Err(e) => match peer_failed(state, id, e) {
                         Some(e) if is_unreachable(&e) => {
                             return read_archived(
@@ -703,15 +708,7 @@ pub async fn fetch_after(
                     limit,
                 };
                 match forward_read(state, &url, &request).await {
-                    Ok(reply) => {
-                        let mut messages = Vec::with_capacity(reply.messages.len());
-                        for m in reply.messages {
-                            messages.push(Arc::new(m.into_message().map_err(|e| {
-                                ApiError::unavailable(format!("owner sent a bad message: {e}"))
-                            })?));
-                        }
-                        return Ok(Fetched::Messages(messages));
-                    }
+                    Ok(reply) => return Ok(Fetched::Messages(decode_messages(reply.messages)?)),
                     Err(e) => match peer_failed(state, id, e) {
                         Some(e) if is_unreachable(&e) => break,
                         Some(e) => return Err(e),

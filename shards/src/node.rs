@@ -790,12 +790,10 @@ impl Node {
     }
 }
 
-/// After a repair: a recovered log that ends below the last seq SQL holds lost archived records
-/// to the repair, and SQL is the complete history. Such logs are dropped before anything reads
-/// them, so the conversation starts from SQL (its recovered records are still re-archived,
-/// idempotently). The slot actor checks the same when it starts a conversation.
-async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(), NodeError> {
-    let recovered: Vec<(u32, ConversationId, u64)> = (0..shared.config.slot_count)
+/// `(slot, conversation, last durable seq)` of every log held for the slots `which` selects.
+fn recovered_logs(shared: &Shared, which: impl Fn(u32) -> bool) -> Vec<(u32, ConversationId, u64)> {
+    (0..shared.config.slot_count)
+        .filter(|slot| which(*slot))
         .flat_map(|slot| {
             shared
                 .registry(slot)
@@ -804,8 +802,15 @@ async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(), NodeError>
                 .map(|(id, log)| (slot, id.clone(), log.durable_seq()))
                 .collect::<Vec<_>>()
         })
-        .collect();
-    for (slot, id, wal_last_seq) in recovered {
+        .collect()
+}
+
+/// After a repair: a recovered log that ends below the last seq SQL holds lost archived records
+/// to the repair, and SQL is the complete history. Such logs are dropped before anything reads
+/// them, so the conversation starts from SQL (its recovered records are still re-archived,
+/// idempotently). The slot actor checks the same when it starts a conversation.
+async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(), NodeError> {
+    for (slot, id, wal_last_seq) in recovered_logs(shared, |_| true) {
         let snapshot = shared
             .archive
             .load_conversation(&id, 0)
@@ -834,17 +839,7 @@ async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(), NodeError>
 /// with their archive queue items: the archive has them, and this node may not write them (the
 /// fenced archive would refuse). Anything the archive lacks is logged as an error with its seqs.
 async fn drop_logs_of_other_owners(shared: &Arc<Shared>) -> Result<(), NodeError> {
-    let foreign: Vec<(u32, ConversationId, u64)> = (0..shared.config.slot_count)
-        .filter(|slot| shared.gates.owned_epoch(*slot).is_none())
-        .flat_map(|slot| {
-            shared
-                .registry(slot)
-                .logs
-                .iter()
-                .map(|(id, log)| (slot, id.clone(), log.durable_seq()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let foreign = recovered_logs(shared, |slot| shared.gates.owned_epoch(slot).is_none());
     if foreign.is_empty() {
         return Ok(());
     }
