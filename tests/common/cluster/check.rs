@@ -131,18 +131,14 @@ pub async fn check(
         rounds += 1;
         let observed = collect(nodes, conversations).await;
         let subs = subscribers.log();
-        if observed.settled(&subs) || Instant::now() >= deadline {
-            let mut result = verify(&observed, log, &subs);
-            match &mut result {
-                Ok(summary) => summary.rounds = rounds,
-                Err(report) => {
-                    if !observed.settled(&subs) {
-                        report.push_str(&format!(
-                            "\n(nodes still disagreed or subscribers still lagged after \
-                             {SETTLE_TIMEOUT:?}, {rounds} read passes)"
-                        ));
-                    }
-                }
+        let settled = observed.settled(&subs);
+        if settled || Instant::now() >= deadline {
+            let mut result = judge(&observed, log, &subs, rounds);
+            if let (Err(report), false) = (&mut result, settled) {
+                report.push_str(&format!(
+                    "\n(nodes still disagreed or subscribers still lagged after \
+                     {SETTLE_TIMEOUT:?})"
+                ));
             }
             return result;
         }
@@ -240,6 +236,16 @@ pub fn verify(
     observed: &Observed,
     log: &WriteLog,
     subscribers: &SubscriberLog,
+) -> Result<CheckSummary, String> {
+    judge(observed, log, subscribers, 1)
+}
+
+/// [`verify`] of the snapshot taken after `rounds` read passes.
+fn judge(
+    observed: &Observed,
+    log: &WriteLog,
+    subscribers: &SubscriberLog,
+    rounds: usize,
 ) -> Result<CheckSummary, String> {
     let mut v = Violations::default();
 
@@ -475,7 +481,7 @@ pub fn verify(
             }
             all
         }),
-        rounds: 0,
+        rounds,
     };
     if v.total == 0 {
         return Ok(summary);

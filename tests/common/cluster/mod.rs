@@ -28,6 +28,11 @@
 //! steps (starting a node, waiting for its exit) run in `block_in_place`, so tests must use
 //! `#[tokio::test(flavor = "multi_thread")]`.
 //!
+//! # One cluster at a time
+//! A cluster holds a process-wide lock for its whole life, so the tests of one binary run their
+//! clusters one after the other: two 3-node clusters on a 2-core machine would turn lease
+//! timing (a 1.5 s lease in the fencing tests) into a coin toss.
+//!
 //! # No sleeps
 //! Nothing here sleeps for a fixed time hoping a condition holds afterwards: every wait is
 //! [`wait_for`], which polls a condition against a deadline and panics with what it waited for
@@ -342,13 +347,20 @@ pub struct TestCluster {
     book: NodeBook,
     /// Admin-key client with [`ADMIN_TIMEOUT`].
     http: reqwest::Client,
+    /// Held for the cluster's life (see "One cluster at a time"); declared last, so it is
+    /// released only after everything above is gone.
+    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
 }
+
+/// See "One cluster at a time" in the module docs.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl TestCluster {
     /// Starts `n` nodes (see the module docs). `None` when Postgres or Redis is missing and the
     /// test may skip.
     pub async fn start(n: usize, extra_env: &[(&str, &str)]) -> Option<TestCluster> {
         assert!(n >= 1, "a cluster needs a node");
+        let one_at_a_time = ONE_CLUSTER.lock().await;
         let db = TestDatabase::create().await?;
         let redis = blocking(RedisServer::create)?;
         let admin_url = std::env::var(pg::URL_VAR).expect("TestDatabase::create checked it");
@@ -366,6 +378,7 @@ impl TestCluster {
                 .timeout(ADMIN_TIMEOUT)
                 .build()
                 .expect("admin client"),
+            _one_at_a_time: one_at_a_time,
         };
         for i in 1..=n {
             let pg_proxy = TcpProxy::start(pg_upstream);
@@ -511,6 +524,16 @@ impl TestCluster {
         self.redis_proxies[i - 1].heal();
     }
 
+    /// `(forwarded, refused while cut, dropped by a cut)` of node `i`'s Postgres proxy.
+    pub fn postgres_proxy_counts(&self, i: usize) -> (u64, u64, u64) {
+        self.pg_proxies[i - 1].counts()
+    }
+
+    /// `(forwarded, refused while cut, dropped by a cut)` of node `i`'s Redis proxy.
+    pub fn redis_proxy_counts(&self, i: usize) -> (u64, u64, u64) {
+        self.redis_proxies[i - 1].counts()
+    }
+
     /// Kills the shared Redis (every node loses its connections and what was in flight).
     pub fn stop_redis(&mut self) {
         self.redis.stop();
@@ -620,7 +643,14 @@ impl TestCluster {
     // ----- waiting for the cluster -----
 
     /// Every node that is up is `active` and owns a slot, no slot is moving, unavailable or
-    /// unassigned, and every node that is up reports the same slot map. Returns it.
+    /// unassigned, every node that is up reports the same slot map, and the rebalancer plans no
+    /// further move (`POST /admin/rebalance` answers no moves: the placement matches the ring).
+    /// Returns the slot map.
+    ///
+    /// The rebalancer carries out its moves a few at a time, so "no slot moving" alone also
+    /// holds between two of them. Asking `/admin/rebalance` wakes the rebalancer, which does
+    /// nothing it would not do at its next tick; a test that must show the cluster acts on its
+    /// own waits with [`wait_spread`](Self::wait_spread) first.
     pub async fn wait_balanced(&self) -> SlotMap {
         let up = self.up();
         self.wait_balanced_over(&up).await
@@ -628,17 +658,33 @@ impl TestCluster {
 
     /// [`wait_balanced`](Self::wait_balanced) where exactly `nodes` are the active owners.
     pub async fn wait_balanced_over(&self, nodes: &[usize]) -> SlotMap {
+        self.wait_placement(nodes, true).await
+    }
+
+    /// Like [`wait_balanced`](Self::wait_balanced) but without asking the rebalancer anything:
+    /// every node that is up is `active` and owns at least one slot, none is moving, unavailable
+    /// or unassigned, and the nodes agree.
+    pub async fn wait_spread(&self) -> SlotMap {
+        let up = self.up();
+        self.wait_placement(&up, false).await
+    }
+
+    async fn wait_placement(&self, nodes: &[usize], settled: bool) -> SlotMap {
         let expected: Vec<String> = nodes.iter().map(|&i| TestCluster::id(i)).collect();
-        let what = format!("the cluster balanced over {expected:?}");
+        let what = if settled {
+            format!("the cluster balanced over {expected:?}")
+        } else {
+            format!("every one of {expected:?} to own slots")
+        };
         let cluster = self;
         wait_for(&what, STATE_TIMEOUT, || {
             let expected = expected.clone();
-            async move { cluster.balanced(&expected).await }
+            async move { cluster.placement(&expected, settled).await }
         })
         .await
     }
 
-    async fn balanced(&self, expected: &[String]) -> Result<SlotMap, String> {
+    async fn placement(&self, expected: &[String], settled: bool) -> Result<SlotMap, String> {
         let observers = self.up();
         let view = self.try_cluster_view(observers[0]).await?;
         let slots = self.try_slots(observers[0]).await?;
@@ -676,6 +722,13 @@ impl TestCluster {
                     slots.brief(),
                     other.brief()
                 ));
+            }
+        }
+        if settled {
+            let (status, body) = self.admin_post(observers[0], "/admin/rebalance").await?;
+            let planned = body["moves"].as_array().map(Vec::len);
+            if status != 200 || planned != Some(0) {
+                return problem(format!("the rebalancer still plans moves: {status} {body}"));
             }
         }
         Ok(slots)
