@@ -545,6 +545,33 @@ async fn fenced(isolation: Isolation) {
     let victim_slots = slots.owned_by("n3");
     let victims = TestCluster::conversations_of(&slots, 3, &load.conversations);
     assert!(!victims.is_empty(), "n3 owns none of the conversations");
+    // Besides the load, writers that append to n3's own conversations directly through n3 and
+    // through n1.
+    let direct_writers = Writers::http_via(
+        &cluster.book(),
+        &[3, 1],
+        &victims,
+        WorkloadSpec {
+            writers_per_node: 1,
+            interval: Duration::from_millis(50),
+            request_timeout: Duration::from_secs(2),
+        },
+        "d",
+    );
+    wait_for(
+        "the direct writers to be acknowledged",
+        PROGRESS_TIMEOUT,
+        || async {
+            match direct_writers.acked() {
+                n if n >= 10 => Ok(()),
+                n => Err(format!(
+                    "{n} acks; retries {:?}",
+                    direct_writers.log().errors
+                )),
+            }
+        },
+    )
+    .await;
 
     let faulted_at = Instant::now();
     match isolation {
@@ -644,7 +671,21 @@ async fn fenced(isolation: Isolation) {
         "appends to n3's conversations after it rejoined",
     )
     .await;
+    let direct = direct_writers.stop().await;
+    let direct_through_n3_refused: u64 = direct.errors.values().sum();
+    assert!(
+        direct_through_n3_refused > 0,
+        "the direct writers never saw n3 refuse or hang"
+    );
     let (log, subscribers, conversations) = load.stop_writers().await;
+    let log = log.merge(direct);
+    if let Isolation::CutFromPostgres = isolation {
+        let (_, _, dropped) = cluster.postgres_proxy_counts(3);
+        assert!(
+            dropped > 0,
+            "the cut dropped none of n3's Postgres connections"
+        );
+    }
 
     let victim_ids = ids(&victims);
     let late: Vec<String> = log
@@ -678,10 +719,24 @@ async fn fenced(isolation: Isolation) {
             victim_ids.contains(&a.conversation) && a.received >= healed_at && a.sent < healed_at
         })
         .count();
+    let last_before_fence = log
+        .acks
+        .iter()
+        .filter(|a| victim_ids.contains(&a.conversation) && a.received < fence_deadline)
+        .map(|a| a.received)
+        .max()
+        .filter(|t| *t >= faulted_at)
+        .map(|t| t - faulted_at);
     eprintln!(
-        "{isolation:?}: first unavailable {:?} after the fault; {after_heal_sent_before} acks of \
-         n3's conversations for requests sent before the heal arrived after it",
-        first_seen - faulted_at
+        "{isolation:?}: last ack of n3's conversations {last_before_fence:?} after the fault \
+         (None: before it); first unavailable {:?} after the fault; \
+         {after_heal_sent_before} acks of n3's conversations for requests sent before the heal \
+         arrived after it; direct writers' retries {:?}",
+        first_seen - faulted_at,
+        log.errors
+            .iter()
+            .filter(|(k, _)| k.starts_with("http"))
+            .collect::<Vec<_>>()
     );
     let log = log.merge(probes.into_inner().expect("probes"));
     assert_check(&cluster, &conversations, &log, &subscribers).await;

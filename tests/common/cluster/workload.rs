@@ -1,10 +1,11 @@
 //! Writer workloads: tasks that append through chosen nodes and record what the cluster
 //! acknowledged, for [`super::check`] to hold against what it stored.
 //!
-//! [`Writers::http`] and [`Writers::ws`] start `writers_per_node` tasks per node. Writer `g`
-//! (numbered across all nodes) appends to the conversations whose index is `g` modulo the number
-//! of writers, always THROUGH its own node, so most requests land on a node that does not own
-//! the conversation's slot. Every message gets a unique idempotency key and a unique content
+//! [`Writers::http`] and [`Writers::ws`] start `writers_per_node` tasks per node
+//! ([`Writers::http_via`] and [`Writers::ws_via`] on chosen nodes only). Writer `g` (numbered
+//! across its nodes) appends to the conversations whose index is `g` modulo the number of
+//! writers, always THROUGH its own node, so most requests land on a node that does not own the
+//! conversation's slot. Every message gets a unique idempotency key and a unique content
 //! `{w, i}` (writer label, counter); the key also goes into `metadata.key`, which is how the
 //! checker finds which key a stored message carries.
 //!
@@ -317,7 +318,26 @@ impl WriterCtx {
 impl Writers {
     /// `spec.writers_per_node` HTTP writers on every node of `book`.
     pub fn http(book: &NodeBook, conversations: &[Conversation], spec: WorkloadSpec) -> Writers {
-        Writers::start(book, conversations, spec, "h", |ctx, tasks| {
+        let nodes: Vec<usize> = (1..=book.len()).collect();
+        Writers::http_via(book, &nodes, conversations, spec, "h")
+    }
+
+    /// `spec.writers_per_node` WebSocket writers (one socket each) on every node of `book`.
+    pub fn ws(book: &NodeBook, conversations: &[Conversation], spec: WorkloadSpec) -> Writers {
+        let nodes: Vec<usize> = (1..=book.len()).collect();
+        Writers::ws_via(book, &nodes, conversations, spec, "w")
+    }
+
+    /// HTTP writers on the given nodes only; labels start with `prefix` (keep it unique among
+    /// the workloads of a test).
+    pub fn http_via(
+        book: &NodeBook,
+        nodes: &[usize],
+        conversations: &[Conversation],
+        spec: WorkloadSpec,
+        prefix: &str,
+    ) -> Writers {
+        Writers::start(book, nodes, conversations, spec, prefix, |ctx, tasks| {
             let client = reqwest::Client::builder()
                 .timeout(ctx.spec.request_timeout)
                 .connect_timeout(ctx.spec.request_timeout)
@@ -328,15 +348,22 @@ impl Writers {
         })
     }
 
-    /// `spec.writers_per_node` WebSocket writers (one socket each) on every node of `book`.
-    pub fn ws(book: &NodeBook, conversations: &[Conversation], spec: WorkloadSpec) -> Writers {
-        Writers::start(book, conversations, spec, "w", |ctx, tasks| {
+    /// WebSocket writers on the given nodes only (see [`Writers::http_via`]).
+    pub fn ws_via(
+        book: &NodeBook,
+        nodes: &[usize],
+        conversations: &[Conversation],
+        spec: WorkloadSpec,
+        prefix: &str,
+    ) -> Writers {
+        Writers::start(book, nodes, conversations, spec, prefix, |ctx, tasks| {
             tasks.spawn(ws_writer(ctx));
         })
     }
 
     fn start(
         book: &NodeBook,
+        nodes: &[usize],
         conversations: &[Conversation],
         spec: WorkloadSpec,
         prefix: &str,
@@ -350,10 +377,14 @@ impl Writers {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let run = run_tag();
-        let total = book.len() * spec.writers_per_node;
-        for node in 1..=book.len() {
+        let total = nodes.len() * spec.writers_per_node;
+        for (n, &node) in nodes.iter().enumerate() {
+            assert!(
+                (1..=book.len()).contains(&node),
+                "no node {node} in the book"
+            );
             for k in 0..spec.writers_per_node {
-                let g = (node - 1) * spec.writers_per_node + k;
+                let g = n * spec.writers_per_node + k;
                 let mine: Vec<String> = conversations
                     .iter()
                     .enumerate()
