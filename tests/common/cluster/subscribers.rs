@@ -268,7 +268,7 @@ async fn subscriber(
                     }
                     "phx_error" | "phx_close" if current => {
                         fault(&frame.event);
-                        if pause(REJOIN_PAUSE.min(RECONNECT_PAUSE), &mut stop).await {
+                        if pause(RECONNECT_PAUSE, &mut stop).await {
                             return;
                         }
                         continue 'join;

@@ -285,7 +285,6 @@ impl WriterCtx {
         self.shared.with(|l| l.abandoned.push(msg.key.clone()));
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn ack(
         &self,
         conversation: &str,
