@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod pg;
 pub mod s3;
 
@@ -350,6 +351,19 @@ impl TestServer {
         format!("http://{}{path}", self.admin)
     }
 
+    /// Whether the process was started and has not been seen to exit (a paused one runs).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, SIGTERM, ...) to the running process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.pid() as libc::pid_t;
+        // SAFETY: `pid` is our own child, not yet reaped, so it cannot have been reused.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}) of ferry failed");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("server is not running").id()
     }
@@ -373,10 +387,7 @@ impl TestServer {
 
     /// SIGTERM, then wait (bounded) for the process to exit on its own.
     pub fn terminate(&mut self) -> ExitStatus {
-        let pid = self.pid() as libc::pid_t;
-        // SAFETY: `pid` is our own child, not yet reaped, so it cannot have been reused.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        self.signal(libc::SIGTERM);
         self.wait_exit(EXIT_TIMEOUT)
     }
 
