@@ -92,8 +92,8 @@ fn moved() -> Response {
         .into_response()
 }
 
-fn parse_conversation(raw: &str) -> Result<ConversationId, Response> {
-    ConversationId::parse(raw).map_err(|e| error(&ApiError::invalid(e.to_string())))
+fn parse_conversation(raw: &str) -> Result<ConversationId, ApiError> {
+    ConversationId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 /// True when this node owns the conversation's slot (after one re-read if it did not).
@@ -106,26 +106,26 @@ async fn owns(state: &InternalState, id: &ConversationId) -> bool {
     state.app.node.gates().owned_epoch(slot).is_some()
 }
 
-fn principal_of(user: &Option<String>) -> Result<Principal, Response> {
+fn principal_of(user: &Option<String>) -> Result<Principal, ApiError> {
     match user {
         None => Ok(Principal::ApiKey { admin: false }),
         Some(sub) => ParticipantId::parse(sub)
             .map(|sub| Principal::User { sub })
-            .map_err(|e| error(&ApiError::invalid(e.to_string()))),
+            .map_err(|e| ApiError::invalid(e.to_string())),
     }
 }
 
 async fn append(State(state): State<InternalState>, Json(batch): Json<AppendBatch>) -> Response {
     let id = match parse_conversation(&batch.conversation_id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     if !owns(&state, &id).await {
         return moved();
     }
     let principal = match principal_of(&batch.user) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let mut requests = Vec::with_capacity(batch.appends.len());
     for append in batch.appends {
@@ -160,14 +160,14 @@ async fn append(State(state): State<InternalState>, Json(batch): Json<AppendBatc
 async fn read(State(state): State<InternalState>, Json(request): Json<ReadRequest>) -> Response {
     let id = match parse_conversation(&request.conversation_id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     if !owns(&state, &id).await {
         return moved();
     }
     let principal = match principal_of(&request.user) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let handle = match state.app.node.conversation(&id).await {
         Ok(h) => h,
@@ -204,7 +204,7 @@ async fn inbox_entry(
 ) -> Response {
     let id = match parse_conversation(&request.conversation_id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return error(&e),
     };
     let participant = match ParticipantId::parse(&request.participant) {
         Ok(p) => p,

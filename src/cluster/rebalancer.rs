@@ -184,7 +184,7 @@ fn request_move(
             super::handover::move_slot(&cluster, slot, epoch, &request.target)
                 .await
                 .map(|()| serde_json::Value::Null)
-                .map_err(|e| PeerError::Unreachable(e))
+                .map_err(PeerError::Unreachable)
         } else {
             cluster
                 .peers()
