@@ -10,8 +10,10 @@
 //! - `slots/move`: the rebalancer asks the owner to hand a slot over.
 //! - `slots/refresh`: "look at this slot's row now" (it was just given to you).
 //!
-//! A call for a slot this node does not own makes it re-read the row once (the caller may know
-//! of a hand-over before this node does); still not owned: `421 Misdirected Request`.
+//! Every slot call names the epoch the caller believes the callee owns the slot at. A call for a
+//! slot this node does not own, or naming a newer epoch than this node serves it at, makes it
+//! re-read the row once (the caller may know of a hand-over before this node does); still not
+//! owned: `421 Misdirected Request`.
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -96,10 +98,13 @@ fn parse_conversation(raw: &str) -> Result<ConversationId, ApiError> {
     ConversationId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
-/// True when this node owns the conversation's slot (after one re-read if it did not).
-async fn owns(state: &InternalState, id: &ConversationId) -> bool {
+/// True when this node owns the conversation's slot. It re-reads the slot's row first when it
+/// does not, or when the caller names a newer epoch than this node serves the slot at (this
+/// node's view is then the stale one, and the row decides).
+async fn owns(state: &InternalState, id: &ConversationId, epoch: u64) -> bool {
     let slot = state.app.node.slot_of(id);
-    if state.app.node.gates().owned_epoch(slot).is_some() {
+    let gates = state.app.node.gates();
+    if gates.owned_epoch(slot).is_some_and(|mine| mine >= epoch) {
         return true;
     }
     state.cluster.refresh_slot(slot).await;
@@ -120,7 +125,7 @@ async fn append(State(state): State<InternalState>, Json(batch): Json<AppendBatc
         Ok(id) => id,
         Err(e) => return error(&e),
     };
-    if !owns(&state, &id).await {
+    if !owns(&state, &id, batch.epoch).await {
         return moved();
     }
     let principal = match principal_of(&batch.user) {
@@ -162,7 +167,7 @@ async fn read(State(state): State<InternalState>, Json(request): Json<ReadReques
         Ok(id) => id,
         Err(e) => return error(&e),
     };
-    if !owns(&state, &id).await {
+    if !owns(&state, &id, request.epoch).await {
         return moved();
     }
     let principal = match principal_of(&request.user) {
@@ -210,7 +215,7 @@ async fn inbox_entry(
         Ok(p) => p,
         Err(e) => return error(&ApiError::invalid(e.to_string())),
     };
-    if !owns(&state, &id).await {
+    if !owns(&state, &id, request.epoch).await {
         return moved();
     }
     match crate::inbox::entry(&state.app.node, &state.app.store, &participant, &id).await {
