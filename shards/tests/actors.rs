@@ -397,7 +397,7 @@ async fn submitted_appends_take_seqs_in_submission_order_and_a_held_slot_hands_t
     assert!(node.gates().wait_idle(slot, Duration::from_secs(5)).await);
     assert_eq!(in_flight.outcome().await.unwrap().seq, 201);
     assert!(node.wait_slot_archived(slot, Duration::from_secs(5)).await);
-    let mut moved = handle.log.watch_durable();
+    let moved = handle.log.watch_durable();
     node.release_slot(slot, 2);
     assert!(handle.log.is_moved(), "readers of the log learn it moved");
     assert!(moved.has_changed().unwrap_or(true));
