@@ -630,6 +630,9 @@ mod tests {
             jail.set_env("FERRY_BOOTSTRAP_API_KEY", "true");
             jail.set_env("FERRY_JWT_SECRET", "\"s3cret\"");
             jail.set_env("FERRY_REDIS_URL", "[abc]");
+            // A Redis URL makes a cluster member, which needs these two as well.
+            jail.set_env("FERRY_DATABASE_URL", "postgres://ferry@db/ferry");
+            jail.set_env("FERRY_CLUSTER_SECRET", "\"quoted\"");
             jail.set_env("FERRY_DATA_DIR", "2024");
             jail.set_env("FERRY_WAL__FSYNC", "always");
             jail.set_env("FERRY_SLOTS__COUNT", "32");
@@ -639,6 +642,7 @@ mod tests {
             assert_eq!(c.bootstrap_api_key.as_deref(), Some("true"));
             assert_eq!(c.jwt_secret.as_deref(), Some("\"s3cret\""));
             assert_eq!(c.redis_url.as_deref(), Some("[abc]"));
+            assert_eq!(c.cluster_secret.as_deref(), Some("\"quoted\""));
             assert_eq!(c.data_dir, PathBuf::from("2024"));
             assert_eq!(c.wal.fsync, "always");
             assert_eq!(c.slots.count, 32, "numbers stay numbers");
@@ -691,6 +695,46 @@ mod tests {
         c.database_url = None;
         c.archive.pool_size = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_cluster_member_needs_postgres_and_a_secret_and_sane_cluster_keys() {
+        let mut c = Config {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("Postgres") && e.contains("--cluster-secret"),
+            "{e}"
+        );
+        c.database_url = Some("postgres://ferry@db/ferry".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            !e.contains("Postgres") && e.contains("--cluster-secret"),
+            "{e}"
+        );
+        c.cluster_secret = Some("s".into());
+        assert!(c.validate().is_ok());
+        assert!(c.clustered());
+        c.cluster.lease = c.cluster.heartbeat;
+        assert!(
+            c.validate().is_err(),
+            "the lease must outlast two heartbeats"
+        );
+        c.cluster.lease = Duration::from_secs(5);
+        for (durability, failover) in [("archive", "manual"), ("local", "auto"), ("x", "manual")] {
+            c.cluster.durability = durability.into();
+            c.cluster.failover = failover.into();
+            assert!(c.validate().is_err(), "{durability}/{failover}");
+        }
+        c.cluster.durability = "local".into();
+        c.cluster.failover = "manual".into();
+        c.advertise_url = Some("10.0.0.5:4001".into());
+        assert!(c.validate().is_err(), "advertise_url needs a scheme");
+        // Without Redis the [cluster] keys are checked but nothing else is required.
+        let alone = Config::default();
+        assert!(alone.validate().is_ok() && !alone.clustered());
     }
 
     #[test]
