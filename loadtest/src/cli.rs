@@ -1,6 +1,9 @@
 //! The command line. One flat set of flags shared by every scenario (each scenario reads the
 //! ones it needs), so a bench script can run the same workload against every target by changing
 //! only `--target`.
+//!
+//! `--target` may name several Ferry nodes of one cluster ([`Targets`]): scenarios hand their
+//! clients out over them round robin, and a client keeps its node for the whole run.
 
 use std::path::PathBuf;
 
@@ -19,8 +22,15 @@ pub struct Args {
     #[arg(value_enum)]
     pub scenario: Scenario,
     /// `http://host:port` (Ferry), `nats://host:port` (JetStream) or `redis://host:port` (Streams).
-    #[arg(long)]
-    pub target: String,
+    /// Repeat it (or separate with commas) to name every node of one Ferry cluster: clients are
+    /// spread over the nodes round robin, each keeping its node.
+    #[arg(
+        long = "target",
+        visible_alias = "targets",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub targets: Vec<String>,
     /// Appends per second (all conversations together); for `connections`, sockets opened per second.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
@@ -176,6 +186,56 @@ impl Target {
     }
 }
 
+/// Every `--target` of a run: one system, and several only when they are the nodes of one Ferry
+/// cluster. Never empty.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    all: Vec<Target>,
+}
+
+impl Targets {
+    pub fn parse(targets: &[String], api_key: &str) -> Result<Targets, LoadError> {
+        let all = targets
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+            .map(|t| Target::parse(t, api_key))
+            .collect::<Result<Vec<_>, _>>()?;
+        if all.is_empty() {
+            return Err(LoadError::Args("--target is required".into()));
+        }
+        if all.len() > 1 && !all.iter().all(|t| matches!(t, Target::Ferry { .. })) {
+            return Err(LoadError::Args(
+                "several --target values must all be Ferry nodes (http:// or https://)".into(),
+            ));
+        }
+        Ok(Targets { all })
+    }
+
+    /// The target setup, checks and single-connection peers use.
+    pub fn first(&self) -> &Target {
+        &self.all[0]
+    }
+
+    /// The target of client `k` (round robin: a client keeps its node).
+    pub fn for_client(&self, k: usize) -> &Target {
+        &self.all[k % self.all.len()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// Always false: there is at least one target.
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.all.iter()
+    }
+}
+
 impl Args {
     /// Rejects values that would make the run meaningless or divide by zero.
     pub fn validate(&self) -> Result<(), LoadError> {
@@ -202,13 +262,51 @@ impl Args {
     }
 
     /// The run's name in tables and plots.
-    pub fn label(&self, target: &Target) -> String {
+    pub fn label(&self, targets: &Targets) -> String {
         if let Some(label) = &self.label {
             return label.clone();
         }
-        match target {
+        let name = match targets.first() {
             Target::Ferry { .. } => format!("ferry {}", self.transport),
             other => other.system().to_owned(),
+        };
+        if targets.len() > 1 {
+            format!("{name} ({} nodes)", targets.len())
+        } else {
+            name
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn targets_repeat_or_split_on_commas_and_must_be_one_system() {
+        let a = Args::try_parse_from([
+            "ferry-loadtest",
+            "append",
+            "--target",
+            "http://127.0.0.1:1,http://127.0.0.1:2/",
+            "--target",
+            "http://127.0.0.1:3",
+        ])
+        .expect("parses");
+        assert_eq!(a.targets.len(), 3);
+        let t = Targets::parse(&a.targets, "k").expect("ferry nodes");
+        assert_eq!(t.len(), 3);
+        let Target::Ferry { http_base, .. } = t.for_client(4) else {
+            panic!("a ferry target");
+        };
+        assert_eq!(
+            http_base, "http://127.0.0.1:2",
+            "client 4 of 3 is on the second node"
+        );
+        assert!(Targets::parse(&["nats://a:1".into(), "nats://b:1".into()], "").is_err());
+        assert!(Targets::parse(&[" ".into()], "").is_err());
+        assert_eq!(a.label(&t), "ferry http (3 nodes)");
     }
 }

@@ -8,7 +8,8 @@
 //! queued. The tool never starts servers; it only talks to the target it is given.
 //!
 //! # Layout
-//! - [`cli`]: the command line ([`cli::Args`]) and target parsing.
+//! - [`cli`]: the command line ([`cli::Args`]) and target parsing ([`cli::Targets`]: one target,
+//!   or every node of a Ferry cluster).
 //! - [`pacer`]: the send schedule and the loop that dispatches on it.
 //! - [`stats`]: per-worker [`stats::Recorder`]s (HDR histograms, counters, a per-second
 //!   timeline) that merge into one at the end.
@@ -34,7 +35,7 @@ pub mod report;
 pub mod scenarios;
 pub mod stats;
 
-pub use cli::{Args, Scenario, Target, Transport};
+pub use cli::{Args, Scenario, Target, Targets, Transport};
 pub use report::Report;
 
 /// Everything that stops a run before it can produce a report. Per-request failures are not
@@ -67,12 +68,12 @@ pub enum LoadError {
 /// (`--json`, `--markdown`, `--plot`) are written by the caller: see [`report::write_outputs`].
 pub async fn run(args: &Args) -> Result<Report, LoadError> {
     args.validate()?;
-    let target = Target::parse(&args.target, &args.api_key)?;
+    let targets = Targets::parse(&args.targets, &args.api_key)?;
     match args.scenario {
-        Scenario::Append => scenarios::append::run(args, &target).await,
-        Scenario::Fanout => scenarios::fanout::run(args, &target).await,
-        Scenario::Resume => scenarios::resume::run(args, &target).await,
-        Scenario::Connections => scenarios::connections::run(args, &target).await,
-        Scenario::Mixed => scenarios::mixed::run(args, &target).await,
+        Scenario::Append => scenarios::append::run(args, &targets).await,
+        Scenario::Fanout => scenarios::fanout::run(args, &targets).await,
+        Scenario::Resume => scenarios::resume::run(args, &targets).await,
+        Scenario::Connections => scenarios::connections::run(args, &targets).await,
+        Scenario::Mixed => scenarios::mixed::run(args, &targets).await,
     }
 }

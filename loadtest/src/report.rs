@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::append::{Names, Published};
-use crate::cli::{Args, Scenario, Target, Transport};
+use crate::cli::{Args, Scenario, Targets, Transport};
 use crate::cpu::CpuReport;
 use crate::gapcheck::ViolationCounts;
 use crate::stats::{LatencySummary, Recorder, TimelinePoint};
@@ -23,7 +23,10 @@ pub struct Report {
     pub scenario: Scenario,
     /// `ferry`, `nats` or `redis`.
     pub system: String,
+    /// Every `--target`, comma-separated.
     pub target: String,
+    /// How many targets (nodes of one cluster) the clients were spread over.
+    pub targets: usize,
     /// Only meaningful for Ferry.
     pub transport: Transport,
     pub rate: f64,
@@ -112,20 +115,20 @@ impl Report {
     /// The report of a run that published: [`Report::new`] from its acks, with its CPU.
     pub fn published(
         args: &Args,
-        target: &Target,
+        targets: &Targets,
         names: &Names,
         scheduled: u64,
         published: Published,
         elapsed_s: f64,
     ) -> Report {
-        let mut report = Report::new(args, target, names, scheduled, &published.acks, elapsed_s);
+        let mut report = Report::new(args, targets, names, scheduled, &published.acks, elapsed_s);
         report.cpu = Some(published.cpu);
         report
     }
 
     pub fn new(
         args: &Args,
-        target: &Target,
+        targets: &Targets,
         names: &Names,
         scheduled: u64,
         acks: &Recorder,
@@ -137,11 +140,12 @@ impl Report {
             failures.push(format!("{} appends failed", acks.errors));
         }
         Report {
-            label: args.label(target),
+            label: args.label(targets),
             run_id: names.run.clone(),
             scenario: args.scenario,
-            system: target.system().to_owned(),
-            target: args.target.clone(),
+            system: targets.first().system().to_owned(),
+            target: args.targets.join(","),
+            targets: targets.len(),
             transport: args.transport,
             rate: args.rate,
             duration_s: args.duration,
@@ -271,12 +275,27 @@ impl Report {
         notes
     }
 
+    /// `against URL` or `against 3 targets (URL, URL, URL)`.
+    fn against(&self) -> String {
+        if self.targets > 1 {
+            format!(
+                "{} targets ({})",
+                self.targets,
+                self.target.replace(',', ", ")
+            )
+        } else {
+            self.target.clone()
+        }
+    }
+
     /// The terminal summary.
     pub fn text(&self) -> String {
         if self.scenario == Scenario::Connections {
             let mut s = format!(
                 "{} ({}) against {}\n",
-                self.label, self.scenario, self.target
+                self.label,
+                self.scenario,
+                self.against()
             );
             if let Some(c) = &self.sockets {
                 let l = &c.connect_latency;
@@ -299,7 +318,7 @@ impl Report {
              throughput {:.0}/s over {:.2}s\n  ack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
             self.label,
             self.scenario,
-            self.target,
+            self.against(),
             self.scheduled,
             self.ok,
             self.try_again,
