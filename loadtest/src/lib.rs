@@ -13,7 +13,8 @@
 //! - [`pacer`]: the send schedule and the loop that dispatches on it.
 //! - [`stats`]: per-worker [`stats::Recorder`]s (HDR histograms, counters, a per-second
 //!   timeline) that merge into one at the end.
-//! - [`gapcheck`]: the zero-gap checker for subscribers (gaps, repeats, reordering).
+//! - [`gapcheck`]: the zero-gap checker: subscribers (gaps, repeats, reordering) and stored logs
+//!   against every acknowledged send.
 //! - [`ferry`]: the Ferry HTTP client and a raw Phoenix Channels V2 WebSocket client.
 //! - [`peers`]: NATS JetStream and Redis Streams drivers of the same append workload.
 //! - [`append`]: the shared appender machinery (workers, outcomes) every scenario publishes with.
