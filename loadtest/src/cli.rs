@@ -103,6 +103,60 @@ pub struct Args {
     /// Never draw the progress bar (it is drawn only when stderr is a terminal anyway).
     #[arg(long)]
     pub no_progress: bool,
+    /// `cluster`: the admin listeners (`http://host:port`) of the cluster's nodes, repeated or
+    /// comma-separated. Any one acts for the whole cluster; the next is tried when one fails.
+    #[arg(
+        long = "admin-targets",
+        visible_alias = "admin-target",
+        value_delimiter = ','
+    )]
+    pub admin_targets: Vec<String>,
+    /// Admin API key for `--admin-targets` (default: `--api-key`).
+    #[arg(
+        long,
+        env = "FERRY_ADMIN_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub admin_key: String,
+    /// `cluster`: what to do to the cluster while the traffic runs.
+    #[arg(long, value_enum, default_value_t = Disrupt::Drain)]
+    pub disrupt: Disrupt,
+    /// `cluster --disrupt drain`: the node to drain (default: the active node that owns the most
+    /// slots).
+    #[arg(long)]
+    pub drain_node: Option<String>,
+    /// `cluster`: seconds after the first scheduled send at which the disruption starts
+    /// (default: a fifth of `--duration`).
+    #[arg(long)]
+    pub disrupt_at: Option<f64>,
+    /// `cluster`: longest wait, in seconds, for each step of the disruption (the drained node to
+    /// own no slot; no slot to be moving after the rebalance).
+    #[arg(long, default_value_t = 60.0)]
+    pub disrupt_timeout: f64,
+    /// `cluster`: the servers' `cluster.move_hold` in seconds (how long an append to a moving
+    /// slot waits before `try_again`); an ack slower than this counts as one that hit a move.
+    #[arg(long, default_value_t = 2.0)]
+    pub move_hold: f64,
+}
+
+/// What the `cluster` scenario does to the cluster while its traffic runs.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Disrupt {
+    /// Drain one node until it owns no slot, then undrain it and rebalance until no slot moves.
+    Drain,
+    /// Ask for a rebalance and wait until no slot moves.
+    Rebalance,
+    /// Nothing: steady traffic over every node, checked the same way.
+    None,
+}
+
+impl std::fmt::Display for Disrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().map(|v| v.get_name().to_owned());
+        f.write_str(name.as_deref().unwrap_or("?"))
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -113,6 +167,7 @@ pub enum Scenario {
     Resume,
     Connections,
     Mixed,
+    Cluster,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -258,7 +313,33 @@ impl Args {
         if self.page_size == 0 {
             return bad("--page-size must be > 0");
         }
+        if self.scenario == Scenario::Cluster {
+            if self.disrupt != Disrupt::None && self.admin_targets.is_empty() {
+                return bad("cluster --disrupt drain|rebalance needs --admin-targets");
+            }
+            if !(self.disrupt_timeout.is_finite() && self.disrupt_timeout > 0.0) {
+                return bad("--disrupt-timeout must be > 0");
+            }
+            if !(self.move_hold.is_finite() && self.move_hold > 0.0) {
+                return bad("--move-hold must be > 0");
+            }
+            if self
+                .disrupt_at
+                .is_some_and(|at| !(at.is_finite() && at >= 0.0))
+            {
+                return bad("--disrupt-at must be >= 0");
+            }
+        }
         Ok(())
+    }
+
+    /// The admin key: `--admin-key`, else `--api-key`.
+    pub fn admin_key(&self) -> &str {
+        if self.admin_key.is_empty() {
+            &self.api_key
+        } else {
+            &self.admin_key
+        }
     }
 
     /// The run's name in tables and plots.
@@ -267,6 +348,9 @@ impl Args {
             return label.clone();
         }
         let name = match targets.first() {
+            Target::Ferry { .. } if self.scenario == Scenario::Cluster => {
+                format!("ferry cluster {}", self.disrupt)
+            }
             Target::Ferry { .. } => format!("ferry {}", self.transport),
             other => other.system().to_owned(),
         };
@@ -308,5 +392,24 @@ mod tests {
         assert!(Targets::parse(&["nats://a:1".into(), "nats://b:1".into()], "").is_err());
         assert!(Targets::parse(&[" ".into()], "").is_err());
         assert_eq!(a.label(&t), "ferry http (3 nodes)");
+    }
+
+    #[test]
+    fn cluster_disruptions_need_admin_targets() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "ferry-loadtest",
+                "cluster",
+                "--target",
+                "http://127.0.0.1:1",
+            ];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).expect("parses")
+        };
+        assert!(parse(&[]).validate().is_err(), "drain is the default");
+        assert!(parse(&["--disrupt", "none"]).validate().is_ok());
+        let a = parse(&["--admin-targets", "http://127.0.0.1:2,http://127.0.0.1:3"]);
+        assert!(a.validate().is_ok());
+        assert_eq!(a.admin_targets.len(), 2);
     }
 }

@@ -13,16 +13,19 @@
 //! - [`pacer`]: the send schedule and the loop that dispatches on it.
 //! - [`stats`]: per-worker [`stats::Recorder`]s (HDR histograms, counters, a per-second
 //!   timeline) that merge into one at the end.
-//! - [`gapcheck`]: the zero-gap checker: subscribers (gaps, repeats, reordering) and stored logs
-//!   against every acknowledged send.
+//! - [`gapcheck`]: the zero-gap checker: subscribers (gaps, repeats, reordering) and, for
+//!   `cluster`, the stored log against every acknowledged idempotency key.
 //! - [`ferry`]: the Ferry HTTP client and a raw Phoenix Channels V2 WebSocket client.
+//! - [`admin`]: the Ferry admin API client (cluster status, drain, undrain, rebalance).
 //! - [`peers`]: NATS JetStream and Redis Streams drivers of the same append workload.
 //! - [`append`]: the shared appender machinery (workers, outcomes) every scenario publishes with.
-//! - [`scenarios`]: one module per scenario (`append`, `fanout`, `resume`, `connections`, `mixed`).
+//! - [`scenarios`]: one module per scenario (`append`, `fanout`, `resume`, `connections`, `mixed`,
+//!   `cluster`).
 //! - [`report`]: the final [`report::Report`], its JSON and markdown forms; [`plot`] its SVG.
 //! - [`progress`]: live counters and the terminal progress bar.
 //! - [`cpu`]: CPU burned by the server (`--server-pid`) and the tool while publishing.
 
+pub mod admin;
 pub mod append;
 pub mod cli;
 pub mod cpu;
@@ -36,7 +39,7 @@ pub mod report;
 pub mod scenarios;
 pub mod stats;
 
-pub use cli::{Args, Scenario, Target, Targets, Transport};
+pub use cli::{Args, Disrupt, Scenario, Target, Targets, Transport};
 pub use report::Report;
 
 /// Everything that stops a run before it can produce a report. Per-request failures are not
@@ -51,6 +54,8 @@ pub enum LoadError {
     Args(String),
     #[error("setup failed: {0}")]
     Setup(String),
+    #[error("admin api: {0}")]
+    Admin(String),
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
     #[error("websocket: {0}")]
@@ -76,5 +81,6 @@ pub async fn run(args: &Args) -> Result<Report, LoadError> {
         Scenario::Resume => scenarios::resume::run(args, &targets).await,
         Scenario::Connections => scenarios::connections::run(args, &targets).await,
         Scenario::Mixed => scenarios::mixed::run(args, &targets).await,
+        Scenario::Cluster => scenarios::cluster::run(args, &targets).await,
     }
 }

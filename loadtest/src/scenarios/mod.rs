@@ -1,11 +1,12 @@
 //! One module per scenario, each a `run(args, targets) -> Report`. They share the setup helpers
-//! here and the WebSocket [`subscriber`] used by `fanout` and `resume`.
+//! here and the WebSocket [`subscriber`] used by `fanout`, `resume` and `cluster`.
 //!
 //! With several targets (the nodes of one Ferry cluster) setup and the final reads go through
 //! the first one (any node answers for any conversation), and clients are handed out over all of
 //! them round robin ([`Targets::for_client`]).
 
 pub mod append;
+pub mod cluster;
 pub mod connections;
 pub mod fanout;
 pub mod mixed;
