@@ -4,6 +4,11 @@
 //! still alive, RSS measured, reads consistent, outputs written. Redis Streams and JetStream get
 //! the same `append` run when their servers are installed (each test starts its own on a
 //! private port); without them those two tests say so and pass.
+//!
+//! The `cluster` scenario runs against a real three-node cluster: a fresh Postgres database
+//! (`FERRY_TEST_DATABASE_URL`, see `common::pg`), a private `redis-server` on a free port, and
+//! three `ferry serve` processes with a short heartbeat and lease and 16 slots, drained and
+//! brought back while the traffic runs.
 
 mod common;
 
@@ -15,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use ferry_loadtest::{Args, Report};
 
+use common::pg::TestDatabase;
 use common::{TestServer, API_KEY};
 
 fn args(target: &str, scenario: &str, extra: &[&str]) -> Args {
@@ -403,4 +409,158 @@ async fn append_against_nats_jetstream() {
     assert_eq!(r.system, "nats");
     assert_all_acked(&r);
     assert!(Path::new(dir.path()).exists());
+}
+
+/// Polls the cluster's status through `node`'s admin API until every node is active and owns a
+/// slot, every slot has an owner and none is moving (the rebalancer has spread the slots over
+/// the nodes that joined); fails after `timeout`.
+async fn wait_balanced(node: &TestServer, nodes: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut last = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        let resp = node
+            .client()
+            .get(node.admin_url("/admin/cluster"))
+            .send()
+            .await;
+        if let Ok(resp) = resp {
+            if let Ok(body) = resp.json::<serde_json::Value>().await {
+                let listed = body["nodes"].as_array().cloned().unwrap_or_default();
+                let balanced = listed.len() == nodes
+                    && listed
+                        .iter()
+                        .all(|n| n["state"] == "active" && n["slots"].as_u64() > Some(0))
+                    && body["unassigned_slots"] == 0
+                    && body["moving_slots"] == 0;
+                if balanced {
+                    return;
+                }
+                last = body;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the cluster did not spread its slots within {timeout:?}: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_drain_keeps_every_acknowledged_append_in_place_on_every_node() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    if !peer_available("redis-server") {
+        return;
+    }
+    let redis_dir = tempfile::tempdir().expect("tempdir");
+    let redis_port = free_port();
+    let mut redis = Peer(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(redis_dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server"),
+    );
+    wait_listening(redis_port, &mut redis);
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let nodes: Vec<TestServer> = (1..=3)
+        .map(|k| {
+            TestServer::builder()
+                .postgres(&db)
+                .arg("--node-id")
+                .arg(&format!("n{k}"))
+                .arg("--redis-url")
+                .arg(&redis_url)
+                .arg("--cluster-secret")
+                .arg("loadtest-smoke-secret")
+                .env("FERRY_CLUSTER__HEARTBEAT", "200ms")
+                .env("FERRY_CLUSTER__LEASE", "1500ms")
+                .env("FERRY_SLOTS__COUNT", "16")
+                .start()
+        })
+        .collect();
+    wait_balanced(&nodes[0], 3, Duration::from_secs(60)).await;
+
+    let targets: Vec<String> = nodes.iter().map(|n| n.url("")).collect();
+    let admins: Vec<String> = nodes.iter().map(|n| n.admin_url("")).collect();
+    let (targets, admins) = (targets.join(","), admins.join(","));
+    let a = args(
+        &targets,
+        "cluster",
+        &[
+            "--admin-targets",
+            &admins,
+            "--disrupt",
+            "drain",
+            "--disrupt-at",
+            "1",
+            "--disrupt-timeout",
+            "30",
+            "--rate",
+            "100",
+            "--duration",
+            "5",
+            "--conversations",
+            "8",
+            "--connections",
+            "3",
+            "--subscribers",
+            "1",
+        ],
+    );
+    let r = run(&a).await;
+    assert!(
+        r.passed(),
+        "failures: {:?}\nerrors: {:?}",
+        r.failures,
+        r.error_samples
+    );
+    assert_eq!(r.targets, 3);
+    assert_eq!(r.scheduled, 500);
+    // try_again answers are retried with the same key until acknowledged.
+    assert_eq!(
+        (r.ok, r.errors, r.skipped),
+        (500, 0, 0),
+        "{:?}",
+        r.error_samples
+    );
+    let c = r.cluster.as_ref().expect("cluster section");
+    let d = &c.disruption;
+    assert!(d.error.is_none(), "{:?}", d.steps);
+    let drained = d.node.as_deref().expect("a node was drained");
+    assert!(
+        d.node_slots_before.is_some_and(|n| n > 0),
+        "{drained} owned no slot before its drain: {:?}",
+        d.steps
+    );
+    assert!(d.drain_to_empty_ms.is_some() && d.rebalance_to_settled_ms.is_some());
+    assert!(
+        d.node_slots_after.is_some_and(|n| n > 0),
+        "{drained} got no slot back: {:?}",
+        d.steps
+    );
+    assert_eq!((c.writers, c.subscribers), (3, 8));
+    assert_eq!(c.check.targets_read, 3);
+    assert_eq!(c.check.acked_keys, 500);
+    assert_eq!(c.check.final_seqs, 500, "every ack is one message, no more");
+    assert_eq!(
+        c.check.messages_read,
+        3 * 500,
+        "each node reads back every message"
+    );
+    assert_eq!(c.check.violations.total(), 0, "{:?}", c.check.examples);
+    let delivery = r.delivery.as_ref().expect("delivery section");
+    assert_eq!((delivery.expected, delivery.delivered), (500, 500));
+    drop(nodes);
+    drop(redis);
 }

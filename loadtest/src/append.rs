@@ -10,6 +10,8 @@
 //!   events keyed by ref, replies matched by ref. Conversation `c` always goes through socket
 //!   `c % sockets`, which joined it before the run started.
 //!
+//! With several Ferry targets, client (connection or socket) `w` talks to target `w % targets`.
+//!
 //! The bound on outstanding sends is one semaphore for the whole run: a send that finds no
 //! permit is skipped (and counted), because queueing it would hide the server's latency.
 
@@ -24,7 +26,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::cli::{Args, Target, Transport};
+use crate::cli::{Args, Target, Targets, Transport};
 use crate::cpu::{CpuReport, CpuWindow};
 use crate::ferry::{append_body, FerryHttp, Frame, PhxSocket, ReplyView, Text, SENDER};
 use crate::pacer::Pacer;
@@ -143,20 +145,23 @@ impl Publisher {
     /// target. Conversations must already exist (Ferry) or be created by the peer driver.
     pub async fn connect(
         args: &Args,
-        target: &Target,
+        targets: &Targets,
         names: &Names,
     ) -> Result<Publisher, LoadError> {
         let payload = Payload::new(args.payload);
         let drain = Duration::from_secs_f64(args.drain_timeout);
-        let workers = match target {
-            Target::Ferry {
-                http_base,
-                api_key,
-                ws_url,
-            } => match args.transport {
+        let workers = match targets.first() {
+            Target::Ferry { .. } => match args.transport {
                 Transport::Http => {
                     let mut v = Vec::new();
-                    for _ in 0..args.connections {
+                    for w in 0..args.connections {
+                        let target = targets.for_client(w);
+                        let Target::Ferry {
+                            http_base, api_key, ..
+                        } = target
+                        else {
+                            return Err(mixed_targets(target));
+                        };
                         v.push(HttpAppender {
                             http: FerryHttp::new(http_base, api_key, drain)?,
                             ids: names.conversations.clone(),
@@ -169,6 +174,10 @@ impl Publisher {
                     let heartbeat = Duration::from_secs_f64(args.heartbeat_secs);
                     let mut v = Vec::new();
                     for w in 0..args.connections {
+                        let target = targets.for_client(w);
+                        let Target::Ferry { ws_url, .. } = target else {
+                            return Err(mixed_targets(target));
+                        };
                         let mut socket = PhxSocket::connect(ws_url, heartbeat).await?;
                         let mut topics = HashMap::new();
                         for (c, id) in names.conversations.iter().enumerate() {
@@ -235,36 +244,16 @@ impl Publisher {
             }
         }
 
-        let permits = Arc::new(Semaphore::new(self.max_outstanding));
-        let mut skipped = Recorder::new();
-        let conversations = self.conversations;
-        let workers = senders.len();
-        pacer
-            .drive(start, |index, scheduled| {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    skipped.record_skipped();
-                    return;
-                };
-                let conv = (index % conversations as u64) as usize;
-                let w = if by_conversation {
-                    conv % workers
-                } else {
-                    (index % workers as u64) as usize
-                };
-                Live::bump(&live.sent);
-                let job = Job {
-                    index,
-                    conv,
-                    scheduled,
-                    permit,
-                };
-                // A worker stops taking jobs early only when its socket died.
-                if senders[w].send(job).is_err() {
-                    Live::bump(&live.errors);
-                    skipped.record_error(scheduled.saturating_duration_since(start), "worker gone");
-                }
-            })
-            .await;
+        let skipped = dispatch(
+            pacer,
+            start,
+            self.max_outstanding,
+            self.conversations,
+            &senders,
+            by_conversation,
+            &live,
+        )
+        .await;
         drop(senders);
 
         let mut all = vec![skipped];
@@ -283,6 +272,58 @@ impl Publisher {
             cpu: cpu.finish(),
         }
     }
+}
+
+/// Drives `pacer` from `start`, handing each due send to a worker: send `i` is for conversation
+/// `i % conversations` and goes to worker `conv % workers` when workers own conversations
+/// (`by_conversation`: sockets that joined them), else to worker `i % workers`. A send that finds
+/// `max_outstanding` sends unanswered is skipped; one whose worker is gone is an error. Returns
+/// the record of both.
+pub async fn dispatch(
+    pacer: Pacer,
+    start: Instant,
+    max_outstanding: usize,
+    conversations: usize,
+    senders: &[mpsc::UnboundedSender<Job>],
+    by_conversation: bool,
+    live: &Live,
+) -> Recorder {
+    let permits = Arc::new(Semaphore::new(max_outstanding));
+    let mut skipped = Recorder::new();
+    let workers = senders.len();
+    pacer
+        .drive(start, |index, scheduled| {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                skipped.record_skipped();
+                return;
+            };
+            let conv = (index % conversations as u64) as usize;
+            let w = if by_conversation {
+                conv % workers
+            } else {
+                (index % workers as u64) as usize
+            };
+            Live::bump(&live.sent);
+            let job = Job {
+                index,
+                conv,
+                scheduled,
+                permit,
+            };
+            // A worker stops taking jobs early only when its socket died.
+            if senders[w].send(job).is_err() {
+                Live::bump(&live.errors);
+                skipped.record_error(scheduled.saturating_duration_since(start), "worker gone");
+            }
+        })
+        .await;
+    skipped
+}
+
+/// A non-Ferry target among Ferry ones ([`Targets::parse`] refuses that; kept as an error rather
+/// than a panic).
+fn mixed_targets(target: &Target) -> LoadError {
+    LoadError::Args(format!("a {} target among Ferry targets", target.system()))
 }
 
 fn record(rec: &mut Recorder, live: &Live, start: Instant, scheduled: Instant, outcome: Outcome) {

@@ -1,6 +1,9 @@
 //! The command line. One flat set of flags shared by every scenario (each scenario reads the
 //! ones it needs), so a bench script can run the same workload against every target by changing
 //! only `--target`.
+//!
+//! `--target` may name several Ferry nodes of one cluster ([`Targets`]): scenarios hand their
+//! clients out over them round robin, and a client keeps its node for the whole run.
 
 use std::path::PathBuf;
 
@@ -19,8 +22,15 @@ pub struct Args {
     #[arg(value_enum)]
     pub scenario: Scenario,
     /// `http://host:port` (Ferry), `nats://host:port` (JetStream) or `redis://host:port` (Streams).
-    #[arg(long)]
-    pub target: String,
+    /// Repeat it (or separate with commas) to name every node of one Ferry cluster: clients are
+    /// spread over the nodes round robin, each keeping its node.
+    #[arg(
+        long = "target",
+        visible_alias = "targets",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub targets: Vec<String>,
     /// Appends per second (all conversations together); for `connections`, sockets opened per second.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
@@ -93,6 +103,60 @@ pub struct Args {
     /// Never draw the progress bar (it is drawn only when stderr is a terminal anyway).
     #[arg(long)]
     pub no_progress: bool,
+    /// `cluster`: the admin listeners (`http://host:port`) of the cluster's nodes, repeated or
+    /// comma-separated. Any one acts for the whole cluster; the next is tried when one fails.
+    #[arg(
+        long = "admin-targets",
+        visible_alias = "admin-target",
+        value_delimiter = ','
+    )]
+    pub admin_targets: Vec<String>,
+    /// Admin API key for `--admin-targets` (default: `--api-key`).
+    #[arg(
+        long,
+        env = "FERRY_ADMIN_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub admin_key: String,
+    /// `cluster`: what to do to the cluster while the traffic runs.
+    #[arg(long, value_enum, default_value_t = Disrupt::Drain)]
+    pub disrupt: Disrupt,
+    /// `cluster --disrupt drain`: the node to drain (default: the active node that owns the most
+    /// slots).
+    #[arg(long)]
+    pub drain_node: Option<String>,
+    /// `cluster`: seconds after the first scheduled send at which the disruption starts
+    /// (default: a fifth of `--duration`).
+    #[arg(long)]
+    pub disrupt_at: Option<f64>,
+    /// `cluster`: longest wait, in seconds, for each step of the disruption (the drained node to
+    /// own no slot; no slot to be moving after the rebalance).
+    #[arg(long, default_value_t = 60.0)]
+    pub disrupt_timeout: f64,
+    /// `cluster`: the servers' `cluster.move_hold` in seconds (how long an append to a moving
+    /// slot waits before `try_again`); an ack slower than this counts as one that hit a move.
+    #[arg(long, default_value_t = 2.0)]
+    pub move_hold: f64,
+}
+
+/// What the `cluster` scenario does to the cluster while its traffic runs.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Disrupt {
+    /// Drain one node until it owns no slot, then undrain it and rebalance until no slot moves.
+    Drain,
+    /// Ask for a rebalance and wait until no slot moves.
+    Rebalance,
+    /// Nothing: steady traffic over every node, checked the same way.
+    None,
+}
+
+impl std::fmt::Display for Disrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().map(|v| v.get_name().to_owned());
+        f.write_str(name.as_deref().unwrap_or("?"))
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -103,6 +167,7 @@ pub enum Scenario {
     Resume,
     Connections,
     Mixed,
+    Cluster,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -176,6 +241,56 @@ impl Target {
     }
 }
 
+/// Every `--target` of a run: one system, and several only when they are the nodes of one Ferry
+/// cluster. Never empty.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    all: Vec<Target>,
+}
+
+impl Targets {
+    pub fn parse(targets: &[String], api_key: &str) -> Result<Targets, LoadError> {
+        let all = targets
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+            .map(|t| Target::parse(t, api_key))
+            .collect::<Result<Vec<_>, _>>()?;
+        if all.is_empty() {
+            return Err(LoadError::Args("--target is required".into()));
+        }
+        if all.len() > 1 && !all.iter().all(|t| matches!(t, Target::Ferry { .. })) {
+            return Err(LoadError::Args(
+                "several --target values must all be Ferry nodes (http:// or https://)".into(),
+            ));
+        }
+        Ok(Targets { all })
+    }
+
+    /// The target setup, checks and single-connection peers use.
+    pub fn first(&self) -> &Target {
+        &self.all[0]
+    }
+
+    /// The target of client `k` (round robin: a client keeps its node).
+    pub fn for_client(&self, k: usize) -> &Target {
+        &self.all[k % self.all.len()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// Always false: there is at least one target.
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.all.iter()
+    }
+}
+
 impl Args {
     /// Rejects values that would make the run meaningless or divide by zero.
     pub fn validate(&self) -> Result<(), LoadError> {
@@ -198,17 +313,103 @@ impl Args {
         if self.page_size == 0 {
             return bad("--page-size must be > 0");
         }
+        if self.scenario == Scenario::Cluster {
+            if self.disrupt != Disrupt::None && self.admin_targets.is_empty() {
+                return bad("cluster --disrupt drain|rebalance needs --admin-targets");
+            }
+            if !(self.disrupt_timeout.is_finite() && self.disrupt_timeout > 0.0) {
+                return bad("--disrupt-timeout must be > 0");
+            }
+            if !(self.move_hold.is_finite() && self.move_hold > 0.0) {
+                return bad("--move-hold must be > 0");
+            }
+            if self
+                .disrupt_at
+                .is_some_and(|at| !(at.is_finite() && at >= 0.0))
+            {
+                return bad("--disrupt-at must be >= 0");
+            }
+        }
         Ok(())
     }
 
+    /// The admin key: `--admin-key`, else `--api-key`.
+    pub fn admin_key(&self) -> &str {
+        if self.admin_key.is_empty() {
+            &self.api_key
+        } else {
+            &self.admin_key
+        }
+    }
+
     /// The run's name in tables and plots.
-    pub fn label(&self, target: &Target) -> String {
+    pub fn label(&self, targets: &Targets) -> String {
         if let Some(label) = &self.label {
             return label.clone();
         }
-        match target {
+        let name = match targets.first() {
+            Target::Ferry { .. } if self.scenario == Scenario::Cluster => {
+                format!("ferry cluster {}", self.disrupt)
+            }
             Target::Ferry { .. } => format!("ferry {}", self.transport),
             other => other.system().to_owned(),
+        };
+        if targets.len() > 1 {
+            format!("{name} ({} nodes)", targets.len())
+        } else {
+            name
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn targets_repeat_or_split_on_commas_and_must_be_one_system() {
+        let a = Args::try_parse_from([
+            "ferry-loadtest",
+            "append",
+            "--target",
+            "http://127.0.0.1:1,http://127.0.0.1:2/",
+            "--target",
+            "http://127.0.0.1:3",
+        ])
+        .expect("parses");
+        assert_eq!(a.targets.len(), 3);
+        let t = Targets::parse(&a.targets, "k").expect("ferry nodes");
+        assert_eq!(t.len(), 3);
+        let Target::Ferry { http_base, .. } = t.for_client(4) else {
+            panic!("a ferry target");
+        };
+        assert_eq!(
+            http_base, "http://127.0.0.1:2",
+            "client 4 of 3 is on the second node"
+        );
+        assert!(Targets::parse(&["nats://a:1".into(), "nats://b:1".into()], "").is_err());
+        assert!(Targets::parse(&[" ".into()], "").is_err());
+        assert_eq!(a.label(&t), "ferry http (3 nodes)");
+    }
+
+    #[test]
+    fn cluster_disruptions_need_admin_targets() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "ferry-loadtest",
+                "cluster",
+                "--target",
+                "http://127.0.0.1:1",
+            ];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).expect("parses")
+        };
+        assert!(parse(&[]).validate().is_err(), "drain is the default");
+        assert!(parse(&["--disrupt", "none"]).validate().is_ok());
+        let a = parse(&["--admin-targets", "http://127.0.0.1:2,http://127.0.0.1:3"]);
+        assert!(a.validate().is_ok());
+        assert_eq!(a.admin_targets.len(), 2);
     }
 }

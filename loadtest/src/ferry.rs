@@ -41,6 +41,38 @@ pub struct PageMessage {
     pub seq: u64,
 }
 
+/// One `GET .../messages` page as the log checker reads it: contents kept raw (someone else's
+/// message may hold any JSON), and the `gaps` a failover left.
+#[derive(Debug, Deserialize)]
+pub struct LogPage {
+    pub messages: Vec<LogMessage>,
+    pub last_seq: u64,
+    pub has_more: bool,
+    #[serde(default)]
+    pub gaps: Vec<LogGap>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LogMessage {
+    pub seq: u64,
+    pub content: Box<RawValue>,
+}
+
+impl LogMessage {
+    /// The load tool's send index (`content.i`), `None` for anyone else's message.
+    pub fn index(&self) -> Option<u64> {
+        serde_json::from_str::<PushedContent>(self.content.get())
+            .ok()
+            .and_then(|c| c.i)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LogGap {
+    pub from_seq: u64,
+    pub to_seq: u64,
+}
+
 impl FerryHttp {
     /// A client with its own connection pool; `timeout` bounds every request.
     pub fn new(base: &str, api_key: &str, timeout: Duration) -> Result<FerryHttp, LoadError> {
@@ -127,6 +159,25 @@ impl FerryHttp {
 
     /// `GET .../messages?{query}`.
     pub async fn page(&self, id: &str, query: &str) -> Result<Page, String> {
+        self.get_page(id, query).await
+    }
+
+    /// `GET .../messages?after_seq={after_seq}&limit={limit}`, for the log checker.
+    pub async fn log_page(
+        &self,
+        id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<LogPage, String> {
+        self.get_page(id, &format!("after_seq={after_seq}&limit={limit}"))
+            .await
+    }
+
+    async fn get_page<P: serde::de::DeserializeOwned>(
+        &self,
+        id: &str,
+        query: &str,
+    ) -> Result<P, String> {
         let resp = self
             .client
             .get(self.url(&format!("/v1/conversations/{id}/messages?{query}")))
@@ -147,6 +198,12 @@ impl FerryHttp {
 /// The JSON body of an append of `content`.
 pub fn append_body(content: &str) -> String {
     format!(r#"{{"sender":"{SENDER}","content":{content}}}"#)
+}
+
+/// The JSON body of an append of `content` under an idempotency key (made of `[A-Za-z0-9-]`,
+/// so it needs no escaping).
+pub fn keyed_append_body(content: &str, key: &str) -> String {
+    format!(r#"{{"sender":"{SENDER}","content":{content},"idempotency_key":"{key}"}}"#)
 }
 
 /// A decoded frame; the payload is left raw.

@@ -8,19 +8,24 @@
 //! queued. The tool never starts servers; it only talks to the target it is given.
 //!
 //! # Layout
-//! - [`cli`]: the command line ([`cli::Args`]) and target parsing.
+//! - [`cli`]: the command line ([`cli::Args`]) and target parsing ([`cli::Targets`]: one target,
+//!   or every node of a Ferry cluster).
 //! - [`pacer`]: the send schedule and the loop that dispatches on it.
 //! - [`stats`]: per-worker [`stats::Recorder`]s (HDR histograms, counters, a per-second
 //!   timeline) that merge into one at the end.
-//! - [`gapcheck`]: the zero-gap checker for subscribers (gaps, repeats, reordering).
+//! - [`gapcheck`]: the zero-gap checker: subscribers (gaps, repeats, reordering) and, for
+//!   `cluster`, the stored log against every acknowledged idempotency key.
 //! - [`ferry`]: the Ferry HTTP client and a raw Phoenix Channels V2 WebSocket client.
+//! - [`admin`]: the Ferry admin API client (cluster status, drain, undrain, rebalance).
 //! - [`peers`]: NATS JetStream and Redis Streams drivers of the same append workload.
 //! - [`append`]: the shared appender machinery (workers, outcomes) every scenario publishes with.
-//! - [`scenarios`]: one module per scenario (`append`, `fanout`, `resume`, `connections`, `mixed`).
+//! - [`scenarios`]: one module per scenario (`append`, `fanout`, `resume`, `connections`, `mixed`,
+//!   `cluster`).
 //! - [`report`]: the final [`report::Report`], its JSON and markdown forms; [`plot`] its SVG.
 //! - [`progress`]: live counters and the terminal progress bar.
 //! - [`cpu`]: CPU burned by the server (`--server-pid`) and the tool while publishing.
 
+pub mod admin;
 pub mod append;
 pub mod cli;
 pub mod cpu;
@@ -34,7 +39,7 @@ pub mod report;
 pub mod scenarios;
 pub mod stats;
 
-pub use cli::{Args, Scenario, Target, Transport};
+pub use cli::{Args, Disrupt, Scenario, Target, Targets, Transport};
 pub use report::Report;
 
 /// Everything that stops a run before it can produce a report. Per-request failures are not
@@ -49,6 +54,8 @@ pub enum LoadError {
     Args(String),
     #[error("setup failed: {0}")]
     Setup(String),
+    #[error("admin api: {0}")]
+    Admin(String),
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
     #[error("websocket: {0}")]
@@ -67,12 +74,13 @@ pub enum LoadError {
 /// (`--json`, `--markdown`, `--plot`) are written by the caller: see [`report::write_outputs`].
 pub async fn run(args: &Args) -> Result<Report, LoadError> {
     args.validate()?;
-    let target = Target::parse(&args.target, &args.api_key)?;
+    let targets = Targets::parse(&args.targets, &args.api_key)?;
     match args.scenario {
-        Scenario::Append => scenarios::append::run(args, &target).await,
-        Scenario::Fanout => scenarios::fanout::run(args, &target).await,
-        Scenario::Resume => scenarios::resume::run(args, &target).await,
-        Scenario::Connections => scenarios::connections::run(args, &target).await,
-        Scenario::Mixed => scenarios::mixed::run(args, &target).await,
+        Scenario::Append => scenarios::append::run(args, &targets).await,
+        Scenario::Fanout => scenarios::fanout::run(args, &targets).await,
+        Scenario::Resume => scenarios::resume::run(args, &targets).await,
+        Scenario::Connections => scenarios::connections::run(args, &targets).await,
+        Scenario::Mixed => scenarios::mixed::run(args, &targets).await,
+        Scenario::Cluster => scenarios::cluster::run(args, &targets).await,
     }
 }

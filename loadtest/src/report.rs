@@ -3,13 +3,14 @@
 //! everything that makes the run a failure (a gap, a repeat, a subscriber that never reached the
 //! final seq, a socket that died): the binary exits non-zero when it is not empty.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::append::{Names, Published};
-use crate::cli::{Args, Scenario, Target, Transport};
+use crate::cli::{Args, Disrupt, Scenario, Targets, Transport};
 use crate::cpu::CpuReport;
 use crate::gapcheck::ViolationCounts;
 use crate::stats::{LatencySummary, Recorder, TimelinePoint};
@@ -23,7 +24,10 @@ pub struct Report {
     pub scenario: Scenario,
     /// `ferry`, `nats` or `redis`.
     pub system: String,
+    /// Every `--target`, comma-separated.
     pub target: String,
+    /// How many targets (nodes of one cluster) the clients were spread over.
+    pub targets: usize,
     /// Only meaningful for Ferry.
     pub transport: Transport,
     pub rate: f64,
@@ -51,6 +55,7 @@ pub struct Report {
     pub resume: Option<ResumeReport>,
     pub sockets: Option<SocketsReport>,
     pub reads: Option<ReadsReport>,
+    pub cluster: Option<ClusterReport>,
     /// CPU of the server (`--server-pid`) and of the load tool while publishing.
     pub cpu: Option<CpuReport>,
     pub error_samples: Vec<String>,
@@ -107,25 +112,94 @@ pub struct ReadsReport {
     pub error_samples: Vec<String>,
 }
 
+/// `cluster`: what the disruption did, what the writers met, and the verdict of the log check.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterReport {
+    pub disrupt: Disrupt,
+    /// WebSocket writers (`--connections`) and subscribers, over all targets.
+    pub writers: usize,
+    pub subscribers: usize,
+    /// Acknowledged appends that hit a moving slot: a `try_again` `slot_moving` came first, a
+    /// `backpressure` push for their conversation arrived while they were in flight (or just
+    /// before they were sent), or the ack took longer than `--move-hold`.
+    pub moving_appends: u64,
+    /// Scheduled send to ack of those appends (retries included).
+    pub moving_ack_latency: LatencySummary,
+    /// `try_again` answers by their `detail` (`slot_moving`, `socket_in_flight`, ...).
+    pub try_again_by_detail: BTreeMap<String, u64>,
+    /// Sends made again with the same idempotency key after a `try_again`.
+    pub retries: u64,
+    /// Acknowledgements of a repeated key (`deduped: true`).
+    pub deduped: u64,
+    /// `backpressure` pushes the writers' and the subscribers' sockets received.
+    pub backpressure_writers: u64,
+    pub backpressure_subscribers: u64,
+    /// Subscriber sockets lost (and resumed) during the run.
+    pub subscriber_socket_losses: u64,
+    pub disruption: DisruptionReport,
+    pub check: LogCheckReport,
+}
+
+/// The admin side of a `cluster` run. Times are seconds since the first scheduled send.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DisruptionReport {
+    /// The drained node.
+    pub node: Option<String>,
+    /// Slots the node owned when its drain was requested.
+    pub node_slots_before: Option<usize>,
+    pub drain_requested_at_s: Option<f64>,
+    /// Drain request until the node owned no slot.
+    pub drain_to_empty_ms: Option<f64>,
+    pub rebalance_requested_at_s: Option<f64>,
+    /// Moves the first `POST /admin/rebalance` answered.
+    pub rebalance_moves: Option<usize>,
+    /// Rebalance request until no slot was moving and a rebalance planned no more moves.
+    pub rebalance_to_settled_ms: Option<f64>,
+    /// Slots the node owned once settled.
+    pub node_slots_after: Option<usize>,
+    /// The most slots seen moving at once.
+    pub max_moving_slots: usize,
+    /// What happened, in order (`"1.00s drain n2 requested (171 slots)"`).
+    pub steps: Vec<String>,
+    /// Why the disruption did not finish, when it did not.
+    pub error: Option<String>,
+}
+
+/// The zero-gap check of every conversation's stored log against the acknowledgements.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LogCheckReport {
+    pub conversations: usize,
+    /// Nodes every conversation was read back from.
+    pub targets_read: usize,
+    pub messages_read: u64,
+    /// Distinct idempotency keys acknowledged.
+    pub acked_keys: u64,
+    /// Sum over conversations of the final seq.
+    pub final_seqs: u64,
+    pub violations: ViolationCounts,
+    /// The first violations, verbatim.
+    pub examples: Vec<String>,
+}
+
 impl Report {
     /// The common part of every report, from the appenders' merged record.
     /// The report of a run that published: [`Report::new`] from its acks, with its CPU.
     pub fn published(
         args: &Args,
-        target: &Target,
+        targets: &Targets,
         names: &Names,
         scheduled: u64,
         published: Published,
         elapsed_s: f64,
     ) -> Report {
-        let mut report = Report::new(args, target, names, scheduled, &published.acks, elapsed_s);
+        let mut report = Report::new(args, targets, names, scheduled, &published.acks, elapsed_s);
         report.cpu = Some(published.cpu);
         report
     }
 
     pub fn new(
         args: &Args,
-        target: &Target,
+        targets: &Targets,
         names: &Names,
         scheduled: u64,
         acks: &Recorder,
@@ -137,11 +211,12 @@ impl Report {
             failures.push(format!("{} appends failed", acks.errors));
         }
         Report {
-            label: args.label(target),
+            label: args.label(targets),
             run_id: names.run.clone(),
             scenario: args.scenario,
-            system: target.system().to_owned(),
-            target: args.target.clone(),
+            system: targets.first().system().to_owned(),
+            target: args.targets.join(","),
+            targets: targets.len(),
             transport: args.transport,
             rate: args.rate,
             duration_s: args.duration,
@@ -171,6 +246,7 @@ impl Report {
             sockets: None,
             cpu: None,
             reads: None,
+            cluster: None,
             error_samples: acks.error_samples.clone(),
             failures,
             timeline: acks.timeline_points(),
@@ -265,10 +341,26 @@ impl Report {
                 r.messages_read, r.forward_pages.p99_ms, r.backward_pages.p99_ms, r.replays.p99_ms, r.errors
             ));
         }
+        if let Some(c) = &self.cluster {
+            notes.extend(c.notes());
+        }
         if !self.failures.is_empty() {
             notes.push(format!("FAILED: {}", self.failures.join(", ")));
         }
         notes
+    }
+
+    /// `against URL` or `against 3 targets (URL, URL, URL)`.
+    fn against(&self) -> String {
+        if self.targets > 1 {
+            format!(
+                "{} targets ({})",
+                self.targets,
+                self.target.replace(',', ", ")
+            )
+        } else {
+            self.target.clone()
+        }
     }
 
     /// The terminal summary.
@@ -276,7 +368,9 @@ impl Report {
         if self.scenario == Scenario::Connections {
             let mut s = format!(
                 "{} ({}) against {}\n",
-                self.label, self.scenario, self.target
+                self.label,
+                self.scenario,
+                self.against()
             );
             if let Some(c) = &self.sockets {
                 let l = &c.connect_latency;
@@ -299,7 +393,7 @@ impl Report {
              throughput {:.0}/s over {:.2}s\n  ack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
             self.label,
             self.scenario,
-            self.target,
+            self.against(),
             self.scheduled,
             self.ok,
             self.try_again,
@@ -323,6 +417,69 @@ impl Report {
             s.push_str(&format!("  error: {e}\n"));
         }
         s
+    }
+}
+
+impl ClusterReport {
+    fn notes(&self) -> Vec<String> {
+        let d = &self.disruption;
+        let ms = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.0} ms"));
+        let mut notes = Vec::new();
+        match self.disrupt {
+            Disrupt::Drain => notes.push(format!(
+                "drain {}: {} slots gone in {}; rebalance {} moves, settled in {}; {} slots back",
+                d.node.as_deref().unwrap_or("?"),
+                d.node_slots_before.map_or("?".into(), |v| v.to_string()),
+                ms(d.drain_to_empty_ms),
+                d.rebalance_moves.map_or("?".into(), |v| v.to_string()),
+                ms(d.rebalance_to_settled_ms),
+                d.node_slots_after.map_or("?".into(), |v| v.to_string()),
+            )),
+            Disrupt::Rebalance => notes.push(format!(
+                "rebalance: {} moves, settled in {}",
+                d.rebalance_moves.map_or("?".into(), |v| v.to_string()),
+                ms(d.rebalance_to_settled_ms),
+            )),
+            Disrupt::None => notes.push("no disruption".to_owned()),
+        }
+        let l = &self.moving_ack_latency;
+        notes.push(format!(
+            "{} appends hit a moving slot: ack p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+            self.moving_appends, l.p50_ms, l.p99_ms, l.max_ms
+        ));
+        let by_detail = if self.try_again_by_detail.is_empty() {
+            "none".to_owned()
+        } else {
+            self.try_again_by_detail
+                .iter()
+                .map(|(detail, n)| format!("{detail} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        notes.push(format!(
+            "try_again by detail: {by_detail}; {} retries, {} deduped; backpressure pushes: {} to writers, {} to subscribers",
+            self.retries, self.deduped, self.backpressure_writers, self.backpressure_subscribers
+        ));
+        let c = &self.check;
+        let verdict = if c.violations.total() == 0 {
+            "clean".to_owned()
+        } else {
+            c.violations.describe()
+        };
+        notes.push(format!(
+            "log check: {} conversations read back from {} targets ({} messages, {} acknowledged keys, final seqs sum {}): {verdict}",
+            c.conversations, c.targets_read, c.messages_read, c.acked_keys, c.final_seqs
+        ));
+        if self.subscriber_socket_losses > 0 {
+            notes.push(format!(
+                "{} subscriber sockets lost",
+                self.subscriber_socket_losses
+            ));
+        }
+        if let Some(e) = &d.error {
+            notes.push(format!("disruption failed: {e}"));
+        }
+        notes
     }
 }
 

@@ -6,19 +6,19 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::append::Publisher;
-use crate::cli::{Args, Target};
+use crate::cli::{Args, Target, Targets};
 use crate::pacer::Pacer;
 use crate::progress::{Live, Progress};
 use crate::report::Report;
 use crate::LoadError;
 
-pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
-    let names = super::names(args, target);
-    if let Target::Ferry { .. } = target {
-        let (http, _) = super::ferry_http(args, target)?;
+pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
+    let names = super::names(args, targets);
+    if let Target::Ferry { .. } = targets.first() {
+        let http = super::ferry_http(args, targets)?;
         super::create_conversations(&http, &names).await?;
     }
-    let publisher = Publisher::connect(args, target, &names).await?;
+    let publisher = Publisher::connect(args, targets, &names).await?;
     let pacer = Pacer::new(args.rate, args.duration);
     let live = Arc::new(Live::default());
     let progress = Progress::start(live.clone(), pacer.total(), !args.no_progress);
@@ -28,7 +28,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
     progress.finish();
     Ok(Report::published(
         args,
-        target,
+        targets,
         &names,
         pacer.total(),
         published,

@@ -2,7 +2,8 @@
 //! `--conversations` topics, holds them idle (heartbeating) for `--duration` seconds, and
 //! reports the server's resident memory (`VmRSS` of `--server-pid`) before the ramp and at the
 //! end of the hold, and the difference per socket. At the end every socket must still answer a
-//! heartbeat.
+//! heartbeat. With several targets, socket `i` opens on target `i % targets` (`--server-pid`
+//! still names one process).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::cli::{Args, Target};
+use crate::cli::{Args, Targets};
 use crate::ferry::{Incoming, PhxSocket};
 use crate::pacer::Pacer;
 use crate::progress::{Live, Progress};
@@ -37,10 +38,10 @@ enum Opened {
     Failed(String),
 }
 
-pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
-    let (http, ws_url) = super::ferry_http(args, target)?;
-    let names = super::names(args, target);
-    super::create_conversations(&http, &names).await?;
+pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
+    let endpoints = super::ferry_endpoints(args, targets)?;
+    let names = super::names(args, targets);
+    super::create_conversations(&endpoints[0].http, &names).await?;
     let rss_before = args.server_pid.map(rss_kb).transpose()?;
 
     let ramp = Pacer::new(args.rate, args.sockets as f64 / args.rate);
@@ -52,7 +53,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
     let mut holders = Vec::new();
     let start = Instant::now();
     ramp.drive(start, |i, scheduled| {
-        let url = ws_url.clone();
+        let url = endpoints[i as usize % endpoints.len()].ws_url.clone();
         let topic = format!(
             "conversation:{}",
             names.conversations[i as usize % names.conversations.len()]
@@ -146,7 +147,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
 
     let mut report = Report::new(
         args,
-        target,
+        targets,
         &names,
         ramp.total(),
         &Recorder::new(),

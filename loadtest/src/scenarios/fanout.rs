@@ -2,7 +2,8 @@
 //! appends at `--rate`; measures scheduled-send-to-delivery latency on every subscriber and
 //! checks each one received its conversation's whole history exactly once, in order.
 //! Against Redis the subscribers are `XREAD BLOCK` loops on dedicated connections (no seq to
-//! check there, only counts and latency).
+//! check there, only counts and latency). With several Ferry targets, subscriber `k` joins
+//! through target `k % targets`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::time::Instant;
 
 use super::subscriber::{self, Recorders, Spec};
 use crate::append::{Names, Publisher};
-use crate::cli::{Args, Target};
+use crate::cli::{Args, Target, Targets};
 use crate::gapcheck::ViolationCounts;
 use crate::pacer::Pacer;
 use crate::peers::redis::RedisSubscriber;
@@ -22,9 +23,9 @@ use crate::report::{DeliveryReport, Report, ResumeReport};
 use crate::stats::Recorder;
 use crate::LoadError;
 
-pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
-    match target {
-        Target::Redis(url) => return run_redis(args, target, url).await,
+pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
+    match targets.first() {
+        Target::Redis(url) => return run_redis(args, targets, url).await,
         Target::Nats(_) => {
             return Err(LoadError::Unsupported {
                 scenario: args.scenario.to_string(),
@@ -33,17 +34,18 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
         }
         Target::Ferry { .. } => {}
     }
-    run_ferry(args, target, None).await
+    run_ferry(args, targets, None).await
 }
 
 /// Ferry fanout, and with `reconnect_per_min` the `resume` scenario.
 pub async fn run_ferry(
     args: &Args,
-    target: &Target,
+    targets: &Targets,
     reconnects_per_min: Option<f64>,
 ) -> Result<Report, LoadError> {
-    let (http, ws_url) = super::ferry_http(args, target)?;
-    let names = super::names(args, target);
+    let endpoints = super::ferry_endpoints(args, targets)?;
+    let http = endpoints[0].http.clone();
+    let names = super::names(args, targets);
     super::create_conversations(&http, &names).await?;
 
     let total_subs = args.conversations * args.subscribers;
@@ -60,7 +62,7 @@ pub async fn run_ferry(
             let spec = Spec {
                 conv: c,
                 topic: format!("conversation:{}", names.conversations[c]),
-                ws_url: ws_url.clone(),
+                ws_url: endpoints[k % endpoints.len()].ws_url.clone(),
                 heartbeat: Duration::from_secs_f64(args.heartbeat_secs),
                 reconnect: reconnect_every
                     .map(|every| (every.mul_f64((k as f64 + 0.5) / total_subs as f64), every)),
@@ -74,7 +76,7 @@ pub async fn run_ferry(
         }
     }
 
-    let publisher = Publisher::connect(args, target, &names).await?;
+    let publisher = Publisher::connect(args, targets, &names).await?;
     let pacer = Pacer::new(args.rate, args.duration);
     let live = Arc::new(Live::default());
     let progress = Progress::start(live.clone(), pacer.total(), !args.no_progress);
@@ -107,7 +109,7 @@ pub async fn run_ferry(
     let elapsed = start.elapsed().as_secs_f64();
     progress.finish();
 
-    let mut report = Report::published(args, target, &names, pacer.total(), published, elapsed);
+    let mut report = Report::published(args, targets, &names, pacer.total(), published, elapsed);
     let delivery = Recorder::merged(outcomes.iter().map(|o| &o.delivery));
     let reconnect = Recorder::merged(outcomes.iter().map(|o| &o.reconnect));
     let mut counts = ViolationCounts::default();
@@ -173,8 +175,8 @@ pub async fn run_ferry(
     Ok(report)
 }
 
-async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, LoadError> {
-    let names: Names = super::names(args, target);
+async fn run_redis(args: &Args, targets: &Targets, url: &str) -> Result<Report, LoadError> {
+    let names: Names = super::names(args, targets);
     let mut subs = Vec::new();
     for c in 0..args.conversations {
         for _ in 0..args.subscribers {
@@ -185,7 +187,7 @@ async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, Lo
             ));
         }
     }
-    let publisher = Publisher::connect(args, target, &names).await?;
+    let publisher = Publisher::connect(args, targets, &names).await?;
     let pacer = Pacer::new(args.rate, args.duration);
     let live = Arc::new(Live::default());
     let progress = Progress::start(live.clone(), pacer.total(), !args.no_progress);
@@ -254,7 +256,7 @@ async fn run_redis(args: &Args, target: &Target, url: &str) -> Result<Report, Lo
     let elapsed = start.elapsed().as_secs_f64();
     progress.finish();
     let delivery = Recorder::merged(&recs);
-    let mut report = Report::published(args, target, &names, pacer.total(), published, elapsed);
+    let mut report = Report::published(args, targets, &names, pacer.total(), published, elapsed);
     if delivered != expected {
         report.failures.push(format!(
             "delivered {delivered} messages, expected {expected}"

@@ -3,7 +3,8 @@
 //! and a WebSocket replay join (`after_seq=0` until the join's `last_seq` has been pushed), in
 //! turn. Each page is checked to hold consecutive seqs; each replay to arrive without gaps.
 //! Readers measure each request from when they made it (they are closed loop: their latency is
-//! a service time, unlike the appends').
+//! a service time, unlike the appends'). With several targets, reader `r` reads through target
+//! `r % targets`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::append::Publisher;
-use crate::cli::{Args, Target};
+use crate::cli::{Args, Targets};
 use crate::ferry::{FerryHttp, Incoming, PhxSocket, PushedMessage};
 use crate::gapcheck::SeqChecker;
 use crate::pacer::Pacer;
@@ -32,11 +33,11 @@ struct ReaderRecord {
     messages: u64,
 }
 
-pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
-    let (http, ws_url) = super::ferry_http(args, target)?;
-    let names = super::names(args, target);
-    super::create_conversations(&http, &names).await?;
-    let publisher = Publisher::connect(args, target, &names).await?;
+pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
+    let endpoints = super::ferry_endpoints(args, targets)?;
+    let names = super::names(args, targets);
+    super::create_conversations(&endpoints[0].http, &names).await?;
+    let publisher = Publisher::connect(args, targets, &names).await?;
     let pacer = Pacer::new(args.rate, args.duration);
     let live = Arc::new(Live::default());
     let progress = Progress::start(live.clone(), pacer.total(), !args.no_progress);
@@ -44,9 +45,10 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
     let start = Instant::now();
     let readers: Vec<_> = (0..args.readers)
         .map(|r| {
+            let endpoint = &endpoints[r % endpoints.len()];
             let ctx = ReaderCtx {
-                http: http.clone(),
-                ws_url: ws_url.clone(),
+                http: endpoint.http.clone(),
+                ws_url: endpoint.ws_url.clone(),
                 ids: names.conversations.clone(),
                 page_size: args.page_size,
                 heartbeat: Duration::from_secs_f64(args.heartbeat_secs),
@@ -68,7 +70,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
     let elapsed = start.elapsed().as_secs_f64();
     progress.finish();
 
-    let mut report = Report::published(args, target, &names, pacer.total(), published, elapsed);
+    let mut report = Report::published(args, targets, &names, pacer.total(), published, elapsed);
     let forward = Recorder::merged(records.iter().map(|r| &r.forward));
     let backward = Recorder::merged(records.iter().map(|r| &r.backward));
     let replay = Recorder::merged(records.iter().map(|r| &r.replay));

@@ -4,11 +4,11 @@
 //! subscriber, where `final` is the conversation's `last_seq` read over HTTP after the traffic;
 //! anything else lands in `failures` (and the binary exits non-zero).
 
-use crate::cli::{Args, Target};
+use crate::cli::{Args, Targets};
 use crate::report::Report;
 use crate::LoadError;
 
-pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
+pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
     let rate = if args.reconnects_per_min > 0.0 {
         args.reconnects_per_min
     } else {
@@ -16,5 +16,5 @@ pub async fn run(args: &Args, target: &Target) -> Result<Report, LoadError> {
             "resume needs --reconnects-per-min > 0".into(),
         ));
     };
-    super::fanout::run_ferry(args, target, Some(rate)).await
+    super::fanout::run_ferry(args, targets, Some(rate)).await
 }

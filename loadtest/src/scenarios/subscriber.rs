@@ -1,6 +1,7 @@
-//! A WebSocket subscriber of one conversation, for `fanout` and `resume`. It feeds every pushed
-//! seq to its [`SeqChecker`] and records scheduled-send-to-delivery latency (the content's `i`
-//! names the send, and the shared pacer says when that send was scheduled).
+//! A WebSocket subscriber of one conversation, for `fanout`, `resume` and `cluster`. It feeds
+//! every pushed seq to its [`SeqChecker`] and records scheduled-send-to-delivery latency (the
+//! content's `i` names the send, and the shared pacer says when that send was scheduled). It
+//! counts the `backpressure` pushes a slot move sends.
 //!
 //! With a reconnect schedule it drops its socket at the given times (abruptly, as a network
 //! would) and rejoins with `after_seq` = the last seq it saw in order. It stops once it has seen
@@ -42,6 +43,8 @@ pub struct Outcome {
     pub delivered: u64,
     pub reached_final: bool,
     pub final_seq: u64,
+    /// `backpressure` pushes received (one per move of the conversation's slot).
+    pub backpressure: u64,
 }
 
 /// A subscriber's recorders, made before the clock starts (see [`Recorder::for_run`]).
@@ -83,6 +86,7 @@ pub async fn run(
         mut reconnect,
     } = recorders;
     let mut reconnects = 0;
+    let mut backpressure = 0;
     let mut final_seq: Option<u64> = None;
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let mut next_drop = spec.reconnect.map_or(far, |(first, _)| start + first);
@@ -134,6 +138,7 @@ pub async fn run(
                         }
                     }
                     Seen::Gap { from_seq, to_seq } => checker.observe_server_gap(from_seq, to_seq),
+                    Seen::Backpressure => backpressure += 1,
                     Seen::Lost(event) => {
                         delivery.record_error(start.elapsed(), format!("{event} on {}", spec.topic));
                         socket = None;
@@ -194,6 +199,7 @@ pub async fn run(
         delivered,
         reached_final,
         final_seq,
+        backpressure,
     }
 }
 
@@ -208,6 +214,8 @@ enum Seen {
         from_seq: u64,
         to_seq: u64,
     },
+    /// The conversation's slot is moving.
+    Backpressure,
     /// `phx_error` or `phx_close`: the join is gone.
     Lost(String),
     /// A `message` push without a readable seq.
@@ -248,6 +256,7 @@ impl Seen {
                 (Some(from_seq), Some(to_seq)) => Seen::Gap { from_seq, to_seq },
                 _ => Seen::Other,
             },
+            "backpressure" => Seen::Backpressure,
             "phx_error" | "phx_close" => Seen::Lost(event.to_owned()),
             _ => Seen::Other,
         }
@@ -283,6 +292,8 @@ mod tests {
                 to_seq: 5
             }
         );
+        let moving = r#"["1",null,"conversation:c-0","backpressure",{"reason":"slot_moving","retry_after_ms":1000}]"#;
+        assert_eq!(Seen::of(moving), Seen::Backpressure);
         let close = r#"["1","2","conversation:c-0","phx_close",{}]"#;
         assert_eq!(Seen::of(close), Seen::Lost("phx_close".into()));
         let reply = r#"[null,"3","phoenix","phx_reply",{"status":"ok","response":{}}]"#;
