@@ -194,10 +194,15 @@ async fn an_expired_lease_reads_dead_until_renewed() {
         .await
         .expect("activate z"));
 
-    let nodes = eventually("a's lease lapses", SHORT_LEASE + LAPSE_DEADLINE, || async {
-        let nodes = cluster.nodes().await.expect("nodes");
-        (!nodes[0].alive).then_some(nodes)
-    })
+    // d registered a moment after a: wait for both short leases to lapse.
+    let nodes = eventually(
+        "a's and d's leases lapse",
+        SHORT_LEASE + LAPSE_DEADLINE,
+        || async {
+            let nodes = cluster.nodes().await.expect("nodes");
+            (!nodes[0].alive && !nodes[1].alive).then_some(nodes)
+        },
+    )
     .await;
     let read: Vec<(&str, NodeState, bool)> = nodes
         .iter()
