@@ -180,6 +180,10 @@ struct Cluster {
     node: String,
     slot_count: u32,
     unassigned_slots: usize,
+    #[serde(default)]
+    moving_slots: usize,
+    #[serde(default)]
+    unavailable_slots: usize,
     nodes: Vec<NodeRow>,
 }
 
@@ -226,8 +230,13 @@ fn render_status(cluster: Cluster) -> String {
         n => format!("{n} nodes"),
     };
     let mut out = format!(
-        "cluster: {mode}, {nodes}, {} slots, {} unassigned (answered by {})\n",
-        cluster.slot_count, cluster.unassigned_slots, cluster.node
+        "cluster: {mode}, {nodes}, {} slots, {} unassigned, {} moving, {} unavailable \
+         (answered by {})\n",
+        cluster.slot_count,
+        cluster.unassigned_slots,
+        cluster.moving_slots,
+        cluster.unavailable_slots,
+        cluster.node
     );
     out.push_str(&render_nodes(&cluster.nodes));
     out

@@ -321,6 +321,9 @@ pub struct InboxWatch {
     durable: broadcast::Receiver<ferry_shards::node::DurableEvent>,
     /// Conversations that advanced on other nodes of the cluster.
     remote: broadcast::Receiver<ConversationId>,
+    /// Changes when the cluster's Redis subscription was lost or came back: what other nodes
+    /// published meanwhile is gone, so every conversation is re-read.
+    reconnected: Option<tokio::sync::watch::Receiver<u64>>,
     changes: broadcast::Receiver<Change>,
     last_push: Option<Instant>,
 }
@@ -330,6 +333,7 @@ impl InboxWatch {
         // Subscribe before listing so no change between the two is missed.
         let durable = state.node.subscribe_durable();
         let remote = state.events.remote_durable.subscribe();
+        let reconnected = state.cluster.as_ref().map(|c| c.fanout().generation());
         let changes = state.events.changes.subscribe();
         let conversations = state
             .store
@@ -343,6 +347,7 @@ impl InboxWatch {
             conversations,
             durable,
             remote,
+            reconnected,
             changes,
             last_push: None,
         })
@@ -369,7 +374,28 @@ impl InboxWatch {
                     None => std::future::pending().await,
                 }
             };
+            let reconnected = async {
+                match self.reconnected.as_mut() {
+                    Some(g) => g.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                ok = reconnected => {
+                    if ok {
+                        // Memberships may have changed unseen too.
+                        self.conversations = self
+                            .state
+                            .store
+                            .conversations_of(&self.participant)
+                            .await?
+                            .into_iter()
+                            .collect();
+                        dirty.extend(self.conversations.iter().cloned());
+                    } else {
+                        self.reconnected = None;
+                    }
+                }
                 event = self.durable.recv() => match event {
                     Ok(e) if self.conversations.contains(&e.conversation_id) => {
                         dirty.insert(e.conversation_id);
