@@ -599,7 +599,13 @@ async fn bad_inputs_get_their_protocol_codes_never_500() {
         ("POST", "/v1/conversations/c1/read", ""),
     ] {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let resp = anon
+        // A fresh connection each: the server answers 401 before reading the body and then
+        // closes a connection whose body it did not read, which a pooled client could reuse.
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client");
+        let resp = fresh
             .request(method.clone(), server.url(path))
             .header("content-type", "application/json")
             .body(body.to_owned())
