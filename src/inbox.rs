@@ -176,10 +176,24 @@ impl Events {
         }
     }
 
+    /// A cursor or membership change another node published, for this node's inbox watchers.
+    fn apply_change(
+        &self,
+        participant: &str,
+        conversation: &str,
+        change: fn(ParticipantId, ConversationId) -> Change,
+    ) {
+        if let (Ok(p), Ok(c)) = (
+            ParticipantId::parse(participant),
+            ConversationId::parse(conversation),
+        ) {
+            let _ = self.changes.send(change(p, c));
+        }
+    }
+
     /// Applies an event another node published.
     pub fn apply_remote(&self, event: ClusterEvent) {
         let conversation_of = |c: &str| ConversationId::parse(c).ok();
-        let participant_of = |p: &str| ParticipantId::parse(p).ok();
         match event {
             ClusterEvent::Ephemeral {
                 conversation,
@@ -210,23 +224,11 @@ impl Events {
             ClusterEvent::Cursor {
                 participant,
                 conversation,
-            } => {
-                if let (Some(p), Some(c)) =
-                    (participant_of(&participant), conversation_of(&conversation))
-                {
-                    let _ = self.changes.send(Change::Cursor(p, c));
-                }
-            }
+            } => self.apply_change(&participant, &conversation, Change::Cursor),
             ClusterEvent::Membership {
                 participant,
                 conversation,
-            } => {
-                if let (Some(p), Some(c)) =
-                    (participant_of(&participant), conversation_of(&conversation))
-                {
-                    let _ = self.changes.send(Change::Membership(p, c));
-                }
-            }
+            } => self.apply_change(&participant, &conversation, Change::Membership),
             ClusterEvent::Meta { conversation } => {
                 if let Some(c) = conversation_of(&conversation) {
                     let _ = self.meta.send(c);
@@ -353,6 +355,18 @@ impl InboxWatch {
         })
     }
 
+    /// Re-reads which conversations the participant is in (after missing some changes).
+    async fn relist(&mut self) -> Result<(), ApiError> {
+        self.conversations = self
+            .state
+            .store
+            .conversations_of(&self.participant)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(())
+    }
+
     /// Waits for changes and returns the changed entries, at most one batch per second (sooner
     /// when many conversations changed).
     pub async fn next_delta(&mut self) -> Result<Vec<InboxEntry>, ApiError> {
@@ -384,13 +398,7 @@ impl InboxWatch {
                 ok = reconnected => {
                     if ok {
                         // Memberships may have changed unseen too.
-                        self.conversations = self
-                            .state
-                            .store
-                            .conversations_of(&self.participant)
-                            .await?
-                            .into_iter()
-                            .collect();
+                        self.relist().await?;
                         dirty.extend(self.conversations.iter().cloned());
                     } else {
                         self.reconnected = None;
@@ -430,13 +438,7 @@ impl InboxWatch {
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.conversations = self
-                            .state
-                            .store
-                            .conversations_of(&self.participant)
-                            .await?
-                            .into_iter()
-                            .collect();
+                        self.relist().await?;
                         dirty.extend(self.conversations.iter().cloned());
                     }
                     Err(broadcast::error::RecvError::Closed) => {
