@@ -82,21 +82,13 @@ pub async fn run_ferry(
     let progress = Progress::start(live.clone(), pacer.total(), !args.no_progress);
     let (finals_tx, finals_rx) = watch::channel(None);
     let start = Instant::now();
-    let subs: Vec<_> = specs
-        .into_iter()
-        .zip(sockets)
-        .map(|(spec, (socket, recorders))| {
-            tokio::spawn(subscriber::run(
-                spec,
-                Some(socket),
-                start,
-                pacer,
-                finals_rx.clone(),
-                live.clone(),
-                recorders,
-            ))
-        })
-        .collect();
+    let subs = subscriber::spawn_all(
+        specs.into_iter().zip(sockets),
+        start,
+        pacer,
+        &finals_rx,
+        &live,
+    );
     drop(finals_rx);
 
     let published = publisher.run(pacer, start, live).await;

@@ -71,6 +71,31 @@ pub async fn connect(spec: &Spec, after_seq: u64) -> Result<PhxSocket, crate::Lo
     Ok(socket)
 }
 
+/// Starts one [`run`] task per subscriber (spec and its joined socket), all against the same
+/// clock, pacer and final seqs.
+pub fn spawn_all(
+    subscribers: impl IntoIterator<Item = (Spec, (PhxSocket, Recorders))>,
+    start: Instant,
+    pacer: Pacer,
+    finals: &watch::Receiver<Option<Arc<Vec<u64>>>>,
+    live: &Arc<Live>,
+) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    subscribers
+        .into_iter()
+        .map(|(spec, (socket, recorders))| {
+            tokio::spawn(run(
+                spec,
+                Some(socket),
+                start,
+                pacer,
+                finals.clone(),
+                live.clone(),
+                recorders,
+            ))
+        })
+        .collect()
+}
+
 pub async fn run(
     spec: Spec,
     mut socket: Option<PhxSocket>,

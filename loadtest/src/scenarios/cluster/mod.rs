@@ -114,21 +114,13 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
     let (finals_tx, finals_rx) = watch::channel(None);
     let cpu = CpuWindow::start(args.server_pid);
     let start = Instant::now();
-    let subs: Vec<_> = specs
-        .into_iter()
-        .zip(sockets)
-        .map(|(spec, (socket, recorders))| {
-            tokio::spawn(subscriber::run(
-                spec,
-                Some(socket),
-                start,
-                pacer,
-                finals_rx.clone(),
-                live.clone(),
-                recorders,
-            ))
-        })
-        .collect();
+    let subs = subscriber::spawn_all(
+        specs.into_iter().zip(sockets),
+        start,
+        pacer,
+        &finals_rx,
+        &live,
+    );
     drop(finals_rx);
     let mut senders = Vec::new();
     let mut handles = Vec::new();
