@@ -72,6 +72,7 @@ fn message(conversation: &ConversationId, seq: u64, payload: usize, at_ms: i64) 
     Arc::new(Message {
         conversation_id: conversation.clone(),
         slot: 1,
+        epoch: 0,
         seq,
         id: Uuid::now_v7(),
         created_at_ms: at_ms,

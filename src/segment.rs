@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use ferry_shards::record::Message;
+use ferry_shards::record::{Message, KIND_MESSAGE_V1};
 
 pub const MAGIC: &[u8; 8] = b"FERRYSEG";
 pub const VERSION: u8 = 1;
@@ -58,9 +58,14 @@ pub fn encode(messages: &[Arc<Message>]) -> Result<Vec<u8>, SegmentError> {
             )));
         }
     }
-    let mut block = Vec::with_capacity(messages.iter().map(|m| 8 + m.encoded_len()).sum());
+    let mut block = Vec::with_capacity(
+        messages
+            .iter()
+            .map(|m| 8 + m.encoded_len(KIND_MESSAGE_V1))
+            .sum(),
+    );
     for m in messages {
-        let payload = m.encode();
+        let payload = m.encode_as(KIND_MESSAGE_V1);
         block.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         block.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         block.extend_from_slice(&payload);
@@ -162,8 +167,8 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Arc<Message>>, SegmentError> {
         if crc32fast::hash(payload) != crc {
             return Err(corrupt(format!("record {} checksum mismatch", out.len())));
         }
-        let message =
-            Message::decode(payload).map_err(|e| corrupt(format!("record {}: {e}", out.len())))?;
+        let message = Message::decode_as(KIND_MESSAGE_V1, payload)
+            .map_err(|e| corrupt(format!("record {}: {e}", out.len())))?;
         let expected = h.first_seq + out.len() as u64;
         if message.seq != expected {
             return Err(corrupt(format!(
@@ -201,6 +206,7 @@ mod tests {
         Arc::new(Message {
             conversation_id: ConversationId::parse(conversation).unwrap(),
             slot: 7,
+            epoch: 0,
             seq,
             id: Uuid::now_v7(),
             created_at_ms: 1_700_000_000_000 + seq as i64,

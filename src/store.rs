@@ -1370,6 +1370,7 @@ fn message_from_row(id: &ConversationId, row: MessageRow) -> Result<Message, Sto
         idempotency_key: key.map(Box::from),
         rendered: Default::default(),
         slot: slot as u32,
+        epoch: 0,
     })
 }
 

@@ -669,6 +669,7 @@ async fn archive_batches_are_stored_once_even_when_repeated() {
             Arc::new(Message {
                 conversation_id: id.clone(),
                 slot: 3,
+                epoch: 0,
                 seq,
                 id: uuid::Uuid::now_v7(),
                 created_at_ms: now_ms(),

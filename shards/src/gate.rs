@@ -125,6 +125,7 @@ impl Gates {
         let guard = GateGuard {
             gates: self.clone(),
             slot,
+            epoch: gate.epoch.load(Ordering::SeqCst),
         };
         match GateState::from_u8(gate.state.load(Ordering::SeqCst)) {
             GateState::Serving if self.lease_valid() => Ok(guard),
@@ -241,6 +242,14 @@ impl Gates {
 pub struct GateGuard {
     gates: Arc<Gates>,
     slot: u32,
+    epoch: u64,
+}
+
+impl GateGuard {
+    /// The slot's epoch when the append was admitted: the one its WAL record carries.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 impl Drop for GateGuard {

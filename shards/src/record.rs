@@ -13,8 +13,11 @@ use uuid::Uuid;
 
 use crate::ids::{ConversationId, ParticipantId};
 
-/// WAL record kind of a message.
-pub const KIND_MESSAGE: u8 = 1;
+/// WAL record kind of a message, as written: the payload carries the slot's ownership epoch.
+pub const KIND_MESSAGE: u8 = 2;
+/// The first message kind, without the epoch. Still read (a log written before the epoch was
+/// recorded), and the record layout of cold-tier segments.
+pub const KIND_MESSAGE_V1: u8 = 1;
 
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
@@ -27,6 +30,9 @@ pub struct Message {
     pub conversation_id: ConversationId,
     /// Slot of the conversation when the message was written (recorded for operators and moves).
     pub slot: u32,
+    /// The slot's ownership epoch under which the owner wrote the message; `0` where it is not
+    /// known (a kind-1 record, or a message read back from the archive).
+    pub epoch: u64,
     pub seq: u64,
     /// Server-assigned UUIDv7.
     pub id: Uuid,
@@ -82,15 +88,12 @@ impl Message {
         format_rfc3339_millis(self.created_at_ms)
     }
 
-    /// Encodes the payload: all integers little-endian.
-    ///
-    /// `slot u32 | seq u64 | created_at_ms i64 | id [16] | conversation_id str16 | sender str16 |
-    /// kind str16 | idempotency_key (u8 present, str16 if present) | content str32 | metadata str32`
-    /// where `str16` is a `u16` byte length followed by UTF-8 and `str32` likewise with a `u32`.
-    /// The exact length of [`Message::encode`]'s output.
-    pub fn encoded_len(&self) -> usize {
-        // slot, seq, created_at_ms, id; three str16; key flag (+ str16); two str32.
-        4 + 8
+    /// The exact length of [`Message::encode_as`]'s output for `kind`.
+    pub fn encoded_len(&self, kind: u8) -> usize {
+        // slot, (epoch), seq, created_at_ms, id; three str16; key flag (+ str16); two str32.
+        let epoch = if kind == KIND_MESSAGE_V1 { 0 } else { 8 };
+        4 + epoch
+            + 8
             + 8
             + 16
             + (2 + self.conversation_id.as_str().len())
@@ -102,9 +105,24 @@ impl Message {
             + (4 + self.metadata.get().len())
     }
 
+    /// Encodes the WAL payload of a [`KIND_MESSAGE`] record (see `docs/log-format.md`).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_as(KIND_MESSAGE)
+    }
+
+    /// Encodes the payload of `kind` ([`KIND_MESSAGE`] or [`KIND_MESSAGE_V1`]), all integers
+    /// little-endian:
+    ///
+    /// `slot u32 | epoch u64 (not in kind 1) | seq u64 | created_at_ms i64 | id [16] |
+    /// conversation_id str16 | sender str16 | kind str16 | idempotency_key (u8 present, str16 if
+    /// present) | content str32 | metadata str32` where `str16` is a `u16` byte length followed by
+    /// UTF-8 and `str32` likewise with a `u32`.
+    pub fn encode_as(&self, kind: u8) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len(kind));
         out.extend_from_slice(&self.slot.to_le_bytes());
+        if kind != KIND_MESSAGE_V1 {
+            out.extend_from_slice(&self.epoch.to_le_bytes());
+        }
         out.extend_from_slice(&self.seq.to_le_bytes());
         out.extend_from_slice(&self.created_at_ms.to_le_bytes());
         out.extend_from_slice(self.id.as_bytes());
@@ -120,16 +138,28 @@ impl Message {
         }
         put_str32(&mut out, self.content.get());
         put_str32(&mut out, self.metadata.get());
-        debug_assert_eq!(out.len(), self.encoded_len());
+        debug_assert_eq!(out.len(), self.encoded_len(kind));
         out
     }
 
+    /// Decodes a [`KIND_MESSAGE`] payload.
     pub fn decode(payload: &[u8]) -> Result<Message, DecodeError> {
+        Message::decode_as(KIND_MESSAGE, payload)
+    }
+
+    /// Decodes a payload of `kind` ([`KIND_MESSAGE`] or [`KIND_MESSAGE_V1`], whose epoch reads
+    /// as `0`).
+    pub fn decode_as(kind: u8, payload: &[u8]) -> Result<Message, DecodeError> {
         let mut r = Reader {
             buf: payload,
             pos: 0,
         };
         let slot = u32::from_le_bytes(r.array()?);
+        let epoch = match kind {
+            KIND_MESSAGE_V1 => 0,
+            KIND_MESSAGE => u64::from_le_bytes(r.array()?),
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
         let seq = u64::from_le_bytes(r.array()?);
         let created_at_ms = i64::from_le_bytes(r.array()?);
         let id = Uuid::from_bytes(r.array()?);
@@ -153,6 +183,7 @@ impl Message {
         Ok(Message {
             conversation_id,
             slot,
+            epoch,
             seq,
             id,
             created_at_ms,
@@ -175,7 +206,9 @@ pub enum Record {
 impl Record {
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Record, DecodeError> {
         match kind {
-            KIND_MESSAGE => Ok(Record::Message(Arc::new(Message::decode(payload)?))),
+            KIND_MESSAGE | KIND_MESSAGE_V1 => Ok(Record::Message(Arc::new(Message::decode_as(
+                kind, payload,
+            )?))),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
@@ -303,6 +336,7 @@ mod tests {
         Message {
             conversation_id: ConversationId::parse("c-1").unwrap(),
             slot: 7,
+            epoch: 0,
             seq,
             id: Uuid::now_v7(),
             created_at_ms: 1_700_000_000_123,
@@ -363,19 +397,40 @@ mod tests {
 
     #[test]
     fn truncated_payloads_are_rejected_not_panicking() {
-        let bytes = message(3, Some("k"), "\"hi\"").encode();
-        for cut in 0..bytes.len() {
-            assert!(Message::decode(&bytes[..cut]).is_err());
+        for kind in [KIND_MESSAGE, KIND_MESSAGE_V1] {
+            let bytes = message(3, Some("k"), "\"hi\"").encode_as(kind);
+            for cut in 0..bytes.len() {
+                assert!(Message::decode_as(kind, &bytes[..cut]).is_err());
+            }
+            assert!(Record::decode(9, &bytes).is_err());
         }
-        assert!(Record::decode(9, &bytes).is_err());
+    }
+
+    #[test]
+    fn the_epoch_is_recorded_and_kind_1_records_still_read() {
+        let mut m = message(5, Some("k"), "\"hi\"");
+        m.epoch = 42;
+        let Record::Message(back) = Record::decode(KIND_MESSAGE, &m.encode()).unwrap();
+        assert_eq!((back.epoch, back.seq, back.slot), (42, 5, 7));
+
+        let old = m.encode_as(KIND_MESSAGE_V1);
+        assert_eq!(old.len() + 8, m.encode().len());
+        let Record::Message(back) = Record::decode(KIND_MESSAGE_V1, &old).unwrap();
+        assert_eq!((back.epoch, back.seq, back.slot), (0, 5, 7));
+        assert_eq!(back.json(), m.json());
+        // A kind-2 payload is not a valid kind-1 one, nor the other way round.
+        assert!(Message::decode_as(KIND_MESSAGE_V1, &m.encode()).is_err());
+        assert!(Message::decode_as(KIND_MESSAGE, &old).is_err());
     }
 
     proptest! {
         #[test]
-        fn encode_decode_roundtrip(seq in 1u64.., key in proptest::option::of("[a-z0-9]{1,40}"), text in ".{0,200}") {
+        fn encode_decode_roundtrip(seq in 1u64.., epoch in 0u64.., key in proptest::option::of("[a-z0-9]{1,40}"), text in ".{0,200}") {
             let content = serde_json::to_string(&text).unwrap();
-            let m = message(seq, key.as_deref(), &content);
+            let mut m = message(seq, key.as_deref(), &content);
+            m.epoch = epoch;
             let back = Message::decode(&m.encode()).unwrap();
+            prop_assert_eq!(back.epoch, epoch);
             prop_assert_eq!(back.seq, m.seq);
             prop_assert_eq!(back.id, m.id);
             prop_assert_eq!(&back.idempotency_key, &m.idempotency_key);

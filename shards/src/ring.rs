@@ -373,6 +373,7 @@ mod tests {
         Arc::new(Message {
             conversation_id: ConversationId::parse("c").unwrap(),
             slot: 0,
+            epoch: 0,
             seq,
             id: Uuid::now_v7(),
             created_at_ms: 0,

@@ -450,3 +450,33 @@ async fn an_append_to_a_held_slot_waits_then_answers_slot_moving() {
     assert_eq!(append_retrying(&node, &id, "next").await, 2);
     node.shutdown().await;
 }
+
+/// Every message carries the epoch its slot was served at when the append was admitted: in the
+/// durable event (what fan-out publishes), in the WAL record and in what the archiver stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_carry_the_epoch_they_were_admitted_under() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("epochs");
+    let (node, _) = Node::start(config(), WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let slot = node.slot_of(&id);
+    let mut durable = node.subscribe_durable();
+    assert_eq!(append_retrying(&node, &id, "at one").await, 1);
+    node.gates().set_serving(slot, 7);
+    assert_eq!(append_retrying(&node, &id, "at seven").await, 2);
+    for expected in [(1, 1), (2, 7)] {
+        let event = durable.recv().await.unwrap();
+        assert_eq!((event.message.seq, event.message.epoch), expected);
+    }
+    node.archive_now();
+    eventually("both archived", || archive.stored(&id).len() == 2).await;
+    let stored: Vec<_> = archive
+        .stored(&id)
+        .iter()
+        .map(|m| (m.seq, m.epoch))
+        .collect();
+    assert_eq!(stored, vec![(1, 1), (2, 7)]);
+    node.shutdown().await;
+}

@@ -30,6 +30,9 @@ pub const SECRET_HEADER: &str = "x-ferry-cluster-secret";
 pub struct WireMessage {
     pub conversation_id: String,
     pub slot: u32,
+    /// The epoch the owner wrote it under (`0`: not known).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     pub seq: u64,
     pub id: Uuid,
     pub created_at_ms: i64,
@@ -46,6 +49,7 @@ impl From<&Message> for WireMessage {
         WireMessage {
             conversation_id: m.conversation_id.to_string(),
             slot: m.slot,
+            epoch: m.epoch,
             seq: m.seq,
             id: m.id,
             created_at_ms: m.created_at_ms,
@@ -64,6 +68,7 @@ impl WireMessage {
             conversation_id: ConversationId::parse(&self.conversation_id)
                 .map_err(|e| e.to_string())?,
             slot: self.slot,
+            epoch: self.epoch,
             seq: self.seq,
             id: self.id,
             created_at_ms: self.created_at_ms,
@@ -75,6 +80,10 @@ impl WireMessage {
             rendered: Default::default(),
         })
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One validated append, forwarded to the owner.
@@ -372,6 +381,7 @@ mod tests {
         let m = Message {
             conversation_id: ConversationId::parse("c-1").unwrap(),
             slot: 7,
+            epoch: 0,
             seq: 42,
             id: Uuid::now_v7(),
             created_at_ms: 1_790_000_000_123,

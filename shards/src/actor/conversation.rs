@@ -128,6 +128,7 @@ fn append(
     let message = Arc::new(Message {
         conversation_id: log.id.clone(),
         slot: log.slot,
+        epoch: guard.epoch(),
         seq,
         id: Uuid::now_v7(),
         created_at_ms: now_ms(),
