@@ -37,6 +37,8 @@ pub const SLOT_MOVE_SECONDS: &str = "ferry_slot_move_seconds";
 pub const FORWARDED_TOTAL: &str = "ferry_forwarded_total";
 /// Counter: gaps in the live fan-out that a subscriber filled from the owner.
 pub const FANOUT_GAP_FILLS_TOTAL: &str = "ferry_fanout_gap_fills_total";
+/// Fan-out messages dropped because they came from an older epoch of their slot.
+pub const FANOUT_STALE_TOTAL: &str = "ferry_fanout_stale_total";
 /// Counter: messages a returning node wrote into seqs a failover reserved for it.
 pub const RESTORED_MESSAGES_TOTAL: &str = "ferry_restored_messages_total";
 /// Histogram: duration of one lease renewal round trip.

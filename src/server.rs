@@ -349,6 +349,7 @@ async fn start_cluster(
         metrics::counter!(m::FORWARDED_TOTAL, "op" => op).increment(0);
     }
     metrics::counter!(m::FANOUT_GAP_FILLS_TOTAL).increment(0);
+    metrics::counter!(m::FANOUT_STALE_TOTAL).increment(0);
     metrics::counter!(m::RESTORED_MESSAGES_TOTAL).increment(0);
     let node_id = config.node_id();
     let redis_url = config.redis_url.clone().unwrap_or_default();

@@ -9,10 +9,17 @@
 //! - Events on `ferry:ev`: `chunk`/`typing`, read-cursor and membership changes (inbox deltas),
 //!   description changes, and "slot moving" (`backpressure` pushes). Best effort by design.
 //!
+//! Epochs: a message is published with the epoch it was written under, and only while the
+//! publishing node's lease is valid. Receivers keep the highest epoch they know per slot (from
+//! messages and from the slot rows the node reads) and drop a message from an older epoch — a
+//! node that was paused or cut off and published late — counting it in
+//! `ferry_fanout_stale_total`; whatever it should have carried is read from the current owner.
+//!
 //! Redis carries nothing the cluster needs for correctness: without it, delivery across nodes
 //! falls back to the periodic check (about one second behind) and ephemeral events stay local.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +96,8 @@ struct FanoutInner {
     conversations: Mutex<HashMap<ConversationId, broadcast::Sender<Arc<Message>>>>,
     /// Bumped when the subscriber connection was lost (and again when it is back).
     generation: watch::Sender<u64>,
+    /// The highest epoch known per slot; messages from older ones are dropped.
+    epochs: Vec<AtomicU64>,
     outbound: mpsc::Sender<ClusterEvent>,
     events: Events,
 }
@@ -110,6 +119,9 @@ impl Fanout {
                 node_id,
                 conversations: Mutex::new(HashMap::new()),
                 generation: watch::channel(0).0,
+                epochs: (0..node.gates().slot_count())
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
                 outbound,
                 events,
             }),
@@ -160,12 +172,36 @@ impl Fanout {
         });
     }
 
+    /// Records that `slot` is owned at `epoch` or later (from a slot row this node read).
+    pub fn observe_epoch(&self, slot: u32, epoch: u64) {
+        if let Some(known) = self.inner.epochs.get(slot as usize) {
+            known.fetch_max(epoch, Ordering::SeqCst);
+        }
+    }
+
     fn bump_generation(&self) {
         self.inner.generation.send_modify(|g| *g += 1);
     }
 
     fn deliver_message(&self, envelope: MessageEnvelope) {
         if envelope.n == self.inner.node_id {
+            return;
+        }
+        let slot = envelope.m.slot;
+        let known = self
+            .inner
+            .epochs
+            .get(slot as usize)
+            .map_or(0, |known| known.fetch_max(envelope.e, Ordering::SeqCst));
+        if envelope.e < known {
+            tracing::debug!(
+                slot,
+                epoch = envelope.e,
+                current_epoch = known,
+                from = %envelope.n,
+                "dropped a fan-out message from an older epoch"
+            );
+            metrics::counter!(crate::metrics::FANOUT_STALE_TOTAL).increment(1);
             return;
         }
         let message = match envelope.m.into_message() {
@@ -275,10 +311,15 @@ async fn run_publisher(
 }
 
 fn add_message(pipe: &mut redis::Pipeline, fanout: &Fanout, gates: &Gates, e: &DurableEvent) {
+    // A node whose lease lapsed acknowledges nothing and must not announce anything either:
+    // receivers read it from whoever owns the slot once it is settled.
+    if !gates.lease_valid() {
+        return;
+    }
     let slot = e.message.slot;
     let envelope = MessageEnvelope {
         n: fanout.inner.node_id.clone(),
-        e: gates.epoch(slot),
+        e: e.message.epoch,
         m: WireMessage::from(&*e.message),
     };
     if let Ok(payload) = serde_json::to_vec(&envelope) {

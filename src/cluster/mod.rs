@@ -279,6 +279,7 @@ impl Cluster {
     fn sync_gate(&self, row: &SlotRow) {
         let gates = self.inner.node.gates();
         let slot = row.slot;
+        self.inner.fanout.observe_epoch(slot, row.epoch);
         if self.is_moving(slot) {
             return;
         }
