@@ -67,8 +67,29 @@ fn moving(target: &str) -> SlotState {
     }
 }
 
+/// Registers `node` (if it is not already alive and active) and makes it `active`: only such a
+/// node can be given a slot.
+async fn ensure_active(cluster: &ClusterDb, node: &str) {
+    let nodes = cluster.nodes().await.expect("nodes");
+    if nodes
+        .iter()
+        .any(|n| n.id == node && n.state == NodeState::Active)
+    {
+        return;
+    }
+    cluster
+        .register(node, &format!("http://{node}"), LEASE)
+        .await
+        .expect("register");
+    assert!(cluster
+        .set_state(node, &[NodeState::Joining], NodeState::Active)
+        .await
+        .expect("activate"));
+}
+
 /// Gives `slot` (unassigned, epoch 0) to `owner` at epoch 1.
 async fn assign(cluster: &ClusterDb, slot: u32, owner: &str) -> SlotRow {
+    ensure_active(cluster, owner).await;
     let old = cluster.slot(slot).await.expect("slot").expect("slot row");
     let new = row(slot, Some(owner), old.epoch + 1, SlotState::Active);
     assert!(
@@ -285,6 +306,8 @@ async fn a_slot_changes_only_by_compare_and_swap_and_its_epoch_never_goes_back()
         return;
     };
     cluster.init_slots(4).await.expect("init");
+    ensure_active(&cluster, "a").await;
+    ensure_active(&cluster, "b").await;
     let fresh = cluster.slot(1).await.expect("slot").expect("row");
     let owned = row(1, Some("a"), 1, SlotState::Active);
     assert!(cluster.cas_slot(&fresh, &owned).await.expect("first cas"));
@@ -293,6 +316,38 @@ async fn a_slot_changes_only_by_compare_and_swap_and_its_epoch_never_goes_back()
     // Nor can a rival that read the same row and wants the slot for itself.
     let rival = row(1, Some("b"), 1, SlotState::Active);
     assert!(!cluster.cas_slot(&fresh, &rival).await.expect("rival cas"));
+    assert_eq!(cluster.slot(1).await.expect("slot"), Some(owned.clone()));
+
+    // Only a node that is alive and active can be given a slot or be a move's target, checked
+    // when the change is written (the planner's view may be older).
+    cluster
+        .register("d", "http://d", LEASE)
+        .await
+        .expect("register d");
+    assert!(!cluster
+        .cas_slot(&owned, &row(1, Some("a"), 1, moving("d")))
+        .await
+        .expect("joining target"));
+    assert!(cluster
+        .set_state("d", &[NodeState::Joining], NodeState::Active)
+        .await
+        .expect("activate d"));
+    assert!(cluster
+        .set_state("d", &[NodeState::Active], NodeState::Draining)
+        .await
+        .expect("drain d"));
+    assert!(!cluster
+        .cas_slot(&owned, &row(1, Some("a"), 1, moving("d")))
+        .await
+        .expect("draining target"));
+    assert!(!cluster
+        .cas_slot(&owned, &row(1, Some("d"), 2, SlotState::Active))
+        .await
+        .expect("draining owner"));
+    assert!(!cluster
+        .cas_slot(&owned, &row(1, Some("nobody"), 2, SlotState::Active))
+        .await
+        .expect("unknown owner"));
     assert_eq!(cluster.slot(1).await.expect("slot"), Some(owned.clone()));
 
     // A move: a marks it moving to b, then hands it over at epoch + 1.
@@ -335,6 +390,7 @@ async fn reclaim_bumps_the_epochs_of_that_nodes_slots_only() {
     cluster.init_slots(5).await.expect("init");
     assign(&cluster, 0, "a").await;
     let one = assign(&cluster, 1, "a").await;
+    ensure_active(&cluster, "b").await;
     assert!(cluster
         .cas_slot(&one, &row(1, Some("a"), 1, moving("b")))
         .await
@@ -432,6 +488,7 @@ async fn the_fence_passes_the_owner_at_its_epoch_only() {
     cluster.init_slots(4).await.expect("init");
     assign(&cluster, 0, "a").await;
     let one = assign(&cluster, 1, "a").await;
+    ensure_active(&cluster, "b").await;
     assert!(cluster
         .cas_slot(&one, &row(1, Some("b"), 2, SlotState::Active))
         .await
@@ -542,6 +599,7 @@ async fn a_paused_nodes_open_transaction_cannot_block_a_takeover() {
     assert_eq!(taker.timeouts().lock, Duration::from_secs(1));
     taker.init_slots(2).await.expect("init");
     let owned = assign(&taker, 0, "a").await;
+    ensure_active(&taker, "b").await;
 
     // a is inside its archive transaction, holding the fence, and then stops dead.
     let mut zombie = paused.pool().begin().await.expect("begin");

@@ -440,8 +440,10 @@ impl ClusterDb {
 
     /// Replaces the slot's row `old` by `new` if the stored row is still exactly `old`; `false`
     /// when someone changed it first (re-read and decide again). Refused without writing when
-    /// `new` would lower the epoch, or change the owner without raising it. A row lock held by
-    /// another session fails it with `LockTimeout` after [`SessionTimeouts::lock`].
+    /// `new` would lower the epoch, or change the owner without raising it. `false` as well when
+    /// the node `new` hands the slot to (its move target or new owner) is not alive and `active`
+    /// at that moment. A row lock held by another session fails it with `LockTimeout` after
+    /// [`SessionTimeouts::lock`].
     pub async fn cas_slot(&self, old: &SlotRow, new: &SlotRow) -> Result<bool> {
         if new.slot != old.slot {
             return Err(ClusterDbError::Refused(format!(
@@ -464,6 +466,34 @@ impl ClusterDb {
         let (old_state, old_target) = state_columns(&old.state);
         let (new_state, new_target) = state_columns(&new.state);
         let mut tx = self.begin_with_lock_timeout().await?;
+        // The node a change gives the slot to (a move's target, or a new owner) must be alive
+        // and active *now*, not only when the caller planned: checked in this transaction with
+        // its row locked, so a drain or an expiry cannot slip in between the check and the write.
+        let receiver = match (&new.state, &old.state) {
+            (SlotState::Moving { target }, SlotState::Moving { target: was }) if target == was => {
+                None
+            }
+            (SlotState::Moving { target }, _) => Some(target.as_str()),
+            _ if new.owner != old.owner => new.owner.as_deref(),
+            _ => None,
+        };
+        if let Some(receiver) = receiver {
+            let ready: Option<(i32,)> = sqlx::query_as(
+                "SELECT 1 FROM nodes WHERE id = $1 AND state = 'active' AND lease_until > now() \
+                 FOR SHARE",
+            )
+            .bind(receiver)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if ready.is_none() {
+                tracing::debug!(
+                    slot = old.slot,
+                    node = receiver,
+                    "slot change refused: the receiving node is not alive and active"
+                );
+                return Ok(false);
+            }
+        }
         let done = sqlx::query(
             "UPDATE slot_owners SET node_id = $6, epoch = $7, state = $8, target = $9, updated_at = now() \
              WHERE slot = $1 AND epoch = $2 AND node_id IS NOT DISTINCT FROM $3 \
