@@ -97,7 +97,7 @@ struct FanoutInner {
     /// Bumped when the subscriber connection was lost (and again when it is back).
     generation: watch::Sender<u64>,
     /// The highest epoch known per slot; messages from older ones are dropped.
-    epochs: Vec<AtomicU64>,
+    epochs: Epochs,
     outbound: mpsc::Sender<ClusterEvent>,
     events: Events,
 }
@@ -119,9 +119,7 @@ impl Fanout {
                 node_id,
                 conversations: Mutex::new(HashMap::new()),
                 generation: watch::channel(0).0,
-                epochs: (0..node.gates().slot_count())
-                    .map(|_| AtomicU64::new(0))
-                    .collect(),
+                epochs: Epochs::new(node.gates().slot_count()),
                 outbound,
                 events,
             }),
@@ -174,9 +172,8 @@ impl Fanout {
 
     /// Records that `slot` is owned at `epoch` or later (from a slot row this node read).
     pub fn observe_epoch(&self, slot: u32, epoch: u64) {
-        if let Some(known) = self.inner.epochs.get(slot as usize) {
-            known.fetch_max(epoch, Ordering::SeqCst);
-        }
+        // Older than what a message already showed is fine: the row read may simply be old.
+        let _ = self.inner.epochs.admit(slot, epoch);
     }
 
     fn bump_generation(&self) {
@@ -188,12 +185,7 @@ impl Fanout {
             return;
         }
         let slot = envelope.m.slot;
-        let known = self
-            .inner
-            .epochs
-            .get(slot as usize)
-            .map_or(0, |known| known.fetch_max(envelope.e, Ordering::SeqCst));
-        if envelope.e < known {
+        if let Err(known) = self.inner.epochs.admit(slot, envelope.e) {
             tracing::debug!(
                 slot,
                 epoch = envelope.e,
@@ -229,6 +221,28 @@ impl Fanout {
             return;
         }
         self.inner.events.apply_remote(envelope.event);
+    }
+}
+
+/// The highest epoch known per slot.
+struct Epochs(Vec<AtomicU64>);
+
+impl Epochs {
+    fn new(slot_count: u32) -> Epochs {
+        Epochs((0..slot_count).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Notes `epoch` for `slot`; `Err(known)` when a newer epoch `known` is already known there.
+    fn admit(&self, slot: u32, epoch: u64) -> Result<(), u64> {
+        let Some(known) = self.0.get(slot as usize) else {
+            return Ok(());
+        };
+        let known = known.fetch_max(epoch, Ordering::SeqCst);
+        if epoch < known {
+            Err(known)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -408,5 +422,26 @@ async fn run_subscriber(client: redis::Client, fanout: Fanout, mut stop: watch::
         }
         tracing::warn!("lost the cluster fan-out subscription; reconnecting");
         fanout.bump_generation();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Epochs;
+
+    #[test]
+    fn a_publication_from_an_older_epoch_is_refused_once_a_newer_one_is_known() {
+        let epochs = Epochs::new(4);
+        assert_eq!(epochs.admit(1, 3), Ok(()));
+        assert_eq!(epochs.admit(1, 3), Ok(()), "the same epoch again");
+        // The slot row says it moved on (or the new owner published first).
+        assert_eq!(epochs.admit(1, 4), Ok(()));
+        assert_eq!(epochs.admit(1, 3), Err(4), "the old owner, late");
+        assert_eq!(epochs.admit(2, 1), Ok(()), "other slots are not affected");
+        assert_eq!(
+            epochs.admit(9, 0),
+            Ok(()),
+            "a slot out of range is not judged"
+        );
     }
 }
