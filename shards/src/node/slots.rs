@@ -1,0 +1,83 @@
+//! Per-slot operations on [`Node`]: what a slot hand-over needs (archive the tail now, wait for
+//! it, let the slot go) and the per-slot counts the status pages show.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::Node;
+
+impl Node {
+    /// Asks the archiver to store what is queued now rather than after `archive.linger`.
+    pub fn archive_now(&self) {
+        self.shared
+            .archive_queue
+            .urgent
+            .store(true, Ordering::Relaxed);
+        self.shared.archive_queue.notify.notify_one();
+    }
+
+    /// Durable messages of `slot` that the archive does not hold yet.
+    pub fn slot_unarchived(&self, slot: u32) -> u64 {
+        self.shared
+            .registry(slot)
+            .logs
+            .values()
+            .map(|log| log.durable_seq().saturating_sub(log.archived_seq()))
+            .sum()
+    }
+
+    /// Waits until everything durable in `slot` is archived (asking the archiver to hurry), at
+    /// most `timeout`; true when it is.
+    pub async fn wait_slot_archived(&self, slot: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.slot_unarchived(slot) == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.archive_now();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Lets go of a slot that now belongs to another node at `epoch`: its appends are refused
+    /// with `NotOwner` from now on, its conversation actors stop, and readers of its logs are
+    /// told to follow the conversations to the new owner. Call only once nothing of the slot is
+    /// in flight or unarchived.
+    pub fn release_slot(&self, slot: u32, epoch: u64) {
+        self.shared.gates.set_not_owned(slot, epoch);
+        let (handles, logs) = {
+            let mut registry = self.shared.registry(slot);
+            (
+                std::mem::take(&mut registry.handles),
+                std::mem::take(&mut registry.logs),
+            )
+        };
+        for log in logs.values() {
+            log.mark_moved();
+        }
+        for handle in handles.values() {
+            handle.log.mark_moved();
+            handle.actor.stop(Some("slot moved".into()));
+        }
+    }
+
+    /// Appends acknowledged per slot since this node started.
+    pub fn slot_appends(&self) -> Vec<u64> {
+        self.shared
+            .ack_metrics
+            .slot_appends_seen
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Active conversation actors per slot.
+    pub fn slot_conversations(&self) -> Vec<usize> {
+        (0..self.shared.config.slot_count)
+            .map(|s| self.shared.registry(s).handles.len())
+            .collect()
+    }
+}
