@@ -66,7 +66,8 @@ pub struct ClusterSection {
     /// How long SIGTERM waits for the node's slots to move away before it exits anyway.
     #[serde(with = "duration_str")]
     pub drain_timeout: Duration,
-    /// `local`: an append is acknowledged after the owner's fdatasync.
+    /// `local`: an append is acknowledged after the owner's fdatasync; `archive`: after the SQL
+    /// commit of its archive batch as well.
     pub durability: String,
     /// `manual`: a dead node's slots stay unavailable until it returns.
     pub failover: String,
@@ -429,10 +430,7 @@ impl Config {
             bail!("cluster.max_unarchived must be positive");
         }
         match c.durability.as_str() {
-            "local" => {}
-            "archive" => bail!(
-                "cluster.durability = \"archive\" is not available in this version; use \"local\""
-            ),
+            "local" | "archive" => {}
             other => bail!("cluster.durability must be local or archive, not {other:?}"),
         }
         match c.failover.as_str() {
@@ -467,6 +465,11 @@ impl Config {
     }
 
     /// Part of a cluster (a Redis URL is set; `validate` checked the rest).
+    /// A clustered node that acknowledges only after the archive commit.
+    pub fn ack_after_archive(&self) -> bool {
+        self.clustered() && self.cluster.durability == "archive"
+    }
+
     pub fn clustered(&self) -> bool {
         self.redis_url.is_some()
     }
@@ -723,11 +726,14 @@ mod tests {
             "the lease must outlast two heartbeats"
         );
         c.cluster.lease = Duration::from_secs(5);
-        for (durability, failover) in [("archive", "manual"), ("local", "auto"), ("x", "manual")] {
+        for (durability, failover) in [("local", "auto"), ("x", "manual")] {
             c.cluster.durability = durability.into();
             c.cluster.failover = failover.into();
             assert!(c.validate().is_err(), "{durability}/{failover}");
         }
+        c.cluster.durability = "archive".into();
+        c.cluster.failover = "manual".into();
+        assert!(c.validate().is_ok(), "durability = archive");
         c.cluster.durability = "local".into();
         c.cluster.failover = "manual".into();
         c.advertise_url = Some("10.0.0.5:4001".into());

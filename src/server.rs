@@ -94,6 +94,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         archive_linger: config.archive.linger,
         clustered: config.clustered(),
         hold_timeout: config.cluster.move_hold,
+        ack_after_archive: config.ack_after_archive(),
+        max_unarchived: if config.clustered() {
+            config.cluster.max_unarchived
+        } else {
+            0
+        },
         ..NodeConfig::default()
     };
     metrics::gauge!(ferry_shards::metrics::ARCHIVE_BACKLOG_LIMIT_BYTES)

@@ -25,6 +25,8 @@ struct MemoryArchive {
     messages: Mutex<BTreeMap<(String, u64), Arc<Message>>>,
     /// The size of every `store_messages` call, in order.
     batches: Mutex<Vec<usize>>,
+    /// While set, every `store_messages` fails (the archive is down).
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryArchive {
@@ -94,6 +96,9 @@ impl Archive for MemoryArchive {
         messages: &'a [Arc<Message>],
     ) -> BoxFuture<'a, Result<(), ArchiveError>> {
         Box::pin(async move {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ArchiveError::Unavailable("archive down".into()));
+            }
             self.batches.lock().unwrap().push(messages.len());
             let mut stored = self.messages.lock().unwrap();
             for m in messages {
@@ -478,5 +483,116 @@ async fn messages_carry_the_epoch_they_were_admitted_under() {
         .map(|m| (m.seq, m.epoch))
         .collect();
     assert_eq!(stored, vec![(1, 1), (2, 7)]);
+    node.shutdown().await;
+}
+
+fn set_down(archive: &MemoryArchive, down: bool) {
+    archive
+        .down
+        .store(down, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `ack_after_archive` (a cluster's `durability = "archive"`): an append is answered only once
+/// the archive holds it, and readers see it no earlier; a retry of a pending append waits for
+/// the same answer; while the archive is down nothing is acknowledged or visible, and nothing
+/// is lost once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ack_after_archive_an_append_is_answered_once_archived() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("archived-ack");
+    let config = NodeConfig {
+        ack_after_archive: true,
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    // Archive up: answered, and by then stored.
+    let first = node.append(&id, request("one", Some("one"))).await.unwrap();
+    assert_eq!(first.seq, 1);
+    assert_eq!(
+        archive.stored(&id).len(),
+        1,
+        "answered before it was archived"
+    );
+
+    set_down(&archive, true);
+    let pending = {
+        let (node, id) = (node.clone(), id.clone());
+        tokio::spawn(async move { node.append(&id, request("two", Some("two"))).await })
+    };
+    let retry = {
+        let (node, id) = (node.clone(), id.clone());
+        tokio::spawn(async move { node.append(&id, request("two", Some("two"))).await })
+    };
+    let handle = node.conversation(&id).await.unwrap();
+    eventually("the second append to be durable in the wal", || {
+        handle.log.assigned_seq() == 2 && node.archive_backlog().0 == 1
+    })
+    .await;
+    // Durable in the WAL but not archived: neither answered nor visible.
+    assert_eq!(handle.log.durable_seq(), 1);
+    assert_eq!(node.read_after(&handle, 0, 10).await.unwrap().len(), 1);
+    assert!(!pending.is_finished());
+
+    set_down(&archive, false);
+    let second = pending.await.unwrap().unwrap();
+    assert_eq!(second.seq, 2);
+    assert_eq!(
+        archive.stored(&id).len(),
+        2,
+        "answered before it was archived"
+    );
+    let again = retry.await.unwrap().unwrap();
+    assert_eq!(again.seq, 2);
+    assert!(
+        second.deduped != again.deduped,
+        "one of the two was stored, once"
+    );
+    assert_eq!(handle.log.durable_seq(), 2);
+    node.shutdown().await;
+}
+
+/// `max_unarchived` bounds what one conversation may hold that the archive does not: past it
+/// appends get `try_again` (`archive_backlog`) until the archive catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_unarchived_bounds_a_conversations_unarchived_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("bounded");
+    let other = archive.create("other");
+    let config = NodeConfig {
+        max_unarchived: 3,
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    set_down(&archive, true);
+    for i in 1..=3 {
+        let seq = node
+            .append(&id, request(&format!("m{i}"), None))
+            .await
+            .unwrap()
+            .seq;
+        assert_eq!(seq, i);
+    }
+    match node.append(&id, request("m4", None)).await {
+        Err(NodeError::TryAgain { reason, .. }) => assert_eq!(reason.as_str(), "archive_backlog"),
+        other => panic!("expected try_again archive_backlog, got {other:?}"),
+    }
+    // The bound is per conversation.
+    assert_eq!(
+        node.append(&other, request("o1", None)).await.unwrap().seq,
+        1
+    );
+    set_down(&archive, false);
+    node.archive_now();
+    eventually("the backlog to be archived", || {
+        archive.stored(&id).len() == 3
+    })
+    .await;
+    assert_eq!(append_retrying(&node, &id, "m4").await, 4);
     node.shutdown().await;
 }

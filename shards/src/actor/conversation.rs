@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::gate::GateGuard;
 use crate::ids::ParticipantId;
-use crate::node::{NodeError, Shared, TryAgainReason};
+use crate::node::{NodeError, PendingAck, Shared, TryAgainReason};
 use crate::record::{now_ms, Message, KIND_MESSAGE};
 use crate::ring::{ConversationLog, DedupeEntry};
 use crate::wal::SubmitError;
@@ -123,6 +123,13 @@ fn append(
         let _ = reply.send(Err(NodeError::try_again(reason)));
         return;
     }
+    let max_unarchived = shared.config.max_unarchived;
+    if max_unarchived > 0 && log.assigned_seq().saturating_sub(log.archived_seq()) >= max_unarchived
+    {
+        shared.count_try_again(TryAgainReason::ArchiveBacklog);
+        let _ = reply.send(Err(NodeError::try_again(TryAgainReason::ArchiveBacklog)));
+        return;
+    }
 
     let seq = log.assign_next();
     let message = Arc::new(Message {
@@ -157,6 +164,19 @@ fn append(
         KIND_MESSAGE,
         payload,
         Box::new(move |result| {
+            if let (Ok(lsn), true) = (&result, done_shared.config.ack_after_archive) {
+                // Answered (and made visible) by the archiver once its batch is committed.
+                if let Some(reply) = take(&done_reply) {
+                    let ack = PendingAck {
+                        reply,
+                        outcome,
+                        admitted_at,
+                        guard,
+                    };
+                    done_shared.on_wal_durable(*lsn, done_message, &done_log, ack);
+                }
+                return;
+            }
             let answer = match result {
                 Ok(lsn) => {
                     done_shared.on_durable(lsn, done_message, &done_log);
@@ -254,6 +274,20 @@ fn answer_duplicate(
     shared.count_deduped();
     if log.durable_seq() >= first.seq {
         let _ = reply.send(Ok(outcome));
+        return;
+    }
+    if shared.config.ack_after_archive {
+        // The first append is answered once archived, and becomes visible then: answer the
+        // retry at the same moment (or never, if the log is dropped first).
+        let mut visible = log.watch_durable();
+        tokio::spawn(async move {
+            let answer = match visible.wait_for(|seq| *seq >= first.seq).await {
+                Ok(_) => Ok(outcome),
+                Err(_) => Err(NodeError::try_again(TryAgainReason::Restarting)),
+            };
+            let _ = reply.send(answer);
+            drop(guard);
+        });
         return;
     }
     let reply = Arc::new(std::sync::Mutex::new(Some(reply)));

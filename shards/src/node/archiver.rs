@@ -109,6 +109,7 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                 metrics::histogram!(m::ARCHIVE_BATCH_SECONDS).record(took.as_secs_f64());
                 metrics::counter!(m::ARCHIVE_RECORDS_TOTAL).increment(batch.len() as u64);
                 let mut bytes = 0;
+                let mut acks = Vec::with_capacity(batch.len());
                 {
                     let mut items = shared
                         .archive_queue
@@ -118,8 +119,9 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     for (lsn, ..) in &batch {
                         let item = items.pop_front();
                         debug_assert_eq!(item.as_ref().map(|i| i.lsn), Some(*lsn));
-                        if let Some(item) = item {
+                        if let Some(mut item) = item {
                             bytes += item.message.approx_bytes();
+                            acks.push(item.ack.take());
                         }
                     }
                 }
@@ -130,8 +132,8 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     .fetch_sub(bytes, Ordering::Relaxed);
                 let delay = metrics::histogram!(m::ARCHIVE_DELAY_SECONDS);
                 let now = Instant::now();
-                for (_, message, log, durable_at) in &batch {
-                    log.mark_archived(message.seq);
+                for ((_, message, log, durable_at), ack) in batch.iter().zip(acks) {
+                    shared.on_archived(message, log, ack);
                     delay.record(now.saturating_duration_since(*durable_at).as_secs_f64());
                 }
                 let last_lsn = batch.last().map_or(0, |b| b.0);

@@ -44,7 +44,7 @@ use recovery::{adopt_recovery, drop_logs_behind_archive, drop_logs_of_other_owne
 use shared::AckMetrics;
 
 pub use recovery::StartupReport;
-pub use shared::{ArchiveQueue, DurableEvent, Shared, SlotRegistry};
+pub use shared::{ArchiveQueue, DurableEvent, PendingAck, Shared, SlotRegistry};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -77,6 +77,13 @@ pub struct NodeConfig {
     pub clustered: bool,
     /// How long an append waits for a slot that is being handed over before `try_again`.
     pub hold_timeout: Duration,
+    /// Acknowledge an append only once its archive batch is committed, not at the WAL's
+    /// `fdatasync` (a cluster's `durability = "archive"`): nothing acknowledged then exists on
+    /// one disk only. The message becomes visible to readers at the same moment.
+    pub ack_after_archive: bool,
+    /// Most durable-but-unarchived messages one conversation may have (`0`: no limit); past it
+    /// appends get `try_again` (`archive_backlog`).
+    pub max_unarchived: u64,
 }
 
 impl Default for NodeConfig {
@@ -94,6 +101,8 @@ impl Default for NodeConfig {
             archive_linger: Duration::from_millis(100),
             clustered: false,
             hold_timeout: Duration::from_millis(2000),
+            ack_after_archive: false,
+            max_unarchived: 0,
         }
     }
 }
@@ -269,6 +278,9 @@ impl Node {
         }
         let (archiver_stop, stop_rx) = watch::channel(false);
         let archiver = tokio::spawn(run_archiver(shared.clone(), stop_rx));
+        if shared.config.ack_after_archive {
+            archive_recovered(&shared).await;
+        }
         Ok((
             Node {
                 shared,
@@ -556,5 +568,34 @@ impl Node {
     /// WAL and not yet activated), without starting anything.
     pub fn peek_log(&self, id: &ConversationId) -> Option<Arc<ConversationLog>> {
         self.shared.registry(self.slot_of(id)).logs.get(id).cloned()
+    }
+}
+
+/// With `ack_after_archive`, a message is visible only once archived. Records recovered from
+/// the WAL were never acknowledged (their archive commit had not happened), so they are
+/// archived before the node serves anything: nothing becomes visible that SQL does not hold.
+async fn archive_recovered(shared: &Arc<Shared>) {
+    let records = shared.archive_queue.len();
+    if records == 0 {
+        return;
+    }
+    tracing::info!(
+        records,
+        "archiving recovered records before serving (durability = archive)"
+    );
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    while !shared.archive_queue.is_empty() {
+        shared.archive_queue.urgent.store(true, Ordering::Relaxed);
+        shared.archive_queue.notify.notify_one();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            tracing::warn!(
+                left = shared.archive_queue.len(),
+                waited_ms = started.elapsed().as_millis() as u64,
+                "still archiving recovered records before serving"
+            );
+        }
     }
 }

@@ -178,6 +178,7 @@ pub(super) fn adopt_recovery(
                 message,
                 log: log.clone(),
                 durable_at: Instant::now(),
+                ack: None,
             });
         }
         shared.registry(slot).logs.insert(id, log);

@@ -9,9 +9,11 @@ use std::time::Instant;
 
 use tokio::sync::{broadcast, Notify};
 
-use super::{NodeConfig, TryAgainReason};
+use super::{NodeConfig, NodeError, TryAgainReason};
+use crate::actor::conversation::{AppendOutcome, AppendReply};
 use crate::actor::ConversationHandle;
 use crate::archive::Archive;
+use crate::gate::GateGuard;
 use crate::gate::Gates;
 use crate::ids::ConversationId;
 use crate::metrics as m;
@@ -32,6 +34,18 @@ pub(super) struct ArchiveItem {
     pub(super) message: Arc<Message>,
     pub(super) log: Arc<ConversationLog>,
     pub(super) durable_at: Instant,
+    /// With `ack_after_archive`: the append's answer, given (and the message made visible)
+    /// once the batch holding it is committed. `None`: already visible and answered.
+    pub(super) ack: Option<PendingAck>,
+}
+
+/// An append that is durable in the WAL and waits for its archive commit to be answered.
+pub struct PendingAck {
+    pub reply: AppendReply,
+    pub outcome: AppendOutcome,
+    pub admitted_at: Instant,
+    /// Keeps the append in flight on its slot (a hand-over waits for it) until answered.
+    pub guard: GateGuard,
 }
 
 /// Durable messages waiting for the archiver, in LSN order. Bounded by admission: appends are
@@ -160,7 +174,63 @@ impl Shared {
             message,
             log: log.clone(),
             durable_at: Instant::now(),
+            ack: None,
         });
+    }
+
+    /// Runs on the WAL writer thread when a message is durable in the WAL and the node
+    /// acknowledges only after the archive (`ack_after_archive`): the message stays invisible
+    /// and its answer waits until the archiver has committed it ([`Shared::on_archived`]).
+    /// Queued items are stored at once, not lingered over: whatever queues while one batch
+    /// commits goes into the next (group commit).
+    pub fn on_wal_durable(
+        &self,
+        lsn: Lsn,
+        message: Arc<Message>,
+        log: &Arc<ConversationLog>,
+        ack: PendingAck,
+    ) {
+        self.archive_queue.urgent.store(true, Ordering::Relaxed);
+        self.archive_queue.push(ArchiveItem {
+            lsn,
+            message,
+            log: log.clone(),
+            durable_at: Instant::now(),
+            ack: Some(ack),
+        });
+    }
+
+    /// The archiver committed `message`: with a pending answer, the message becomes visible
+    /// (ring, subscribers, fan-out) and the append is answered — unless the lease ran out
+    /// meanwhile (self-fencing, as for a WAL-only ack).
+    pub(super) fn on_archived(
+        &self,
+        message: &Arc<Message>,
+        log: &Arc<ConversationLog>,
+        ack: Option<PendingAck>,
+    ) {
+        let Some(ack) = ack else {
+            log.mark_archived(message.seq);
+            return;
+        };
+        log.push_durable(message.clone());
+        if self.durable_events.receiver_count() > 0 {
+            let _ = self.durable_events.send(DurableEvent {
+                conversation_id: message.conversation_id.clone(),
+                seq: message.seq,
+                message: message.clone(),
+            });
+        }
+        log.mark_archived(message.seq);
+        let answer = if self.gates.lease_valid() {
+            self.record_ack(ack.admitted_at, log.slot);
+            Ok(ack.outcome)
+        } else {
+            self.count_try_again(TryAgainReason::OwnerUnavailable);
+            Err(NodeError::try_again(TryAgainReason::OwnerUnavailable))
+        };
+        let _ = ack.reply.send(answer);
+        drop(ack.guard);
     }
 
     pub fn record_ack(&self, admitted_at: Instant, slot: u32) {
