@@ -12,11 +12,11 @@ use tokio::sync::{broadcast, Notify};
 use super::{NodeConfig, TryAgainReason};
 use crate::actor::ConversationHandle;
 use crate::archive::Archive;
+use crate::conversation_log::{ConversationLog, RingBudget};
 use crate::gate::Gates;
 use crate::ids::ConversationId;
 use crate::metrics as m;
 use crate::record::Message;
-use crate::ring::{ConversationLog, RingBudget};
 use crate::wal::{Lsn, Wal};
 
 /// Conversations of one slot known to this node.
