@@ -46,9 +46,9 @@ use uuid::Uuid;
 use ferry_shards::archive::{
     Archive, ArchiveError, BoxFuture, ConversationMeta, ConversationSnapshot,
 };
+use ferry_shards::conversation_log::DedupeEntry;
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::record::{format_rfc3339_millis, Message};
-use ferry_shards::ring::DedupeEntry;
 
 use crate::cold::{ColdError, ColdTier};
 

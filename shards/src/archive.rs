@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
+use crate::conversation_log::DedupeEntry;
 use crate::ids::{ConversationId, ParticipantId};
 use crate::record::Message;
-use crate::ring::DedupeEntry;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -11,8 +11,9 @@
 //! - [`wal`]: the node's write-ahead log: CRC32-framed records in preallocated segments, one writer
 //!   thread with group commit, recovery, archived-LSN checkpoint.
 //! - [`record`]: the message record and its byte encoding inside a WAL frame.
-//! - [`ring`]: the shared per-conversation log in memory: the hot ring of recent messages plus every
-//!   message not yet archived, and the watch subscribers wait on.
+//! - [`conversation_log`]: the shared per-conversation log in memory: the hot ring of recent
+//!   messages plus every message not yet archived, the durable seq subscribers wait on, the last
+//!   assigned seq, the idempotency window and the mailbox admission count.
 //! - [`gate`]: per-slot serving gates (serving, holding for a hand-over, not owned) and the lease
 //!   deadline a clustered node fences itself with.
 //! - [`archive`]: the trait the node implements to read and write the SQL archive.
@@ -31,6 +32,7 @@
 
 pub mod actor;
 pub mod archive;
+pub mod conversation_log;
 pub mod gate;
 pub mod ids;
 pub mod metrics;
@@ -38,5 +40,4 @@ pub mod node;
 pub mod ownership;
 pub mod placement;
 pub mod record;
-pub mod ring;
 pub mod wal;

@@ -12,10 +12,10 @@ use ferry_shards::actor::conversation::AppendRequest;
 use ferry_shards::archive::{
     Archive, ArchiveError, BoxFuture, ConversationMeta, ConversationSnapshot,
 };
+use ferry_shards::conversation_log::DedupeEntry;
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::node::{Node, NodeConfig, NodeError};
 use ferry_shards::record::Message;
-use ferry_shards::ring::DedupeEntry;
 use ferry_shards::wal::WalOptions;
 use serde_json::value::RawValue;
 

@@ -7,7 +7,7 @@
 //! and the WAL completes in submission order, so acks and visibility follow seq order.
 //!
 //! All state that must survive a crash of this actor lives in the shared
-//! [`ConversationLog`](crate::ring::ConversationLog): the last assigned seq and the idempotency
+//! [`ConversationLog`](crate::conversation_log::ConversationLog): the last assigned seq and the idempotency
 //! window. A restarted actor therefore never reuses a seq.
 
 use std::sync::Arc;
@@ -17,11 +17,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::conversation_log::{ConversationLog, DedupeEntry};
 use crate::gate::GateGuard;
 use crate::ids::ParticipantId;
 use crate::node::{NodeError, PendingAck, Shared, TryAgainReason};
 use crate::record::{now_ms, Message, KIND_MESSAGE};
-use crate::ring::{ConversationLog, DedupeEntry};
 use crate::wal::SubmitError;
 
 /// A validated append.

@@ -9,7 +9,7 @@
 //!   completion (on the writer thread) makes the message visible and answers the caller.
 //!
 //! ractor mailboxes are unbounded, so admission is bounded in front of them: callers reserve a
-//! place with [`ConversationLog::try_admit`](crate::ring::ConversationLog::try_admit) and get
+//! place with [`ConversationLog::try_admit`](crate::conversation_log::ConversationLog::try_admit) and get
 //! `try_again` when the conversation already has `mailbox_capacity` appends waiting.
 
 pub mod conversation;
@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use ractor::ActorRef;
 
 use crate::archive::ConversationMeta;
-use crate::ring::ConversationLog;
+use crate::conversation_log::ConversationLog;
 
 /// What a caller holds to talk to an active conversation without going through its slot.
 #[derive(Clone)]

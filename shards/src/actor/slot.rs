@@ -14,10 +14,10 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use super::conversation::{ConversationActor, ConversationArgs, ConversationMsg};
 use super::ConversationHandle;
+use crate::conversation_log::{ConversationLog, DedupeWindow};
 use crate::ids::ConversationId;
 use crate::metrics as m;
 use crate::node::{NodeError, Shared};
-use crate::ring::{ConversationLog, DedupeWindow};
 
 pub enum SlotMsg {
     Activate(
@@ -177,7 +177,7 @@ async fn activate(
                 if let Some(key) = m.idempotency_key.as_deref() {
                     dedupe.insert(
                         key,
-                        crate::ring::DedupeEntry {
+                        crate::conversation_log::DedupeEntry {
                             seq: m.seq,
                             id: m.id,
                             created_at_ms: m.created_at_ms,

@@ -12,9 +12,9 @@ use tokio::sync::watch;
 
 use super::shared::Shared;
 use crate::archive::ArchiveError;
+use crate::conversation_log::ConversationLog;
 use crate::metrics as m;
 use crate::record::Message;
-use crate::ring::ConversationLog;
 use crate::wal::Lsn;
 
 /// One archive batch: consecutive queue items, in LSN order.

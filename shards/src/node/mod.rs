@@ -31,12 +31,12 @@ use crate::actor::conversation::{AppendOutcome, AppendRequest, ConversationMsg};
 use crate::actor::slot::{SlotActor, SlotArgs, SlotMsg};
 use crate::actor::ConversationHandle;
 use crate::archive::{Archive, ArchiveError};
+use crate::conversation_log::{ConversationLog, RingBudget};
 use crate::gate::{GateRefusal, Gates};
 use crate::ids::ConversationId;
 use crate::metrics as m;
 use crate::placement::slot_of;
 use crate::record::Message;
-use crate::ring::{ConversationLog, RingBudget};
 use crate::wal::{Lsn, Wal, WalError, WalOptions};
 
 use archiver::run_archiver;

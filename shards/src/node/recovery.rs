@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::shared::{ArchiveItem, Shared};
 use super::NodeError;
+use crate::conversation_log::{ConversationLog, DedupeWindow};
 use crate::ids::ConversationId;
 use crate::placement::slot_of;
 use crate::record::{Message, Record};
-use crate::ring::{ConversationLog, DedupeWindow};
 use crate::wal::{Lsn, Recovery};
 
 /// What start-up found in the WAL.

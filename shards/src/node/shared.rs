@@ -13,12 +13,12 @@ use super::{NodeConfig, NodeError, TryAgainReason};
 use crate::actor::conversation::{AppendOutcome, AppendReply};
 use crate::actor::ConversationHandle;
 use crate::archive::Archive;
+use crate::conversation_log::{ConversationLog, RingBudget};
 use crate::gate::GateGuard;
 use crate::gate::Gates;
 use crate::ids::ConversationId;
 use crate::metrics as m;
 use crate::record::Message;
-use crate::ring::{ConversationLog, RingBudget};
 use crate::wal::{Lsn, Wal};
 
 /// Conversations of one slot known to this node.
