@@ -596,3 +596,57 @@ async fn max_unarchived_bounds_a_conversations_unarchived_messages() {
     assert_eq!(append_retrying(&node, &id, "m4").await, 4);
     node.shutdown().await;
 }
+
+/// With `ack_after_archive`, appends waiting for an archive that keeps failing are answered
+/// `try_again` (`owner_unavailable`) once the node's lease is gone, not left waiting; their
+/// records stay queued and become visible (unacknowledged) once the node archives them after
+/// all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_acks_are_refused_when_the_lease_goes_and_the_archive_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("lapsed");
+    let config = NodeConfig {
+        ack_after_archive: true,
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    node.gates()
+        .extend_lease(Instant::now() + Duration::from_secs(3600));
+    set_down(&archive, true);
+    let pending = {
+        let (node, id) = (node.clone(), id.clone());
+        tokio::spawn(async move { node.append(&id, request("one", Some("one"))).await })
+    };
+    eventually("the append to wait for the archive", || {
+        node.archive_backlog().0 == 1
+    })
+    .await;
+    node.gates().revoke_lease();
+    match pending.await.unwrap() {
+        Err(NodeError::TryAgain { reason, .. }) => assert_eq!(reason.as_str(), "owner_unavailable"),
+        other => panic!("expected try_again owner_unavailable, got {other:?}"),
+    }
+    let handle = node.conversation(&id).await.unwrap();
+    assert_eq!(
+        handle.log.durable_seq(),
+        0,
+        "visible before it was archived"
+    );
+    // The lease and the archive come back: the record is archived and shown at its seq, and a
+    // retry with its key is answered with it.
+    node.gates()
+        .extend_lease(Instant::now() + Duration::from_secs(3600));
+    set_down(&archive, false);
+    node.archive_now();
+    eventually("the record to be archived", || {
+        archive.stored(&id).len() == 1
+    })
+    .await;
+    let again = node.append(&id, request("one", Some("one"))).await.unwrap();
+    assert_eq!((again.seq, again.deduped), (1, true));
+    assert_eq!(handle.log.durable_seq(), 1);
+    node.shutdown().await;
+}

@@ -121,7 +121,7 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                         debug_assert_eq!(item.as_ref().map(|i| i.lsn), Some(*lsn));
                         if let Some(mut item) = item {
                             bytes += item.message.approx_bytes();
-                            acks.push(item.ack.take());
+                            acks.push((item.hidden, item.ack.take()));
                         }
                     }
                 }
@@ -132,8 +132,8 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     .fetch_sub(bytes, Ordering::Relaxed);
                 let delay = metrics::histogram!(m::ARCHIVE_DELAY_SECONDS);
                 let now = Instant::now();
-                for ((_, message, log, durable_at), ack) in batch.iter().zip(acks) {
-                    shared.on_archived(message, log, ack);
+                for ((_, message, log, durable_at), (hidden, ack)) in batch.iter().zip(acks) {
+                    shared.on_archived(message, log, hidden, ack);
                     delay.record(now.saturating_duration_since(*durable_at).as_secs_f64());
                 }
                 let last_lsn = batch.last().map_or(0, |b| b.0);
@@ -148,6 +148,9 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     abandoned.abort();
                 }
                 dispatched = 0;
+                if !shared.gates.lease_valid() {
+                    shared.refuse_pending_acks();
+                }
                 if stopping {
                     return;
                 }

@@ -179,6 +179,7 @@ pub(super) fn adopt_recovery(
                 log: log.clone(),
                 durable_at: Instant::now(),
                 ack: None,
+                hidden: false,
             });
         }
         shared.registry(slot).logs.insert(id, log);

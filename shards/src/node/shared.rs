@@ -34,9 +34,11 @@ pub(super) struct ArchiveItem {
     pub(super) message: Arc<Message>,
     pub(super) log: Arc<ConversationLog>,
     pub(super) durable_at: Instant,
-    /// With `ack_after_archive`: the append's answer, given (and the message made visible)
-    /// once the batch holding it is committed. `None`: already visible and answered.
+    /// With `ack_after_archive`: the append's answer, given once the batch holding it is
+    /// committed. `None`: answered already.
     pub(super) ack: Option<PendingAck>,
+    /// Not visible to readers yet (`ack_after_archive`): made visible once committed.
+    pub(super) hidden: bool,
 }
 
 /// An append that is durable in the WAL and waits for its archive commit to be answered.
@@ -175,6 +177,7 @@ impl Shared {
             log: log.clone(),
             durable_at: Instant::now(),
             ack: None,
+            hidden: false,
         });
     }
 
@@ -197,7 +200,30 @@ impl Shared {
             log: log.clone(),
             durable_at: Instant::now(),
             ack: Some(ack),
+            hidden: true,
         });
+    }
+
+    /// The archive is failing and this node's lease has run out: it can acknowledge nothing now,
+    /// so the appends waiting for their archive commit are answered `try_again`
+    /// (`owner_unavailable`) instead of waiting. Their records stay queued: if this node serves
+    /// the slot again they are archived and become visible; if another node takes it, they are
+    /// dropped unacknowledged.
+    pub(super) fn refuse_pending_acks(&self) {
+        let refused: Vec<PendingAck> = self
+            .archive_queue
+            .items
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+            .filter_map(|item| item.ack.take())
+            .collect();
+        for ack in refused {
+            self.count_try_again(TryAgainReason::OwnerUnavailable);
+            let _ = ack
+                .reply
+                .send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
+        }
     }
 
     /// The archiver committed `message`: with a pending answer, the message becomes visible
@@ -207,21 +233,23 @@ impl Shared {
         &self,
         message: &Arc<Message>,
         log: &Arc<ConversationLog>,
+        hidden: bool,
         ack: Option<PendingAck>,
     ) {
-        let Some(ack) = ack else {
-            log.mark_archived(message.seq);
-            return;
-        };
-        log.push_durable(message.clone());
-        if self.durable_events.receiver_count() > 0 {
-            let _ = self.durable_events.send(DurableEvent {
-                conversation_id: message.conversation_id.clone(),
-                seq: message.seq,
-                message: message.clone(),
-            });
+        if hidden {
+            log.push_durable(message.clone());
+            if self.durable_events.receiver_count() > 0 {
+                let _ = self.durable_events.send(DurableEvent {
+                    conversation_id: message.conversation_id.clone(),
+                    seq: message.seq,
+                    message: message.clone(),
+                });
+            }
         }
         log.mark_archived(message.seq);
+        let Some(ack) = ack else {
+            return;
+        };
         let answer = if self.gates.lease_valid() {
             self.record_ack(ack.admitted_at, log.slot);
             Ok(ack.outcome)
