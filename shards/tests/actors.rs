@@ -650,3 +650,81 @@ async fn waiting_acks_are_refused_when_the_lease_goes_and_the_archive_is_down() 
     assert_eq!(handle.log.durable_seq(), 1);
     node.shutdown().await;
 }
+
+/// A clustered node that finds, at start, acknowledged but unarchived messages of a slot it no
+/// longer owns (a failover took it while the node was away) keeps them for restore instead of
+/// dropping them, and the WAL keeps their records until the restore is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unarchived_messages_of_a_lost_slot_are_kept_for_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let lost = archive.create("lost");
+    let kept = archive.create("kept");
+    let (node, _) = Node::start(config(), WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let lost_slot = node.slot_of(&lost);
+    let kept_slot = node.slot_of(&kept);
+    assert_ne!(lost_slot, kept_slot, "pick ids in different slots");
+    assert_eq!(append_retrying(&node, &lost, "archived").await, 1);
+    node.archive_now();
+    eventually("the first to be archived", || {
+        archive.stored(&lost).len() == 1
+    })
+    .await;
+    set_down(&archive, true);
+    for text in ["a", "b", "c"] {
+        append_retrying(&node, &lost, text).await;
+    }
+    node.shutdown().await;
+    set_down(&archive, false);
+
+    // Started again as a cluster member that owns only `kept`'s slot.
+    let gates = ferry_shards::gate::Gates::clustered(config().slot_count);
+    gates.extend_lease(Instant::now() + Duration::from_secs(3600));
+    gates.set_serving(kept_slot, 2);
+    let clustered = NodeConfig {
+        clustered: true,
+        ..config()
+    };
+    let (node, _) = Node::start_with_gates(
+        clustered.clone(),
+        WalOptions::new(dir.path()),
+        archive.clone(),
+        gates.clone(),
+    )
+    .await
+    .unwrap();
+    let pending = node.pending_restore();
+    assert_eq!(pending.len(), 1);
+    let seqs: Vec<u64> = pending[0].iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![2, 3, 4], "only what the archive lacks");
+    assert_eq!(
+        archive.stored(&lost).len(),
+        1,
+        "nothing of a lost slot is archived here"
+    );
+    // Other slots archive as usual; the checkpoint stays below the kept records.
+    assert_eq!(append_retrying(&node, &kept, "k1").await, 1);
+    node.archive_now();
+    eventually("kept's message archived", || {
+        archive.stored(&kept).len() == 1
+    })
+    .await;
+    node.shutdown().await;
+
+    // Still there after another restart: the WAL kept them.
+    let (node, _) = Node::start_with_gates(
+        clustered,
+        WalOptions::new(dir.path()),
+        archive.clone(),
+        gates,
+    )
+    .await
+    .unwrap();
+    let again: Vec<u64> = node.pending_restore()[0].iter().map(|m| m.seq).collect();
+    assert_eq!(again, vec![2, 3, 4]);
+    node.restore_done();
+    assert!(node.pending_restore().is_empty());
+    node.shutdown().await;
+}

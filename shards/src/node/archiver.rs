@@ -137,6 +137,7 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     delay.record(now.saturating_duration_since(*durable_at).as_secs_f64());
                 }
                 let last_lsn = batch.last().map_or(0, |b| b.0);
+                let last_lsn = shared.checkpoint_limit(last_lsn);
                 if let Err(e) = shared.wal.checkpoint(last_lsn) {
                     tracing::error!(error = %e, lsn = last_lsn, "wal checkpoint failed");
                 }

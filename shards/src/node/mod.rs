@@ -255,6 +255,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             durable_events: broadcast::channel(4096).0,
             ack_metrics,
+            restore: Default::default(),
         });
         let repaired = recovery.repair.is_some();
         let report = adopt_recovery(&shared, recovery)?;

@@ -72,35 +72,51 @@ pub(super) async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(),
 
 /// A clustered node's WAL can hold messages of slots that moved to other nodes since (a slot
 /// leaves only once its tail is archived, but the WAL checkpoint may lag). Those logs are dropped
-/// with their archive queue items: the archive has them, and this node may not write them (the
-/// fenced archive would refuse). Anything the archive lacks is logged as an error with its seqs.
+/// with their archive queue items: this node may not write them (the fenced archive would
+/// refuse). What the archive already holds (same seq, same id) is done with. The rest — a slot
+/// failed over while this node was away, whose messages it had acknowledged and not archived —
+/// is kept aside for restore ([`super::Node::pending_restore`]), and the WAL checkpoint stays
+/// below its records until the restore is done.
 pub(super) async fn drop_logs_of_other_owners(shared: &Arc<Shared>) -> Result<(), NodeError> {
     let foreign = recovered_logs(shared, |slot| shared.gates.owned_epoch(slot).is_none());
     if foreign.is_empty() {
         return Ok(());
     }
     let mut dropped = std::collections::HashSet::new();
-    for (slot, id, wal_last_seq) in foreign {
-        let archived_last_seq = shared
-            .archive
-            .load_conversation(&id, 0)
-            .await
-            .map_err(|e| {
-                NodeError::Unavailable(format!(
-                    "conversation {id} of slot {slot} cannot be checked against the archive: {e}"
-                ))
-            })?
-            .map_or(0, |s| s.last_seq);
-        if archived_last_seq < wal_last_seq {
-            tracing::error!(
-                conversation = %id,
-                slot,
-                wal_last_seq,
-                archived_last_seq,
-                "the wal holds messages of a slot another node owns that the archive lacks; they are not served"
-            );
+    let mut unarchived: HashMap<ConversationId, Vec<Arc<Message>>> = HashMap::new();
+    for (slot, id, _) in foreign {
+        let Some(log) = shared.registry(slot).logs.remove(&id) else {
+            continue;
+        };
+        let held = log.read_after(0, usize::MAX).messages;
+        if let (Some(first), Some(last)) = (held.first(), held.last()) {
+            let archived: HashMap<u64, uuid::Uuid> = shared
+                .archive
+                .read_messages(&id, first.seq - 1, last.seq + 1, held.len(), false)
+                .await
+                .map_err(|e| {
+                    NodeError::Unavailable(format!(
+                        "conversation {id} of slot {slot} cannot be checked against the archive: {e}"
+                    ))
+                })?
+                .into_iter()
+                .map(|m| (m.seq, m.id))
+                .collect();
+            let missing: Vec<Arc<Message>> = held
+                .into_iter()
+                .filter(|m| archived.get(&m.seq) != Some(&m.id))
+                .collect();
+            if !missing.is_empty() {
+                tracing::warn!(
+                    conversation = %id,
+                    slot,
+                    messages = missing.len(),
+                    first_seq = missing[0].seq,
+                    "the wal holds messages of a slot another node owns that the archive lacks; kept for restore"
+                );
+                unarchived.insert(id.clone(), missing);
+            }
         }
-        shared.registry(slot).logs.remove(&id);
         dropped.insert(id);
     }
     let mut items = shared
@@ -109,13 +125,26 @@ pub(super) async fn drop_logs_of_other_owners(shared: &Arc<Shared>) -> Result<()
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let mut bytes = 0;
+    let mut pin: Option<Lsn> = None;
     items.retain(|item| {
         let keep = !dropped.contains(&item.message.conversation_id);
         if !keep {
             bytes += item.message.approx_bytes();
+            let kept = unarchived
+                .get(&item.message.conversation_id)
+                .is_some_and(|m| m.iter().any(|m| m.seq == item.message.seq));
+            if kept {
+                pin = Some(pin.map_or(item.lsn, |p| p.min(item.lsn)));
+            }
         }
         keep
     });
+    drop(items);
+    if let Some(pin) = pin {
+        let mut restore = shared.restore.lock().unwrap_or_else(|e| e.into_inner());
+        restore.pin = Some(pin);
+        restore.messages = unarchived.into_values().collect();
+    }
     shared
         .archive_queue
         .bytes

@@ -104,6 +104,18 @@ pub struct Shared {
     /// `record_ack` for every record, and a registry lookup (plus a `slot.to_string()`) per
     /// record was a measurable share of its CPU.
     pub(super) ack_metrics: AckMetrics,
+    /// Messages of slots this node lost while it was away, waiting to be written back into the
+    /// seqs reserved for them; the WAL keeps their records until then.
+    pub(super) restore: Mutex<PendingRestore>,
+}
+
+/// See [`Shared::restore`].
+#[derive(Default)]
+pub(super) struct PendingRestore {
+    /// Per conversation, in seq order.
+    pub(super) messages: Vec<Vec<Arc<Message>>>,
+    /// The lowest LSN among them: the WAL checkpoint stays below it.
+    pub(super) pin: Option<Lsn>,
 }
 
 pub(super) struct AckMetrics {
@@ -141,6 +153,14 @@ pub struct DurableEvent {
 }
 
 impl Shared {
+    /// The highest LSN the WAL checkpoint may move to, given that `archived` is archived.
+    pub(super) fn checkpoint_limit(&self, archived: Lsn) -> Lsn {
+        match self.restore.lock().unwrap_or_else(|e| e.into_inner()).pin {
+            Some(pin) => archived.min(pin.saturating_sub(1)),
+            None => archived,
+        }
+    }
+
     pub fn registry(&self, slot: u32) -> MutexGuard<'_, SlotRegistry> {
         self.registries[slot as usize]
             .lock()

@@ -2,9 +2,11 @@
 //! it, let the slot go) and the per-slot counts the status pages show.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Node;
+use crate::record::Message;
 
 impl Node {
     /// Asks the archiver to store what is queued now rather than after `archive.linger`.
@@ -79,5 +81,31 @@ impl Node {
         (0..self.shared.config.slot_count)
             .map(|s| self.shared.registry(s).handles.len())
             .collect()
+    }
+}
+
+impl Node {
+    /// Messages this node acknowledged in slots that were failed over to other nodes while it
+    /// was away, per conversation in seq order: to be written back into the seqs reserved for
+    /// them (by the slots' owners). Empty when there is nothing to restore.
+    pub fn pending_restore(&self) -> Vec<Vec<Arc<Message>>> {
+        self.shared
+            .restore
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .messages
+            .clone()
+    }
+
+    /// The pending restore is done (every message written back, or found already there, or
+    /// kept aside as orphaned): the WAL may drop their records.
+    pub fn restore_done(&self) {
+        let mut restore = self
+            .shared
+            .restore
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        restore.messages.clear();
+        restore.pin = None;
     }
 }
