@@ -11,6 +11,10 @@
 //!   gap) makes the cursor read the missing messages from the owner, or from the archive while
 //!   the owner is unavailable.
 //!
+//! Seqs a failover reserved for a lost node (`docs/runtime-semantics.md`, "Node loss") may hold
+//! nothing: a batch that jumps over such seqs carries a `gap` for them, and a jump over seqs
+//! that are not reserved is an error, as before.
+//!
 //! When the slot moves, a local cursor finds its log marked moved and continues as a remote one
 //! from the same position (and a remote one becomes local when the slot comes here), so a
 //! subscriber sees no gap and no repeat across moves. A cursor holds at most one page plus the
@@ -45,6 +49,16 @@ pub struct Cursor {
     position: u64,
     page: usize,
     source: Source,
+    /// The conversation's reserved seq ranges, read when a batch first jumps.
+    reserved: Option<Vec<(u64, u64)>>,
+}
+
+/// What a cursor hands out next: reserved seqs it passed that hold nothing (`gap`, before the
+/// messages), then messages in seq order. Never both empty.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub gap: Option<(u64, u64)>,
+    pub messages: Vec<Arc<Message>>,
 }
 
 enum Source {
@@ -88,6 +102,7 @@ impl Cursor {
             position: after_seq,
             page: page.max(1),
             source,
+            reserved: None,
         }
     }
 
@@ -96,7 +111,7 @@ impl Cursor {
     }
 
     /// The next non-empty batch after the position; waits for new messages when caught up.
-    pub async fn next_batch(&mut self) -> Result<Vec<Arc<Message>>, ApiError> {
+    pub async fn next_batch(&mut self) -> Result<Batch, ApiError> {
         loop {
             let became = match &mut self.source {
                 Source::Local { handle, durable } => {
@@ -114,7 +129,7 @@ impl Cursor {
                                 .read_after(handle, self.position, self.page)
                                 .await?;
                             if !batch.is_empty() {
-                                return self.advance(batch);
+                                return self.advance(batch).await;
                             }
                         }
                         if durable.changed().await.is_err() {
@@ -127,7 +142,7 @@ impl Cursor {
                     match next_remote(&self.state, &self.id, self.position, self.page, remote)
                         .await?
                     {
-                        RemoteStep::Batch(batch) => return self.advance(batch),
+                        RemoteStep::Batch(batch) => return self.advance(batch).await,
                         RemoteStep::BecameLocal(handle) => Some(Source::Local {
                             durable: handle.log.watch_durable(),
                             handle,
@@ -142,17 +157,46 @@ impl Cursor {
         }
     }
 
-    fn advance(&mut self, batch: Vec<Arc<Message>>) -> Result<Vec<Arc<Message>>, ApiError> {
-        if batch[0].seq != self.position + 1 {
-            return Err(ApiError::unavailable(format!(
-                "history between seq {} and {} is not readable",
-                self.position, batch[0].seq
-            )));
+    /// Hands out `batch` (non-empty, ascending, after the position) up to its first hole; a
+    /// jump over reserved seqs at its start becomes the batch's gap.
+    async fn advance(&mut self, mut batch: Vec<Arc<Message>>) -> Result<Batch, ApiError> {
+        let mut gap = None;
+        let first = batch[0].seq;
+        if first != self.position + 1 {
+            let (from, to) = (self.position + 1, first.saturating_sub(1));
+            if !self.reserved_covers(from, to).await? {
+                return Err(ApiError::unavailable(format!(
+                    "history between seq {} and {} is not readable",
+                    self.position, first
+                )));
+            }
+            gap = Some((from, to));
+        }
+        // A hole inside the batch is handed out by the next call, with its own gap.
+        if let Some(cut) = (1..batch.len()).find(|&i| batch[i].seq != batch[i - 1].seq + 1) {
+            batch.truncate(cut);
         }
         if let Some(last) = batch.last() {
             self.position = last.seq;
         }
-        Ok(batch)
+        Ok(Batch {
+            gap,
+            messages: batch,
+        })
+    }
+
+    /// Whether `from..=to` is all reserved seqs (read again once if the ranges known do not
+    /// cover it: a reservation may be newer than the cursor).
+    async fn reserved_covers(&mut self, from: u64, to: u64) -> Result<bool, ApiError> {
+        if let Some(ranges) = &self.reserved {
+            if service::all_reserved(ranges, from, to) {
+                return Ok(true);
+            }
+        }
+        let ranges = service::reserved_ranges(&self.state, &self.id).await?;
+        let covered = service::all_reserved(&ranges, from, to);
+        self.reserved = Some(ranges);
+        Ok(covered)
     }
 }
 

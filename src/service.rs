@@ -563,6 +563,63 @@ pub async fn last_seq(state: &AppState, id: &ConversationId) -> Result<u64, ApiE
 /// live notification: a lost *last* message shows up as no gap at all.
 pub const TOP_SEQ_CHECK: Duration = Duration::from_secs(1);
 
+/// The seq ranges (`from..=to`) failovers reserved in the conversation for a lost node's
+/// messages, ascending; none outside a cluster.
+pub async fn reserved_ranges(
+    state: &AppState,
+    id: &ConversationId,
+) -> Result<Vec<(u64, u64)>, ApiError> {
+    let Some(cluster) = cluster(state) else {
+        return Ok(Vec::new());
+    };
+    let reservations = cluster
+        .db()
+        .reservations(id.as_str())
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(reservations
+        .into_iter()
+        .map(|r| (r.from_seq, r.to_seq))
+        .collect())
+}
+
+/// Whether every seq of `from..=to` lies in one of `ranges` (ascending, as
+/// [`reserved_ranges`] gives them).
+pub fn all_reserved(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
+    let mut next = from;
+    for &(a, b) in ranges {
+        if next > to {
+            break;
+        }
+        if a > next {
+            return false;
+        }
+        if b >= next {
+            next = b.saturating_add(1);
+        }
+    }
+    next > to
+}
+
+/// The runs of seqs in `from..=to` that none of `messages` (ascending) holds.
+pub fn holes(messages: &[Arc<Message>], from: u64, to: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut next = from;
+    for m in messages {
+        if m.seq > to {
+            break;
+        }
+        if m.seq > next {
+            out.push((next, m.seq - 1));
+        }
+        next = next.max(m.seq.saturating_add(1));
+    }
+    if next <= to {
+        out.push((next, to));
+    }
+    out
+}
+
 /// For cluster-aware callers that need the cluster handle.
 pub fn cluster(state: &AppState) -> Option<&Cluster> {
     state.cluster.as_ref()
@@ -726,4 +783,47 @@ pub async fn fetch_after(
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Fetched::Messages(messages))
+}
+
+#[cfg(test)]
+mod reservation_tests {
+    use super::{all_reserved, holes};
+
+    #[test]
+    fn reserved_ranges_cover_runs_across_adjacent_reservations() {
+        let ranges = [(11, 20), (21, 30), (41, 50)];
+        assert!(all_reserved(&ranges, 11, 30));
+        assert!(all_reserved(&ranges, 15, 25));
+        assert!(!all_reserved(&ranges, 10, 12));
+        assert!(!all_reserved(&ranges, 25, 41));
+        assert!(all_reserved(&ranges, 45, 45));
+        assert!(!all_reserved(&[], 1, 1));
+    }
+
+    #[test]
+    fn holes_are_the_runs_no_message_holds() {
+        use ferry_shards::ids::{ConversationId, ParticipantId};
+        use serde_json::value::RawValue;
+        let m = |seq: u64| {
+            std::sync::Arc::new(ferry_shards::record::Message {
+                conversation_id: ConversationId::parse("c").unwrap(),
+                slot: 0,
+                epoch: 0,
+                seq,
+                id: uuid::Uuid::now_v7(),
+                created_at_ms: 0,
+                sender: ParticipantId::parse("a").unwrap(),
+                kind: "text".into(),
+                content: RawValue::from_string("1".into()).unwrap(),
+                metadata: RawValue::from_string("{}".into()).unwrap(),
+                idempotency_key: None,
+                rendered: Default::default(),
+            })
+        };
+        let page = [m(3), m(4), m(9)];
+        assert_eq!(holes(&page, 1, 12), vec![(1, 2), (5, 8), (10, 12)]);
+        assert_eq!(holes(&page, 3, 9), vec![(5, 8)]);
+        assert_eq!(holes(&[], 5, 7), vec![(5, 7)]);
+        assert!(holes(&page, 3, 4).is_empty());
+    }
 }

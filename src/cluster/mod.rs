@@ -32,6 +32,7 @@ pub mod internal;
 pub mod membership;
 pub mod peer;
 pub mod rebalancer;
+pub mod reserve;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};

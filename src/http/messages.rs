@@ -172,18 +172,54 @@ pub async fn list(
     }
     let (mut messages, last_seq) =
         crate::service::read(&state, &principal, &id, after, before, limit).await?;
-    let has_more = match before {
-        Some(_) => {
+    let full = messages.len() >= limit;
+    // The seqs this page speaks for: a full page up to its last message (the next page goes on
+    // from there), a partial one to the end of what exists in that direction.
+    let (has_more, span) = match before {
+        Some(before) => {
             messages.retain(|m| m.seq >= first_available);
-            messages.first().is_some_and(|m| m.seq > first_available)
+            let low = match messages.first() {
+                Some(m) if full => m.seq,
+                _ => first_available.max(1),
+            };
+            let has_more = messages.first().is_some_and(|m| m.seq > first_available);
+            (
+                has_more,
+                (
+                    low,
+                    before.min(last_seq.saturating_add(1)).saturating_sub(1),
+                ),
+            )
         }
-        None => messages.last().map_or(after.unwrap_or(0), |m| m.seq) < last_seq,
+        None => {
+            let from = after.unwrap_or(0) + 1;
+            let to = match messages.last() {
+                Some(m) if full => m.seq,
+                _ => last_seq,
+            };
+            (to < last_seq, (from, to))
+        }
     };
+    // Seqs a failover reserved that hold nothing are named, so a reader knows they were
+    // skipped on purpose; any other hole would be a bug, and is not papered over.
+    let mut gaps = Vec::new();
+    if span.0 <= span.1 {
+        let holes = crate::service::holes(&messages, span.0, span.1);
+        if !holes.is_empty() {
+            let reserved = crate::service::reserved_ranges(&state, &id).await?;
+            gaps = holes
+                .into_iter()
+                .filter(|&(from, to)| crate::service::all_reserved(&reserved, from, to))
+                .map(|(from_seq, to_seq)| Gap { from_seq, to_seq })
+                .collect();
+        }
+    }
     let page = Page {
         messages: messages.iter().map(|m| &**m).collect(),
         last_seq,
         has_more,
         first_available_seq: first_available,
+        gaps,
     };
     Ok(Json(page).into_response())
 }
@@ -196,4 +232,13 @@ struct Page<'a> {
     last_seq: u64,
     has_more: bool,
     first_available_seq: u64,
+    /// Reserved seqs within the page's span that hold nothing; only present when there are.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    gaps: Vec<Gap>,
+}
+
+#[derive(Serialize)]
+struct Gap {
+    from_seq: u64,
+    to_seq: u64,
 }

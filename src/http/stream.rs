@@ -86,15 +86,22 @@ fn events(cursor: Cursor) -> impl Stream<Item = Result<Event, Infallible>> {
         let mut cursor = cursor?;
         match cursor.next_batch().await {
             Ok(batch) => {
-                let events: Vec<Result<Event, Infallible>> = batch
-                    .iter()
-                    .map(|m| {
+                let gap = batch.gap.map(|(from_seq, to_seq)| {
+                    let data = serde_json::json!({"from_seq": from_seq, "to_seq": to_seq});
+                    Ok(Event::default()
+                        .id(to_seq.to_string())
+                        .event("gap")
+                        .data(data.to_string()))
+                });
+                let events: Vec<Result<Event, Infallible>> = gap
+                    .into_iter()
+                    .chain(batch.messages.iter().map(|m| {
                         let data = m.json().to_owned();
                         Ok(Event::default()
                             .id(m.seq.to_string())
                             .event("message")
                             .data(data))
-                    })
+                    }))
                     .collect();
                 Some((stream::iter(events), Some(cursor)))
             }

@@ -535,7 +535,8 @@ impl SocketChannels {
     }
 }
 
-/// The `gap` push: seqs `from_seq..=to_seq` expired before the client read them.
+/// The `gap` push: seqs `from_seq..=to_seq` expired before the client read them, or were
+/// reserved by a failover and hold nothing.
 #[derive(Serialize)]
 struct Gap {
     from_seq: u64,
@@ -589,7 +590,13 @@ fn deliveries(
             match st.cursor.next_batch().await {
                 Ok(batch) => {
                     st.failures = 0;
-                    st.pending.extend(batch);
+                    st.pending.extend(batch.messages);
+                    if let Some((from_seq, to_seq)) = batch.gap {
+                        // Reserved seqs that hold nothing, before the batch's messages.
+                        let gap = Gap { from_seq, to_seq };
+                        let push = frame::push(&st.join_ref, &st.topic, "gap", &gap);
+                        return Some((vec![push], st));
+                    }
                 }
                 Err(e) => {
                     st.failures += 1;

@@ -479,8 +479,9 @@ impl Node {
             .archive
             .read_messages(&handle.log.id, after_seq, ring.ring_first_seq, limit, false)
             .await?;
-        let contiguous = out.last().map_or(after_seq, |m| m.seq) + 1 == ring.ring_first_seq;
-        if out.len() < limit && contiguous {
+        // Fewer than `limit` means SQL gave everything it holds before the ring: the ring goes on
+        // from there (seqs between them, if any, are reserved ones that hold nothing).
+        if out.len() < limit {
             let room = limit - out.len();
             out.extend(ring.messages.into_iter().take(room));
         }
