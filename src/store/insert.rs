@@ -1,0 +1,246 @@
+//! Storing an archive batch, in one transaction, idempotently: a multi-row `INSERT … ON
+//! CONFLICT DO NOTHING` on SQLite; on Postgres a `COPY`, falling back to `INSERT … SELECT FROM
+//! UNNEST` when part of the batch is already stored. A cluster member's batch first passes the
+//! fence check ([`check_fence`]) inside the same transaction.
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgPool;
+use sqlx::QueryBuilder;
+
+use ferry_shards::record::{format_rfc3339_millis, Message};
+
+use super::{to_i64, Db, Fence, Store, StoreError};
+
+/// SQLite caps bound parameters per statement; 11 columns × 2000 rows stays well below it.
+const MESSAGE_COLUMNS: usize = 11;
+const MAX_ROWS_PER_INSERT: usize = 2000;
+
+/// Postgres binds one array per column, so the row count is not limited by parameters; chunks
+/// only keep a single statement's size reasonable.
+const MAX_ROWS_PER_UNNEST: usize = 10_000;
+
+/// One batch of messages as Postgres arrays, one per column, for `UNNEST`.
+const PG_COPY_MESSAGES: &str = "COPY messages \
+     (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
+     FROM STDIN (FORMAT csv)";
+/// Bytes of CSV handed to the connection at a time during a COPY.
+const PG_COPY_CHUNK: usize = 256 * 1024;
+
+const PG_INSERT_MESSAGES: &str = "INSERT INTO messages \
+     (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
+     SELECT c, s, CAST(i AS UUID), snd, k, CAST(ct AS JSONB), CAST(md AS JSONB), \
+            TIMESTAMPTZ 'epoch' + ms * INTERVAL '1 millisecond', ms, ik, sl \
+     FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                 $8::int8[], $9::text[], $10::int8[]) AS t(c, s, i, snd, k, ct, md, ms, ik, sl) \
+     ON CONFLICT (conversation_id, seq) DO NOTHING";
+
+impl Store {
+    /// Stores a batch in one transaction; rows already present are left as they are.
+    pub(super) async fn insert_messages(
+        &self,
+        messages: &[Arc<Message>],
+    ) -> Result<(), StoreError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for chunk in messages.chunks(MAX_ROWS_PER_INSERT) {
+                    let mut q = QueryBuilder::new(
+                        "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) ",
+                    );
+                    q.push_values(chunk, |mut b, m| {
+                        b.push_bind(m.conversation_id.as_str())
+                            .push_bind(to_i64(m.seq))
+                            .push_bind(m.id.to_string())
+                            .push_bind(m.sender.as_str())
+                            .push_bind(&*m.kind)
+                            .push_bind(m.content.get())
+                            .push_bind(m.metadata.get())
+                            .push_bind(format_rfc3339_millis(m.created_at_ms))
+                            .push_bind(m.created_at_ms)
+                            .push_bind(m.idempotency_key.as_deref())
+                            .push_bind(m.slot as i64);
+                    });
+                    q.push(" ON CONFLICT (conversation_id, seq) DO NOTHING");
+                    debug_assert!(chunk.len() * MESSAGE_COLUMNS < 32_766);
+                    q.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            Db::Postgres(pool) => {
+                let fence = match &self.fence {
+                    Some(f) => Some((&**f, f.epochs(messages)?)),
+                    None => None,
+                };
+                let fence = fence.as_ref().map(|(f, epochs)| (*f, epochs.as_slice()));
+                match pg_copy_messages(pool, messages, fence).await {
+                    Ok(()) => {}
+                    // Some of the batch is already stored (a retry after a failure or a crash):
+                    // the plain COPY refuses duplicates, the slower insert skips them.
+                    Err(e) if is_unique_violation(&e) => {
+                        pg_insert_messages(pool, messages, fence).await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The archive's fast path on Postgres: one `COPY … FROM STDIN (FORMAT csv)` per batch, in one
+/// transaction. COPY does plain inserts where `INSERT … ON CONFLICT DO NOTHING` does speculative
+/// ones, which costs the server noticeably more per row; the price is that a duplicate fails the
+/// whole COPY (SQLSTATE 23505), and the caller then falls back to [`pg_insert_messages`].
+async fn pg_copy_messages(
+    pool: &PgPool,
+    messages: &[Arc<Message>],
+    fence: Option<(&Fence, &[(u32, u64)])>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    check_fence(&mut tx, fence).await?;
+    let mut copy = tx.copy_in_raw(PG_COPY_MESSAGES).await?;
+    let mut buf = Vec::with_capacity(PG_COPY_CHUNK + 16 * 1024);
+    for m in messages {
+        csv_message_row(&mut buf, m);
+        if buf.len() >= PG_COPY_CHUNK {
+            copy.send(std::mem::take(&mut buf)).await?;
+            buf.reserve(PG_COPY_CHUNK + 16 * 1024);
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf).await?;
+    }
+    copy.finish().await?;
+    tx.commit().await
+}
+
+/// `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`: idempotent, for batches of which
+/// some rows may already be stored.
+async fn pg_insert_messages(
+    pool: &PgPool,
+    messages: &[Arc<Message>],
+    fence: Option<(&Fence, &[(u32, u64)])>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    check_fence(&mut tx, fence).await?;
+    for chunk in messages.chunks(MAX_ROWS_PER_UNNEST) {
+        let n = chunk.len();
+        let mut conversation = Vec::with_capacity(n);
+        let mut seq = Vec::with_capacity(n);
+        let mut id = Vec::with_capacity(n);
+        let mut sender = Vec::with_capacity(n);
+        let mut kind = Vec::with_capacity(n);
+        let mut content = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
+        let mut created_at_ms = Vec::with_capacity(n);
+        let mut key = Vec::with_capacity(n);
+        let mut slot = Vec::with_capacity(n);
+        for m in chunk {
+            conversation.push(m.conversation_id.as_str());
+            seq.push(to_i64(m.seq));
+            id.push(m.id.to_string());
+            sender.push(m.sender.as_str());
+            kind.push(&*m.kind);
+            content.push(m.content.get());
+            metadata.push(m.metadata.get());
+            created_at_ms.push(m.created_at_ms);
+            key.push(m.idempotency_key.as_deref());
+            slot.push(m.slot as i64);
+        }
+        sqlx::query(PG_INSERT_MESSAGES)
+            .bind(conversation)
+            .bind(seq)
+            .bind(id)
+            .bind(sender)
+            .bind(kind)
+            .bind(content)
+            .bind(metadata)
+            .bind(created_at_ms)
+            .bind(key)
+            .bind(slot)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The cluster's fence inside an archive transaction: the batch's slot rows are read-locked
+/// (`FOR SHARE`) and must name this node at the epochs it serves them at, so a stale owner's
+/// write fails (Temporal's range-id pattern). The lock lasts until the commit; a paused holder's
+/// transaction is ended by the connection's `idle_in_transaction_session_timeout`.
+///
+/// A slot another node now owns stops being served here at once (its gate closes; appends are
+/// routed to the owner). The same node at another epoch (a reclaim after a lease lapse, not yet
+/// seen by this batch) is only retried.
+async fn check_fence(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    fence: Option<(&Fence, &[(u32, u64)])>,
+) -> Result<(), sqlx::Error> {
+    use crate::cluster::db::ClusterDbError;
+    let Some((fence, epochs)) = fence else {
+        return Ok(());
+    };
+    match crate::cluster::db::check_fence(tx, &fence.node_id, epochs).await {
+        Ok(()) => Ok(()),
+        Err(ClusterDbError::Fenced(f)) => {
+            metrics::counter!(ferry_shards::metrics::ARCHIVE_ERRORS_TOTAL).increment(1);
+            if f.found_owner.as_deref() != Some(fence.node_id.as_str()) {
+                tracing::error!(error = %f, "archive write fenced off: another node owns the slot; no longer serving it");
+                fence
+                    .gates
+                    .set_not_owned(f.slot, f.found_epoch.unwrap_or(f.expected_epoch));
+            } else {
+                tracing::warn!(error = %f, "archive write under an old epoch of this node; retrying");
+            }
+            Err(sqlx::Error::Protocol(format!("fenced: {f}")))
+        }
+        Err(e) => Err(sqlx::Error::Protocol(format!("fence check failed: {e}"))),
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "23505")
+}
+
+/// One CSV row of [`PG_COPY_MESSAGES`]; text fields quoted (any byte allowed inside), a missing
+/// idempotency key as the unquoted empty field, which COPY reads as NULL.
+fn csv_message_row(buf: &mut Vec<u8>, m: &Message) {
+    use std::io::Write;
+    csv_text(buf, m.conversation_id.as_str());
+    let _ = write!(buf, ",{},{},", m.seq, m.id);
+    csv_text(buf, m.sender.as_str());
+    buf.push(b',');
+    csv_text(buf, &m.kind);
+    buf.push(b',');
+    csv_text(buf, m.content.get());
+    buf.push(b',');
+    csv_text(buf, m.metadata.get());
+    let _ = write!(
+        buf,
+        ",{},{},",
+        format_rfc3339_millis(m.created_at_ms),
+        m.created_at_ms
+    );
+    if let Some(key) = m.idempotency_key.as_deref() {
+        csv_text(buf, key);
+    }
+    let _ = writeln!(buf, ",{}", m.slot);
+}
+
+fn csv_text(buf: &mut Vec<u8>, value: &str) {
+    buf.push(b'"');
+    for &b in value.as_bytes() {
+        if b == b'"' {
+            buf.push(b'"');
+        }
+        buf.push(b);
+    }
+    buf.push(b'"');
+}
