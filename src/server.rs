@@ -94,6 +94,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         archive_linger: config.archive.linger,
         clustered: config.clustered(),
         hold_timeout: config.cluster.move_hold,
+        // Each starting conversation loads from the archive over the pool; 32 waiting per
+        // connection (256 with the default 8) keeps a flood of first touches from queuing
+        // without end, far above what normal traffic starts at once.
+        max_activations: (config.archive.pool_size as usize)
+            .saturating_mul(32)
+            .max(64),
         ..NodeConfig::default()
     };
     metrics::gauge!(ferry_shards::metrics::ARCHIVE_BACKLOG_LIMIT_BYTES)

@@ -44,7 +44,7 @@ use sqlx::{QueryBuilder, SqlitePool};
 use uuid::Uuid;
 
 use ferry_shards::archive::{
-    Archive, ArchiveError, BoxFuture, ConversationMeta, ConversationSnapshot,
+    Archive, ArchiveError, BoxFuture, ConversationMeta, ConversationSnapshot, ConversationSummary,
 };
 use ferry_shards::conversation_log::DedupeEntry;
 use ferry_shards::ids::{ConversationId, ParticipantId};
@@ -1133,6 +1133,20 @@ impl Archive for Store {
         dedupe_window: usize,
     ) -> BoxFuture<'a, Result<Option<ConversationSnapshot>, ArchiveError>> {
         Box::pin(async move { Ok(self.load(id, dedupe_window).await?) })
+    }
+
+    /// Two small reads (the row, the last seq), without the idempotency keys a load fetches.
+    fn describe_conversation<'a>(
+        &'a self,
+        id: &'a ConversationId,
+    ) -> BoxFuture<'a, Result<Option<ConversationSummary>, ArchiveError>> {
+        Box::pin(async move {
+            let Some(meta) = self.conversation(id).await? else {
+                return Ok(None);
+            };
+            let last_seq = self.last_seq(id).await?;
+            Ok(Some(ConversationSummary { meta, last_seq }))
+        })
     }
 
     fn store_messages<'a>(

@@ -13,14 +13,19 @@
 //! - `recovery.rs`: turning what WAL recovery found into conversation logs and archive work;
 //! - `archiver.rs`: the task that hands durable messages to the archive and advances the WAL
 //!   checkpoint;
+//! - `activation.rs`: starting a conversation's actor on first use, bounded per node, with one
+//!   pending activation per conversation that every caller waits on;
+//! - `reader.rs`: reading a conversation without starting its writer;
 //! - `slots.rs`: per-slot operations a hand-over and the status pages use.
 
+mod activation;
 mod archiver;
+mod reader;
 mod recovery;
 mod shared;
 mod slots;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +39,6 @@ use crate::archive::{Archive, ArchiveError};
 use crate::conversation_log::{ConversationLog, RingBudget};
 use crate::gate::{GateRefusal, Gates};
 use crate::ids::ConversationId;
-use crate::metrics as m;
 use crate::placement::slot_of;
 use crate::record::Message;
 use crate::wal::{Lsn, Wal, WalError, WalOptions};
@@ -43,6 +47,8 @@ use archiver::run_archiver;
 use recovery::{adopt_recovery, drop_logs_behind_archive, drop_logs_of_other_owners};
 use shared::AckMetrics;
 
+pub use activation::Activation;
+pub use reader::ConversationReader;
 pub use recovery::StartupReport;
 pub use shared::{ArchiveQueue, DurableEvent, Shared, SlotRegistry};
 
@@ -77,6 +83,14 @@ pub struct NodeConfig {
     pub clustered: bool,
     /// How long an append waits for a slot that is being handed over before `try_again`.
     pub hold_timeout: Duration,
+    /// Conversation actors starting at once on this node (each loads its state from the
+    /// archive). Past it, a request that would start one more gets `try_again` (`activating`);
+    /// requests for a conversation already starting wait for it without counting again.
+    pub max_activations: usize,
+    /// How long a caller waits for a conversation actor to start before `try_again`
+    /// (`activating`), and how long the actor may take to load before its start is given up
+    /// (its waiting callers then get `activating` too).
+    pub activation_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -94,6 +108,8 @@ impl Default for NodeConfig {
             archive_linger: Duration::from_millis(100),
             clustered: false,
             hold_timeout: Duration::from_millis(2000),
+            max_activations: 256,
+            activation_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -111,6 +127,9 @@ pub enum TryAgainReason {
     SlotMoving,
     /// The slot's owner is not reachable (its lease expired, or this node's did).
     OwnerUnavailable,
+    /// Too many conversation actors are starting on this node (`max_activations`), or this
+    /// conversation's did not start within `activation_timeout`; nothing was written.
+    Activating,
 }
 
 impl TryAgainReason {
@@ -123,6 +142,7 @@ impl TryAgainReason {
             TryAgainReason::Unavailable => "unavailable",
             TryAgainReason::SlotMoving => "slot_moving",
             TryAgainReason::OwnerUnavailable => "owner_unavailable",
+            TryAgainReason::Activating => "activating",
         }
     }
 
@@ -134,6 +154,7 @@ impl TryAgainReason {
             TryAgainReason::Unavailable => 1000,
             TryAgainReason::SlotMoving => 50,
             TryAgainReason::OwnerUnavailable => 1000,
+            TryAgainReason::Activating => 50,
         }
     }
 }
@@ -246,6 +267,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             durable_events: broadcast::channel(4096).0,
             ack_metrics,
+            activations: AtomicUsize::new(0),
         });
         let repaired = recovery.repair.is_some();
         let report = adopt_recovery(&shared, recovery)?;
@@ -302,21 +324,6 @@ impl Node {
             self.shared.archive_queue.len(),
             self.shared.archive_queue.bytes(),
         )
-    }
-
-    /// The active conversation, starting its actor if needed. Refused with `NotOwner` for a
-    /// slot this node does not own: looking at another node's conversation must not start a
-    /// writer here.
-    pub async fn conversation(&self, id: &ConversationId) -> Result<ConversationHandle, NodeError> {
-        let slot = self.slot_of(id);
-        if let Some(handle) = self.shared.registry(slot).handles.get(id) {
-            return Ok(handle.clone());
-        }
-        if self.shared.gates.owned_epoch(slot).is_none() {
-            return Err(NodeError::NotOwner { slot });
-        }
-        ractor::call!(self.slots[slot as usize], SlotMsg::Activate, id.clone())
-            .map_err(|e| NodeError::Unavailable(format!("slot {slot}: {e}")))?
     }
 
     /// The serving gates of this node's slots and its lease.
@@ -455,23 +462,7 @@ impl Node {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Message>>, NodeError> {
-        let ring = handle.log.read_after(after_seq, limit);
-        if after_seq + 1 >= ring.ring_first_seq || after_seq >= ring.durable_seq {
-            self.shared.ack_metrics.ring_reads.increment(1);
-            return Ok(ring.messages);
-        }
-        metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "sql").increment(1);
-        let mut out = self
-            .shared
-            .archive
-            .read_messages(&handle.log.id, after_seq, ring.ring_first_seq, limit, false)
-            .await?;
-        let contiguous = out.last().map_or(after_seq, |m| m.seq) + 1 == ring.ring_first_seq;
-        if out.len() < limit && contiguous {
-            let room = limit - out.len();
-            out.extend(ring.messages.into_iter().take(room));
-        }
-        Ok(out)
+        reader::read_log_after(&self.shared, &handle.log, after_seq, limit).await
     }
 
     /// The newest messages with `seq < before_seq`, at most `limit`, ascending.
@@ -481,19 +472,7 @@ impl Node {
         before_seq: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Message>>, NodeError> {
-        let (ring_first_seq, mut from_ring) = handle.log.read_before(before_seq, limit);
-        let below = before_seq.min(ring_first_seq);
-        if from_ring.len() >= limit || below <= 1 {
-            return Ok(from_ring);
-        }
-        metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "sql").increment(1);
-        let mut out = self
-            .shared
-            .archive
-            .read_messages(&handle.log.id, 0, below, limit - from_ring.len(), true)
-            .await?;
-        out.append(&mut from_ring);
-        Ok(out)
+        reader::read_log_before(&self.shared, &handle.log, before_seq, limit).await
     }
 
     /// Stops taking appends, answers everything queued in the WAL, flushes the archive once, and

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::{broadcast, Notify};
 
-use super::{NodeConfig, TryAgainReason};
+use super::{Activation, NodeConfig, TryAgainReason};
 use crate::actor::ConversationHandle;
 use crate::archive::Archive;
 use crate::conversation_log::{ConversationLog, RingBudget};
@@ -25,6 +25,9 @@ pub struct SlotRegistry {
     /// Every live log: those of active actors and those rebuilt by WAL recovery.
     pub logs: HashMap<ConversationId, Arc<ConversationLog>>,
     pub handles: HashMap<ConversationId, ConversationHandle>,
+    /// Conversations whose actor is starting: one entry per conversation, which every caller
+    /// that needs its handle meanwhile waits on. Never both here and in `handles`.
+    pub activating: HashMap<ConversationId, Activation>,
 }
 
 pub(super) struct ArchiveItem {
@@ -88,6 +91,8 @@ pub struct Shared {
     /// `record_ack` for every record, and a registry lookup (plus a `slot.to_string()`) per
     /// record was a measurable share of its CPU.
     pub(super) ack_metrics: AckMetrics,
+    /// Entries in every slot's `activating`: the node-wide count `max_activations` bounds.
+    pub(super) activations: AtomicUsize,
 }
 
 pub(super) struct AckMetrics {
