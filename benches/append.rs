@@ -399,7 +399,7 @@ impl Outcomes {
                 TryAgainReason::MailboxFull => &self.mailbox_full,
                 TryAgainReason::WalFull => &self.wal_full,
                 TryAgainReason::ArchiveBacklog => &self.archive_backlog,
-                TryAgainReason::Restarting => &self.restarting,
+                TryAgainReason::Restarting | TryAgainReason::Activating => &self.restarting,
                 TryAgainReason::Unavailable
                 | TryAgainReason::SlotMoving
                 | TryAgainReason::OwnerUnavailable => &self.unavailable,

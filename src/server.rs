@@ -100,6 +100,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         } else {
             0
         },
+        // Each starting conversation loads from the archive over the pool; 32 waiting per
+        // connection (256 with the default 8) keeps a flood of first touches from queuing
+        // without end, far above what normal traffic starts at once.
+        max_activations: (config.archive.pool_size as usize)
+            .saturating_mul(32)
+            .max(64),
         ..NodeConfig::default()
     };
     metrics::gauge!(ferry_shards::metrics::ARCHIVE_BACKLOG_LIMIT_BYTES)

@@ -20,7 +20,7 @@ use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
 use ferry_shards::actor::ConversationHandle;
 use ferry_shards::archive::ConversationMeta;
 use ferry_shards::ids::ConversationId;
-use ferry_shards::node::{AppendTicket, Refused, TryAgainReason};
+use ferry_shards::node::{AppendTicket, ConversationReader, Refused, TryAgainReason};
 use ferry_shards::record::Message;
 
 use crate::access;
@@ -73,15 +73,14 @@ fn peer_failed(state: &AppState, id: &ConversationId, e: PeerError) -> Option<Ap
 }
 
 /// A conversation as a request sees it: its description and last seq, and its local handle when
-/// this node owns it.
+/// this node owns it and its actor runs (looking starts none).
 pub struct Conversation {
     pub meta: Arc<ConversationMeta>,
     pub last_seq: u64,
     pub local: Option<ConversationHandle>,
 }
 
-/// Looks a conversation up (authorized for `principal`) without starting a writer on a node
-/// that does not own it.
+/// Looks a conversation up (authorized for `principal`) without starting a writer anywhere.
 pub async fn conversation(
     state: &AppState,
     principal: &Principal,
@@ -89,13 +88,13 @@ pub async fn conversation(
 ) -> Result<Conversation, ApiError> {
     for _ in 0..MAX_ROUTES {
         match route(state, id) {
-            Route::Local => match state.node.conversation(id).await {
-                Ok(handle) => {
-                    authorize_fresh(state, principal, &handle).await?;
+            Route::Local => match state.node.peek(id).await {
+                Ok(reader) => {
+                    authorize_reader(state, principal, &reader).await?;
                     return Ok(Conversation {
-                        meta: handle.meta(),
-                        last_seq: handle.log.durable_seq(),
-                        local: Some(handle),
+                        meta: reader.meta(),
+                        last_seq: reader.last_seq(),
+                        local: reader.active().cloned(),
                     });
                 }
                 Err(ferry_shards::node::NodeError::NotOwner { .. }) => refresh(state, id).await,
@@ -138,6 +137,30 @@ pub async fn conversation(
     Err(unavailable(TryAgainReason::SlotMoving))
 }
 
+/// [`conversation`] for a subscriber (an SSE stream, a joined topic). On the owner it starts the
+/// conversation's actor if none runs: a subscriber waits on the live log, which only an active
+/// conversation keeps, and a conversation that cannot start should fail the subscription now
+/// rather than its stream later.
+pub async fn follow(
+    state: &AppState,
+    principal: &Principal,
+    id: &ConversationId,
+) -> Result<Conversation, ApiError> {
+    let mut conversation = conversation(state, principal, id).await?;
+    if conversation.local.is_none() && matches!(route(state, id), Route::Local) {
+        match state.node.conversation(id).await {
+            Ok(handle) => {
+                conversation.last_seq = handle.log.durable_seq();
+                conversation.local = Some(handle);
+            }
+            // The slot left meanwhile: the cursor follows the conversation to its owner.
+            Err(ferry_shards::node::NodeError::NotOwner { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(conversation)
+}
+
 fn is_unreachable(e: &ApiError) -> bool {
     e.reason == Some(TryAgainReason::OwnerUnavailable.as_str())
 }
@@ -156,6 +179,19 @@ pub async fn authorize_fresh(
         state.node.refresh_meta(meta);
     }
     access::authorize(principal, &handle.meta())
+}
+
+/// Authorizes a reader: against the active actor's cached description (checked again against
+/// SQL, see [`authorize_fresh`]), or against the one it just read from SQL.
+pub async fn authorize_reader(
+    state: &AppState,
+    principal: &Principal,
+    reader: &ConversationReader,
+) -> Result<(), ApiError> {
+    match reader.active() {
+        Some(handle) => authorize_fresh(state, principal, handle).await,
+        None => access::authorize(principal, &reader.meta()),
+    }
 }
 
 /// The description from SQL, authorized.
@@ -454,16 +490,16 @@ pub async fn read(
     for _ in 0..MAX_ROUTES {
         match route(state, id) {
             Route::Local => {
-                let handle = match state.node.conversation(id).await {
-                    Ok(handle) => handle,
+                let reader = match state.node.peek(id).await {
+                    Ok(reader) => reader,
                     Err(ferry_shards::node::NodeError::NotOwner { .. }) => {
                         refresh(state, id).await;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
                 };
-                authorize_fresh(state, principal, &handle).await?;
-                return read_local(state, &handle, after_seq, before_seq, limit).await;
+                authorize_reader(state, principal, &reader).await?;
+                return read_local(&reader, after_seq, before_seq, limit).await;
             }
             Route::Stale => refresh(state, id).await,
             Route::Remote { url, epoch, .. } => {
@@ -497,26 +533,20 @@ pub async fn read(
     Err(unavailable(TryAgainReason::SlotMoving))
 }
 
-/// A read on the owner.
+/// A read on the owner; starts no writer.
 pub async fn read_local(
-    state: &AppState,
-    handle: &ConversationHandle,
+    reader: &ConversationReader,
     after_seq: Option<u64>,
     before_seq: Option<u64>,
     limit: usize,
 ) -> Result<(Vec<Arc<Message>>, u64), ApiError> {
-    let last_seq = handle.log.durable_seq();
+    let last_seq = reader.last_seq();
     if limit == 0 {
         return Ok((Vec::new(), last_seq));
     }
     let messages = match before_seq {
-        Some(before) => state.node.read_before(handle, before, limit).await?,
-        None => {
-            state
-                .node
-                .read_after(handle, after_seq.unwrap_or(0), limit)
-                .await?
-        }
+        Some(before) => reader.read_before(before, limit).await?,
+        None => reader.read_after(after_seq.unwrap_or(0), limit).await?,
     };
     let newest = messages.last().map_or(0, |m| m.seq);
     Ok((messages, last_seq.max(newest)))

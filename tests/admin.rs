@@ -146,6 +146,44 @@ async fn cluster_and_slots_describe_the_node_that_owns_every_slot() {
     }
 }
 
+/// Looking is not owning: reading a conversation (its description, its pages) starts no
+/// conversation actor, neither before nor after a restart; an append does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_start_no_conversation_actor() {
+    let mut server = TestServer::start();
+    async fn active(server: &TestServer) -> Value {
+        admin_get(server, "/admin/cluster").await["nodes"][0]["conversations"].clone()
+    }
+    server
+        .create_conversation("conversation-1", &["alice"])
+        .await;
+    let described = server.get_json("/v1/conversations/conversation-1").await;
+    assert_eq!(described["last_seq"], 0, "{described}");
+    assert!(server.page("conversation-1", "").await.messages.is_empty());
+    assert_eq!(active(&server).await, 0, "a read started a writer");
+    for i in 0..3 {
+        server.append("conversation-1", "alice", json!(i)).await;
+    }
+    assert_eq!(active(&server).await, 1);
+
+    server.terminate();
+    server.restart();
+    let described = server.get_json("/v1/conversations/conversation-1").await;
+    assert_eq!(described["last_seq"], 3, "{described}");
+    let (messages, last_seq) = server.read_all("conversation-1").await;
+    assert_eq!(messages.len(), 3);
+    assert_eq!(last_seq, 3);
+    let newest = server.page("conversation-1", "before_seq=4&limit=2").await;
+    assert_eq!(newest.messages.len(), 2);
+    assert!(newest.has_more);
+    assert_eq!(active(&server).await, 0, "a read started a writer");
+    assert_eq!(
+        server.append("conversation-1", "alice", json!(3)).await.seq,
+        4
+    );
+    assert_eq!(active(&server).await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_alone_refuses_to_drain_and_has_nothing_to_rebalance() {
     let server = TestServer::builder().arg("--node-id").arg("solo-1").start();

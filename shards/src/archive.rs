@@ -49,6 +49,14 @@ pub struct ConversationSnapshot {
     pub recent_keys: Vec<(String, DedupeEntry)>,
 }
 
+/// What a reader needs to know of a conversation the node holds nothing of in memory.
+#[derive(Debug, Clone)]
+pub struct ConversationSummary {
+    pub meta: ConversationMeta,
+    /// Highest archived seq (0 if none).
+    pub last_seq: u64,
+}
+
 pub trait Archive: Send + Sync + 'static {
     /// Loads what a starting conversation actor needs; `None` if the conversation does not exist.
     fn load_conversation<'a>(
@@ -56,6 +64,23 @@ pub trait Archive: Send + Sync + 'static {
         id: &'a ConversationId,
         dedupe_window: usize,
     ) -> BoxFuture<'a, Result<Option<ConversationSnapshot>, ArchiveError>>;
+
+    /// The description and last archived seq, for a reader that starts no actor; `None` if the
+    /// conversation does not exist. The default loads a snapshot without idempotency keys.
+    fn describe_conversation<'a>(
+        &'a self,
+        id: &'a ConversationId,
+    ) -> BoxFuture<'a, Result<Option<ConversationSummary>, ArchiveError>> {
+        Box::pin(async move {
+            Ok(self
+                .load_conversation(id, 0)
+                .await?
+                .map(|snapshot| ConversationSummary {
+                    meta: snapshot.meta,
+                    last_seq: snapshot.last_seq,
+                }))
+        })
+    }
 
     /// Stores messages (any conversations, in WAL order) in one transaction. Must be idempotent:
     /// a message already stored under its (conversation_id, seq) is left as it is.

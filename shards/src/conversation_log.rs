@@ -96,6 +96,13 @@ impl DedupeWindow {
         }
     }
 
+    /// The remembered keys and their results, oldest first.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, DedupeEntry)> + '_ {
+        self.order
+            .iter()
+            .filter_map(|key| self.by_key.get(key).map(|entry| (&**key, *entry)))
+    }
+
     pub fn len(&self) -> usize {
         self.by_key.len()
     }

@@ -1,10 +1,16 @@
 //! Conversation actors under supervision, on a real WAL: crashes, restarts and idle retirement
 //! never lose an acknowledged message and never reuse a seq.
 //!
+//! Activation (starting a conversation's actor) is bounded, never holds up another conversation
+//! of the slot, starts one actor per conversation however many callers race, and a read starts
+//! none.
+//!
 //! The archive here is an in-memory implementation of the `Archive` trait, so these tests run
-//! without a database; the node binary's tests run the same paths against real SQL.
+//! without a database; the node binary's tests run the same paths against real SQL. It can hold
+//! a conversation's load until the test releases it, or fail it, and fail every store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +20,7 @@ use ferry_shards::archive::{
 };
 use ferry_shards::conversation_log::DedupeEntry;
 use ferry_shards::ids::{ConversationId, ParticipantId};
-use ferry_shards::node::{Node, NodeConfig, NodeError};
+use ferry_shards::node::{Node, NodeConfig, NodeError, TryAgainReason};
 use ferry_shards::record::Message;
 use ferry_shards::wal::WalOptions;
 use serde_json::value::RawValue;
@@ -25,8 +31,14 @@ struct MemoryArchive {
     messages: Mutex<BTreeMap<(String, u64), Arc<Message>>>,
     /// The size of every `store_messages` call, in order.
     batches: Mutex<Vec<usize>>,
-    /// While set, every `store_messages` fails (the archive is down).
-    down: std::sync::atomic::AtomicBool,
+    /// Loads started, per conversation.
+    loads: Mutex<HashMap<String, usize>>,
+    /// Conversations whose loads wait until their gate opens (`true`).
+    held: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
+    /// Conversations whose loads fail.
+    failing: Mutex<HashSet<String>>,
+    /// Every `store_messages` fails while set.
+    stores_fail: AtomicBool,
 }
 
 impl MemoryArchive {
@@ -42,6 +54,22 @@ impl MemoryArchive {
             },
         );
         id
+    }
+
+    /// Makes loads of `id` wait until the returned gate is opened (`send(true)`).
+    fn hold(&self, id: &ConversationId) -> tokio::sync::watch::Sender<bool> {
+        let (gate, held) = tokio::sync::watch::channel(false);
+        self.held.lock().unwrap().insert(id.to_string(), held);
+        gate
+    }
+
+    fn loads(&self, id: &ConversationId) -> usize {
+        self.loads
+            .lock()
+            .unwrap()
+            .get(id.as_str())
+            .copied()
+            .unwrap_or(0)
     }
 
     fn stored(&self, id: &ConversationId) -> Vec<Arc<Message>> {
@@ -62,6 +90,19 @@ impl Archive for MemoryArchive {
         window: usize,
     ) -> BoxFuture<'a, Result<Option<ConversationSnapshot>, ArchiveError>> {
         Box::pin(async move {
+            *self
+                .loads
+                .lock()
+                .unwrap()
+                .entry(id.to_string())
+                .or_default() += 1;
+            let held = self.held.lock().unwrap().get(id.as_str()).cloned();
+            if let Some(mut held) = held {
+                let _ = held.wait_for(|open| *open).await;
+            }
+            if self.failing.lock().unwrap().contains(id.as_str()) {
+                return Err(ArchiveError::Unavailable("load refused by the test".into()));
+            }
             let Some(meta) = self.conversations.lock().unwrap().get(id).cloned() else {
                 return Ok(None);
             };
@@ -96,8 +137,10 @@ impl Archive for MemoryArchive {
         messages: &'a [Arc<Message>],
     ) -> BoxFuture<'a, Result<(), ArchiveError>> {
         Box::pin(async move {
-            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(ArchiveError::Unavailable("archive down".into()));
+            if self.stores_fail.load(Ordering::SeqCst) {
+                return Err(ArchiveError::Unavailable(
+                    "store refused by the test".into(),
+                ));
             }
             self.batches.lock().unwrap().push(messages.len());
             let mut stored = self.messages.lock().unwrap();
@@ -487,9 +530,7 @@ async fn messages_carry_the_epoch_they_were_admitted_under() {
 }
 
 fn set_down(archive: &MemoryArchive, down: bool) {
-    archive
-        .down
-        .store(down, std::sync::atomic::Ordering::SeqCst);
+    archive.stores_fail.store(down, Ordering::SeqCst);
 }
 
 /// `ack_after_archive` (a cluster's `durability = "archive"`): an append is answered only once
@@ -726,5 +767,332 @@ async fn unarchived_messages_of_a_lost_slot_are_kept_for_restore() {
     assert_eq!(again, vec![2, 3, 4]);
     node.restore_done();
     assert!(node.pending_restore().is_empty());
+    node.shutdown().await;
+}
+
+fn is_activating<T>(result: &Result<T, NodeError>) -> bool {
+    matches!(
+        result,
+        Err(NodeError::TryAgain {
+            reason: TryAgainReason::Activating,
+            retry_after_ms: 50,
+        })
+    )
+}
+
+/// Conversation ids of one slot (of `config()`'s), `n` of them.
+fn same_slot(node: &Node, archive: &MemoryArchive, prefix: &str, n: usize) -> Vec<ConversationId> {
+    let first = archive.create(&format!("{prefix}-0"));
+    let slot = node.slot_of(&first);
+    let mut ids = vec![first];
+    for i in 1.. {
+        if ids.len() == n {
+            break;
+        }
+        let id = ConversationId::parse(&format!("{prefix}-{i}")).unwrap();
+        if node.slot_of(&id) == slot {
+            ids.push(archive.create(id.as_str()));
+        }
+    }
+    ids
+}
+
+/// Past `max_activations` starting actors, one more first touch is refused at once with
+/// `activating`; callers of a conversation already starting wait for it without counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activations_past_the_bound_get_activating() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let (a, b, c) = (
+        archive.create("a"),
+        archive.create("b"),
+        archive.create("c"),
+    );
+    let config = NodeConfig {
+        max_activations: 2,
+        activation_timeout: Duration::from_secs(30),
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let (gate_a, gate_b) = (archive.hold(&a), archive.hold(&b));
+    let starting: Vec<_> = [&a, &a, &b]
+        .into_iter()
+        .map(|id| {
+            let (node, id) = (node.clone(), id.clone());
+            tokio::spawn(async move { node.conversation(&id).await })
+        })
+        .collect();
+    eventually("both loads to start", || {
+        archive.loads(&a) == 1 && archive.loads(&b) == 1
+    })
+    .await;
+    assert_eq!(node.activations_in_progress(), 2);
+
+    assert!(is_activating(&node.conversation(&c).await));
+    assert!(is_activating(&node.append(&c, request("x", None)).await));
+    assert_eq!(archive.loads(&c), 0, "a refused activation loads nothing");
+    // A third caller of `a` shares its pending activation.
+    let also_a = {
+        let (node, a) = (node.clone(), a.clone());
+        tokio::spawn(async move { node.conversation(&a).await })
+    };
+
+    gate_a.send(true).unwrap();
+    gate_b.send(true).unwrap();
+    let mut actors = HashSet::new();
+    for task in starting.into_iter().chain([also_a]) {
+        let handle = task.await.unwrap().expect("activation");
+        actors.insert(handle.actor.get_id());
+    }
+    assert_eq!(actors.len(), 2, "one actor for a, one for b");
+    assert_eq!(archive.loads(&a), 1);
+    assert_eq!(node.activations_in_progress(), 0);
+    assert_eq!(append_retrying(&node, &c, "now").await, 1);
+    node.shutdown().await;
+}
+
+/// The slot actor does not wait for a load: one conversation whose load hangs or fails holds up
+/// only its own callers, not another conversation of the same slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_failing_load_does_not_hold_up_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let (node, _) = Node::start(config(), WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let ids = same_slot(&node, &archive, "slot-mate", 3);
+    let (slow, failing, other) = (&ids[0], &ids[1], &ids[2]);
+    let gate = archive.hold(slow);
+    archive.failing.lock().unwrap().insert(failing.to_string());
+
+    let waiting = {
+        let (node, slow) = (node.clone(), slow.clone());
+        tokio::spawn(async move { node.append(&slow, request("slow", None)).await })
+    };
+    eventually("the slow load to start", || archive.loads(slow) == 1).await;
+
+    let quick = Duration::from_secs(5);
+    let failed = tokio::time::timeout(quick, node.append(failing, request("f", None)))
+        .await
+        .expect("a failing load answers at once");
+    assert!(
+        matches!(failed, Err(NodeError::Unavailable(_))),
+        "{failed:?}"
+    );
+    let seq = tokio::time::timeout(quick, node.append(other, request("o", None)))
+        .await
+        .expect("another conversation of the slot starts while the slow load hangs")
+        .unwrap()
+        .seq;
+    assert_eq!(seq, 1);
+    assert!(node.active_handle(slow).is_none());
+    assert!(!waiting.is_finished());
+
+    // A failed start leaves nothing behind: once the archive answers, it starts.
+    archive.failing.lock().unwrap().clear();
+    assert_eq!(append_retrying(&node, failing, "f again").await, 1);
+    gate.send(true).unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap().seq, 1);
+    assert_eq!(archive.loads(slow), 1);
+    node.shutdown().await;
+}
+
+/// A caller waits for a starting actor at most `activation_timeout` (`activating`); the load is
+/// cut off after it too, so the pending activation does not outlive a hung archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_load_answers_activating_and_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("hung");
+    let config = NodeConfig {
+        activation_timeout: Duration::from_millis(200),
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let gate = archive.hold(&id);
+    let started = Instant::now();
+    assert!(is_activating(&node.conversation(&id).await));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    eventually("the hung activation to be given up", || {
+        node.activations_in_progress() == 0
+    })
+    .await;
+    assert!(node.active_handle(&id).is_none());
+    gate.send(true).unwrap();
+    assert_eq!(append_retrying(&node, &id, "after").await, 1);
+    node.shutdown().await;
+}
+
+/// However many callers touch a conversation first at once, one actor starts and one load runs;
+/// appends among them take distinct seqs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_touches_share_one_actor() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("crowded");
+    let (node, _) = Node::start(config(), WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let gate = archive.hold(&id);
+    let lookups: Vec<_> = (0..20)
+        .map(|_| {
+            let (node, id) = (node.clone(), id.clone());
+            tokio::spawn(async move { node.conversation(&id).await })
+        })
+        .collect();
+    let appends: Vec<_> = (0..5)
+        .map(|i| {
+            let (node, id) = (node.clone(), id.clone());
+            tokio::spawn(async move { node.append(&id, request(&format!("m{i}"), None)).await })
+        })
+        .collect();
+    eventually("the load to start", || archive.loads(&id) == 1).await;
+    assert_eq!(node.activations_in_progress(), 1);
+    gate.send(true).unwrap();
+
+    let mut actors = HashSet::new();
+    for task in lookups {
+        actors.insert(task.await.unwrap().unwrap().actor.get_id());
+    }
+    assert_eq!(actors.len(), 1, "one actor for every caller");
+    let mut seqs: Vec<u64> = Vec::new();
+    for task in appends {
+        seqs.push(task.await.unwrap().unwrap().seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=5).collect::<Vec<_>>());
+    assert_eq!(archive.loads(&id), 1, "one load");
+    assert_eq!(
+        node.active_handle(&id).unwrap().actor.get_id(),
+        *actors.iter().next().unwrap()
+    );
+    node.shutdown().await;
+}
+
+/// What a reader sees through `peek` and through an active handle, compared.
+async fn read_both_ways(node: &Node, id: &ConversationId) -> (u64, Vec<u64>, Vec<u64>) {
+    let seqs = |messages: Vec<Arc<Message>>| messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let reader = node.peek(id).await.unwrap();
+    let (last, after, before) = (
+        reader.last_seq(),
+        seqs(reader.read_after(0, 1000).await.unwrap()),
+        seqs(reader.read_before(reader.last_seq(), 5).await.unwrap()),
+    );
+    assert_eq!(reader.meta().id, *id);
+    (last, after, before)
+}
+
+/// Reading a conversation no actor serves starts none, and sees what an actor would: from the
+/// archive alone once everything is archived, from the recovered log after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_an_inactive_conversation_starts_no_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let archived = archive.create("archived");
+    let recovered = archive.create("recovered");
+    let config = NodeConfig {
+        idle_timeout: Duration::from_millis(100),
+        ..config()
+    };
+    let (node, _) = Node::start(config.clone(), WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    for i in 0..30 {
+        append_retrying(&node, &archived, &format!("a{i}")).await;
+    }
+    eventually("the idle actor to retire", || {
+        node.active_handle(&archived).is_none()
+    })
+    .await;
+
+    // Archived: no actor, no log; the archive answers.
+    let reader = node.peek(&archived).await.unwrap();
+    assert!(reader.active().is_none());
+    let looked = read_both_ways(&node, &archived).await;
+    assert!(
+        node.active_handle(&archived).is_none(),
+        "a read started a writer"
+    );
+    assert!(node.peek_log(&archived).is_none());
+    assert_eq!(looked.0, 30);
+    assert_eq!(looked.1, (1..=30).collect::<Vec<_>>());
+    assert_eq!(looked.2, (25..=29).collect::<Vec<_>>());
+    assert!(matches!(
+        node.peek(&ConversationId::parse("nobody").unwrap()).await,
+        Err(NodeError::NotFound)
+    ));
+
+    // Recovered: the archive takes nothing, so a restart finds the messages only in the WAL.
+    archive.stores_fail.store(true, Ordering::SeqCst);
+    for i in 0..10 {
+        append_retrying(&node, &recovered, &format!("r{i}")).await;
+    }
+    node.shutdown().await;
+    let (node, report) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    assert_eq!(report.recovered_conversations, 1);
+    let reader = node.peek(&recovered).await.unwrap();
+    assert!(reader.active().is_none());
+    let looked_recovered = read_both_ways(&node, &recovered).await;
+    assert!(
+        node.active_handle(&recovered).is_none(),
+        "a read started a writer"
+    );
+    assert_eq!(looked_recovered.0, 10, "the recovered log's last seq");
+    assert_eq!(looked_recovered.1, (1..=10).collect::<Vec<_>>());
+    assert_eq!(node.slot_conversations().iter().sum::<usize>(), 0);
+
+    // After activation, the same.
+    for id in [&archived, &recovered] {
+        let handle = node.conversation(id).await.unwrap();
+        assert!(node.peek(id).await.unwrap().active().is_some());
+        let active = read_both_ways(&node, id).await;
+        let expected = if id == &archived {
+            looked.clone()
+        } else {
+            looked_recovered.clone()
+        };
+        assert_eq!(active, expected);
+        assert_eq!(handle.log.durable_seq(), expected.0);
+    }
+    archive.stores_fail.store(false, Ordering::SeqCst);
+    node.shutdown().await;
+}
+
+/// A conversation actor that panics is restarted on the same log: nothing is loaded again, its
+/// seqs continue and its idempotency keys are remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_actor_keeps_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("phoenix");
+    let (node, _) = Node::start(config(), WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        append_retrying(&node, &id, &format!("k{i}")).await;
+    }
+    let before = node.active_handle(&id).unwrap();
+    node.crash_conversation_actor(&id).await.unwrap();
+    eventually("the actor to be restarted", || {
+        node.active_handle(&id)
+            .is_some_and(|h| h.actor.get_id() != before.actor.get_id())
+    })
+    .await;
+    let after = node.active_handle(&id).unwrap();
+    assert!(
+        Arc::ptr_eq(&before.log, &after.log),
+        "a new log after restart"
+    );
+    let dup = node.append(&id, request("k2", Some("k2"))).await.unwrap();
+    assert!(dup.deduped);
+    assert_eq!(dup.seq, 3);
+    assert_eq!(append_retrying(&node, &id, "next").await, 6);
+    assert_eq!(archive.loads(&id), 1, "a restart loads nothing");
     node.shutdown().await;
 }

@@ -5,7 +5,8 @@
 //! - `append`: appends of one conversation, in order, on its owner ([`AppendQueue`] semantics:
 //!   handed to the actor one after the other, awaited together); a slot that left answers the
 //!   rest of the batch `not_taken`.
-//! - `read`: messages after (or before) a seq and the last durable seq, from the owner's log.
+//! - `read`: messages after (or before) a seq and the last durable seq, from the owner's log (or,
+//!   when no actor runs for the conversation, its recovered log or the archive; a read starts none).
 //! - `inbox_entry`: one conversation's inbox entry, computed on its owner.
 //! - `slots/move`: the rebalancer asks the owner to hand a slot over.
 //! - `slots/refresh`: "look at this slot's row now" (it was just given to you).
@@ -174,26 +175,20 @@ async fn read(State(state): State<InternalState>, Json(request): Json<ReadReques
         Ok(p) => p,
         Err(e) => return error(&e),
     };
-    let handle = match state.app.node.conversation(&id).await {
-        Ok(h) => h,
+    // A read starts no writer: a conversation without an active actor is read from its
+    // recovered log or the archive.
+    let reader = match state.app.node.peek(&id).await {
+        Ok(reader) => reader,
         Err(NodeError::NotOwner { .. }) => return moved(),
         Err(e) => return error(&e.into()),
     };
-    if let Err(e) = service::authorize_fresh(&state.app, &principal, &handle).await {
+    if let Err(e) = service::authorize_reader(&state.app, &principal, &reader).await {
         return error(&e);
     }
     let limit = request
         .limit
         .min(state.app.config.limits.max_page_size.max(1000));
-    match service::read_local(
-        &state.app,
-        &handle,
-        request.after_seq,
-        request.before_seq,
-        limit,
-    )
-    .await
-    {
+    match service::read_local(&reader, request.after_seq, request.before_seq, limit).await {
         Ok((messages, last_seq)) => Json(ReadReply {
             messages: messages.iter().map(|m| WireMessage::from(&**m)).collect(),
             last_seq,

@@ -53,7 +53,7 @@ pub async fn sse(
         (None, Some(v)) => parse("after_seq", v)?,
         (None, None) => 0,
     };
-    let conversation = crate::service::conversation(&state, &principal, &id).await?;
+    let conversation = crate::service::follow(&state, &principal, &id).await?;
     let first_available = state.store.first_available_seq(&id).await?;
     let gap = (after_seq.saturating_add(1) < first_available).then(|| {
         let to_seq = first_available - 1;

@@ -57,7 +57,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-use ferry_shards::archive::{Archive, ArchiveError, BoxFuture, ConversationSnapshot};
+use ferry_shards::archive::{
+    Archive, ArchiveError, BoxFuture, ConversationSnapshot, ConversationSummary,
+};
 use ferry_shards::ids::ConversationId;
 use ferry_shards::record::Message;
 
@@ -331,6 +333,20 @@ impl Archive for Store {
         dedupe_window: usize,
     ) -> BoxFuture<'a, Result<Option<ConversationSnapshot>, ArchiveError>> {
         Box::pin(async move { Ok(self.load(id, dedupe_window).await?) })
+    }
+
+    /// Two small reads (the row, the last seq), without the idempotency keys a load fetches.
+    fn describe_conversation<'a>(
+        &'a self,
+        id: &'a ConversationId,
+    ) -> BoxFuture<'a, Result<Option<ConversationSummary>, ArchiveError>> {
+        Box::pin(async move {
+            let Some(meta) = self.conversation(id).await? else {
+                return Ok(None);
+            };
+            let last_seq = self.last_seq(id).await?;
+            Ok(Some(ConversationSummary { meta, last_seq }))
+        })
     }
 
     fn store_messages<'a>(

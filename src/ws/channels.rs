@@ -266,7 +266,7 @@ impl SocketChannels {
     ) -> Result<(), ApiError> {
         let params: Option<JoinParams> = parse_payload(&frame.payload, frame::JOIN)?;
         let params = params.unwrap_or_default();
-        let conversation = service::conversation(&self.state, &self.principal, &id).await?;
+        let conversation = service::follow(&self.state, &self.principal, &id).await?;
         let after_seq = match (params.after_seq.or(params.last_seq), &self.principal) {
             (Some(n), _) => n,
             (None, Principal::User { sub }) => self.state.store.cursor(&id, sub).await?.0,

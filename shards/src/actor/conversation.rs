@@ -7,19 +7,28 @@
 //! and the WAL completes in submission order, so acks and visibility follow seq order.
 //!
 //! All state that must survive a crash of this actor lives in the shared
-//! [`ConversationLog`](crate::conversation_log::ConversationLog): the last assigned seq and the idempotency
-//! window. A restarted actor therefore never reuses a seq.
+//! [`ConversationLog`](crate::conversation_log::ConversationLog): the last assigned seq and the
+//! idempotency window. A restarted actor therefore never reuses a seq.
+//!
+//! Its first start loads the conversation in `pre_start` ([`Start::Load`]): the archive's
+//! snapshot (description, last archived seq, recent idempotency keys) and the log WAL recovery
+//! left, if the archive is not ahead of it. The slot actor that spawned it does not wait for
+//! that; the result goes back through the start's reply. A restart after a failure
+//! ([`Start::Resume`]) loads nothing: it takes over the failed actor's log as it is.
 
 use std::sync::Arc;
 use std::time::Instant;
+
+use tokio::sync::oneshot;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::conversation_log::{ConversationLog, DedupeEntry};
+use crate::archive::ConversationMeta;
+use crate::conversation_log::{ConversationLog, DedupeEntry, DedupeWindow};
 use crate::gate::GateGuard;
-use crate::ids::ParticipantId;
+use crate::ids::{ConversationId, ParticipantId};
 use crate::node::{NodeError, PendingAck, Shared, TryAgainReason};
 use crate::record::{now_ms, Message, KIND_MESSAGE};
 use crate::wal::SubmitError;
@@ -61,27 +70,90 @@ pub struct ConversationActor;
 
 pub struct ConversationArgs {
     pub shared: Arc<Shared>,
+    pub id: ConversationId,
+    pub slot: u32,
+    pub start: Start,
+}
+
+/// How a conversation actor comes by its log.
+pub enum Start {
+    /// First start: load from the archive, adopting `recovered` (the log WAL recovery, or an
+    /// actor that stopped without retiring, left in the registry) unless the archive is ahead of
+    /// it. The log and description go to `loaded`, or the reason the start failed.
+    Load {
+        recovered: Option<Arc<ConversationLog>>,
+        loaded: oneshot::Sender<Result<Loaded, NodeError>>,
+    },
+    /// Restart after a failure: the failed actor's log, unchanged.
+    Resume { log: Arc<ConversationLog> },
+}
+
+/// What a first start loaded.
+pub struct Loaded {
     pub log: Arc<ConversationLog>,
+    pub meta: ConversationMeta,
+}
+
+pub struct ConversationState {
+    shared: Arc<Shared>,
+    log: Arc<ConversationLog>,
 }
 
 impl Actor for ConversationActor {
     type Msg = ConversationMsg;
-    type State = ConversationArgs;
+    type State = ConversationState;
     type Arguments = ConversationArgs;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
         args: ConversationArgs,
-    ) -> Result<ConversationArgs, ActorProcessingErr> {
-        Ok(args)
+    ) -> Result<ConversationState, ActorProcessingErr> {
+        let ConversationArgs {
+            shared,
+            id,
+            slot,
+            start,
+        } = args;
+        let log = match start {
+            Start::Resume { log } => log,
+            Start::Load { recovered, loaded } => {
+                let timeout = shared.config.activation_timeout;
+                let result = match tokio::time::timeout(
+                    timeout,
+                    load(&shared, &id, slot, recovered),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    // What its callers get when they stop waiting, too.
+                    Err(_) => {
+                        tracing::warn!(conversation = %id, slot, ?timeout, "conversation load timed out");
+                        Err(NodeError::try_again(TryAgainReason::Activating))
+                    }
+                };
+                match result {
+                    // The spawning task awaits this very start: its receiver is there.
+                    Ok(done) => {
+                        let log = done.log.clone();
+                        let _ = loaded.send(Ok(done));
+                        log
+                    }
+                    Err(e) => {
+                        let _ = loaded.send(Err(e.clone()));
+                        return Err(Box::new(e));
+                    }
+                }
+            }
+        };
+        Ok(ConversationState { shared, log })
     }
 
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
         msg: ConversationMsg,
-        state: &mut ConversationArgs,
+        state: &mut ConversationState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ConversationMsg::Append(req, reply, admitted_at, guard) => {
@@ -98,8 +170,92 @@ impl Actor for ConversationActor {
     }
 }
 
+/// The conversation's log and description, from the archive's snapshot and the log `recovered`
+/// left in the registry.
+async fn load(
+    shared: &Shared,
+    id: &ConversationId,
+    slot: u32,
+    recovered: Option<Arc<ConversationLog>>,
+) -> Result<Loaded, NodeError> {
+    let window_size = shared.config.dedupe_window;
+    let snapshot = shared
+        .archive
+        .load_conversation(id, window_size)
+        .await
+        .map_err(|e| NodeError::Unavailable(e.to_string()))?
+        .ok_or(NodeError::NotFound)?;
+
+    // A log recovered from the WAL is normally at or ahead of SQL (the archiver only stores
+    // durable records). If SQL is ahead, the WAL lost records that had been archived (a repair
+    // cut them off): SQL is then the complete history, and seqs continue after it — a stale
+    // log would hand out seqs SQL already holds.
+    let recovered = recovered.filter(|log| {
+        let stale = snapshot.last_seq > log.durable_seq();
+        if stale {
+            tracing::warn!(
+                conversation = %id,
+                wal_last_seq = log.durable_seq(),
+                archived_last_seq = snapshot.last_seq,
+                "archive is ahead of the recovered wal log; continuing after the archive"
+            );
+        }
+        !stale
+    });
+    let log = match recovered {
+        Some(log) => {
+            // Every key the window must know, in seq order: the archive's recent ones, those of
+            // the log's messages, and whatever its window holds already (an earlier actor on this
+            // log may have appends in flight whose keys are nowhere else yet).
+            let mut keys: Vec<(Box<str>, DedupeEntry)> = snapshot
+                .recent_keys
+                .iter()
+                .map(|(key, entry)| (key.as_str().into(), *entry))
+                .collect();
+            for m in log.read_after(0, usize::MAX).messages {
+                if let Some(key) = m.idempotency_key.as_deref() {
+                    let entry = DedupeEntry {
+                        seq: m.seq,
+                        id: m.id,
+                        created_at_ms: m.created_at_ms,
+                    };
+                    keys.push((key.into(), entry));
+                }
+            }
+            let mut window = log.dedupe.lock().unwrap_or_else(|e| e.into_inner());
+            keys.extend(window.entries().map(|(key, entry)| (key.into(), entry)));
+            keys.sort_by_key(|(_, entry)| entry.seq);
+            let mut dedupe = DedupeWindow::new(window_size);
+            for (key, entry) in &keys {
+                dedupe.insert(key, *entry);
+            }
+            *window = dedupe;
+            drop(window);
+            log
+        }
+        None => {
+            let mut dedupe = DedupeWindow::new(window_size);
+            for (key, entry) in &snapshot.recent_keys {
+                dedupe.insert(key, *entry);
+            }
+            Arc::new(ConversationLog::new(
+                id.clone(),
+                slot,
+                snapshot.last_seq,
+                Vec::new(),
+                dedupe,
+                shared.budget.clone(),
+            ))
+        }
+    };
+    Ok(Loaded {
+        log,
+        meta: snapshot.meta,
+    })
+}
+
 fn append(
-    state: &ConversationArgs,
+    state: &ConversationState,
     req: AppendRequest,
     reply: AppendReply,
     admitted_at: Instant,
@@ -229,7 +385,7 @@ fn append(
     }
 }
 
-fn retire(myself: &ActorRef<ConversationMsg>, state: &ConversationArgs) {
+fn retire(myself: &ActorRef<ConversationMsg>, state: &ConversationState) {
     let log = &state.log;
     if !(log.quiescent()
         && log.subscribers() == 0

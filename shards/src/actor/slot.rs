@@ -1,31 +1,42 @@
 //! The slot actor: supervisor and lifecycle owner of the conversations in one slot.
 //!
-//! It starts a conversation actor on first use (`Activate`), loading the conversation from the
-//! archive and adopting any messages WAL recovery found for it; it restarts a failed conversation
-//! actor with the same shared log (so no seq is reused and no idempotency key forgotten); and on
-//! each `Sweep` it asks idle conversations to retire. Retirement is decided by the conversation
-//! actor itself, between two appends, so an append can never slip in between the check and the
-//! stop.
+//! It starts a conversation actor when asked (`Activate`, sent by the one caller that registered
+//! the conversation's pending activation, see `node/activation.rs`) without waiting for it: the
+//! child is spawned from a task, loads its state in its own `pre_start`, and the task reports
+//! back (`Started`); only then does the slot actor register the child and answer the waiting
+//! callers. A slow or failing archive load therefore holds up that conversation's callers and no
+//! other activation of the slot. It restarts a failed conversation actor with the same shared log
+//! (so no seq is reused and no idempotency key forgotten); a restart loads nothing. On each
+//! `Sweep` it asks idle conversations to retire. Retirement is decided by the conversation actor
+//! itself, between two appends, so an append can never slip in between the check and the stop.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::oneshot;
 
-use super::conversation::{ConversationActor, ConversationArgs, ConversationMsg};
+use super::conversation::{ConversationActor, ConversationArgs, ConversationMsg, Loaded, Start};
 use super::ConversationHandle;
-use crate::conversation_log::{ConversationLog, DedupeWindow};
 use crate::ids::ConversationId;
 use crate::metrics as m;
 use crate::node::{NodeError, Shared};
 
 pub enum SlotMsg {
-    Activate(
-        ConversationId,
-        RpcReplyPort<Result<ConversationHandle, NodeError>>,
-    ),
+    /// Start the conversation's actor for its pending activation, begun while this node owned
+    /// the slot at the given epoch. Answered through that activation, never here.
+    Activate(ConversationId, u64),
+    /// A child spawned for an activation has started (or could not): register it and answer
+    /// the activation.
+    Started(ConversationId, u64, Result<Child, NodeError>),
     /// Ask idle, fully archived conversations to stop.
     Sweep,
+}
+
+/// A conversation actor that has loaded its state and runs.
+pub struct Child {
+    actor: ActorRef<ConversationMsg>,
+    loaded: Loaded,
 }
 
 pub struct SlotActor;
@@ -38,7 +49,8 @@ pub struct SlotArgs {
 pub struct SlotState {
     slot: u32,
     shared: Arc<Shared>,
-    /// Which conversation each linked child actor serves, to restart the right one.
+    /// Which conversation each linked child actor serves, to restart the right one. A child is
+    /// entered when it is registered; nobody can reach it (so it cannot fail) before that.
     children: HashMap<ActorId, ConversationId>,
 }
 
@@ -70,10 +82,8 @@ impl Actor for SlotActor {
         state: &mut SlotState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SlotMsg::Activate(id, reply) => {
-                let result = activate(&myself, state, id).await;
-                let _ = reply.send(result);
-            }
+            SlotMsg::Activate(id, epoch) => activate(&myself, state, id, epoch),
+            SlotMsg::Started(id, epoch, result) => started(state, id, epoch, result),
             SlotMsg::Sweep => {
                 let idle = state.shared.config.idle_timeout;
                 let registry = state.shared.registry(state.slot);
@@ -100,24 +110,18 @@ impl Actor for SlotActor {
                 };
                 tracing::warn!(conversation = %id, slot = state.slot, error = %err, "conversation actor failed, restarting");
                 metrics::counter!(m::ACTOR_RESTARTS_TOTAL).increment(1);
-                let existing = state.shared.registry(state.slot).handles.get(&id).cloned();
+                // Only the registered actor is restarted: if the failed one was already replaced
+                // (a caller found it dead and a new activation took over its log), a second
+                // writer on that log must not appear.
+                let existing = state
+                    .shared
+                    .registry(state.slot)
+                    .handles
+                    .get(&id)
+                    .filter(|h| h.actor.get_id() == cell.get_id())
+                    .cloned();
                 if let Some(old) = existing {
-                    match spawn(&myself, state, &id, old.log.clone()).await {
-                        Ok(actor) => {
-                            let handle = ConversationHandle {
-                                actor,
-                                log: old.log,
-                                meta: old.meta,
-                            };
-                            state.shared.registry(state.slot).handles.insert(id, handle);
-                        }
-                        Err(e) => {
-                            // Keep the log (it may hold unarchived messages); the next
-                            // activation starts a fresh actor on it.
-                            tracing::error!(conversation = %id, error = %e, "conversation actor restart failed");
-                            state.shared.registry(state.slot).handles.remove(&id);
-                        }
-                    }
+                    restart(&myself, state, id, old).await;
                 }
             }
             SupervisionEvent::ActorTerminated(cell, _, _) => {
@@ -125,112 +129,136 @@ impl Actor for SlotActor {
             }
             _ => {}
         }
-        metrics::gauge!(m::SLOT_CONVERSATIONS, "slot" => state.slot.to_string())
-            .set(state.children.len() as f64);
+        publish_count(state);
         Ok(())
     }
 }
 
-async fn activate(
+/// Spawns the child for a pending activation from a task: its `pre_start` loads from the
+/// archive, and this actor must stay free for the slot's other conversations meanwhile.
+fn activate(myself: &ActorRef<SlotMsg>, state: &SlotState, id: ConversationId, epoch: u64) {
+    let recovered = state.shared.registry(state.slot).logs.get(&id).cloned();
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let args = ConversationArgs {
+        shared: state.shared.clone(),
+        id: id.clone(),
+        slot: state.slot,
+        start: Start::Load {
+            recovered,
+            loaded: loaded_tx,
+        },
+    };
+    let supervisor = myself.clone();
+    let (shared, slot) = (state.shared.clone(), state.slot);
+    tokio::spawn(async move {
+        let result = spawn_loading(args, loaded_rx, supervisor.get_cell()).await;
+        let spawned = result.as_ref().ok().map(|child| child.actor.clone());
+        if supervisor
+            .send_message(SlotMsg::Started(id.clone(), epoch, result))
+            .is_err()
+        {
+            // The slot actor stopped (the node is shutting down): nobody supervises the child.
+            if let Some(actor) = spawned {
+                actor.stop(Some("slot stopped".into()));
+            }
+            let stopped = NodeError::Unavailable(format!("slot {slot} is stopped"));
+            shared.finish_activation(slot, &id, Err(stopped));
+        }
+    });
+}
+
+async fn spawn_loading(
+    args: ConversationArgs,
+    loaded: oneshot::Receiver<Result<Loaded, NodeError>>,
+    supervisor: ActorCell,
+) -> Result<Child, NodeError> {
+    let id = args.id.clone();
+    let spawned = Actor::spawn_linked(None, ConversationActor, args, supervisor).await;
+    // The child sends what it loaded (or why it could not) before its `pre_start` returns.
+    let loaded = loaded.await.unwrap_or_else(|_| {
+        Err(NodeError::Unavailable(format!(
+            "conversation {id} failed while starting"
+        )))
+    });
+    match (spawned, loaded) {
+        (Ok((actor, _)), Ok(loaded)) => Ok(Child { actor, loaded }),
+        (Ok((actor, _)), Err(e)) => {
+            actor.stop(None);
+            Err(e)
+        }
+        (Err(_), Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(NodeError::Unavailable(format!(
+            "conversation {id} could not start: {e}"
+        ))),
+    }
+}
+
+/// Registers a child that started for an activation and answers the activation's callers.
+fn started(
+    state: &mut SlotState,
+    id: ConversationId,
+    epoch: u64,
+    result: Result<Child, NodeError>,
+) {
+    let result = match result {
+        // The slot changed hands while the child loaded: what it loaded may be stale (another
+        // owner may have written since), and it must not write here. The callers route again.
+        Ok(child) if state.shared.gates.owned_epoch(state.slot) != Some(epoch) => {
+            child.actor.stop(Some("slot moved".into()));
+            Err(NodeError::NotOwner { slot: state.slot })
+        }
+        Ok(Child { actor, loaded }) => {
+            state.children.insert(actor.get_id(), id.clone());
+            Ok(ConversationHandle {
+                actor,
+                log: loaded.log,
+                meta: Arc::new(RwLock::new(Arc::new(loaded.meta))),
+            })
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        tracing::debug!(conversation = %id, slot = state.slot, error = %e, "conversation actor did not start");
+    }
+    state.shared.finish_activation(state.slot, &id, result);
+    publish_count(state);
+}
+
+/// Starts a new actor on a failed one's log and description; nothing is loaded.
+async fn restart(
     myself: &ActorRef<SlotMsg>,
     state: &mut SlotState,
     id: ConversationId,
-) -> Result<ConversationHandle, NodeError> {
-    if let Some(handle) = state.shared.registry(state.slot).handles.get(&id) {
-        return Ok(handle.clone());
-    }
-    let window = state.shared.config.dedupe_window;
-    let snapshot = state
-        .shared
-        .archive
-        .load_conversation(&id, window)
-        .await
-        .map_err(|e| NodeError::Unavailable(e.to_string()))?
-        .ok_or(NodeError::NotFound)?;
-
-    let recovered = state.shared.registry(state.slot).logs.get(&id).cloned();
-    // A log recovered from the WAL is normally at or ahead of SQL (the archiver only stores
-    // durable records). If SQL is ahead, the WAL lost records that had been archived (a repair
-    // cut them off): SQL is then the complete history, and seqs continue after it — a stale
-    // log would hand out seqs SQL already holds.
-    let recovered = recovered.filter(|log| {
-        let stale = snapshot.last_seq > log.durable_seq();
-        if stale {
-            tracing::warn!(
-                conversation = %id,
-                wal_last_seq = log.durable_seq(),
-                archived_last_seq = snapshot.last_seq,
-                "archive is ahead of the recovered wal log; continuing after the archive"
-            );
-        }
-        !stale
-    });
-    let log = match recovered {
-        Some(log) => {
-            // A log recovered from the WAL: its window needs the archived keys before the
-            // recovered ones.
-            let mut dedupe = DedupeWindow::new(window);
-            for (key, entry) in &snapshot.recent_keys {
-                dedupe.insert(key, *entry);
-            }
-            for m in log.read_after(0, usize::MAX).messages {
-                if let Some(key) = m.idempotency_key.as_deref() {
-                    dedupe.insert(
-                        key,
-                        crate::conversation_log::DedupeEntry {
-                            seq: m.seq,
-                            id: m.id,
-                            created_at_ms: m.created_at_ms,
-                        },
-                    );
-                }
-            }
-            *log.dedupe.lock().unwrap_or_else(|e| e.into_inner()) = dedupe;
-            log
-        }
-        None => {
-            let mut dedupe = DedupeWindow::new(window);
-            for (key, entry) in &snapshot.recent_keys {
-                dedupe.insert(key, *entry);
-            }
-            Arc::new(ConversationLog::new(
-                id.clone(),
-                state.slot,
-                snapshot.last_seq,
-                Vec::new(),
-                dedupe,
-                state.shared.budget.clone(),
-            ))
-        }
-    };
-    let actor = spawn(myself, state, &id, log.clone())
-        .await
-        .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-    let handle = ConversationHandle {
-        actor,
-        log: log.clone(),
-        meta: Arc::new(RwLock::new(Arc::new(snapshot.meta))),
-    };
-    let mut registry = state.shared.registry(state.slot);
-    registry.logs.insert(id.clone(), log);
-    registry.handles.insert(id, handle.clone());
-    metrics::gauge!(m::SLOT_CONVERSATIONS, "slot" => state.slot.to_string())
-        .set(state.children.len() as f64);
-    Ok(handle)
-}
-
-async fn spawn(
-    myself: &ActorRef<SlotMsg>,
-    state: &mut SlotState,
-    id: &ConversationId,
-    log: Arc<ConversationLog>,
-) -> Result<ActorRef<ConversationMsg>, ractor::SpawnErr> {
+    old: ConversationHandle,
+) {
     let args = ConversationArgs {
         shared: state.shared.clone(),
-        log,
+        id: id.clone(),
+        slot: state.slot,
+        start: Start::Resume {
+            log: old.log.clone(),
+        },
     };
-    let (actor, _join) =
-        Actor::spawn_linked(None, ConversationActor, args, myself.get_cell()).await?;
-    state.children.insert(actor.get_id(), id.clone());
-    Ok(actor)
+    match Actor::spawn_linked(None, ConversationActor, args, myself.get_cell()).await {
+        Ok((actor, _)) => {
+            state.children.insert(actor.get_id(), id.clone());
+            let handle = ConversationHandle {
+                actor,
+                log: old.log,
+                meta: old.meta,
+            };
+            state.shared.registry(state.slot).handles.insert(id, handle);
+        }
+        Err(e) => {
+            // Keep the log (it may hold unarchived messages); the next activation starts a
+            // fresh actor on it.
+            tracing::error!(conversation = %id, error = %e, "conversation actor restart failed");
+            state.shared.registry(state.slot).handles.remove(&id);
+        }
+    }
+}
+
+fn publish_count(state: &SlotState) {
+    metrics::gauge!(m::SLOT_CONVERSATIONS, "slot" => state.slot.to_string())
+        .set(state.children.len() as f64);
 }

@@ -13,14 +13,19 @@
 //! - `recovery.rs`: turning what WAL recovery found into conversation logs and archive work;
 //! - `archiver.rs`: the task that hands durable messages to the archive and advances the WAL
 //!   checkpoint;
+//! - `activation.rs`: starting a conversation's actor on first use, bounded per node, with one
+//!   pending activation per conversation that every caller waits on;
+//! - `reader.rs`: reading a conversation without starting its writer;
 //! - `slots.rs`: per-slot operations a hand-over and the status pages use.
 
+mod activation;
 mod archiver;
+mod reader;
 mod recovery;
 mod shared;
 mod slots;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +39,6 @@ use crate::archive::{Archive, ArchiveError};
 use crate::conversation_log::{ConversationLog, RingBudget};
 use crate::gate::{GateRefusal, Gates};
 use crate::ids::ConversationId;
-use crate::metrics as m;
 use crate::placement::slot_of;
 use crate::record::Message;
 use crate::wal::{Lsn, Wal, WalError, WalOptions};
@@ -43,6 +47,8 @@ use archiver::run_archiver;
 use recovery::{adopt_recovery, drop_logs_behind_archive, drop_logs_of_other_owners};
 use shared::AckMetrics;
 
+pub use activation::Activation;
+pub use reader::ConversationReader;
 pub use recovery::StartupReport;
 pub use shared::{ArchiveQueue, DurableEvent, PendingAck, Shared, SlotRegistry};
 
@@ -84,6 +90,14 @@ pub struct NodeConfig {
     /// Most durable-but-unarchived messages one conversation may have (`0`: no limit); past it
     /// appends get `try_again` (`archive_backlog`).
     pub max_unarchived: u64,
+    /// Conversation actors starting at once on this node (each loads its state from the
+    /// archive). Past it, a request that would start one more gets `try_again` (`activating`);
+    /// requests for a conversation already starting wait for it without counting again.
+    pub max_activations: usize,
+    /// How long a caller waits for a conversation actor to start before `try_again`
+    /// (`activating`), and how long the actor may take to load before its start is given up
+    /// (its waiting callers then get `activating` too).
+    pub activation_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -103,6 +117,8 @@ impl Default for NodeConfig {
             hold_timeout: Duration::from_millis(2000),
             ack_after_archive: false,
             max_unarchived: 0,
+            max_activations: 256,
+            activation_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -120,6 +136,9 @@ pub enum TryAgainReason {
     SlotMoving,
     /// The slot's owner is not reachable (its lease expired, or this node's did).
     OwnerUnavailable,
+    /// Too many conversation actors are starting on this node (`max_activations`), or this
+    /// conversation's did not start within `activation_timeout`; nothing was written.
+    Activating,
 }
 
 impl TryAgainReason {
@@ -132,6 +151,7 @@ impl TryAgainReason {
             TryAgainReason::Unavailable => "unavailable",
             TryAgainReason::SlotMoving => "slot_moving",
             TryAgainReason::OwnerUnavailable => "owner_unavailable",
+            TryAgainReason::Activating => "activating",
         }
     }
 
@@ -143,6 +163,7 @@ impl TryAgainReason {
             TryAgainReason::Unavailable => 1000,
             TryAgainReason::SlotMoving => 50,
             TryAgainReason::OwnerUnavailable => 1000,
+            TryAgainReason::Activating => 50,
         }
     }
 }
@@ -256,6 +277,7 @@ impl Node {
             durable_events: broadcast::channel(4096).0,
             ack_metrics,
             restore: Default::default(),
+            activations: AtomicUsize::new(0),
         });
         let repaired = recovery.repair.is_some();
         let report = adopt_recovery(&shared, recovery)?;
@@ -315,21 +337,6 @@ impl Node {
             self.shared.archive_queue.len(),
             self.shared.archive_queue.bytes(),
         )
-    }
-
-    /// The active conversation, starting its actor if needed. Refused with `NotOwner` for a
-    /// slot this node does not own: looking at another node's conversation must not start a
-    /// writer here.
-    pub async fn conversation(&self, id: &ConversationId) -> Result<ConversationHandle, NodeError> {
-        let slot = self.slot_of(id);
-        if let Some(handle) = self.shared.registry(slot).handles.get(id) {
-            return Ok(handle.clone());
-        }
-        if self.shared.gates.owned_epoch(slot).is_none() {
-            return Err(NodeError::NotOwner { slot });
-        }
-        ractor::call!(self.slots[slot as usize], SlotMsg::Activate, id.clone())
-            .map_err(|e| NodeError::Unavailable(format!("slot {slot}: {e}")))?
     }
 
     /// The serving gates of this node's slots and its lease.
@@ -468,24 +475,7 @@ impl Node {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Message>>, NodeError> {
-        let ring = handle.log.read_after(after_seq, limit);
-        if after_seq + 1 >= ring.ring_first_seq || after_seq >= ring.durable_seq {
-            self.shared.ack_metrics.ring_reads.increment(1);
-            return Ok(ring.messages);
-        }
-        metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "sql").increment(1);
-        let mut out = self
-            .shared
-            .archive
-            .read_messages(&handle.log.id, after_seq, ring.ring_first_seq, limit, false)
-            .await?;
-        // Fewer than `limit` means SQL gave everything it holds before the ring: the ring goes on
-        // from there (seqs between them, if any, are reserved ones that hold nothing).
-        if out.len() < limit {
-            let room = limit - out.len();
-            out.extend(ring.messages.into_iter().take(room));
-        }
-        Ok(out)
+        reader::read_log_after(&self.shared, &handle.log, after_seq, limit).await
     }
 
     /// The newest messages with `seq < before_seq`, at most `limit`, ascending.
@@ -495,19 +485,7 @@ impl Node {
         before_seq: u64,
         limit: usize,
     ) -> Result<Vec<Arc<Message>>, NodeError> {
-        let (ring_first_seq, mut from_ring) = handle.log.read_before(before_seq, limit);
-        let below = before_seq.min(ring_first_seq);
-        if from_ring.len() >= limit || below <= 1 {
-            return Ok(from_ring);
-        }
-        metrics::counter!(m::CATCHUP_READS_TOTAL, "tier" => "sql").increment(1);
-        let mut out = self
-            .shared
-            .archive
-            .read_messages(&handle.log.id, 0, below, limit - from_ring.len(), true)
-            .await?;
-        out.append(&mut from_ring);
-        Ok(out)
+        reader::read_log_before(&self.shared, &handle.log, before_seq, limit).await
     }
 
     /// Stops taking appends, answers everything queued in the WAL, flushes the archive once, and

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::{broadcast, Notify};
 
-use super::{NodeConfig, NodeError, TryAgainReason};
+use super::{Activation, NodeConfig, NodeError, TryAgainReason};
 use crate::actor::conversation::{AppendOutcome, AppendReply};
 use crate::actor::ConversationHandle;
 use crate::archive::Archive;
@@ -27,6 +27,9 @@ pub struct SlotRegistry {
     /// Every live log: those of active actors and those rebuilt by WAL recovery.
     pub logs: HashMap<ConversationId, Arc<ConversationLog>>,
     pub handles: HashMap<ConversationId, ConversationHandle>,
+    /// Conversations whose actor is starting: one entry per conversation, which every caller
+    /// that needs its handle meanwhile waits on. Never both here and in `handles`.
+    pub activating: HashMap<ConversationId, Activation>,
 }
 
 pub(super) struct ArchiveItem {
@@ -107,6 +110,8 @@ pub struct Shared {
     /// Messages of slots this node lost while it was away, waiting to be written back into the
     /// seqs reserved for them; the WAL keeps their records until then.
     pub(super) restore: Mutex<PendingRestore>,
+    /// Entries in every slot's `activating`: the node-wide count `max_activations` bounds.
+    pub(super) activations: AtomicUsize,
 }
 
 /// See [`Shared::restore`].
