@@ -207,7 +207,7 @@ fn request_is_local(cluster: &Cluster, url: &str) -> bool {
 }
 
 /// Tells a node to re-read a slot it was just given.
-fn hint(cluster: &Cluster, url: &str, slot: u32) {
+pub(super) fn hint(cluster: &Cluster, url: &str, slot: u32) {
     let peers = cluster.peers().clone();
     let url = url.to_owned();
     tokio::spawn(async move {
