@@ -455,7 +455,7 @@ async fn archive_durability_is_stored_only_once_the_node_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_takes_a_dead_owners_slot_to_a_live_active_node_and_records_it() {
-    let Some((_db, cluster)) = setup().await else {
+    let Some((db, cluster)) = setup().await else {
         return;
     };
     cluster.init_slots(6).await.expect("init");
@@ -553,6 +553,23 @@ async fn a_failover_takes_a_dead_owners_slot_to_a_live_active_node_and_records_i
             r4.clone(),
         ]
     );
+
+    // x's archive transaction, still open (a paused x), holds the slot row: the failover fails
+    // fast, before it has locked any node row.
+    let taker = ClusterDb::connect(&db.url, 1, Duration::from_secs(1))
+        .await
+        .expect("connect");
+    let mut zombie = cluster.pool().begin().await.expect("begin");
+    check_fence(&mut zombie, "x", &[(0, 1)])
+        .await
+        .expect("x still owns 0");
+    let err = taker
+        .failover_slot(&x0, &failed_over(0, "a", 2), 0)
+        .await
+        .expect_err("the slot row is locked");
+    assert!(matches!(err, ClusterDbError::LockTimeout), "{err:?}");
+    zombie.rollback().await.expect("rollback");
+    taker.close().await;
 
     // Now it goes through, a move in progress abandoned; the stale row cannot win twice.
     assert!(cluster

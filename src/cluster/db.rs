@@ -585,15 +585,17 @@ impl ClusterDb {
     /// in `slot_failovers` with `reserve` (seqs per conversation reserved for the dead owner) —
     /// all in one transaction, or nothing.
     ///
-    /// Inside the transaction the rows of both nodes are read-locked (`FOR SHARE`, in id order):
-    /// a renewal of the old owner, its restart, or a state change of the receiver waits for the
-    /// commit, so the checks hold at the commit. The change must then be exactly what
+    /// Inside the transaction the slot row is swapped first (compare-and-swap on the whole row;
+    /// `false` when it is no longer `old`: another failover won, or the owner came back and
+    /// reclaimed it). Then the rows of both nodes are read-locked (`FOR SHARE`, in id order), so
+    /// a renewal or restart of the old owner, or a state change of the receiver, waits for the
+    /// commit and the checks hold at the commit: the change must be exactly what
     /// [`ownership::apply`] makes of [`Change::Failover`] against that membership (old owner not
-    /// alive by the database clock; receiver alive and `active`), else `Denied` with the reason;
+    /// alive by the database clock, receiver alive and `active`), else `Denied` with the reason;
     /// and an owner that ran `durability = "local"` may hold acknowledged messages only on its
-    /// disk, so it is `Refused` with `reserve` 0. `false` when the stored row is no longer `old`
-    /// (someone changed it first: another failover, or the owner came back and reclaimed it).
-    /// A row lock held by another session fails it with `LockTimeout`.
+    /// disk, so with `reserve` 0 it is `Refused`. A refusal rolls everything back. A slot row
+    /// locked by another session (a paused node's archive transaction) fails it with
+    /// `LockTimeout` before any node row is locked.
     pub async fn failover_slot(&self, old: &SlotRow, new: &SlotRow, reserve: u64) -> Result<bool> {
         let (Some(from), Some(to)) = (old.owner.as_deref(), new.owner.as_deref()) else {
             return Err(ClusterDbError::Refused(format!(
@@ -602,41 +604,8 @@ impl ClusterDb {
             )));
         };
         let mut tx = self.begin_with_lock_timeout().await?;
-        let members: Vec<(String, String, bool, String)> = sqlx::query_as(
-            "SELECT id, state, lease_until > now(), durability FROM nodes \
-             WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR SHARE",
-        )
-        .bind(vec![from, to])
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut views = Vec::with_capacity(members.len());
-        let mut from_durability = None;
-        for (id, state, alive, durability) in &members {
-            if id == from {
-                from_durability = Some(parse_durability(durability)?);
-            }
-            views.push(NodeView {
-                id: id.clone(),
-                state: effective_state(parse_node_state(state)?, *alive),
-                alive: *alive,
-            });
-        }
-        let allowed = ownership::apply(old, &Change::Failover { to: to.to_owned() }, &views)?;
-        if allowed != *new {
-            return Err(ClusterDbError::Refused(format!(
-                "slot {}: a failover of {old:?} makes {allowed:?}, not {new:?}",
-                old.slot
-            )));
-        }
-        // A node id that is not a member never acknowledged anything this cluster knows of as
-        // `archive`: judge it as `local`.
-        if reserve == 0 && from_durability != Some(Durability::Archive) {
-            return Err(ClusterDbError::Refused(format!(
-                "slot {}: {from} ran durability=local, so its slots cannot be failed over \
-                 without seqs reserved for what it may have acknowledged",
-                old.slot
-            )));
-        }
+        // The slot row first: if another session holds it (a paused node's archive
+        // transaction), this waits without holding the node rows, whose renewals must go on.
         let (old_state, old_target) = state_columns(&old.state);
         let done = sqlx::query(
             "UPDATE slot_owners SET node_id = $6, epoch = $7, state = 'active', target = NULL, updated_at = now() \
@@ -655,6 +624,51 @@ impl ClusterDb {
         if done.rows_affected() != 1 {
             tx.rollback().await?;
             return Ok(false);
+        }
+        // Then the membership, locked until the commit and judged now (`clock_timestamp`, not
+        // the transaction's start: the wait above may have been long).
+        let members: Vec<(String, String, bool, String)> = sqlx::query_as(
+            "SELECT id, state, lease_until > clock_timestamp(), durability FROM nodes \
+             WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR SHARE",
+        )
+        .bind(vec![from, to])
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut views = Vec::with_capacity(members.len());
+        let mut from_durability = None;
+        for (id, state, alive, durability) in &members {
+            if id == from {
+                from_durability = Some(parse_durability(durability)?);
+            }
+            views.push(NodeView {
+                id: id.clone(),
+                state: effective_state(parse_node_state(state)?, *alive),
+                alive: *alive,
+            });
+        }
+        let allowed = match ownership::apply(old, &Change::Failover { to: to.to_owned() }, &views) {
+            Ok(allowed) => allowed,
+            Err(refusal) => {
+                tx.rollback().await?;
+                return Err(refusal.into());
+            }
+        };
+        if allowed != *new {
+            tx.rollback().await?;
+            return Err(ClusterDbError::Refused(format!(
+                "slot {}: a failover of {old:?} makes {allowed:?}, not {new:?}",
+                old.slot
+            )));
+        }
+        // A node id that is not a member never acknowledged anything this cluster knows of as
+        // `archive`: judge it as `local`.
+        if reserve == 0 && from_durability != Some(Durability::Archive) {
+            tx.rollback().await?;
+            return Err(ClusterDbError::Refused(format!(
+                "slot {}: {from} ran durability=local, so its slots cannot be failed over \
+                 without seqs reserved for what it may have acknowledged",
+                old.slot
+            )));
         }
         sqlx::query(
             "INSERT INTO slot_failovers (slot, epoch, from_node, from_epoch, to_node, reserve) \
