@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`, the `/dashboard` slot
-//! map, and, with an admin API key, `/admin/cluster`, `/admin/slots`, drain, undrain and rebalance.
+//! map, and, with an admin API key, `/admin/cluster`, `/admin/slots`, drain, undrain, rebalance
+//! and failover.
 //!
 //! A node runs alone until clustering exists: it owns every slot at epoch 1, its placement is the
 //! ring over one node (so a rebalance has nothing to move), and draining it would leave nowhere for
@@ -64,6 +65,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/slots", get(slots))
         .route("/admin/nodes/{id}/drain", post(drain))
         .route("/admin/nodes/{id}/undrain", post(undrain))
+        .route("/admin/nodes/{id}/failover", post(failover))
         .route("/admin/rebalance", post(rebalance))
         .fallback(crate::http::not_found)
         .method_not_allowed_fallback(crate::http::method_not_allowed)
@@ -153,6 +155,9 @@ pub struct SlotView {
     /// The node a moving slot goes to.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target: Option<String>,
+    /// The epoch the slot's last failover gave it; absent for a slot never failed over.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_failover_epoch: Option<u64>,
     /// Conversations with a running actor on this slot.
     pub conversations: usize,
     /// Appends acknowledged on this slot since the owner started.
@@ -217,6 +222,7 @@ pub fn slot_views(state: &AdminState) -> Vec<SlotView> {
                 epoch: SINGLE_NODE_EPOCH,
                 state: slot_state.into(),
                 target: None,
+                last_failover_epoch: None,
                 conversations: conversations.get(i).copied().unwrap_or(0),
                 appends_total: appends.get(i).copied().unwrap_or(0),
                 appends_per_sec: state.rates.get(i),
@@ -367,6 +373,34 @@ async fn rebalance(
     }))
 }
 
+#[derive(Serialize)]
+pub struct FailoverBody {
+    /// The node failed over.
+    pub node: String,
+    /// Its slots that changed owner, each at its new epoch.
+    pub moves: Vec<crate::cluster::failover::SlotFailover>,
+    pub message: String,
+}
+
+async fn failover(
+    _: AdminCaller,
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+) -> Result<Json<FailoverBody>, ApiError> {
+    if let Some(cluster) = &state.cluster {
+        return crate::cluster::admin::failover(cluster, &id)
+            .await
+            .map(Json);
+    }
+    let node = this_node(&state, &id)?;
+    let mut conflict = ApiError::conflict(format!(
+        "node {:?} is the only node and it is alive: only a dead node's slots are failed over",
+        node.id
+    ));
+    conflict.reason = Some("node_alive");
+    Err(conflict)
+}
+
 /// The slot map's data: public, like the page (no message or conversation data in it).
 async fn dashboard_slots(State(state): State<AdminState>) -> Json<ClusterSnapshot> {
     let (cluster, slots) = snapshot(&state).await;
@@ -461,6 +495,7 @@ mod tests {
             epoch: 1,
             state: "active".into(),
             target: None,
+            last_failover_epoch: None,
             conversations: 2,
             appends_total: 10,
             appends_per_sec: rate,

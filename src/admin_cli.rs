@@ -16,6 +16,8 @@ pub enum Action {
     Drain(String, bool),
     Undrain(String),
     Rebalance,
+    /// Hand a dead node's slots to the live nodes.
+    Failover(String),
 }
 
 pub struct Options {
@@ -83,6 +85,10 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
             format!("/admin/nodes/{}/undrain", path_segment(node)),
         ),
         Action::Rebalance => (reqwest::Method::POST, "/admin/rebalance".to_owned()),
+        Action::Failover(node) => (
+            reqwest::Method::POST,
+            format!("/admin/nodes/{}/failover", path_segment(node)),
+        ),
     };
     let url = format!("{base}{path}");
     let client = reqwest::Client::builder()
@@ -129,6 +135,7 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
             let message = body["message"].as_str().unwrap_or_default();
             format!("{moves} slot moves started. {message}\n")
         }
+        Action::Failover(_) => render_failover(serde_json::from_value(body)?),
     })
 }
 
@@ -275,6 +282,32 @@ fn render_nodes(nodes: &[NodeRow]) -> String {
     )
 }
 
+#[derive(Deserialize)]
+struct Failover {
+    moves: Vec<FailoverMove>,
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct FailoverMove {
+    slot: u32,
+    to: String,
+    epoch: u64,
+}
+
+fn render_failover(failover: Failover) -> String {
+    let mut out = format!("{}\n", failover.message);
+    if !failover.moves.is_empty() {
+        let rows = failover
+            .moves
+            .iter()
+            .map(|m| vec![m.slot.to_string(), m.to.clone(), m.epoch.to_string()])
+            .collect::<Vec<_>>();
+        out.push_str(&table(&["SLOT", "TO", "EPOCH"], &rows));
+    }
+    out
+}
+
 fn render_slots(slots: Slots) -> String {
     let rows = slots
         .slots
@@ -356,6 +389,25 @@ mod tests {
         for bad in ["", " ", "http://", "ftp://h:1", "http://h:1/x", "h:1?q"] {
             assert!(base_url(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_failover_lists_its_moves_under_its_message() {
+        let body = serde_json::json!({
+            "node": "n3",
+            "moves": [{"slot": 4, "to": "n1", "epoch": 7}, {"slot": 9, "to": "n2", "epoch": 3}],
+            "message": "2 slots of n3 failed over to the live nodes",
+        });
+        assert_eq!(
+            render_failover(serde_json::from_value(body).unwrap()),
+            "2 slots of n3 failed over to the live nodes\n\
+             SLOT  TO  EPOCH\n4     n1  7\n9     n2  3\n"
+        );
+        let none = serde_json::json!({"node": "n3", "moves": [], "message": "n3 owns no slot"});
+        assert_eq!(
+            render_failover(serde_json::from_value(none).unwrap()),
+            "n3 owns no slot\n"
+        );
     }
 
     #[test]

@@ -69,13 +69,22 @@ pub struct ClusterSection {
     /// `local`: an append is acknowledged after the owner's fdatasync; `archive`: after the SQL
     /// commit of its archive batch as well.
     pub durability: String,
-    /// `manual`: a dead node's slots stay unavailable until it returns.
+    /// `manual`: a dead node's slots move only when an operator asks (`ferry admin failover`);
+    /// `auto`: the leader fails over every dead node that ran `durability = "archive"` once its
+    /// lease has expired.
     pub failover: String,
     /// Durable-but-unarchived messages one conversation may have.
     pub max_unarchived: u64,
     /// How long an append to a moving slot waits before `try_again` (`slot_moving`).
     #[serde(with = "duration_str")]
     pub move_hold: Duration,
+}
+
+impl ClusterSection {
+    /// `failover = "auto"`.
+    pub fn auto_failover(&self) -> bool {
+        self.failover == "auto"
+    }
 }
 
 impl Default for ClusterSection {
@@ -434,10 +443,7 @@ impl Config {
             other => bail!("cluster.durability must be local or archive, not {other:?}"),
         }
         match c.failover.as_str() {
-            "manual" => {}
-            "auto" => bail!(
-                "cluster.failover = \"auto\" is not available in this version; use \"manual\""
-            ),
+            "manual" | "auto" => {}
             other => bail!("cluster.failover must be manual or auto, not {other:?}"),
         }
         if self.redis_url.is_none() {
@@ -726,7 +732,7 @@ mod tests {
             "the lease must outlast two heartbeats"
         );
         c.cluster.lease = Duration::from_secs(5);
-        for (durability, failover) in [("local", "auto"), ("x", "manual")] {
+        for (durability, failover) in [("x", "manual"), ("local", "x")] {
             c.cluster.durability = durability.into();
             c.cluster.failover = failover.into();
             assert!(c.validate().is_err(), "{durability}/{failover}");
@@ -734,7 +740,11 @@ mod tests {
         c.cluster.durability = "archive".into();
         c.cluster.failover = "manual".into();
         assert!(c.validate().is_ok(), "durability = archive");
+        // Auto failover acts on dead nodes that ran archive; with local it leaves them alone.
         c.cluster.durability = "local".into();
+        c.cluster.failover = "auto".into();
+        assert!(c.validate().is_ok());
+        assert!(c.cluster.auto_failover());
         c.cluster.failover = "manual".into();
         c.advertise_url = Some("10.0.0.5:4001".into());
         assert!(c.validate().is_err(), "advertise_url needs a scheme");

@@ -71,6 +71,9 @@ enum AdminAction {
     Undrain { node: String },
     /// Move slots toward the ring's placement over the active nodes.
     Rebalance,
+    /// Hand a dead node's slots to the live nodes (only a node that ran
+    /// cluster.durability = archive; a live node is refused).
+    Failover { node: String },
 }
 
 #[derive(Args)]
@@ -176,6 +179,7 @@ fn main() -> ExitCode {
                 AdminAction::Drain { node, wait } => Action::Drain(node, wait),
                 AdminAction::Undrain { node } => Action::Undrain(node),
                 AdminAction::Rebalance => Action::Rebalance,
+                AdminAction::Failover { node } => Action::Failover(node),
             };
             runtime()
                 .and_then(|rt| rt.block_on(admin_cli::run(action, &options)))

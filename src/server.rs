@@ -285,6 +285,8 @@ struct Joining {
     advertise_url: String,
     incarnation: u64,
     state: ferry_shards::ownership::NodeState,
+    /// What `nodes.durability` says this node acknowledges after (see `ClusterDb::register`).
+    durability: crate::cluster::db::Durability,
 }
 
 async fn join_cluster(
@@ -294,8 +296,13 @@ async fn join_cluster(
     database_url: &str,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Joining> {
-    use crate::cluster::{db::ClusterDb, membership};
+    use crate::cluster::{
+        db::{ClusterDb, Durability},
+        membership,
+    };
     let c = &config.cluster;
+    let durability = Durability::parse(&c.durability)
+        .with_context(|| format!("cluster.durability {:?}", c.durability))?;
     let db = ClusterDb::connect(database_url, 4, c.lease)
         .await
         .context("cannot open the cluster tables")?;
@@ -304,7 +311,7 @@ async fn join_cluster(
         .context("cannot prepare the slot table")?;
     let sent = std::time::Instant::now();
     let registered = db
-        .register(node_id, advertise_url, c.lease)
+        .register(node_id, advertise_url, c.lease, durability)
         .await
         .context("cannot register this node")?;
     let gates = ferry_shards::gate::Gates::clustered(config.slots.count);
@@ -320,6 +327,7 @@ async fn join_cluster(
         node = node_id,
         incarnation = registered.incarnation,
         state = %registered.state,
+        durability = %registered.durability,
         slots = owned.len(),
         advertise_url,
         "joined the cluster"
@@ -339,6 +347,7 @@ async fn join_cluster(
         advertise_url: advertise_url.to_owned(),
         incarnation: registered.incarnation,
         state: registered.state,
+        durability: registered.durability,
     })
 }
 
@@ -351,10 +360,10 @@ async fn start_cluster(
     events: crate::inbox::Events,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<crate::cluster::Cluster> {
-    use crate::cluster::{fanout::Fanout, membership, rebalancer, Cluster};
+    use crate::cluster::{db::Durability, fanout::Fanout, membership, rebalancer, Cluster};
     use crate::metrics as m;
     // Every cluster series exists from the start (at zero), so dashboards and alerts see them.
-    for result in ["ok", "cancelled"] {
+    for result in ["ok", "cancelled", "failover"] {
         metrics::counter!(m::SLOT_MOVES_TOTAL, "result" => result).increment(0);
     }
     for op in ["append", "read", "inbox"] {
@@ -387,6 +396,14 @@ async fn start_cluster(
     );
     membership::refresh_view(&cluster).await;
     tokio::spawn(membership::run_view(cluster.clone(), stop.clone()));
+    if config.cluster.durability == Durability::Archive.as_str()
+        && joining.durability != Durability::Archive
+    {
+        tokio::spawn(membership::record_archive_durability(
+            cluster.clone(),
+            stop.clone(),
+        ));
+    }
     tokio::spawn(rebalancer::run(cluster.clone(), stop.clone()));
     tokio::spawn(refresh_changed_meta(node, store, events, stop));
     cluster.activate().await;

@@ -1,6 +1,6 @@
 //! The admin listener's operator surface on a node that runs alone: `/admin/cluster`,
-//! `/admin/slots`, drain / undrain / rebalance, the `/dashboard` slot map, and the `ferry admin`
-//! CLI against the real binary.
+//! `/admin/slots`, drain / undrain / rebalance / failover, the `/dashboard` slot map, and the
+//! `ferry admin` CLI against the real binary.
 
 mod common;
 
@@ -52,6 +52,7 @@ async fn the_admin_api_needs_an_admin_key() {
         ("GET", "/admin/slots".to_owned()),
         ("POST", format!("/admin/nodes/{node}/drain")),
         ("POST", format!("/admin/nodes/{node}/undrain")),
+        ("POST", format!("/admin/nodes/{node}/failover")),
         ("POST", "/admin/rebalance".to_owned()),
     ];
     let callers = [
@@ -202,6 +203,12 @@ async fn a_node_alone_refuses_to_drain_and_has_nothing_to_rebalance() {
     expect_error(resp, 404, "not_found", "draining an unknown node").await;
     let resp = admin_post(&server, "/admin/nodes/other/undrain").await;
     expect_error(resp, 404, "not_found", "undraining an unknown node").await;
+    // The only node is alive: nothing to fail over, and nobody to take its slots.
+    let resp = admin_post(&server, "/admin/nodes/solo-1/failover").await;
+    let body = expect_error(resp, 409, "conflict", "failing over the only node").await;
+    assert_eq!(body["detail"], "node_alive", "{body}");
+    let resp = admin_post(&server, "/admin/nodes/other/failover").await;
+    expect_error(resp, 404, "not_found", "failing over an unknown node").await;
 
     // The refused drain changed nothing: the node still owns its slots and takes appends.
     let resp = admin_post(&server, "/admin/nodes/solo-1/undrain").await;
@@ -347,6 +354,14 @@ async fn the_admin_cli_reports_and_refuses_like_the_api() {
     let out = ferry_admin(&["drain", &server.node, "--admin-url", &url], &key);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("conflict: "), "{}", stderr(&out));
+
+    let out = ferry_admin(&["failover", &server.node, "--admin-url", &url], &key);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("conflict: ") && stderr(&out).contains("alive"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = ferry_admin(&["undrain", &server.node, "--admin-url", &url], &key);
     assert!(out.status.success(), "undrain: {}", stderr(&out));

@@ -2,7 +2,8 @@
 //! `common::cluster`): a fresh cluster balances itself and serves every conversation from every
 //! node; a drain, a rolling restart, a kill -9, a node cut off from Postgres, a paused node and
 //! Redis faults, each under HTTP and WebSocket load with subscribers joined through non-owners,
-//! lose nothing acknowledged, give no seq twice and deliver every seq exactly once in order.
+//! lose nothing acknowledged, give no seq twice and deliver every seq exactly once in order; and
+//! failover of a dead node (refused while it lives or when it ran `durability = "local"`).
 //!
 //! Each test ends with the checker (`common::cluster::check`), which reads every conversation
 //! through every node and holds it against every acknowledgement and every subscriber.
@@ -15,7 +16,9 @@ use serde_json::{json, Value};
 
 use common::cluster::subscribers::Subscribers;
 use common::cluster::workload::{AckRecord, WorkloadSpec, WriteLog, Writers};
-use common::cluster::{ids, wait_for, Conversation, SlotMap, TestCluster, LEASE, SLOT_COUNT};
+use common::cluster::{
+    ids, wait_for, Conversation, SlotMap, TestCluster, LEASE, SLOT_COUNT, STATE_TIMEOUT,
+};
 
 /// Bound for waiting on the writers' progress.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -808,4 +811,363 @@ async fn redis_faults_do_not_lose_or_repeat_deliveries() {
             common::metric_sum(&metrics, "ferry_fanout_gap_fills_total", &[]).unwrap_or(0.0);
     }
     eprintln!("fan-out gap fills across the nodes: {gap_fills}");
+}
+
+// ----- failover -----
+
+/// `POST /admin/nodes/n{node}/failover` through node `via`.
+async fn post_failover(cluster: &TestCluster, via: usize, node: &str) -> (u16, Value) {
+    cluster
+        .admin_post(via, &format!("/admin/nodes/{node}/failover"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `ferry admin failover NODE` against node `via`: `(success, stdout, stderr)`.
+fn admin_cli_failover(cluster: &TestCluster, via: usize, node: &str) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["admin", "failover", node, "--admin-url"])
+        .arg(format!("http://{}", cluster.node(via).admin))
+        .env("FERRY_API_KEY", common::API_KEY)
+        .output()
+        .expect("run ferry admin failover");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Stores `durability = "archive"` for node `id` as if it had run it (this version refuses the
+/// setting at start). True of a dead node only if it had archived everything it acknowledged.
+async fn mark_archive(cluster: &TestCluster, id: &str) {
+    let db = ferry::cluster::db::ClusterDb::connect(&cluster.db.url, 1, LEASE)
+        .await
+        .expect("cluster db");
+    let node = db.node(id).await.expect("node").expect("node row");
+    assert!(db
+        .set_durability(
+            id,
+            node.incarnation,
+            ferry::cluster::db::Durability::Archive
+        )
+        .await
+        .expect("set durability"));
+    db.close().await;
+}
+
+/// One acknowledged append to each of `conversations` through node `via`, recorded in `log`.
+async fn append_round(
+    cluster: &TestCluster,
+    conversations: &[Conversation],
+    tag: &str,
+    via: usize,
+    log: &mut WriteLog,
+) {
+    for c in conversations {
+        let key = format!("{tag}-{}", c.id);
+        let content = json!({ "w": tag, "c": c.id });
+        let body = cluster.append(via, &c.id, &key, &content).await;
+        log.record_ack(&c.id, &key, &content, via, &body);
+    }
+}
+
+/// What this version can show of manual failover: a live node is never failed over, a dead node
+/// that ran `durability = "local"` is refused with the reason (reserved seqs are not built) and
+/// its slots stay unavailable, an unknown node is 404 — through the API and through the CLI,
+/// which exits non-zero with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_is_refused_for_a_live_node_and_for_a_dead_local_node() {
+    let Some(mut cluster) = TestCluster::start(3, &[]).await else {
+        return;
+    };
+    cluster.wait_balanced().await;
+    let metrics = cluster.node(1).metrics().await;
+    assert_eq!(
+        common::metric_sum(
+            &metrics,
+            "ferry_slot_moves_total",
+            &[("result", "failover")]
+        ),
+        Some(0.0),
+        "the failover series is registered at zero"
+    );
+
+    let (status, body) = post_failover(&cluster, 1, "n3").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        (body["error"].as_str(), body["detail"].as_str()),
+        (Some("conflict"), Some("node_alive")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("alive"),
+        "{body}"
+    );
+    let (status, body) = post_failover(&cluster, 1, "n9").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
+
+    let owned = cluster.slots(1).await.owned_by("n3");
+    assert!(!owned.is_empty());
+    cluster.kill9(3);
+    cluster.wait_node_state(1, 3, "dead").await;
+
+    for via in [1, 2] {
+        let (status, body) = post_failover(&cluster, via, "n3").await;
+        assert_eq!(status, 409, "via n{via}: {body}");
+        assert_eq!(body["detail"], "durability_local", "{body}");
+        let message = body["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("node n3 ran durability=local")
+                && message.contains("reserved seqs")
+                && message.contains("restart it with its data dir"),
+            "{message}"
+        );
+    }
+    let (ok, stdout, stderr) = admin_cli_failover(&cluster, 2, "n3");
+    assert!(!ok, "ferry admin failover succeeded: {stdout}");
+    assert!(
+        stderr.contains("conflict") && stderr.contains("ran durability=local"),
+        "{stderr}"
+    );
+
+    // Nothing changed: n3's slots are still its own, unavailable, never failed over.
+    let view = cluster.cluster_view(1).await;
+    assert_eq!(view.unavailable_slots, owned.len(), "{}", view.brief());
+    let slots = cluster.admin_get(1, "/admin/slots").await.expect("slots");
+    for slot in slots["slots"].as_array().expect("slots") {
+        assert!(slot.get("last_failover_epoch").is_none(), "{slot}");
+        if owned.contains(&(slot["slot"].as_u64().unwrap() as u32)) {
+            assert_eq!(
+                (slot["owner"].as_str(), slot["state"].as_str()),
+                (Some("n3"), Some("unavailable")),
+                "{slot}"
+            );
+        }
+    }
+}
+
+/// The success path with real processes, today: n3's row is set to `durability = "archive"` by
+/// hand after it died, which tells the truth here only because the writers had stopped and n3 had
+/// archived everything it acknowledged (what `durability = "archive"` guarantees at all times).
+/// The failover puts n3's slots on the ring over n1 and n2 at epoch + 1, appends to its
+/// conversations continue after the last archived seq, and n3, started again with its data dir,
+/// does not serve them: it rejoins with no slot of its own and gets its share back by moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_failover_of_a_dead_node_whose_acks_are_all_archived() {
+    let Some(mut cluster) = TestCluster::start(3, &[]).await else {
+        return;
+    };
+    cluster.wait_balanced().await;
+    let load = Load::start(&cluster, "fo", spec()).await;
+    load.wait_acks(150, "load before the failover").await;
+    let (mut log, subscribers, conversations) = load.stop_writers().await;
+    cluster.node(3).wait_archived(Duration::from_secs(20)).await;
+
+    let before = cluster.slots(1).await;
+    let owned = before.owned_by("n3");
+    let victims = TestCluster::conversations_of(&before, 3, &conversations);
+    assert!(!victims.is_empty(), "n3 owns none of the conversations");
+    cluster.kill9(3);
+    cluster.wait_node_state(1, 3, "dead").await;
+    mark_archive(&cluster, "n3").await;
+
+    let (status, body) = post_failover(&cluster, 2, "n3").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node"], "n3", "{body}");
+    let moves = body["moves"].as_array().expect("moves").clone();
+    let moved: Vec<u32> = moves
+        .iter()
+        .map(|m| m["slot"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(moved, owned, "{body}");
+    let after = cluster.slots(1).await;
+    let epochs = before.epochs();
+    for m in &moves {
+        let slot = m["slot"].as_u64().unwrap() as u32;
+        let to = m["to"].as_str().unwrap();
+        assert!(to == "n1" || to == "n2", "{m}");
+        assert_eq!(m["epoch"].as_u64(), Some(epochs[&slot] + 1), "{m}");
+        assert_eq!(after.owner_of(slot), Some(to));
+    }
+    let view = cluster.cluster_view(1).await;
+    assert_eq!(view.unavailable_slots, 0, "{}", view.brief());
+    let slots = cluster.admin_get(1, "/admin/slots").await.expect("slots");
+    for slot in slots["slots"].as_array().expect("slots") {
+        let n = slot["slot"].as_u64().unwrap() as u32;
+        let expected = owned.contains(&n).then(|| epochs[&n] + 1);
+        assert_eq!(slot["last_failover_epoch"].as_u64(), expected, "{slot}");
+    }
+    // The failover is placed on the ring over n1 and n2: nothing left to rebalance.
+    assert!(cluster.rebalance(1).await.is_empty());
+    let counted = common::metric_sum(
+        &cluster.node(2).metrics().await,
+        "ferry_slot_moves_total",
+        &[("result", "failover")],
+    );
+    assert_eq!(counted, Some(owned.len() as f64));
+    // Asked again: n3 owns nothing any more.
+    let (ok, stdout, stderr) = admin_cli_failover(&cluster, 1, "n3");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("n3 owns no slot"), "{stdout}");
+
+    // Its conversations take appends again, after the last seq it had acknowledged.
+    append_round(&cluster, &victims, "fo-after", 1, &mut log).await;
+    // n3 comes back with its data dir: no slot is its own; the rebalancer gives it its share.
+    cluster.restart(3);
+    cluster.wait_node_state(1, 3, "active").await;
+    cluster.wait_balanced().await;
+    append_round(&cluster, &victims, "fo-back", 3, &mut log).await;
+    assert!(
+        !cluster.node(3).stderr_all().contains("the archive lacks"),
+        "n3's log held acknowledged messages the archive lacked"
+    );
+    assert_check(&cluster, &conversations, &log, &subscribers).await;
+}
+
+/// `failover = "auto"` with real processes, today: the leader leaves a dead node that ran `local`
+/// alone (and says so once), and fails it over in its next round once its row says `archive` (set
+/// by hand, as in the manual test: n3 had archived everything it acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_failover_takes_only_a_dead_node_that_ran_archive() {
+    let Some(mut cluster) = TestCluster::start(3, &[("FERRY_CLUSTER__FAILOVER", "auto")]).await
+    else {
+        return;
+    };
+    cluster.wait_balanced().await;
+    let conversations = cluster.create_spread_conversations("auto", 9, 1).await;
+    let mut log = WriteLog::default();
+    append_round(&cluster, &conversations, "auto-before", 1, &mut log).await;
+    cluster.node(3).wait_archived(Duration::from_secs(20)).await;
+    let before = cluster.slots(1).await;
+    let owned = before.owned_by("n3");
+    let victims = TestCluster::conversations_of(&before, 3, &conversations);
+    assert!(!victims.is_empty());
+
+    cluster.kill9(3);
+    cluster.wait_node_state(1, 3, "dead").await;
+    let told = "node is dead and ran durability=local";
+    let c = &cluster;
+    wait_for(
+        "the leader to say it leaves n3 alone",
+        STATE_TIMEOUT,
+        || async move {
+            let logs = c.node(1).stderr_all() + &c.node(2).stderr_all();
+            logs.contains(told)
+                .then_some(())
+                .ok_or_else(|| "not yet".to_owned())
+        },
+    )
+    .await;
+    let view = cluster.cluster_view(1).await;
+    assert_eq!(view.unavailable_slots, owned.len(), "{}", view.brief());
+
+    mark_archive(&cluster, "n3").await;
+    let after = wait_for("the leader to fail n3 over", STATE_TIMEOUT, || async move {
+        let slots = c.try_slots(1).await?;
+        if slots.owned_by("n3").is_empty() && slots.in_state("unavailable").is_empty() {
+            Ok(slots)
+        } else {
+            Err(slots.brief())
+        }
+    })
+    .await;
+    let epochs = before.epochs();
+    for slot in &owned {
+        let entry = after.0.iter().find(|s| s.slot == *slot).expect("slot");
+        assert_eq!(entry.epoch, epochs[slot] + 1, "{entry:?}");
+    }
+    let mut counted = 0.0;
+    let mut said = 0;
+    for i in [1, 2] {
+        let text = cluster.node(i).metrics().await;
+        counted += common::metric_sum(&text, "ferry_slot_moves_total", &[("result", "failover")])
+            .unwrap_or(0.0);
+        said += cluster.node(i).stderr_all().matches(told).count();
+    }
+    assert_eq!(counted, owned.len() as f64);
+    assert_eq!(said, 1, "the leader says it once, not every round");
+    assert!(cluster.rebalance(1).await.is_empty(), "placed on the ring");
+
+    append_round(&cluster, &victims, "auto-after", 2, &mut log).await;
+    cluster.restart(3);
+    cluster.wait_node_state(1, 3, "active").await;
+    cluster.wait_balanced().await;
+    append_round(&cluster, &victims, "auto-back", 3, &mut log).await;
+    assert_check(&cluster, &conversations, &log, &Subscribers::none()).await;
+}
+
+/// `cluster.durability = "archive"` with `failover = "auto"`: under load, n3 is killed; as soon
+/// as its lease has expired the leader hands its slots to n1 and n2, appends to its conversations
+/// resume without it, and nothing acknowledged is lost (everything acknowledged was in SQL). n3
+/// comes back with its data dir, owns nothing of what was failed over, and gets its share back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_failover_under_load_with_archive_durability() {
+    let Some(mut cluster) = TestCluster::start(
+        3,
+        &[
+            ("FERRY_CLUSTER__DURABILITY", "archive"),
+            ("FERRY_CLUSTER__FAILOVER", "auto"),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    cluster.wait_balanced().await;
+    let load = Load::start(&cluster, "auto", spec()).await;
+    load.wait_acks(200, "load before the kill").await;
+    let before = cluster.slots(1).await;
+    let owned = before.owned_by("n3");
+    let victims = TestCluster::conversations_of(&before, 3, &load.conversations);
+    assert!(!victims.is_empty(), "n3 owns none of the conversations");
+
+    cluster.kill9(3);
+    let killed_at = Instant::now();
+    let c = &cluster;
+    let after = wait_for(
+        "n3's slots failed over to n1 and n2",
+        LEASE + Duration::from_secs(15),
+        || async move {
+            let slots = c.try_slots(1).await?;
+            if slots.owned_by("n3").is_empty() && slots.in_state("unavailable").is_empty() {
+                Ok(slots)
+            } else {
+                Err(slots.brief())
+            }
+        },
+    )
+    .await;
+    let took = killed_at.elapsed();
+    eprintln!("failed over {} slots {took:?} after the kill", owned.len());
+    let epochs = before.epochs();
+    for slot in &owned {
+        let entry = after.0.iter().find(|s| s.slot == *slot).expect("slot");
+        assert_eq!(entry.epoch, epochs[slot] + 1, "{entry:?}");
+    }
+    let mut failovers = 0.0;
+    for i in [1, 2] {
+        let text = cluster.node(i).metrics().await;
+        failovers += common::metric_sum(&text, "ferry_slot_moves_total", &[("result", "failover")])
+            .unwrap_or(0.0);
+    }
+    assert_eq!(failovers, owned.len() as f64, "counted by the leader");
+    load.wait_acks_on(
+        &victims,
+        killed_at,
+        20,
+        "appends to n3's conversations after the failover",
+    )
+    .await;
+
+    cluster.restart(3);
+    cluster.wait_node_state(1, 3, "active").await;
+    cluster.wait_balanced().await;
+    load.wait_acks(100, "load after n3 is back").await;
+    let (log, subscribers, conversations) = load.stop_writers().await;
+    assert_check(&cluster, &conversations, &log, &subscribers).await;
 }

@@ -1,8 +1,9 @@
 //! The cluster's Postgres layer (`ferry::cluster::db`) against a real Postgres, a fresh database
 //! per test (see `common::pg`): membership and incarnations, leases read on the database clock,
 //! the fixed slot count, compare-and-swap of slot rows, reclaim, the rebalancer's election, the
-//! fence archive writes check — and a paused node's open transaction, which Postgres must end
-//! before it can block a takeover.
+//! fence archive writes check, failover (only of a dead owner, only to a live active node, one
+//! winner, recorded with the change) — and a paused node's open transaction, which Postgres must
+//! end before it can block a takeover.
 //!
 //! Nothing sleeps for a fixed time: waits for a lease to lapse poll against a deadline.
 
@@ -11,9 +12,13 @@ mod common;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use ferry::cluster::db::{check_fence, ClusterDb, ClusterDbError, Fenced, Registered};
+use ferry::cluster::db::{
+    check_fence, ClusterDb, ClusterDbError, Durability, FailoverRecord, Fenced, Registered,
+};
 use ferry::store::Store;
-use ferry_shards::ownership::{NodeState, SlotRow, SlotState};
+use ferry_shards::ownership::{NodeState, Refusal, SlotRow, SlotState};
+
+use Durability::{Archive, Local};
 
 use common::pg::TestDatabase;
 
@@ -78,7 +83,7 @@ async fn ensure_active(cluster: &ClusterDb, node: &str) {
         return;
     }
     cluster
-        .register(node, &format!("http://{node}"), LEASE)
+        .register(node, &format!("http://{node}"), LEASE, Local)
         .await
         .expect("register");
     assert!(cluster
@@ -105,22 +110,23 @@ async fn a_restart_is_a_new_incarnation_and_a_drain_survives_it() {
         return;
     };
     let first = cluster
-        .register("b", "http://b:1", LEASE)
+        .register("b", "http://b:1", LEASE, Local)
         .await
         .expect("register");
     assert_eq!(
         first,
         Registered {
             incarnation: 1,
-            state: NodeState::Joining
+            state: NodeState::Joining,
+            durability: Local,
         }
     );
     cluster
-        .register("a", "http://a:1", LEASE)
+        .register("a", "http://a:1", LEASE, Local)
         .await
         .expect("register a");
     let again = cluster
-        .register("b", "http://b:2", LEASE)
+        .register("b", "http://b:2", LEASE, Local)
         .await
         .expect("register again");
     assert_eq!(again.incarnation, 2);
@@ -165,7 +171,7 @@ async fn a_restart_is_a_new_incarnation_and_a_drain_survives_it() {
 
     // An operator's drain survives restarts; anything else starts over as joining.
     let r = cluster
-        .register("b", "http://b:2", LEASE)
+        .register("b", "http://b:2", LEASE, Local)
         .await
         .expect("register");
     assert_eq!((r.incarnation, r.state), (3, Draining));
@@ -174,13 +180,13 @@ async fn a_restart_is_a_new_incarnation_and_a_drain_survives_it() {
         .await
         .expect("cas"));
     let r = cluster
-        .register("b", "http://b:2", LEASE)
+        .register("b", "http://b:2", LEASE, Local)
         .await
         .expect("register");
     assert_eq!((r.incarnation, r.state), (4, Drained));
     assert!(cluster.set_state("b", &[Drained], Left).await.expect("cas"));
     let r = cluster
-        .register("b", "http://b:2", LEASE)
+        .register("b", "http://b:2", LEASE, Local)
         .await
         .expect("register");
     assert_eq!((r.incarnation, r.state), (5, Joining));
@@ -195,11 +201,11 @@ async fn an_expired_lease_reads_dead_until_renewed() {
         return;
     };
     let a = cluster
-        .register("a", "http://a", SHORT_LEASE)
+        .register("a", "http://a", SHORT_LEASE, Local)
         .await
         .expect("register a");
     cluster
-        .register("d", "http://d", SHORT_LEASE)
+        .register("d", "http://d", SHORT_LEASE, Local)
         .await
         .expect("register d");
     assert!(cluster
@@ -207,7 +213,7 @@ async fn an_expired_lease_reads_dead_until_renewed() {
         .await
         .expect("drain d"));
     cluster
-        .register("z", "http://z", LEASE)
+        .register("z", "http://z", LEASE, Local)
         .await
         .expect("register z");
     assert!(cluster
@@ -321,7 +327,7 @@ async fn a_slot_changes_only_by_compare_and_swap_and_its_epoch_never_goes_back()
     // Only a node that is alive and active can be given a slot or be a move's target, checked
     // when the change is written (the planner's view may be older).
     cluster
-        .register("d", "http://d", LEASE)
+        .register("d", "http://d", LEASE, Local)
         .await
         .expect("register d");
     assert!(!cluster
@@ -419,6 +425,329 @@ async fn reclaim_bumps_the_epochs_of_that_nodes_slots_only() {
         ]
     );
     assert_eq!(cluster.reclaim("nobody").await.expect("reclaim"), []);
+}
+
+/// Registers `id` with `lease`, `active`, storing `durability` as it would be once recorded.
+async fn member(cluster: &ClusterDb, id: &str, lease: Duration, durability: Durability) -> u64 {
+    let r = cluster
+        .register(id, &format!("http://{id}"), lease, durability)
+        .await
+        .expect("register");
+    assert!(cluster
+        .set_state(id, &[NodeState::Joining], NodeState::Active)
+        .await
+        .expect("activate"));
+    assert!(cluster
+        .set_durability(id, r.incarnation, durability)
+        .await
+        .expect("set durability"));
+    r.incarnation
+}
+
+/// Waits until none of `ids` is alive on the database clock.
+async fn wait_dead(cluster: &ClusterDb, ids: &[&str]) {
+    eventually(
+        &format!("{ids:?} lapse"),
+        SHORT_LEASE + LAPSE_DEADLINE,
+        || async {
+            let nodes = cluster.nodes().await.expect("nodes");
+            nodes
+                .iter()
+                .filter(|n| ids.contains(&n.id.as_str()))
+                .all(|n| !n.alive)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+fn failed_over(slot: u32, to: &str, epoch: u64) -> SlotRow {
+    row(slot, Some(to), epoch, SlotState::Active)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_durability_is_stored_only_once_the_node_says_so() {
+    let Some((_db, cluster)) = setup().await else {
+        return;
+    };
+    // A node never seen, configured archive: its log may hold what an earlier run acknowledged
+    // under local, so the row says local until the node records archive itself.
+    let r = cluster
+        .register("a", "http://a", LEASE, Archive)
+        .await
+        .expect("register");
+    assert_eq!(r.durability, Local);
+    assert!(!cluster
+        .set_durability("a", r.incarnation + 1, Archive)
+        .await
+        .expect("a later incarnation"));
+    assert!(cluster
+        .set_durability("a", r.incarnation, Archive)
+        .await
+        .expect("record archive"));
+    assert_eq!(
+        cluster.node("a").await.unwrap().unwrap().durability,
+        Archive
+    );
+    // It ran archive: a restart with archive keeps it.
+    let r = cluster
+        .register("a", "http://a", LEASE, Archive)
+        .await
+        .expect("register");
+    assert_eq!(r.durability, Archive);
+    // A restart with local is local at once, and back to archive needs recording again.
+    let r = cluster
+        .register("a", "http://a", LEASE, Local)
+        .await
+        .expect("register");
+    assert_eq!(r.durability, Local);
+    let r = cluster
+        .register("a", "http://a", LEASE, Archive)
+        .await
+        .expect("register");
+    assert_eq!(r.durability, Local);
+    assert_eq!(cluster.node("a").await.unwrap().unwrap().durability, Local);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_takes_a_dead_owners_slot_to_a_live_active_node_and_records_it() {
+    let Some((db, cluster)) = setup().await else {
+        return;
+    };
+    cluster.init_slots(6).await.expect("init");
+    member(&cluster, "a", LEASE, Archive).await;
+    cluster
+        .register("j", "http://j", LEASE, Local)
+        .await
+        .expect("register j");
+    let x = member(&cluster, "x", SHORT_LEASE, Archive).await;
+    member(&cluster, "l", SHORT_LEASE, Local).await;
+    let r = member(&cluster, "r", SHORT_LEASE, Archive).await;
+    let x0 = assign(&cluster, 0, "x").await;
+    assign(&cluster, 1, "x").await;
+    let x2 = assign(&cluster, 2, "x").await;
+    let x2 = {
+        let marked = row(2, Some("x"), 1, moving("a"));
+        assert!(cluster.cas_slot(&x2, &marked).await.expect("mark moving"));
+        marked
+    };
+    let l3 = assign(&cluster, 3, "l").await;
+    let r4 = assign(&cluster, 4, "r").await;
+
+    // While the owner's lease is valid: refused, with the reason.
+    let err = cluster
+        .failover_slot(&x0, &failed_over(0, "a", 2), 0)
+        .await
+        .expect_err("x is alive");
+    assert!(
+        matches!(&err, ClusterDbError::Denied(Refusal::OwnerAlive { slot: 0, owner }) if owner == "x"),
+        "{err:?}"
+    );
+
+    wait_dead(&cluster, &["x", "l", "r"]).await;
+    // r comes back before anyone fails it over: alive again, refused again.
+    assert!(cluster.renew("r", r, LEASE).await.expect("renew r"));
+    let err = cluster
+        .failover_slot(&r4, &failed_over(4, "a", 2), 0)
+        .await
+        .expect_err("r is back");
+    assert!(
+        matches!(err, ClusterDbError::Denied(Refusal::OwnerAlive { .. })),
+        "{err:?}"
+    );
+
+    // The receiver must be alive and active at the write: not joining, not a stranger.
+    let err = cluster
+        .failover_slot(&x0, &failed_over(0, "j", 2), 0)
+        .await
+        .expect_err("j is joining");
+    assert!(
+        matches!(
+            err,
+            ClusterDbError::Denied(Refusal::NodeNotActive {
+                state: NodeState::Joining,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let err = cluster
+        .failover_slot(&x0, &failed_over(0, "nobody", 2), 0)
+        .await
+        .expect_err("no such node");
+    assert!(
+        matches!(err, ClusterDbError::Denied(Refusal::UnknownNode { .. })),
+        "{err:?}"
+    );
+    // Nor to the dead node itself, nor skipping an epoch.
+    assert!(matches!(
+        cluster.failover_slot(&x0, &failed_over(0, "x", 2), 0).await,
+        Err(ClusterDbError::Denied(Refusal::NodeNotAlive { .. }))
+    ));
+    assert!(matches!(
+        cluster.failover_slot(&x0, &failed_over(0, "a", 3), 0).await,
+        Err(ClusterDbError::Refused(_))
+    ));
+    // A node that ran local may have acknowledged what only its disk holds: not without a
+    // reservation.
+    let err = cluster
+        .failover_slot(&l3, &failed_over(3, "a", 2), 0)
+        .await
+        .expect_err("l ran local");
+    assert!(
+        matches!(&err, ClusterDbError::Refused(why) if why.contains("durability=local")),
+        "{err:?}"
+    );
+    assert!(cluster.failovers().await.expect("failovers").is_empty());
+    assert_eq!(
+        cluster.slots().await.expect("slots")[..5],
+        [
+            x0.clone(),
+            row(1, Some("x"), 1, SlotState::Active),
+            x2.clone(),
+            l3.clone(),
+            r4.clone(),
+        ]
+    );
+
+    // x's archive transaction, still open (a paused x), holds the slot row: the failover fails
+    // fast, before it has locked any node row.
+    let taker = ClusterDb::connect(&db.url, 1, Duration::from_secs(1))
+        .await
+        .expect("connect");
+    let mut zombie = cluster.pool().begin().await.expect("begin");
+    check_fence(&mut zombie, "x", &[(0, 1)])
+        .await
+        .expect("x still owns 0");
+    let err = taker
+        .failover_slot(&x0, &failed_over(0, "a", 2), 0)
+        .await
+        .expect_err("the slot row is locked");
+    assert!(matches!(err, ClusterDbError::LockTimeout), "{err:?}");
+    zombie.rollback().await.expect("rollback");
+    taker.close().await;
+
+    // Now it goes through, a move in progress abandoned; the stale row cannot win twice.
+    assert!(cluster
+        .failover_slot(&x0, &failed_over(0, "a", 2), 0)
+        .await
+        .expect("failover 0"));
+    assert!(!cluster
+        .failover_slot(&x0, &failed_over(0, "a", 2), 0)
+        .await
+        .expect("again"));
+    assert!(cluster
+        .failover_slot(&x2, &failed_over(2, "a", 2), 0)
+        .await
+        .expect("failover 2"));
+    // With a reservation, a local node's slot can go (the hook for reserved seqs).
+    assert!(cluster
+        .failover_slot(&l3, &failed_over(3, "a", 2), 10_000)
+        .await
+        .expect("failover 3"));
+
+    let failovers = cluster.failovers().await.expect("failovers");
+    let summary: Vec<(u32, u64, String, u64, String, u64)> = failovers
+        .iter()
+        .map(|f: &FailoverRecord| {
+            (
+                f.slot,
+                f.epoch,
+                f.from_node.clone(),
+                f.from_epoch,
+                f.to_node.clone(),
+                f.reserve,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (0, 2, "x".into(), 1, "a".into(), 0),
+            (2, 2, "x".into(), 1, "a".into(), 0),
+            (3, 2, "l".into(), 1, "a".into(), 10_000),
+        ]
+    );
+    assert!(failovers.iter().all(|f| f.at_ms > 0));
+    let last = cluster.last_failover_epochs().await.expect("last");
+    assert_eq!(last.len(), 3);
+    assert_eq!((last[&0], last[&2], last[&3]), (2, 2, 2));
+
+    // x comes back: it reclaims only the slot it still owns; the others stay failed over.
+    assert!(cluster.renew("x", x, LEASE).await.expect("renew x"));
+    assert_eq!(
+        cluster.reclaim("x").await.expect("reclaim"),
+        [row(1, Some("x"), 2, SlotState::Active)]
+    );
+    assert_eq!(
+        cluster.slots().await.expect("slots")[..4],
+        [
+            failed_over(0, "a", 2),
+            row(1, Some("x"), 2, SlotState::Active),
+            failed_over(2, "a", 2),
+            failed_over(3, "a", 2),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_racing_failovers_one_wins() {
+    let Some((db, cluster)) = setup().await else {
+        return;
+    };
+    cluster.init_slots(8).await.expect("init");
+    member(&cluster, "a", LEASE, Archive).await;
+    member(&cluster, "b", LEASE, Archive).await;
+    member(&cluster, "x", SHORT_LEASE, Archive).await;
+    let mut owned = Vec::new();
+    for slot in 0..8 {
+        owned.push(assign(&cluster, slot, "x").await);
+    }
+    wait_dead(&cluster, &["x"]).await;
+
+    // Two failers (an operator and the leader, say) on their own pools, from the same rows.
+    let racer = |to: &'static str| {
+        let url = db.url.clone();
+        let owned = owned.clone();
+        tokio::spawn(async move {
+            let cluster = ClusterDb::connect(&url, 1, LEASE).await.expect("connect");
+            let mut won = Vec::new();
+            for old in &owned {
+                let new = failed_over(old.slot, to, old.epoch + 1);
+                // A lock held by the rival's open transaction: retry.
+                loop {
+                    match cluster.failover_slot(old, &new, 0).await {
+                        Ok(true) => {
+                            won.push(old.slot);
+                            break;
+                        }
+                        Ok(false) => break,
+                        Err(ClusterDbError::LockTimeout) => continue,
+                        Err(e) => panic!("failover of {} to {to}: {e}", old.slot),
+                    }
+                }
+            }
+            cluster.close().await;
+            won
+        })
+    };
+    let (a, b) = (racer("a"), racer("b"));
+    let (a, b) = (a.await.expect("join a"), b.await.expect("join b"));
+    let mut all: Vec<u32> = a.iter().chain(&b).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..8).collect::<Vec<_>>(), "a won {a:?}, b won {b:?}");
+
+    let slots = cluster.slots().await.expect("slots");
+    let failovers = cluster.failovers().await.expect("failovers");
+    assert_eq!(failovers.len(), 8, "{failovers:?}");
+    for (slot, record) in slots.iter().zip(&failovers) {
+        let winner = if a.contains(&slot.slot) { "a" } else { "b" };
+        assert_eq!(*slot, failed_over(slot.slot, winner, 2));
+        assert_eq!(
+            (record.slot, record.epoch, record.to_node.as_str()),
+            (slot.slot, 2, winner)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,23 +18,29 @@
 //! | [`Change::CompleteMove`] | owner, moving to `target` | `target`, epoch + 1, active | owner alive; `target` alive and active |
 //! | [`Change::CancelMove`] | owner, moving | same owner and epoch, active | — |
 //! | [`Change::Reclaim`] | owner `node`, any state | same owner, epoch + 1, active | `node` alive |
+//! | [`Change::Failover`] | owner, any state | `to`, epoch + 1, active | owner *not* alive; `to` alive and active |
 //!
 //! Invariants (checked after every step by the model-based property test in `ownership/model.rs`,
 //! with stale planners racing each other, lease expiry, crashes and drains):
 //! - a slot's epoch never goes back;
 //! - every change of owner raises the epoch by exactly one, so one `(slot, epoch)` names at most
 //!   one owner over the whole history;
-//! - a slot is only ever handed (assigned, or moved) to a node that is alive and `active` at the
-//!   time of the write.
+//! - a slot is only ever handed (assigned, moved or failed over) to a node that is alive and
+//!   `active` at the time of the write;
+//! - a slot leaves a live owner only by a move that owner completes: a live owner's slot is never
+//!   failed over.
 //!
 //! `unavailable` is not a stored state: it is how a slot whose owner's lease expired reads
-//! ([`slot_status`]). Nothing here hands such a slot to another node — failover is a change of its
-//! own (a later step) — and nothing here completes a move whose owner's lease lapsed, because the
-//! owner may not have shipped its unarchived tail.
+//! ([`slot_status`]). Only [`Change::Failover`] hands such a slot to another node, and nothing
+//! completes a move whose owner's lease lapsed, because the owner may not have shipped its
+//! unarchived tail. Whether a dead owner's slots *may* be failed over (it acknowledged nothing
+//! that is not in SQL, or its seqs are reserved) is the caller's decision; this module only
+//! guarantees that the owner is not alive at the time of the write, and the new epoch fences it
+//! should it come back: its [`Change::Reclaim`] names a row that no longer exists.
 //!
 //! The planner ([`plan`], in `ownership/planner.rs`) proposes changes that move the table toward
 //! the hash-ring [`Placement`](crate::placement::Placement) over alive, active nodes, `max_moves`
-//! data moves at a time.
+//! data moves at a time; [`plan_failover`] places a dead node's slots on the same ring.
 //!
 //! This module does no IO and reads no clock: liveness arrives as [`NodeView::alive`].
 
@@ -44,7 +50,7 @@ use std::fmt;
 mod model;
 mod planner;
 
-pub use planner::{desired, plan};
+pub use planner::{desired, plan, plan_failover};
 
 /// A node's membership state, as stored in the `nodes` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -156,6 +162,10 @@ pub enum Change {
     /// The owner serves its slot again after a restart or a lapsed lease. The new epoch fences
     /// whatever its previous incarnation may still have in flight, and a pending move is cancelled.
     Reclaim { node: String },
+    /// Hands the slot of an owner whose lease expired to `to` under a new epoch, without its
+    /// data: what the dead owner held only on its disk stays there. A move in progress is
+    /// abandoned. The new epoch fences the old owner should it come back.
+    Failover { to: String },
 }
 
 /// Why [`apply`] refused a change. Every refusal leaves the row as it was.
@@ -185,6 +195,8 @@ pub enum Refusal {
     NodeNotActive { node: String, state: NodeState },
     #[error("slot {slot} is at the highest epoch and cannot change owner again")]
     EpochExhausted { slot: u32 },
+    #[error("slot {slot} is served by {owner:?}, whose lease is valid: a live owner's slot is never failed over")]
+    OwnerAlive { slot: u32, owner: String },
 }
 
 /// The next row after `change`, or why the change is not allowed now.
@@ -273,6 +285,24 @@ pub fn apply(row: &SlotRow, change: &Change, nodes: &[NodeView]) -> Result<SlotR
             Ok(SlotRow {
                 slot,
                 owner: Some(node.clone()),
+                epoch: next_epoch(row)?,
+                state: SlotState::Active,
+            })
+        }
+        Change::Failover { to } => {
+            let owner = require_owner(row)?;
+            // Only lease expiry is authoritative: a node missing from the membership is not
+            // alive either.
+            if node_view(owner, nodes).is_some_and(|node| node.alive) {
+                return Err(Refusal::OwnerAlive {
+                    slot,
+                    owner: owner.clone(),
+                });
+            }
+            require_active(to, nodes)?;
+            Ok(SlotRow {
+                slot,
+                owner: Some(to.clone()),
                 epoch: next_epoch(row)?,
                 state: SlotState::Active,
             })
@@ -596,6 +626,86 @@ mod tests {
             apply(&owned("x", 4), &reclaim("x"), &nodes),
             Err(not_alive("x"))
         );
+    }
+
+    fn failover(to: &str) -> Change {
+        Change::Failover { to: to.into() }
+    }
+
+    #[test]
+    fn failover_hands_a_dead_owners_slot_to_a_receiving_node_at_the_next_epoch() {
+        let nodes = members();
+        // Lapsed but still stored active (x), declared dead (z), not a member at all (q).
+        for owner in ["x", "z", "q"] {
+            assert_eq!(
+                apply(&owned(owner, 4), &failover("a"), &nodes),
+                Ok(owned("a", 5)),
+                "{owner}"
+            );
+        }
+        // A move in progress is abandoned: its target may not have got anything.
+        assert_eq!(
+            apply(&moving("x", 4, "b"), &failover("a"), &nodes),
+            Ok(owned("a", 5))
+        );
+        assert_eq!(
+            apply(&moving("z", 4, "a"), &failover("a"), &nodes),
+            Ok(owned("a", 5))
+        );
+    }
+
+    #[test]
+    fn failover_is_refused_while_the_owner_lives_and_to_a_node_that_cannot_receive() {
+        let nodes = members();
+        let alive = |owner: &str| Refusal::OwnerAlive {
+            slot: 7,
+            owner: owner.into(),
+        };
+        let cases = [
+            (owned("a", 4), "b", alive("a")),
+            (moving("a", 4, "b"), "b", alive("a")),
+            // Draining or joining, a node with a valid lease is alive.
+            (owned("d", 4), "a", alive("d")),
+            (owned("j", 4), "a", alive("j")),
+            (SlotRow::unassigned(7), "a", Refusal::Unowned { slot: 7 }),
+            (owned("z", 4), "d", not_active("d", NodeState::Draining)),
+            (owned("z", 4), "j", not_active("j", NodeState::Joining)),
+            (owned("z", 4), "x", not_alive("x")),
+            (owned("z", 4), "z", not_alive("z")),
+            (owned("z", 4), "q", unknown("q")),
+            (
+                owned("z", u64::MAX),
+                "a",
+                Refusal::EpochExhausted { slot: 7 },
+            ),
+        ];
+        for (row, to, refusal) in cases {
+            assert_eq!(
+                apply(&row, &failover(to), &nodes),
+                Err(refusal),
+                "{row:?} → {to}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_over_owner_that_comes_back_cannot_reclaim() {
+        let mut nodes = members();
+        let dead = owned("x", 4);
+        let taken = apply(&dead, &failover("a"), &nodes).expect("failover");
+        // x renews its lease: the row it would reclaim names another owner now.
+        nodes[4].alive = true;
+        assert_eq!(
+            apply(&taken, &reclaim("x"), &nodes),
+            Err(Refusal::NotOwner {
+                slot: 7,
+                node: "x".into(),
+                owner: "a".into()
+            })
+        );
+        // Its stale row still applies in isolation; only the compare-and-swap against the stored
+        // row (epoch 5 now) keeps it out, which the model test checks.
+        assert_eq!(apply(&dead, &reclaim("x"), &nodes), Ok(owned("x", 5)));
     }
 
     #[test]

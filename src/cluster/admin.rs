@@ -1,6 +1,7 @@
 //! The admin API for the whole cluster, from any node: status and slots (the tables from
 //! Postgres, each node's own counters from that node over the node-to-node API), drain,
-//! undrain and rebalance (written to the tables; the rebalancer carries them out).
+//! undrain and rebalance (written to the tables; the rebalancer carries them out), and failover
+//! (carried out by the answering node, see [`super::failover`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,9 +13,11 @@ use ferry_shards::ownership::{Change, NodeState, SlotState};
 use ferry_shards::record::format_rfc3339_millis;
 
 use super::db::NodeRecord;
+use super::failover::{self, FailoverError};
 use super::{slot_state_name, Cluster, View};
 use crate::admin::{
-    node_view, slot_views, AdminState, ClusterView, NodeView, RebalanceBody, SlotMove, SlotView,
+    node_view, slot_views, AdminState, ClusterView, FailoverBody, NodeView, RebalanceBody,
+    SlotMove, SlotView,
 };
 use crate::http::error::ApiError;
 
@@ -59,7 +62,8 @@ async fn read_tables(cluster: &Cluster) -> View {
 }
 
 pub async fn snapshot(state: &AdminState, cluster: &Cluster) -> (ClusterView, Vec<SlotView>) {
-    let view = read_tables(cluster).await;
+    let (view, failovers) = tokio::join!(read_tables(cluster), cluster.db().last_failover_epochs());
+    let failovers = failovers.unwrap_or_default();
     let mut records: Vec<&NodeRecord> = view.nodes.values().collect();
     records.sort_by(|a, b| a.id.cmp(&b.id));
     let stats: Vec<Option<NodeStats>> = join_all(records.iter().map(|n| async move {
@@ -95,6 +99,7 @@ pub async fn snapshot(state: &AdminState, cluster: &Cluster) -> (ClusterView, Ve
                     SlotState::Moving { target } => Some(target.clone()),
                     SlotState::Active => None,
                 },
+                last_failover_epoch: failovers.get(&row.slot).copied(),
                 conversations: counters.map_or(0, |c| c.conversations),
                 appends_total: counters.map_or(0, |c| c.appends_total),
                 appends_per_sec: counters.map_or(0.0, |c| c.appends_per_sec),
@@ -264,4 +269,40 @@ pub async fn rebalance(cluster: &Cluster) -> Result<RebalanceBody, ApiError> {
         )
     };
     Ok(RebalanceBody { moves, message })
+}
+
+/// `POST /admin/nodes/{id}/failover`: every slot of a dead node that ran `durability = "archive"`
+/// goes to its desired owner on the ring at epoch + 1.
+pub async fn failover(cluster: &Cluster, id: &str) -> Result<FailoverBody, ApiError> {
+    // A paused node's archive transaction holds a slot row until Postgres ends it (half a lease).
+    let within = cluster.config().lease;
+    let result = failover::fail_over_node(cluster, id, within).await;
+    let (moves, remaining) = result.map_err(|e| match e {
+        FailoverError::UnknownNode(_) => ApiError::not_found(e.to_string()),
+        FailoverError::Alive(_)
+        | FailoverError::LocalDurability(_)
+        | FailoverError::NoReceiver(_) => {
+            tracing::info!(node = %id, reason = %e, "failover refused");
+            let mut conflict = ApiError::conflict(e.to_string());
+            conflict.reason = Some(e.detail());
+            conflict
+        }
+        FailoverError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+    })?;
+    super::membership::refresh_view(cluster).await;
+    cluster.kick();
+    let message = match (moves.len(), remaining) {
+        (0, 0) => format!("{id} owns no slot: nothing to fail over"),
+        (n, 0) => format!("{n} slots of {id} failed over to the live nodes"),
+        (n, left) => format!(
+            "{n} slots of {id} failed over; {left} could not be taken now (changed or locked \
+             meanwhile, or {id} came back): ask again"
+        ),
+    };
+    tracing::info!(node = %id, slots = moves.len(), remaining, "failover requested");
+    Ok(FailoverBody {
+        node: id.to_owned(),
+        moves,
+        message,
+    })
 }

@@ -1,6 +1,7 @@
 //! The cluster's state in Postgres: membership (`nodes`), slot ownership (`slot_owners`), the
-//! fixed slot count (`cluster_meta`) and the one rebalancer (`cluster_leader`); schema in
-//! `migrations/postgres/0003_cluster.sql`.
+//! fixed slot count (`cluster_meta`), the one rebalancer (`cluster_leader`) and the record of
+//! failovers (`slot_failovers`); schema in `migrations/postgres/0003_cluster.sql` and
+//! `0004_failover.sql`.
 //!
 //! [`ClusterDb`] owns every read and write of those tables; nothing else touches them. The
 //! archive's insert transaction, which runs on another pool of the same database, calls
@@ -18,7 +19,9 @@
 //! - **Ownership changes only by compare-and-swap** on the whole old row ([`ClusterDb::cas_slot`]),
 //!   a slot's epoch never goes back, and a change of owner always raises it, so `(slot, epoch)`
 //!   names one owner for all time. `ferry_shards::ownership` decides which changes are allowed;
-//!   this module refuses only what would break the epoch rule.
+//!   this module refuses only what would break the epoch rule — except for a failover
+//!   ([`ClusterDb::failover_slot`]), which it checks against the membership it locks inside its
+//!   own transaction: the owner's lease has expired and the receiver is alive and active.
 //! - **A paused node cannot block a failover.** Every connection of the pool carries
 //!   `idle_in_transaction_session_timeout` (half the lease) and a `statement_timeout`, and
 //!   statements that take row locks over others set a short `lock_timeout` ([`SessionTimeouts`]):
@@ -40,7 +43,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
-use ferry_shards::ownership::{NodeState, NodeView, SlotRow, SlotState};
+use ferry_shards::ownership::{self, Change, NodeState, NodeView, Refusal, SlotRow, SlotState};
 
 /// Postgres error codes this module tells apart (SQLSTATE).
 mod sqlstate {
@@ -78,6 +81,10 @@ pub enum ClusterDbError {
     /// A write of this node is not covered by its ownership of the slot.
     #[error(transparent)]
     Fenced(#[from] Fenced),
+    /// The membership, read and locked in the write's own transaction, does not allow the change
+    /// (a failover of an owner that is alive again, to a node that can no longer receive).
+    #[error(transparent)]
+    Denied(#[from] Refusal),
     /// A row holds something this code cannot read (a state it does not know).
     #[error("unexpected value in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
@@ -184,6 +191,41 @@ impl SessionTimeouts {
     }
 }
 
+/// What a node acknowledges after (`cluster.durability`), as stored in `nodes.durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Durability {
+    /// After its own fdatasync: acknowledged messages may exist only on its disk, so its slots
+    /// can be failed over only with seqs reserved for them.
+    Local,
+    /// After the SQL commit as well: nothing it acknowledged is only on its disk, so its slots
+    /// can be failed over as they are.
+    Archive,
+}
+
+impl Durability {
+    /// The spelling of `cluster.durability` and of the stored column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Local => "local",
+            Durability::Archive => "archive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Durability> {
+        match s {
+            "local" => Some(Durability::Local),
+            "archive" => Some(Durability::Archive),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a node came back from [`ClusterDb::register`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Registered {
@@ -191,6 +233,26 @@ pub struct Registered {
     pub incarnation: u64,
     /// `joining`, or `draining`/`drained` when an operator's drain was in force.
     pub state: NodeState,
+    /// What the row says the node acknowledges after: `local` for a node that asked for
+    /// `archive` but did not run it before (see [`ClusterDb::register`]).
+    pub durability: Durability,
+}
+
+/// One row of `slot_failovers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverRecord {
+    pub slot: u32,
+    /// The slot's epoch after the failover.
+    pub epoch: u64,
+    /// The dead owner, and the epoch it owned the slot under.
+    pub from_node: String,
+    pub from_epoch: u64,
+    pub to_node: String,
+    /// Seqs per conversation reserved for what the dead owner may have acknowledged; 0 when it
+    /// ran `durability = "archive"`.
+    pub reserve: u64,
+    /// Unix milliseconds, database clock.
+    pub at_ms: i64,
 }
 
 /// A row of `nodes` as the cluster sees it now.
@@ -209,6 +271,8 @@ pub struct NodeRecord {
     pub last_heartbeat_ms: i64,
     /// When this incarnation registered.
     pub started_at_ms: i64,
+    /// What it acknowledges after, as its last start (or [`ClusterDb::set_durability`]) stored.
+    pub durability: Durability,
 }
 
 impl NodeRecord {
@@ -335,15 +399,22 @@ impl ClusterDb {
     /// Starts a new incarnation of `node_id` with a lease of `lease` from now. Its state becomes
     /// `joining`, unless an operator's drain is in force (`draining`/`drained` survive restarts).
     /// The previous incarnation, if still running, can no longer renew.
+    ///
+    /// `durability` is what this incarnation acknowledges after. `local` is stored as it is.
+    /// `archive` is stored only if the node already ran `archive` before; otherwise the row says
+    /// `local` until the node calls [`set_durability`](ClusterDb::set_durability) — once it has
+    /// archived everything its log recovered, which may hold messages acknowledged under `local`
+    /// and nowhere else.
     pub async fn register(
         &self,
         node_id: &str,
         advertise_url: &str,
         lease: Duration,
+        durability: Durability,
     ) -> Result<Registered> {
-        let (incarnation, state): (i64, String) = sqlx::query_as(
-            "INSERT INTO nodes (id, incarnation, advertise_url, state, lease_until, last_heartbeat, started_at) \
-             VALUES ($1, 1, $2, 'joining', now() + make_interval(secs => $3), now(), now()) \
+        let (incarnation, state, stored): (i64, String, String) = sqlx::query_as(
+            "INSERT INTO nodes (id, incarnation, advertise_url, state, lease_until, last_heartbeat, started_at, durability) \
+             VALUES ($1, 1, $2, 'joining', now() + make_interval(secs => $3), now(), now(), 'local') \
              ON CONFLICT (id) DO UPDATE SET \
                  incarnation = nodes.incarnation + 1, \
                  advertise_url = EXCLUDED.advertise_url, \
@@ -351,18 +422,42 @@ impl ClusterDb {
                               ELSE 'joining' END, \
                  lease_until = EXCLUDED.lease_until, \
                  last_heartbeat = EXCLUDED.last_heartbeat, \
-                 started_at = EXCLUDED.started_at \
-             RETURNING incarnation, state",
+                 started_at = EXCLUDED.started_at, \
+                 durability = CASE WHEN $4 = 'archive' AND nodes.durability = 'archive' \
+                                   THEN 'archive' ELSE 'local' END \
+             RETURNING incarnation, state, durability",
         )
         .bind(node_id)
         .bind(advertise_url)
         .bind(lease.as_secs_f64())
+        .bind(durability.as_str())
         .fetch_one(&self.pool)
         .await?;
         Ok(Registered {
             incarnation: from_sql_u64("nodes", incarnation)?,
             state: parse_node_state(&state)?,
+            durability: parse_durability(&stored)?,
         })
+    }
+
+    /// Stores what incarnation `incarnation` of `node_id` acknowledges after; `false` if a newer
+    /// incarnation holds the row (or there is none). A node configured `archive` calls this once
+    /// nothing it acknowledged under `local` is left unarchived (see
+    /// [`register`](ClusterDb::register)).
+    pub async fn set_durability(
+        &self,
+        node_id: &str,
+        incarnation: u64,
+        durability: Durability,
+    ) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE nodes SET durability = $3 WHERE id = $1 AND incarnation = $2")
+                .bind(node_id)
+                .bind(to_sql_i64("incarnation", incarnation)?)
+                .bind(durability.as_str())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Extends the lease of `node_id` to `lease` from now, if `incarnation` is still the one
@@ -515,6 +610,154 @@ impl ClusterDb {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Fails the slot over: replaces `old`, owned by a node whose lease has expired, by `new`, the
+    /// same slot given to another node at epoch + 1 (`active`, a move abandoned), and records it
+    /// in `slot_failovers` with `reserve` (seqs per conversation reserved for the dead owner) —
+    /// all in one transaction, or nothing.
+    ///
+    /// Inside the transaction the slot row is swapped first (compare-and-swap on the whole row;
+    /// `false` when it is no longer `old`: another failover won, or the owner came back and
+    /// reclaimed it). Then the rows of both nodes are read-locked (`FOR SHARE`, in id order), so
+    /// a renewal or restart of the old owner, or a state change of the receiver, waits for the
+    /// commit and the checks hold at the commit: the change must be exactly what
+    /// [`ownership::apply`] makes of [`Change::Failover`] against that membership (old owner not
+    /// alive by the database clock, receiver alive and `active`), else `Denied` with the reason;
+    /// and an owner that ran `durability = "local"` may hold acknowledged messages only on its
+    /// disk, so with `reserve` 0 it is `Refused`. A refusal rolls everything back. A slot row
+    /// locked by another session (a paused node's archive transaction) fails it with
+    /// `LockTimeout` before any node row is locked.
+    pub async fn failover_slot(&self, old: &SlotRow, new: &SlotRow, reserve: u64) -> Result<bool> {
+        let (Some(from), Some(to)) = (old.owner.as_deref(), new.owner.as_deref()) else {
+            return Err(ClusterDbError::Refused(format!(
+                "slot {}: a failover takes an owned slot to another node",
+                old.slot
+            )));
+        };
+        let mut tx = self.begin_with_lock_timeout().await?;
+        // The slot row first: if another session holds it (a paused node's archive
+        // transaction), this waits without holding the node rows, whose renewals must go on.
+        let (old_state, old_target) = state_columns(&old.state);
+        let done = sqlx::query(
+            "UPDATE slot_owners SET node_id = $6, epoch = $7, state = 'active', target = NULL, updated_at = now() \
+             WHERE slot = $1 AND epoch = $2 AND node_id IS NOT DISTINCT FROM $3 \
+               AND state = $4 AND target IS NOT DISTINCT FROM $5",
+        )
+        .bind(to_sql_slot(old.slot)?)
+        .bind(to_sql_i64("epoch", old.epoch)?)
+        .bind(from)
+        .bind(old_state)
+        .bind(old_target)
+        .bind(to)
+        .bind(to_sql_i64("epoch", new.epoch)?)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        // Then the membership, locked until the commit and judged now (`clock_timestamp`, not
+        // the transaction's start: the wait above may have been long).
+        let members: Vec<(String, String, bool, String)> = sqlx::query_as(
+            "SELECT id, state, lease_until > clock_timestamp(), durability FROM nodes \
+             WHERE id = ANY($1) ORDER BY id COLLATE \"C\" FOR SHARE",
+        )
+        .bind(vec![from, to])
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut views = Vec::with_capacity(members.len());
+        let mut from_durability = None;
+        for (id, state, alive, durability) in &members {
+            if id == from {
+                from_durability = Some(parse_durability(durability)?);
+            }
+            views.push(NodeView {
+                id: id.clone(),
+                state: effective_state(parse_node_state(state)?, *alive),
+                alive: *alive,
+            });
+        }
+        let allowed = match ownership::apply(old, &Change::Failover { to: to.to_owned() }, &views) {
+            Ok(allowed) => allowed,
+            Err(refusal) => {
+                tx.rollback().await?;
+                return Err(refusal.into());
+            }
+        };
+        if allowed != *new {
+            tx.rollback().await?;
+            return Err(ClusterDbError::Refused(format!(
+                "slot {}: a failover of {old:?} makes {allowed:?}, not {new:?}",
+                old.slot
+            )));
+        }
+        // A node id that is not a member never acknowledged anything this cluster knows of as
+        // `archive`: judge it as `local`.
+        if reserve == 0 && from_durability != Some(Durability::Archive) {
+            tx.rollback().await?;
+            return Err(ClusterDbError::Refused(format!(
+                "slot {}: {from} ran durability=local, so its slots cannot be failed over \
+                 without seqs reserved for what it may have acknowledged",
+                old.slot
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO slot_failovers (slot, epoch, from_node, from_epoch, to_node, reserve) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(to_sql_slot(old.slot)?)
+        .bind(to_sql_i64("epoch", new.epoch)?)
+        .bind(from)
+        .bind(to_sql_i64("epoch", old.epoch)?)
+        .bind(to)
+        .bind(to_sql_i64("reserve", reserve)?)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Every recorded failover, ordered by slot and epoch.
+    pub async fn failovers(&self) -> Result<Vec<FailoverRecord>> {
+        let rows: Vec<(i32, i64, String, i64, String, i64, i64)> = sqlx::query_as(
+            "SELECT slot, epoch, from_node, from_epoch, to_node, reserve, \
+                    floor(extract(epoch FROM at) * 1000)::int8 \
+             FROM slot_failovers ORDER BY slot, epoch",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(slot, epoch, from_node, from_epoch, to_node, reserve, at_ms)| {
+                    Ok(FailoverRecord {
+                        slot: u32::try_from(slot).map_err(|_| corrupt("slot_failovers", slot))?,
+                        epoch: from_sql_u64("slot_failovers", epoch)?,
+                        from_node,
+                        from_epoch: from_sql_u64("slot_failovers", from_epoch)?,
+                        to_node,
+                        reserve: from_sql_u64("slot_failovers", reserve)?,
+                        at_ms,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// The epoch of the last failover of each slot that was ever failed over.
+    pub async fn last_failover_epochs(&self) -> Result<HashMap<u32, u64>> {
+        let rows: Vec<(i32, i64)> =
+            sqlx::query_as("SELECT slot, max(epoch) FROM slot_failovers GROUP BY slot")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(slot, epoch)| {
+                Ok((
+                    u32::try_from(slot).map_err(|_| corrupt("slot_failovers", slot))?,
+                    from_sql_u64("slot_failovers", epoch)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Takes back every slot `node_id` owns under a new epoch (epoch + 1, `active`, a move in
     /// progress abandoned), so that writes of an earlier incarnation or of the time before a
     /// lapsed lease are fenced. Returns the new rows, ordered by slot.
@@ -655,10 +898,11 @@ pub fn effective_state(stored: NodeState, alive: bool) -> NodeState {
 const SELECT_NODES: &str = "SELECT id, incarnation, advertise_url, state, lease_until > now(), \
      floor(extract(epoch FROM lease_until) * 1000)::int8, \
      floor(extract(epoch FROM last_heartbeat) * 1000)::int8, \
-     floor(extract(epoch FROM started_at) * 1000)::int8 \
+     floor(extract(epoch FROM started_at) * 1000)::int8, \
+     durability \
      FROM nodes";
 
-type NodeRow = (String, i64, String, String, bool, i64, i64, i64);
+type NodeRow = (String, i64, String, String, bool, i64, i64, i64, String);
 
 fn node_record(row: NodeRow) -> Result<NodeRecord> {
     let (
@@ -670,10 +914,12 @@ fn node_record(row: NodeRow) -> Result<NodeRecord> {
         lease_until_ms,
         last_heartbeat_ms,
         started_at_ms,
+        durability,
     ) = row;
     Ok(NodeRecord {
         incarnation: from_sql_u64("nodes", incarnation)?,
         state: effective_state(parse_node_state(&state)?, alive),
+        durability: parse_durability(&durability)?,
         id,
         advertise_url,
         alive,
@@ -717,6 +963,13 @@ fn parse_node_state(s: &str) -> Result<NodeState> {
     NodeState::parse(s).ok_or_else(|| ClusterDbError::Corrupt {
         table: "nodes",
         detail: format!("unknown state {s:?}"),
+    })
+}
+
+fn parse_durability(s: &str) -> Result<Durability> {
+    Durability::parse(s).ok_or_else(|| ClusterDbError::Corrupt {
+        table: "nodes",
+        detail: format!("unknown durability {s:?}"),
     })
 }
 

@@ -8,6 +8,10 @@
 //!   its lease after a lapse reclaims its slots at a new epoch before acknowledging again.
 //! - [`run_view`] re-reads `nodes` and `slot_owners` every heartbeat, keeps this node's slot gates
 //!   in step with them, and follows its own state when an operator changes it on another node.
+//! - [`record_archive_durability`]: a node configured `durability = "archive"` is stored `local`
+//!   until its archive backlog has been empty once (what its log recovered may have been
+//!   acknowledged under `local`); then its row says `archive`, and its slots may be failed over
+//!   without reserved seqs.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +20,7 @@ use tokio::sync::watch;
 use ferry_shards::gate::{GateState, Gates};
 use ferry_shards::ownership::NodeState;
 
-use super::db::ClusterDb;
+use super::db::{ClusterDb, Durability};
 use super::{Cluster, View};
 use crate::metrics as m;
 
@@ -149,4 +153,37 @@ pub async fn refresh_view(cluster: &Cluster) {
         cluster.sync_gate(row);
     }
     cluster.set_view(view);
+}
+
+/// See the module docs. Polls the archive backlog every heartbeat until it is empty, then stores
+/// `archive` for this incarnation; returns then, or at `stop`, or if a newer incarnation holds
+/// the row. While the backlog is not empty the row keeps saying `local`, which only makes a
+/// failover of this node ask for reserved seqs.
+pub async fn record_archive_durability(cluster: Cluster, mut stop: watch::Receiver<bool>) {
+    let heartbeat = cluster.config().heartbeat;
+    loop {
+        let (records, _) = cluster.node().archive_backlog();
+        if records == 0 {
+            match cluster
+                .db()
+                .set_durability(
+                    cluster.node_id(),
+                    cluster.incarnation(),
+                    Durability::Archive,
+                )
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!("durability archive recorded: nothing this node acknowledged is only on its disk");
+                    return;
+                }
+                Ok(false) => return,
+                Err(e) => tracing::debug!(error = %e, "cannot record durability archive yet"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(heartbeat) => {}
+            _ = super::stopped(&mut stop) => return,
+        }
+    }
 }

@@ -12,7 +12,9 @@
 //! - [`handover`]: moving a slot this node owns to another node (hold, finish in-flight, archive
 //!   the tail, compare-and-swap to the new owner at epoch + 1).
 //! - [`rebalancer`]: the one leader that plans moves toward the hash-ring placement (drains,
-//!   joins, rebalances) and asks owners to carry them out.
+//!   joins, rebalances) and asks owners to carry them out; with `cluster.failover = "auto"` it
+//!   also fails over dead nodes.
+//! - [`failover`]: handing a dead node's slots to the live nodes (when that is allowed).
 //! - [`peer`] and [`internal`]: the node-to-node API (client and server) on the admin listener,
 //!   authenticated with the cluster secret only.
 //! - [`fanout`]: live messages and events through Redis, with gap fill from the owner.
@@ -26,6 +28,7 @@
 
 pub mod admin;
 pub mod db;
+pub mod failover;
 pub mod fanout;
 pub mod handover;
 pub mod internal;
@@ -295,7 +298,8 @@ impl Cluster {
             }
             (false, Some(epoch)) => {
                 // Another node owns a slot this node still serves: only possible if the slot was
-                // taken without this node (a failover). Stop serving it at once.
+                // taken without this node (a failover, while this node's lease had lapsed). Stop
+                // serving it at once; what its log holds of the slot is dropped with it.
                 if row.epoch > epoch {
                     tracing::warn!(slot, epoch, new_owner = ?row.owner, new_epoch = row.epoch, "slot taken by another node; no longer serving it");
                     self.inner.node.release_slot(slot, row.epoch);

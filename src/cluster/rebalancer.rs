@@ -7,8 +7,13 @@
 //! directly; a move is persisted as `moving` (compare-and-swap) and then carried out by the
 //! owner ([`super::handover`]), which the leader asks over the node-to-node API. At most
 //! `cluster.max_moves` moves run at once. A node that is not `active` never leads.
+//!
+//! With `cluster.failover = "auto"` each round first fails over the slots of every dead node that
+//! ran `durability = "archive"` ([`super::failover`]), as soon as its lease has expired: the
+//! leader sees it in its next round. A dead node that ran `local` is left alone (its slots stay
+//! unavailable until it returns), which is logged once per node and lapse.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -16,13 +21,14 @@ use tokio::sync::watch;
 use ferry_shards::ownership::{self, Change, NodeState, SlotRow, SlotState};
 use ferry_shards::placement::DEFAULT_VNODES;
 
-use super::db::NodeRecord;
+use super::db::{Durability, NodeRecord};
 use super::peer::{MoveRequest, PeerError};
 use super::Cluster;
 
 /// Runs until `stop`; acts only while this node leads.
 pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<u32>>> = Arc::default();
+    let mut told = BTreeSet::new();
     let mut leading = false;
     loop {
         let active = cluster.state() == NodeState::Active && cluster.node().gates().lease_valid();
@@ -44,7 +50,7 @@ pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
                 }
             }
             if leading {
-                if let Err(e) = step(&cluster, &in_flight).await {
+                if let Err(e) = step(&cluster, &in_flight, &mut told).await {
                     tracing::warn!(error = %e, "rebalance step failed");
                 }
             }
@@ -74,11 +80,19 @@ pub fn planned(rows: &[SlotRow], nodes: &[NodeRecord], max_moves: usize) -> Vec<
     ownership::plan(rows, &super::node_views(nodes), max_moves, DEFAULT_VNODES)
 }
 
-/// One round of the leader's work.
-async fn step(cluster: &Cluster, in_flight: &Arc<Mutex<HashSet<u32>>>) -> Result<(), String> {
+/// One round of the leader's work. `told`: the dead `local` nodes whose slots `failover = auto`
+/// leaves alone that were logged already.
+async fn step(
+    cluster: &Cluster,
+    in_flight: &Arc<Mutex<HashSet<u32>>>,
+    told: &mut BTreeSet<String>,
+) -> Result<(), String> {
     let db = cluster.db();
     let nodes = db.nodes().await.map_err(|e| e.to_string())?;
-    let rows = db.slots().await.map_err(|e| e.to_string())?;
+    let mut rows = db.slots().await.map_err(|e| e.to_string())?;
+    if cluster.config().auto_failover() && auto_failover(cluster, &nodes, &rows, told).await? {
+        rows = db.slots().await.map_err(|e| e.to_string())?;
+    }
     // Draining nodes that own nothing any more are drained.
     for n in nodes.iter().filter(|n| n.state == NodeState::Draining) {
         if !rows
@@ -144,6 +158,42 @@ async fn step(cluster: &Cluster, in_flight: &Arc<Mutex<HashSet<u32>>>) -> Result
     Ok(())
 }
 
+/// `failover = "auto"`: one failover pass over every dead node that owns slots and ran
+/// `archive`; the others are logged once. True if some slot changed owner.
+async fn auto_failover(
+    cluster: &Cluster,
+    nodes: &[NodeRecord],
+    rows: &[SlotRow],
+    told: &mut BTreeSet<String>,
+) -> Result<bool, String> {
+    let dead: Vec<&NodeRecord> = nodes
+        .iter()
+        .filter(|n| !n.alive)
+        .filter(|n| {
+            rows.iter()
+                .any(|r| r.owner.as_deref() == Some(n.id.as_str()))
+        })
+        .collect();
+    told.retain(|id| dead.iter().any(|n| &n.id == id));
+    let mut changed = false;
+    for node in dead {
+        if node.durability != Durability::Archive {
+            if told.insert(node.id.clone()) {
+                tracing::info!(node = %node.id, "node is dead and ran durability=local: failover = auto leaves its slots unavailable (failing it over needs reserved seqs, which this version does not write); restart it with its data dir");
+            }
+            continue;
+        }
+        let pass = super::failover::fail_over_pass(cluster, nodes, rows, &node.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !pass.moves.is_empty() {
+            tracing::info!(node = %node.id, slots = pass.moves.len(), remaining = pass.remaining, "failed over the slots of a dead node (failover = auto)");
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
 /// Asks `owner` to carry out the move of `slot` (persisted as moving) unless we already did.
 fn request_move(
     cluster: &Cluster,
@@ -207,7 +257,7 @@ fn request_is_local(cluster: &Cluster, url: &str) -> bool {
 }
 
 /// Tells a node to re-read a slot it was just given.
-fn hint(cluster: &Cluster, url: &str, slot: u32) {
+pub(super) fn hint(cluster: &Cluster, url: &str, slot: u32) {
     let peers = cluster.peers().clone();
     let url = url.to_owned();
     tokio::spawn(async move {

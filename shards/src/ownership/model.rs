@@ -1,6 +1,8 @@
 //! Model-based test of slot ownership under races: a simulated `slot_owners` table with
 //! compare-and-swap writes, nodes whose leases lapse and come back, crashes and restarts, drains,
-//! and several rebalancers that plan from stale snapshots — all interleaved arbitrarily.
+//! and several rebalancers that plan from stale snapshots and fail over the slots of nodes they
+//! saw dead — all interleaved arbitrarily, so a dead node regularly comes back and tries to
+//! reclaim slots that were failed over meanwhile.
 //!
 //! The store does what the SQL layer must do in one transaction: compare the row the actor read
 //! with the current row, then [`apply`] the change against the membership *at write time*. A
@@ -10,8 +12,11 @@
 //! - every change of owner raises the epoch by exactly one, and over the whole history each
 //!   `(slot, epoch)` names at most one owner; a reclaim raises it too, fencing the owner's
 //!   previous incarnation;
-//! - a slot is only handed to (assigned to, moved to) or marked moving toward a node that is alive
-//!   and active at the time of the write.
+//! - a slot is only handed to (assigned to, moved to, failed over to) or marked moving toward a
+//!   node that is alive and active at the time of the write;
+//! - a slot leaves an owner that is alive at the time of the write only to the target of its move
+//!   (a live owner's slot is never failed over), and a slot taken from a dead owner is `active`
+//!   (a failover abandons the move).
 //!
 //! At the end, the faults heal and a lone rebalancer must reach the desired placement. (`max_moves`
 //! is only checked there: it is a cluster-wide bound because one elected rebalancer plans at a
@@ -56,6 +61,11 @@ enum Op {
     Renew {
         node: usize,
     },
+    /// `Renew`, and the node at once reclaims every slot it owned when it last read the table
+    /// (before it lapsed, typically): the race of a returning node against a failover.
+    ComeBack {
+        node: usize,
+    },
     /// Crash and restart with the data dir: in-flight intentions are lost; the node comes back
     /// alive (a node that had left or was declared dead as `joining`) and must reclaim its slots.
     Restart {
@@ -81,9 +91,10 @@ enum Op {
         actor: usize,
     },
     /// An actor decides what to write from what it last read (after reading afresh if `fresh`):
-    /// a rebalancer runs [`plan`]; a node reclaims its slots if it must, and otherwise completes
-    /// (three times in four, by two `choices` bits per slot) or cancels the moves of the slots it
-    /// owns.
+    /// a rebalancer runs [`plan`], and, if bit 0 of `choices` is set, [`plan_failover`] for every
+    /// node it saw dead (`failover = auto`, or an operator); a node reclaims its slots if it must,
+    /// and otherwise completes (three times in four, by two `choices` bits per slot) or cancels
+    /// the moves of the slots it owns.
     Decide {
         actor: usize,
         fresh: bool,
@@ -134,6 +145,9 @@ struct Stats {
     completed: usize,
     cancelled: usize,
     reclaimed: usize,
+    failed_over: usize,
+    /// A returning node's reclaim of a slot that had been failed over (it lost the race).
+    reclaims_lost: usize,
     /// The row had changed since the actor read it.
     conflicts: usize,
     /// The row was as read, but the change no longer applied (mostly membership changed).
@@ -187,6 +201,9 @@ impl Cluster {
         let current = &self.table[read.slot as usize];
         if self.rules.compare_rows && current != read {
             self.stats.conflicts += 1;
+            if matches!(change, Change::Reclaim { node } if current.owner.as_ref() != Some(node)) {
+                self.stats.reclaims_lost += 1;
+            }
             return Ok(());
         }
         // Without the comparison, the row computed from a stale read overwrites whatever is there
@@ -206,6 +223,7 @@ impl Cluster {
             Change::CompleteMove => &mut self.stats.completed,
             Change::CancelMove => &mut self.stats.cancelled,
             Change::Reclaim { .. } => &mut self.stats.reclaimed,
+            Change::Failover { .. } => &mut self.stats.failed_over,
         };
         *stat += 1;
         self.table[old.slot as usize] = new;
@@ -230,6 +248,19 @@ impl Cluster {
         if new.owner != old.owner {
             if new.epoch != old.epoch + 1 {
                 return Err(format!("owner changed without epoch + 1: {}", what()));
+            }
+            if let Some(previous) = &old.owner {
+                let alive = self.nodes.iter().any(|n| &n.id == previous && n.alive);
+                let moved_to_target = matches!(&old.state, SlotState::Moving { target } if Some(target) == new.owner.as_ref());
+                if alive && !moved_to_target {
+                    return Err(format!("a live owner's slot was taken: {}", what()));
+                }
+                if !alive && new.state != SlotState::Active {
+                    return Err(format!(
+                        "a slot taken from a dead owner kept its move: {}",
+                        what()
+                    ));
+                }
             }
             match &new.owner {
                 None => return Err(format!("the owner was removed: {}", what())),
@@ -341,6 +372,22 @@ fn step_once(
                 actors[node_actor(node)].reclaim_due = true;
             }
         }
+        Op::ComeBack { node } => {
+            let actor = scenario.rebalancers + node_index(node);
+            step_once(scenario, cluster, actors, &Op::Renew { node })?;
+            if !actors[actor].reclaim_due {
+                // It had not lapsed: nothing to come back from.
+                return Ok(());
+            }
+            let decide = Op::Decide {
+                actor,
+                fresh: false,
+                choices: 0,
+            };
+            step_once(scenario, cluster, actors, &decide)?;
+            let count = scenario.slot_count as usize;
+            step_once(scenario, cluster, actors, &Op::Write { actor, count })?;
+        }
         Op::Restart { node } => {
             let node = node_index(node);
             let view = &mut cluster.nodes[node];
@@ -402,7 +449,13 @@ fn step_once(
                 return Ok(());
             };
             if index < scenario.rebalancers {
-                let plan = plan(rows, nodes, scenario.max_moves, scenario.vnodes);
+                let mut plan = plan(rows, nodes, scenario.max_moves, scenario.vnodes);
+                if choices & 1 == 1 {
+                    // `plan` never touches a dead owner's slots, so the two never meet on a slot.
+                    for dead in nodes.iter().filter(|node| !node.alive) {
+                        plan.extend(plan_failover(rows, nodes, &dead.id, scenario.vnodes));
+                    }
+                }
                 actor.intents = plan
                     .into_iter()
                     .map(|(slot, change)| (rows[slot as usize].clone(), change))
@@ -522,6 +575,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (node.clone(), any::<bool>())
             .prop_map(|(node, declare_dead)| Op::Expire { node, declare_dead }),
         2 => node.clone().prop_map(|node| Op::Renew { node }),
+        2 => node.clone().prop_map(|node| Op::ComeBack { node }),
         1 => node.clone().prop_map(|node| Op::Restart { node }),
         1 => node.clone().prop_map(|node| Op::Drain { node }),
         1 => node.clone().prop_map(|node| Op::Undrain { node }),
@@ -594,6 +648,8 @@ fn search(rules: Rules, cases: u32) -> (Option<String>, Stats) {
             completed: sum.completed + stats.completed,
             cancelled: sum.cancelled + stats.cancelled,
             reclaimed: sum.reclaimed + stats.reclaimed,
+            failed_over: sum.failed_over + stats.failed_over,
+            reclaims_lost: sum.reclaims_lost + stats.reclaims_lost,
             conflicts: sum.conflicts + stats.conflicts,
             refused: sum.refused + stats.refused,
         });
@@ -612,6 +668,8 @@ fn the_generator_reaches_every_transition_and_race() {
         completed,
         cancelled,
         reclaimed,
+        failed_over,
+        reclaims_lost,
         conflicts,
         refused,
     } = stats;
@@ -621,11 +679,90 @@ fn the_generator_reaches_every_transition_and_race() {
         ("completed", completed),
         ("cancelled", cancelled),
         ("reclaimed", reclaimed),
+        ("failed_over", failed_over),
+        ("reclaims_lost", reclaims_lost),
         ("conflicts", conflicts),
         ("refused", refused),
     ] {
         assert!(count >= 20, "only {count} {what} in 128 runs: {stats:?}");
     }
+}
+
+/// The race spelled out: a node is failed over while dead, comes back, and reclaims from what it
+/// read before it died. Every reclaim loses its compare-and-swap; the slots stay with the nodes
+/// that took them, at the failover's epoch.
+#[test]
+fn a_dead_node_that_comes_back_loses_its_slots_to_the_failover() {
+    let rebalancers = 1;
+    let victim = 2;
+    let victim_actor = rebalancers + victim;
+    let scenario = Scenario {
+        node_count: 3,
+        rebalancers,
+        slot_count: 24,
+        max_moves: 4,
+        vnodes: 16,
+        joining: 0,
+        ops: vec![
+            Op::Act {
+                actor: 0,
+                fresh: true,
+                choices: 0,
+                count: 24,
+            },
+            Op::Read {
+                actor: victim_actor,
+            },
+            Op::Expire {
+                node: victim,
+                declare_dead: true,
+            },
+            Op::Act {
+                actor: 0,
+                fresh: true,
+                choices: 1,
+                count: 24,
+            },
+            Op::Renew { node: victim },
+            Op::Act {
+                actor: victim_actor,
+                fresh: false,
+                choices: 0,
+                count: 24,
+            },
+        ],
+    };
+    let mut cluster = Cluster::new(&scenario, RULES);
+    let mut actors: Vec<Actor> = (0..scenario.rebalancers + scenario.node_count)
+        .map(|_| Actor::default())
+        .collect();
+    let mut owned_by_victim = 0;
+    for (step, op) in scenario.ops.iter().enumerate() {
+        step_once(&scenario, &mut cluster, &mut actors, op).unwrap();
+        cluster.check_table().unwrap();
+        if step == 0 {
+            owned_by_victim = cluster
+                .table
+                .iter()
+                .filter(|row| row.owner.as_deref() == Some("node-2"))
+                .count();
+        }
+    }
+    assert!(
+        owned_by_victim > 0,
+        "node-2 owned nothing: {:?}",
+        cluster.table
+    );
+    let stats = cluster.stats;
+    assert_eq!(stats.failed_over, owned_by_victim, "{stats:?}");
+    assert_eq!(stats.reclaimed, 0, "{stats:?}");
+    assert_eq!(stats.reclaims_lost, owned_by_victim, "{stats:?}");
+    for row in &cluster.table {
+        assert_ne!(row.owner.as_deref(), Some("node-2"), "{row:?}");
+        assert!(row.epoch <= 2, "{row:?}");
+    }
+    // And run as a whole, the faults healed, it settles on the placement.
+    run(&scenario, RULES).unwrap();
 }
 
 /// Each broken rule must be caught by the checker within the same budget of runs as the property.
@@ -679,6 +816,36 @@ fn a_complete_move_to_a_lapsed_or_draining_target_is_caught() {
             compare_rows: true,
         },
         "handed to a node that cannot receive",
+    );
+}
+
+#[test]
+fn a_failover_of_a_live_owner_is_caught() {
+    // Judging liveness from the failing-over actor's stale snapshot instead of at write time.
+    fn ignores_liveness(
+        row: &SlotRow,
+        change: &Change,
+        nodes: &[NodeView],
+    ) -> Result<SlotRow, Refusal> {
+        match change {
+            Change::Failover { to } if row.owner.is_some() => {
+                require_active(to, nodes)?;
+                Ok(SlotRow {
+                    slot: row.slot,
+                    owner: Some(to.clone()),
+                    epoch: row.epoch + 1,
+                    state: SlotState::Active,
+                })
+            }
+            _ => apply(row, change, nodes),
+        }
+    }
+    assert_caught(
+        Rules {
+            apply: ignores_liveness,
+            compare_rows: true,
+        },
+        "a live owner's slot was taken",
     );
 }
 

@@ -15,6 +15,11 @@
 //! same snapshot. Completing a move is not the planner's business: the owner does it once it has
 //! handed over its tail.
 //!
+//! [`plan_failover`] is that other step, for one dead node at a time (whether its slots may be
+//! failed over at all is the caller's decision): each of its slots goes to the slot's desired owner
+//! on the same ring, so the next [`plan`] leaves it there. It is not bounded by `max_moves`, since
+//! a failover moves no data.
+//!
 //! The plan is only a proposal: the caller persists each change with a compare-and-swap against
 //! the row it read, re-checked against the membership at write time, and drops what no longer
 //! applies. `max_moves` bounds the moves cluster-wide only because one elected rebalancer plans at a
@@ -86,6 +91,32 @@ pub fn plan(
             },
         )
     }));
+    changes.sort_by_key(|(slot, _)| *slot);
+    changes
+}
+
+/// The changes that hand every slot of `dead` to its desired owner on the ring over alive, active
+/// `nodes`, in slot order: one [`Change::Failover`] per slot, each valid by
+/// [`apply`](super::apply) against the same snapshot. Empty when `dead` is alive (it is not dead),
+/// owns nothing, or no node could receive. `vnodes` as for [`plan`].
+pub fn plan_failover(
+    rows: &[SlotRow],
+    nodes: &[NodeView],
+    dead: &str,
+    vnodes: u32,
+) -> Vec<(u32, Change)> {
+    if node_view(dead, nodes).is_some_and(|node| node.alive) {
+        return Vec::new();
+    }
+    let placement = receiving_placement(nodes, vnodes);
+    let mut changes: Vec<(u32, Change)> = rows
+        .iter()
+        .filter(|row| row.owner.as_deref() == Some(dead))
+        .filter_map(|row| {
+            let to = placement.owner(row.slot)?;
+            Some((row.slot, Change::Failover { to: to.into() }))
+        })
+        .collect();
     changes.sort_by_key(|(slot, _)| *slot);
     changes
 }
@@ -391,6 +422,72 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_puts_the_dead_nodes_slots_where_the_next_rebalance_leaves_them() {
+        let mut nodes = active(&["a", "b", "c", "d"]);
+        let mut rows = fresh(DEFAULT_SLOT_COUNT);
+        let bootstrap = plan(&rows, &nodes, 0, DEFAULT_VNODES);
+        apply_plan(&mut rows, &bootstrap, &nodes);
+        let before = rows.clone();
+        let owned_by_c = owned_counts(&rows)["c"];
+        // One of c's slots was moving when c died.
+        let moving_slot = rows
+            .iter()
+            .position(|row| row.owner.as_deref() == Some("c"))
+            .unwrap();
+        rows[moving_slot].state = SlotState::Moving { target: "a".into() };
+
+        set_state(&mut nodes, "c", NodeState::Active, false);
+        // Alive nodes are never failed over, and a dead one is not rebalanced.
+        assert!(plan_failover(&rows, &nodes, "a", DEFAULT_VNODES).is_empty());
+        assert!(plan(&rows, &nodes, 16, DEFAULT_VNODES).is_empty());
+
+        // max_moves does not bound it: every one of c's slots at once.
+        let failover = plan_failover(&rows, &nodes, "c", DEFAULT_VNODES);
+        assert_eq!(failover.len(), owned_by_c);
+        assert!(failover
+            .iter()
+            .all(|(_, change)| matches!(change, Change::Failover { to } if to != "c")));
+        apply_plan(&mut rows, &failover, &nodes);
+
+        // The ring without c puts them there already: removing a node moves only its slots,
+        // each exactly once, and nothing is left for a rebalance.
+        assert!(plan(&rows, &nodes, 16, DEFAULT_VNODES).is_empty());
+        assert!(plan_failover(&rows, &nodes, "c", DEFAULT_VNODES).is_empty());
+        assert_on_desired_owners(&rows, &nodes);
+        for (old, new) in before.iter().zip(&rows) {
+            if old.owner.as_deref() == Some("c") {
+                assert_eq!(new.epoch, old.epoch + 1, "{new:?}");
+            } else {
+                assert_eq!(new, old);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failover_needs_a_receiving_node_and_a_dead_owner() {
+        let mut nodes = active(&["a", "b"]);
+        set_state(&mut nodes, "b", NodeState::Draining, false);
+        let rows = all_on("b", 8);
+        // b is dead, but a is the only node and it is draining: nowhere to put the slots.
+        set_state(&mut nodes, "a", NodeState::Draining, true);
+        assert!(plan_failover(&rows, &nodes, "b", DEFAULT_VNODES).is_empty());
+        set_state(&mut nodes, "a", NodeState::Active, true);
+        assert_eq!(
+            plan_failover(&rows, &nodes, "b", DEFAULT_VNODES),
+            (0..8)
+                .map(|slot| (slot, Change::Failover { to: "a".into() }))
+                .collect::<Vec<_>>()
+        );
+        // A node id that is not a member is not alive either: its slots can be failed over.
+        let strays = all_on("gone", 3);
+        assert_eq!(
+            plan_failover(&strays, &nodes, "gone", DEFAULT_VNODES).len(),
+            3
+        );
+        assert!(plan_failover(&rows, &nodes, "nobody", DEFAULT_VNODES).is_empty());
+    }
+
+    #[test]
     fn moves_to_a_node_that_can_no_longer_receive_are_cancelled() {
         let mut nodes = active(&["a", "b", "c", "d", "x"]);
         set_state(&mut nodes, "c", NodeState::Draining, true);
@@ -580,10 +677,45 @@ mod tests {
                         prop_assert_eq!(Some(to), desired[*slot as usize].as_ref());
                     }
                     Change::CancelMove => {}
-                    Change::CompleteMove | Change::Reclaim { .. } => {
+                    Change::CompleteMove | Change::Reclaim { .. } | Change::Failover { .. } => {
                         prop_assert!(false, "the planner proposed {:?}", change);
                     }
                 }
+            }
+        }
+
+        /// A failover plan applies to its own snapshot, touches the dead node's slots only, all
+        /// of them when some node can receive, each to its desired owner.
+        #[test]
+        fn every_failover_plan_applies_to_its_own_snapshot(
+            rows in rows(),
+            nodes in nodes(),
+            dead in some_id(),
+            vnodes in 1u32..=32,
+        ) {
+            let plan = plan_failover(&rows, &nodes, &dead, vnodes);
+            let slots: Vec<u32> = plan.iter().map(|(slot, _)| *slot).collect();
+            prop_assert!(slots.windows(2).all(|w| w[0] < w[1]), "not one change per slot in order: {:?}", slots);
+            let desired = desired(&nodes, rows.len() as u32, vnodes);
+            let alive = nodes.iter().any(|node| node.id == dead && node.alive);
+            let owned: Vec<u32> = rows
+                .iter()
+                .filter(|row| row.owner.as_deref() == Some(dead.as_str()))
+                .map(|row| row.slot)
+                .collect();
+            if alive || desired.iter().all(Option::is_none) {
+                prop_assert!(plan.is_empty(), "{:?}", plan);
+            } else {
+                prop_assert_eq!(&slots, &owned);
+            }
+            for (slot, change) in &plan {
+                let row = &rows[*slot as usize];
+                let next = apply(row, change, &nodes);
+                prop_assert!(next.is_ok(), "{:?} on {:?}: {:?}", change, row, next);
+                let Change::Failover { to } = change else {
+                    return Err(TestCaseError::fail(format!("not a failover: {change:?}")));
+                };
+                prop_assert_eq!(Some(to), desired[*slot as usize].as_ref());
             }
         }
     }
