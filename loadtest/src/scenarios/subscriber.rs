@@ -6,10 +6,12 @@
 //! With a reconnect schedule it drops its socket at the given times (abruptly, as a network
 //! would) and rejoins with `after_seq` = the last seq it saw in order. A socket it loses any other
 //! way is rejoined the same way: one the server closed with 1001 (going away: the node is shutting
-//! down) on the next node of [`Spec::ws_urls`] and not counted as an error; any other loss on the
-//! same node, counted as a delivery error (a slot move must not cut sockets). A failed reconnect
-//! moves on to the next node; after [`Spec::give_up`] of failures in a row the subscriber stops
-//! (and ends short of the final seq). It stops once it has seen its conversation's final seq
+//! down) on the next node of [`Spec::ws_urls`], not counted as an error; any other loss first on
+//! the same node, which judges it: if the node takes the subscriber back, the socket was cut
+//! (a delivery error: a node that stays up, through slot moves too, must not cut sockets); if it
+//! refuses, it is shutting down (its reset can destroy the 1001 frame), and the loss counts as
+//! going away. A failed reconnect moves on to the next node; after [`Spec::give_up`] of failures
+//! in a row the subscriber stops (and ends short of the final seq). It stops once it has seen its conversation's final seq
 //! (published on `finals` after the traffic), or when the drain timeout after that passes; it
 //! never drops its socket on schedule after the final seqs are known, so the drain measures
 //! catching up, not churn.
@@ -142,6 +144,8 @@ pub async fn run(
     let mut at = 0;
     // Since when reconnecting has failed without a break.
     let mut failing_since: Option<Instant> = None;
+    // A loss without a 1001, judged by whether its node takes the subscriber back.
+    let mut unjudged: Option<String> = None;
     let mut backpressure = 0;
     let mut final_seq: Option<u64> = None;
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
@@ -174,6 +178,10 @@ pub async fn run(
             .unwrap_or_else(|_| Err(crate::LoadError::Setup("reconnect timed out".into())));
             match attempt {
                 Ok(s) => {
+                    if let Some(lost) = unjudged.take() {
+                        // Its node is up and took the subscriber back: the socket was cut.
+                        delivery.record_error(began.saturating_duration_since(start), lost);
+                    }
                     reconnects += 1;
                     failing_since = None;
                     reconnect.record_ok(began.saturating_duration_since(start), began.elapsed());
@@ -181,6 +189,10 @@ pub async fn run(
                 }
                 Err(e) => {
                     reconnect.record_error(began.saturating_duration_since(start), e.to_string());
+                    if unjudged.take().is_some() {
+                        // Its node refuses: it is going away.
+                        going_away += 1;
+                    }
                     if Instant::now() >= failing + spec.give_up {
                         delivery.record_error(
                             start.elapsed(),
@@ -233,11 +245,11 @@ pub async fn run(
                     socket = None;
                 }
                 Ok(Text::Closed(closed)) => {
-                    delivery.record_error(start.elapsed(), format!("socket lost: {closed}"));
+                    unjudged = Some(format!("{}: socket lost: {closed}", spec.topic));
                     socket = None;
                 }
                 Err(e) => {
-                    delivery.record_error(start.elapsed(), format!("socket failed: {e}"));
+                    unjudged = Some(format!("{}: socket failed: {e}", spec.topic));
                     socket = None;
                 }
             },

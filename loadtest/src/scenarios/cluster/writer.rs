@@ -20,9 +20,14 @@
 //! order they were first sent and under the same keys: Ferry answers a key it already stored
 //! with the original seq (`deduped`), so whatever the old node did with them, each send ends
 //! stored once. Sends waiting for a `try_again` retry keep their time. A re-sent send's latency
-//! still runs from its first scheduled time: the client waited that long. A socket lost any
-//! other way (a dropped connection, another close code, a `phx_error` on a topic) is rejoined the
-//! same way but counted as *cut*, which fails the run (a slot move must not cut sockets).
+//! still runs from its first scheduled time: the client waited that long.
+//!
+//! A socket that ends without the 1001 (a dropped or reset connection, another close code, a
+//! `phx_error` on a topic) is rejoined the same way, and judged by its node: one that refuses a
+//! new socket is shutting down (a node that closes a socket it has not read to the end resets
+//! it, and the reset can destroy the 1001 frame before it is read), so the loss counts as going
+//! away; one that takes it is up, and the loss counts as *cut*, which fails the run (a node that
+//! stays up, through slot moves too, must not cut sockets).
 //!
 //! The writer stops once its queue is closed and every send is answered, when no node takes its
 //! socket back in time (everything unanswered fails), or at the drain deadline.
@@ -55,6 +60,9 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 /// How long a socket whose write failed is still read for its last frames (replies that arrived
 /// before the failure, and the close frame that says why).
 const SALVAGE_WAIT: Duration = Duration::from_millis(200);
+/// How long a node whose socket ended without a 1001 has to take a new one before it counts as
+/// going away (see [`Writer::judge`]).
+const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// Socket losses kept verbatim per writer for the report; the rest are only counted.
 const MAX_LOSS_SAMPLES: usize = 8;
 
@@ -446,7 +454,7 @@ impl Writer {
                             next = rx.try_recv().ok();
                         }
                         if lost.is_none() {
-                            lost = self.flush().await.err();
+                            lost = self.flush(&mut st).await.err();
                         }
                     }
                     None => {
@@ -472,7 +480,7 @@ impl Writer {
                         }
                     }
                     if lost.is_none() {
-                        lost = self.flush().await.err();
+                        lost = self.flush(&mut st).await.err();
                     }
                 },
                 _ = &mut drain_deadline, if !open => {
@@ -557,10 +565,10 @@ impl Writer {
     }
 
     /// Writes what [`Writer::feed`] buffered.
-    async fn flush(&mut self) -> Result<(), Closed> {
+    async fn flush(&mut self, st: &mut State) -> Result<(), Closed> {
         match self.socket.flush().await {
             Ok(()) => Ok(()),
-            Err(e) => Err(Closed::dropped(format!("writer socket failed: {e}"))),
+            Err(e) => Err(self.salvage(st, format!("writer socket failed: {e}")).await),
         }
     }
 
@@ -576,7 +584,10 @@ impl Writer {
                     }
                 }
                 Ok(Ok(Text::Closed(closed))) if closed.going_away => return closed,
-                _ => return Closed::dropped(failed),
+                Ok(Ok(Text::Closed(closed))) => {
+                    return Closed::dropped(format!("{failed} ({closed})"))
+                }
+                Ok(Err(_)) | Err(_) => return Closed::dropped(failed),
             }
         }
     }
@@ -627,6 +638,11 @@ impl Writer {
     /// The socket is gone: opens one on the next node (round robin), joins again and re-sends
     /// everything unanswered, for at most the reconnect timeout. `Err` when no node took it.
     async fn reconnect(&mut self, st: &mut State, closed: Closed) -> Result<(), String> {
+        let closed = if closed.going_away {
+            closed
+        } else {
+            self.judge(closed).await
+        };
         st.lost(&self.ws_urls[self.at], &closed);
         let began = Instant::now();
         let deadline = began + self.settings.reconnect_timeout;
@@ -656,6 +672,29 @@ impl Writer {
         }
     }
 
+    /// A socket that ended without a 1001: asks its node for a new one. A node that refuses
+    /// (or does not answer within [`PROBE_WAIT`]) is shutting down, and the loss counts as going
+    /// away: a node that closes a socket it has not read to the end resets it, and the reset can
+    /// destroy the 1001 frame before the client reads it. A node that takes the new socket is up,
+    /// and the loss was a cut.
+    async fn judge(&self, closed: Closed) -> Closed {
+        let url = &self.ws_urls[self.at];
+        let probe =
+            tokio::time::timeout(PROBE_WAIT, PhxSocket::connect(url, self.settings.heartbeat));
+        match probe.await {
+            // Dropped unused: the node only had to take it.
+            Ok(Ok(_socket)) => closed,
+            Ok(Err(e)) => Closed {
+                why: format!("{closed}; the node refuses new sockets ({e})"),
+                going_away: true,
+            },
+            Err(_) => Closed {
+                why: format!("{closed}; the node takes no new socket within {PROBE_WAIT:?}"),
+                going_away: true,
+            },
+        }
+    }
+
     /// Opens a socket on node `at`, joins every topic where its acks left off, and sends again
     /// every unanswered send, in the order they left, under their keys. A failure leaves them all
     /// in flight, still in that order, for the next attempt.
@@ -680,7 +719,7 @@ impl Writer {
         for frame in frames {
             self.write(st, frame).await.map_err(|c| c.why)?;
         }
-        self.flush().await.map_err(|c| c.why)
+        self.flush(st).await.map_err(|c| c.why)
     }
 }
 
