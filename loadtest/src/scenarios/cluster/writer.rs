@@ -61,7 +61,7 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 /// before the failure, and the close frame that says why).
 const SALVAGE_WAIT: Duration = Duration::from_millis(200);
 /// How long a node whose socket ended without a 1001 has to take a new one before it counts as
-/// going away (see [`Writer::judge`]).
+/// going away (see [`judge`]).
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// Socket losses kept verbatim per writer for the report; the rest are only counted.
 const MAX_LOSS_SAMPLES: usize = 8;
@@ -387,6 +387,26 @@ async fn open(
     Ok(socket)
 }
 
+/// A socket that ended without a 1001: asks its node (`url`) for a new one. A node that refuses
+/// (or does not answer within [`PROBE_WAIT`]) is shutting down, and the loss counts as going
+/// away: a node that closes a socket it has not read to the end resets it, and the reset can
+/// destroy the 1001 frame before the client reads it. A node that takes the new socket is up, and
+/// the loss was a cut.
+async fn judge(url: &str, heartbeat: Duration, closed: Closed) -> Closed {
+    match tokio::time::timeout(PROBE_WAIT, PhxSocket::connect(url, heartbeat)).await {
+        // Dropped unused: the node only had to take it.
+        Ok(Ok(_socket)) => closed,
+        Ok(Err(e)) => Closed {
+            why: format!("{closed}; the node refuses new sockets ({e})"),
+            going_away: true,
+        },
+        Err(_) => Closed {
+            why: format!("{closed}; the node takes no new socket within {PROBE_WAIT:?}"),
+            going_away: true,
+        },
+    }
+}
+
 impl Writer {
     /// Connects to the first of `ws_urls` and joins `conversations` (`(index, id)`), before the
     /// clock starts.
@@ -641,7 +661,7 @@ impl Writer {
         let closed = if closed.going_away {
             closed
         } else {
-            self.judge(closed).await
+            judge(&self.ws_urls[self.at], self.settings.heartbeat, closed).await
         };
         st.lost(&self.ws_urls[self.at], &closed);
         let began = Instant::now();
@@ -669,29 +689,6 @@ impl Writer {
                 ));
             }
             tokio::time::sleep(RECONNECT_BACKOFF.min(deadline - Instant::now())).await;
-        }
-    }
-
-    /// A socket that ended without a 1001: asks its node for a new one. A node that refuses
-    /// (or does not answer within [`PROBE_WAIT`]) is shutting down, and the loss counts as going
-    /// away: a node that closes a socket it has not read to the end resets it, and the reset can
-    /// destroy the 1001 frame before the client reads it. A node that takes the new socket is up,
-    /// and the loss was a cut.
-    async fn judge(&self, closed: Closed) -> Closed {
-        let url = &self.ws_urls[self.at];
-        let probe =
-            tokio::time::timeout(PROBE_WAIT, PhxSocket::connect(url, self.settings.heartbeat));
-        match probe.await {
-            // Dropped unused: the node only had to take it.
-            Ok(Ok(_socket)) => closed,
-            Ok(Err(e)) => Closed {
-                why: format!("{closed}; the node refuses new sockets ({e})"),
-                going_away: true,
-            },
-            Err(_) => Closed {
-                why: format!("{closed}; the node takes no new socket within {PROBE_WAIT:?}"),
-                going_away: true,
-            },
         }
     }
 
@@ -834,6 +831,33 @@ mod tests {
             (Some(&4), Some(&2))
         );
         assert!(st.pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_loss_without_1001_is_a_cut_only_when_the_node_takes_a_new_socket() {
+        let reset = || Closed::dropped("connection reset");
+        let heartbeat = Duration::from_secs(30);
+        // A node that is up: it accepts the WebSocket.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let up = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let _ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        });
+        let judged = judge(&format!("ws://{up}/socket/websocket"), heartbeat, reset()).await;
+        assert!(!judged.going_away, "{judged}");
+        server.await.expect("server");
+        // A node that is gone: nothing listens on its port any more.
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let judged = judge(&format!("ws://{gone}/socket/websocket"), heartbeat, reset()).await;
+        assert!(judged.going_away, "{judged}");
+        assert!(judged.why.starts_with("connection reset; the node refuses"));
     }
 
     #[tokio::test]
