@@ -8,7 +8,9 @@
 //! The `cluster` scenario runs against a real three-node cluster: a fresh Postgres database
 //! (`FERRY_TEST_DATABASE_URL`, see `common::pg`), a private `redis-server` on a free port, and
 //! three `ferry serve` processes with a short heartbeat and lease and 16 slots, drained and
-//! brought back while the traffic runs.
+//! brought back while the traffic runs; then, under a second run, one node is stopped with
+//! SIGTERM and started again (a rolling restart of one node), and the tool's sockets on it must
+//! move to another node and lose nothing.
 
 mod common;
 
@@ -444,7 +446,7 @@ async fn wait_balanced(node: &TestServer, nodes: usize, timeout: Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_drain_keeps_every_acknowledged_append_in_place_on_every_node() {
+async fn cluster_drain_and_restart_keep_every_acknowledged_append_in_place_on_every_node() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
@@ -473,9 +475,15 @@ async fn cluster_drain_keeps_every_acknowledged_append_in_place_on_every_node() 
     );
     wait_listening(redis_port, &mut redis);
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
-    let nodes: Vec<TestServer> = (1..=3)
+    // Fixed ports, so a node started again is where the load tool's targets say it is.
+    let mut nodes: Vec<TestServer> = (1..=3)
         .map(|k| {
             TestServer::builder()
+                .without_listen_flags()
+                .arg("--listen")
+                .arg(&format!("127.0.0.1:{}", free_port()))
+                .arg("--admin-listen")
+                .arg(&format!("127.0.0.1:{}", free_port()))
                 .postgres(&db)
                 .arg("--node-id")
                 .arg(&format!("n{k}"))
@@ -561,6 +569,112 @@ async fn cluster_drain_keeps_every_acknowledged_append_in_place_on_every_node() 
     assert_eq!(c.check.violations.total(), 0, "{:?}", c.check.examples);
     let delivery = r.delivery.as_ref().expect("delivery section");
     assert_eq!((delivery.expected, delivery.delivered), (500, 500));
+
+    // A rolling restart of one node under the same traffic: n2 is stopped with SIGTERM (it
+    // drains, closes its sockets with 1001 and exits) and started again on its data dir and
+    // ports, while the tool's writers and subscribers on it move to n3 and carry on.
+    let appends = |texts: &[String]| -> f64 {
+        texts
+            .iter()
+            .map(|t| common::metric_sum(t, "ferry_appends_total", &[]).unwrap_or(0.0))
+            .sum()
+    };
+    let mut before = Vec::new();
+    for n in &nodes {
+        before.push(n.metrics().await);
+    }
+    let before = appends(&before);
+    let a = args(
+        &targets,
+        "cluster",
+        &[
+            "--disrupt",
+            "none",
+            "--disrupt-timeout",
+            "30",
+            "--rate",
+            "100",
+            "--duration",
+            "8",
+            "--conversations",
+            "8",
+            "--connections",
+            "3",
+            "--subscribers",
+            "1",
+            "--label",
+            "restart n2",
+        ],
+    );
+    // n2 moves into the restart (its blocking steps run on a blocking thread, so the load
+    // tool's own task keeps its pace) and comes back out of it.
+    let mut n2 = nodes.remove(1);
+    let restart = async {
+        // Restart once the traffic runs (a second of it has been appended).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut now = vec![n2.metrics().await];
+            for n in &nodes {
+                now.push(n.metrics().await);
+            }
+            if appends(&now) >= before + 100.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the second run appended nothing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (n2, status) = tokio::task::spawn_blocking(move || {
+            let status = n2.terminate();
+            n2.restart();
+            (n2, status)
+        })
+        .await
+        .expect("restart of n2");
+        assert!(status.success(), "n2 exits 0 after its drain: {status}");
+        wait_balanced(&nodes[0], 3, Duration::from_secs(30)).await;
+        (n2, Instant::now())
+    };
+    let traffic = async {
+        let r = ferry_loadtest::run(&a)
+            .await
+            .unwrap_or_else(|e| panic!("cluster run failed: {e}"));
+        (r, Instant::now())
+    };
+    let ((r, traffic_done), (n2, restarted)) = tokio::join!(traffic, restart);
+    nodes.insert(1, n2);
+    assert!(
+        restarted < traffic_done,
+        "the restart outlasted the traffic: lengthen the run"
+    );
+    eprintln!("{}", r.text());
+    assert!(
+        r.passed(),
+        "failures: {:?}\nerrors: {:?}",
+        r.failures,
+        r.error_samples
+    );
+    assert_eq!(
+        (r.scheduled, r.ok, r.errors, r.skipped),
+        (800, 800, 0, 0),
+        "{:?}",
+        r.error_samples
+    );
+    let c = r.cluster.as_ref().expect("cluster section");
+    // Writer 1 and subscribers 1, 4 and 7 were on n2.
+    assert!(
+        c.writer_going_away >= 1 && c.writer_reconnects >= 1,
+        "{:?}",
+        c.writer_losses
+    );
+    assert_eq!(c.writer_socket_cuts, 0, "{:?}", c.writer_losses);
+    assert!(c.subscriber_going_away >= 3 && c.subscriber_reconnects >= 3);
+    assert_eq!(c.subscriber_socket_losses, 0);
+    assert_eq!(c.check.acked_keys, 800);
+    assert_eq!(c.check.final_seqs, 800, "every ack is one message, no more");
+    assert_eq!(c.check.messages_read, 3 * 800);
+    assert_eq!(c.check.violations.total(), 0, "{:?}", c.check.examples);
+    let delivery = r.delivery.as_ref().expect("delivery section");
+    assert_eq!((delivery.expected, delivery.delivered), (800, 800));
     drop(nodes);
     drop(redis);
 }

@@ -444,7 +444,7 @@ impl WsWorker {
                         let Some(job) = pending.remove(&index) else { continue };
                         record(&mut rec, &live, start, job.scheduled, outcome);
                     }
-                    Ok(Text::Closed(why)) => broken = Some(why),
+                    Ok(Text::Closed(closed)) => broken = Some(closed.why),
                     Err(e) => broken = Some(e.to_string()),
                 },
                 _ = &mut drain_deadline, if !open => {

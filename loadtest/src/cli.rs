@@ -131,7 +131,8 @@ pub struct Args {
     #[arg(long)]
     pub disrupt_at: Option<f64>,
     /// `cluster`: longest wait, in seconds, for each step of the disruption (the drained node to
-    /// own no slot; no slot to be moving after the rebalance).
+    /// own no slot; no slot to be moving after the rebalance), and for a writer or subscriber
+    /// whose node went away to be joined again on another.
     #[arg(long, default_value_t = 60.0)]
     pub disrupt_timeout: f64,
     /// `cluster`: the servers' `cluster.move_hold` in seconds (how long an append to a moving

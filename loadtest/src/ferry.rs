@@ -13,6 +13,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -368,14 +370,54 @@ const READ_BUFFER_BYTES: usize = 8 * 1024;
 pub enum Incoming {
     Frame(Frame),
     /// The server closed the socket (or the connection dropped).
-    Closed(String),
+    Closed(Closed),
 }
 
 /// What [`PhxSocket::next_text`] hands back.
 pub enum Text {
     Frame(Utf8Bytes),
     /// The server closed the socket (or the connection dropped).
-    Closed(String),
+    Closed(Closed),
+}
+
+/// How a socket ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    pub why: String,
+    /// The server closed it with 1001 (going away): the node is shutting down, and a client
+    /// reconnects to another node and resumes. Any other end (another code, a dropped
+    /// connection) is a socket the server should not have cut.
+    pub going_away: bool,
+}
+
+impl Closed {
+    /// A socket that ended without a close frame from the server (or failed).
+    pub fn dropped(why: impl Into<String>) -> Closed {
+        Closed {
+            why: why.into(),
+            going_away: false,
+        }
+    }
+
+    fn by_server(frame: Option<CloseFrame>) -> Closed {
+        match frame {
+            Some(f) => Closed {
+                going_away: f.code == CloseCode::Away,
+                why: format!(
+                    "closed by server: {} {:?}",
+                    u16::from(f.code),
+                    f.reason.as_str()
+                ),
+            },
+            None => Closed::dropped("closed by server without a code"),
+        }
+    }
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 impl PhxSocket {
@@ -468,14 +510,14 @@ impl PhxSocket {
             tokio::select! {
                 msg = self.stream.next() => {
                     let msg = match msg {
-                        None => return Ok(Text::Closed("connection ended".into())),
-                        Some(Err(e)) => return Ok(Text::Closed(e.to_string())),
+                        None => return Ok(Text::Closed(Closed::dropped("connection ended"))),
+                        Some(Err(e)) => return Ok(Text::Closed(Closed::dropped(e.to_string()))),
                         Some(Ok(m)) => m,
                     };
                     match msg {
                         Message::Text(text) => return Ok(Text::Frame(text)),
                         Message::Close(frame) => {
-                            return Ok(Text::Closed(format!("closed by server: {frame:?}")));
+                            return Ok(Text::Closed(Closed::by_server(frame)));
                         }
                         // Pings are answered by tungstenite itself; nothing else is expected.
                         _ => continue,
@@ -520,5 +562,27 @@ impl PhxSocket {
     /// Closes the socket politely (close frame); errors are irrelevant at that point.
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_1001_close_is_a_node_going_away() {
+        let away = Closed::by_server(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "shutting down".into(),
+        }));
+        assert!(away.going_away);
+        assert_eq!(away.why, r#"closed by server: 1001 "shutting down""#);
+        let policy = Closed::by_server(Some(CloseFrame {
+            code: CloseCode::Policy,
+            reason: "".into(),
+        }));
+        assert!(!policy.going_away);
+        assert!(!Closed::by_server(None).going_away);
+        assert!(!Closed::dropped("connection reset").going_away);
     }
 }

@@ -134,8 +134,24 @@ pub struct ClusterReport {
     /// `backpressure` pushes the writers' and the subscribers' sockets received.
     pub backpressure_writers: u64,
     pub backpressure_subscribers: u64,
-    /// Subscriber sockets lost (and resumed) during the run.
+    /// Subscriber sockets lost (and resumed) during the run, other than by a node going away.
     pub subscriber_socket_losses: u64,
+    /// Subscriber sockets a node closed with 1001 (going away), each resumed on the next node.
+    pub subscriber_going_away: u64,
+    /// Subscriber sockets opened again (after any loss).
+    pub subscriber_reconnects: u64,
+    /// Writer sockets lost and opened again on the next node.
+    pub writer_reconnects: u64,
+    /// Of the writers' losses, those a node announced with 1001 (going away)…
+    pub writer_going_away: u64,
+    /// …and those it did not (a cut socket: a failure).
+    pub writer_socket_cuts: u64,
+    /// Writer socket lost → joined again elsewhere with every unanswered send re-sent.
+    pub writer_reconnect_latency: LatencySummary,
+    /// Sends made again, under the same key, on a writer's new socket.
+    pub resent: u64,
+    /// The first writer socket losses, verbatim (`"12.31s ws://… going away: …"`).
+    pub writer_losses: Vec<String>,
     pub disruption: DisruptionReport,
     pub check: LogCheckReport,
 }
@@ -440,7 +456,7 @@ impl ClusterReport {
                 d.rebalance_moves.map_or("?".into(), |v| v.to_string()),
                 ms(d.rebalance_to_settled_ms),
             )),
-            Disrupt::None => notes.push("no disruption".to_owned()),
+            Disrupt::None => notes.push("no disruption by the load tool".to_owned()),
         }
         let l = &self.moving_ack_latency;
         notes.push(format!(
@@ -470,6 +486,24 @@ impl ClusterReport {
             "log check: {} conversations read back from {} targets ({} messages, {} acknowledged keys, final seqs sum {}): {verdict}",
             c.conversations, c.targets_read, c.messages_read, c.acked_keys, c.final_seqs
         ));
+        if self.writer_reconnects + self.writer_socket_cuts > 0 {
+            let l = &self.writer_reconnect_latency;
+            notes.push(format!(
+                "writer reconnects: {} ({} going away, {} cut), rejoined in p50 {:.0} ms max {:.0} ms, {} sends re-sent",
+                self.writer_reconnects,
+                self.writer_going_away,
+                self.writer_socket_cuts,
+                l.p50_ms,
+                l.max_ms,
+                self.resent
+            ));
+        }
+        if self.subscriber_reconnects > 0 {
+            notes.push(format!(
+                "subscriber reconnects: {} ({} going away)",
+                self.subscriber_reconnects, self.subscriber_going_away
+            ));
+        }
         if self.subscriber_socket_losses > 0 {
             notes.push(format!(
                 "{} subscriber sockets lost",

@@ -54,6 +54,7 @@ pub async fn run_ferry(
     let reconnect_every = reconnects_per_min
         .filter(|r| *r > 0.0 && total_subs > 0)
         .map(|r| Duration::from_secs_f64(60.0 * total_subs as f64 / r));
+    let ws_urls: Vec<String> = endpoints.iter().map(|e| e.ws_url.clone()).collect();
     let mut specs = Vec::new();
     let mut sockets = Vec::new();
     for c in 0..args.conversations {
@@ -62,14 +63,15 @@ pub async fn run_ferry(
             let spec = Spec {
                 conv: c,
                 topic: format!("conversation:{}", names.conversations[c]),
-                ws_url: endpoints[k % endpoints.len()].ws_url.clone(),
+                ws_urls: subscriber::rotated(&ws_urls, k),
                 heartbeat: Duration::from_secs_f64(args.heartbeat_secs),
                 reconnect: reconnect_every
                     .map(|every| (every.mul_f64((k as f64 + 0.5) / total_subs as f64), every)),
                 drain: Duration::from_secs_f64(args.drain_timeout),
+                give_up: Duration::from_secs_f64(args.drain_timeout),
             };
             sockets.push((
-                subscriber::connect(&spec, 0).await?,
+                subscriber::connect(&spec).await?,
                 Recorders::for_run(args.duration),
             ));
             specs.push(spec);

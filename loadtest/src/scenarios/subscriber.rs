@@ -4,10 +4,17 @@
 //! counts the `backpressure` pushes a slot move sends.
 //!
 //! With a reconnect schedule it drops its socket at the given times (abruptly, as a network
-//! would) and rejoins with `after_seq` = the last seq it saw in order. It stops once it has seen
-//! its conversation's final seq (published on `finals` after the traffic), or when the drain
-//! timeout after that passes; it never reconnects after the final seqs are known, so the drain
-//! measures catching up, not churn.
+//! would) and rejoins with `after_seq` = the last seq it saw in order. A socket it loses any other
+//! way is rejoined the same way: one the server closed with 1001 (going away: the node is shutting
+//! down) on the next node of [`Spec::ws_urls`], not counted as an error; any other loss first on
+//! the same node, which judges it: if the node takes the subscriber back, the socket was cut
+//! (a delivery error: a node that stays up, through slot moves too, must not cut sockets); if it
+//! refuses, it is shutting down (its reset can destroy the 1001 frame), and the loss counts as
+//! going away. A failed reconnect moves on to the next node; after [`Spec::give_up`] of failures
+//! in a row the subscriber stops (and ends short of the final seq). It stops once it has seen its conversation's final seq
+//! (published on `finals` after the traffic), or when the drain timeout after that passes; it
+//! never drops its socket on schedule after the final seqs are known, so the drain measures
+//! catching up, not churn.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,17 +34,32 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(20);
 pub struct Spec {
     pub conv: usize,
     pub topic: String,
-    pub ws_url: String,
+    /// Socket URLs of the nodes to use: its own node first, then the others in the order to try
+    /// when a node goes away or refuses (see [`rotated`]).
+    pub ws_urls: Vec<String>,
     pub heartbeat: Duration,
     /// `(first, every)`: when to drop the socket the first time, and then how often.
     pub reconnect: Option<(Duration, Duration)>,
     pub drain: Duration,
+    /// The longest reconnect attempts may keep failing in a row before the subscriber gives up.
+    pub give_up: Duration,
+}
+
+/// `urls` starting at `first` (mod its length) and wrapping around: client `first`'s own node,
+/// then the ones to fall back to, round robin.
+pub fn rotated(urls: &[String], first: usize) -> Vec<String> {
+    let n = urls.len().max(1);
+    (0..urls.len())
+        .map(|i| urls[(first + i) % n].clone())
+        .collect()
 }
 
 pub struct Outcome {
     pub delivery: Recorder,
     pub reconnect: Recorder,
     pub reconnects: u64,
+    /// Sockets the server closed with 1001 (going away), each followed by a reconnect.
+    pub going_away: u64,
     pub counts: ViolationCounts,
     pub violations: Vec<Violation>,
     pub delivered: u64,
@@ -62,9 +84,15 @@ impl Recorders {
     }
 }
 
-/// Connects and joins from the beginning (before the clock starts).
-pub async fn connect(spec: &Spec, after_seq: u64) -> Result<PhxSocket, crate::LoadError> {
-    let mut socket = PhxSocket::connect(&spec.ws_url, spec.heartbeat).await?;
+/// Connects to its own node and joins from the beginning (before the clock starts).
+pub async fn connect(spec: &Spec) -> Result<PhxSocket, crate::LoadError> {
+    connect_to(spec, 0, 0).await
+}
+
+/// Connects to node `at` of the spec's URLs and joins with `after_seq`.
+async fn connect_to(spec: &Spec, at: usize, after_seq: u64) -> Result<PhxSocket, crate::LoadError> {
+    let url = &spec.ws_urls[at % spec.ws_urls.len()];
+    let mut socket = PhxSocket::connect(url, spec.heartbeat).await?;
     socket
         .join("1", &spec.topic, &format!(r#"{{"after_seq":{after_seq}}}"#))
         .await?;
@@ -111,6 +139,13 @@ pub async fn run(
         mut reconnect,
     } = recorders;
     let mut reconnects = 0;
+    let mut going_away = 0;
+    // The node (index into `ws_urls`) the socket is on, or goes to next.
+    let mut at = 0;
+    // Since when reconnecting has failed without a break.
+    let mut failing_since: Option<Instant> = None;
+    // A loss without a 1001, judged by whether its node takes the subscriber back.
+    let mut unjudged: Option<String> = None;
     let mut backpressure = 0;
     let mut final_seq: Option<u64> = None;
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
@@ -134,14 +169,42 @@ pub async fn run(
                 break;
             }
             let began = Instant::now();
-            match connect(&spec, checker.last_seen()).await {
+            let failing = *failing_since.get_or_insert(began);
+            let attempt = tokio::time::timeout_at(
+                failing + spec.give_up,
+                connect_to(&spec, at, checker.last_seen()),
+            )
+            .await
+            .unwrap_or_else(|_| Err(crate::LoadError::Setup("reconnect timed out".into())));
+            match attempt {
                 Ok(s) => {
+                    if let Some(lost) = unjudged.take() {
+                        // Its node is up and took the subscriber back: the socket was cut.
+                        delivery.record_error(began.saturating_duration_since(start), lost);
+                    }
                     reconnects += 1;
+                    failing_since = None;
                     reconnect.record_ok(began.saturating_duration_since(start), began.elapsed());
                     socket = Some(s);
                 }
                 Err(e) => {
                     reconnect.record_error(began.saturating_duration_since(start), e.to_string());
+                    if unjudged.take().is_some() {
+                        // Its node refuses: it is going away.
+                        going_away += 1;
+                    }
+                    if Instant::now() >= failing + spec.give_up {
+                        delivery.record_error(
+                            start.elapsed(),
+                            format!(
+                                "{}: no node took the subscriber back within {:?}: {e}",
+                                spec.topic, spec.give_up
+                            ),
+                        );
+                        break;
+                    }
+                    // This node refuses: try the next one after a short pause.
+                    at = (at + 1) % spec.ws_urls.len();
                     tokio::time::sleep(RECONNECT_BACKOFF).await;
                 }
             }
@@ -175,12 +238,18 @@ pub async fn run(
                     }
                     Seen::Other => {}
                 },
-                Ok(Text::Closed(why)) => {
-                    delivery.record_error(start.elapsed(), format!("socket lost: {why}"));
+                Ok(Text::Closed(closed)) if closed.going_away => {
+                    // The node shuts down: resume on the next one.
+                    going_away += 1;
+                    at = (at + 1) % spec.ws_urls.len();
+                    socket = None;
+                }
+                Ok(Text::Closed(closed)) => {
+                    unjudged = Some(format!("{}: socket lost: {closed}", spec.topic));
                     socket = None;
                 }
                 Err(e) => {
-                    delivery.record_error(start.elapsed(), format!("socket failed: {e}"));
+                    unjudged = Some(format!("{}: socket failed: {e}", spec.topic));
                     socket = None;
                 }
             },
@@ -219,6 +288,7 @@ pub async fn run(
         delivery,
         reconnect,
         reconnects,
+        going_away,
         counts,
         violations,
         delivered,
@@ -290,7 +360,15 @@ impl Seen {
 
 #[cfg(test)]
 mod tests {
-    use super::Seen;
+    use super::{rotated, Seen};
+
+    #[test]
+    fn nodes_are_tried_from_the_clients_own_round_robin() {
+        let urls: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(rotated(&urls, 0), ["a", "b", "c"]);
+        assert_eq!(rotated(&urls, 4), ["b", "c", "a"]);
+        assert!(rotated(&[], 3).is_empty());
+    }
 
     #[test]
     fn frames_decode_the_same_through_the_fast_and_the_general_path() {

@@ -8,10 +8,17 @@
 //! - meanwhile [`disrupt`] drains a node and brings it back, or rebalances, through
 //!   `--admin-targets`, and times each step.
 //!
+//! Writers and subscribers outlive their node: a node that shuts down (closes its sockets with
+//! 1001, as a rolling restart does) sends them to the next target, where they rejoin and carry
+//! on, writers re-sending what was unanswered under the same keys (see [`writer`]), within
+//! `--disrupt-timeout`. The tool never restarts a node itself; an operator's script does
+//! (`ops/bench-cluster.sh`) while this runs with `--disrupt none`.
+//!
 //! After the traffic (and the disruption) the conversations' final seqs are read, the
 //! subscribers catch up, and every conversation's log is read back from every target and checked
 //! against the acknowledgements ([`AckLog`]). Any violation, any failed append, a subscriber
-//! that missed or repeated anything, or a disruption that did not finish fails the run.
+//! that missed or repeated anything, a socket lost other than by its node going away, or a
+//! disruption that did not finish fails the run.
 
 pub mod disrupt;
 pub mod writer;
@@ -62,6 +69,9 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
     super::create_conversations(&endpoints[0].http, &names).await?;
     let heartbeat = Duration::from_secs_f64(args.heartbeat_secs);
     let drain = Duration::from_secs_f64(args.drain_timeout);
+    // A node going away (a restart) takes at most this long to be replaced by another.
+    let reconnect_timeout = Duration::from_secs_f64(args.disrupt_timeout);
+    let ws_urls: Vec<String> = endpoints.iter().map(|e| e.ws_url.clone()).collect();
 
     // Subscribers first, so they are joined before anything is written.
     let mut specs = Vec::new();
@@ -72,13 +82,14 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
             let spec = Spec {
                 conv: c,
                 topic: format!("conversation:{}", names.conversations[c]),
-                ws_url: endpoints[k % endpoints.len()].ws_url.clone(),
+                ws_urls: subscriber::rotated(&ws_urls, k),
                 heartbeat,
                 reconnect: None,
                 drain,
+                give_up: reconnect_timeout,
             };
             sockets.push((
-                subscriber::connect(&spec, 0).await?,
+                subscriber::connect(&spec).await?,
                 Recorders::for_run(args.duration),
             ));
             specs.push(spec);
@@ -94,17 +105,16 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
             .filter(|(c, _)| c % writers_count == w)
             .map(|(c, id)| (c, id.clone()))
             .collect();
+        let settings = writer::Settings {
+            heartbeat,
+            payload: Payload::new(args.payload),
+            run: names.run.clone(),
+            move_hold: Duration::from_secs_f64(args.move_hold),
+            drain,
+            reconnect_timeout,
+        };
         writers.push(
-            Writer::connect(
-                &endpoints[w % endpoints.len()].ws_url,
-                heartbeat,
-                conversations,
-                Payload::new(args.payload),
-                names.run.clone(),
-                Duration::from_secs_f64(args.move_hold),
-                drain,
-            )
-            .await?,
+            Writer::connect(subscriber::rotated(&ws_urls, w), conversations, settings).await?,
         );
     }
 
@@ -198,6 +208,20 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
         ));
         report.failures.extend(check.examples.iter().cloned());
     }
+    let cuts: u64 = outcomes.iter().map(|o| o.cut).sum();
+    if cuts > 0 {
+        report.failures.push(format!(
+            "{cuts} writer sockets cut (closed other than by a node going away)"
+        ));
+        report.failures.extend(
+            outcomes
+                .iter()
+                .flat_map(|o| o.losses.iter())
+                .filter(|l| l.contains(" cut: "))
+                .take(4)
+                .cloned(),
+        );
+    }
     if let Some(e) = &disruption.error {
         report.failures.push(format!("disruption: {e}"));
     }
@@ -245,7 +269,7 @@ fn add_delivery(report: &mut Report, args: &Args, names: &Names, subs: &[subscri
     }
     if delivery.errors > 0 {
         report.failures.push(format!(
-            "{} subscriber socket errors (a slot move must not cut sockets)",
+            "{} subscriber socket errors (only a node going away may close a socket)",
             delivery.errors
         ));
     }
@@ -269,6 +293,7 @@ fn cluster_report(
     check: LogCheckReport,
 ) -> ClusterReport {
     let moving = Recorder::merged(writers.iter().map(|o| &o.moving));
+    let reconnect = Recorder::merged(writers.iter().map(|o| &o.reconnect));
     let mut try_again_by_detail = std::collections::BTreeMap::new();
     for o in writers {
         for (detail, n) in &o.try_again_by_detail {
@@ -291,6 +316,18 @@ fn cluster_report(
         backpressure_writers: writers.iter().map(|o| o.backpressure).sum(),
         backpressure_subscribers: subs.iter().map(|o| o.backpressure).sum(),
         subscriber_socket_losses: subs.iter().map(|o| o.delivery.errors).sum(),
+        subscriber_going_away: subs.iter().map(|o| o.going_away).sum(),
+        subscriber_reconnects: subs.iter().map(|o| o.reconnects).sum(),
+        writer_reconnects: writers.iter().map(|o| o.reconnects).sum(),
+        writer_going_away: writers.iter().map(|o| o.going_away).sum(),
+        writer_socket_cuts: writers.iter().map(|o| o.cut).sum(),
+        writer_reconnect_latency: reconnect.summary(),
+        resent: writers.iter().map(|o| o.resent).sum(),
+        writer_losses: writers
+            .iter()
+            .flat_map(|o| o.losses.iter().cloned())
+            .take(MAX_EXAMPLES)
+            .collect(),
         disruption,
         check,
     }
