@@ -51,6 +51,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open the object store {object_store}"))?,
     );
     let store = store.with_cold_tier(cold.clone());
+    let store = if config.clustered() {
+        store.in_cluster(config.slots.count)
+    } else {
+        store
+    };
     tracing::info!(object_store = %object_store, "cold tier open");
     let jwt = JwtVerifier::from_config(
         config.jwt_secret.as_deref(),
@@ -136,11 +141,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => ferry_shards::gate::Gates::standalone(config.slots.count),
     };
     let archive: Arc<dyn ferry_shards::archive::Archive> = match &joining {
-        Some(j) => Arc::new(store.clone().with_fence(crate::store::Fence {
-            node_id: node_id.clone(),
-            gates: gates.clone(),
-            db: j.db.clone(),
-        })),
+        Some(j) => Arc::new(crate::cluster::reserve::ReservingArchive::new(
+            store.clone().with_fence(crate::store::Fence {
+                node_id: node_id.clone(),
+                gates: gates.clone(),
+                db: j.db.clone(),
+            }),
+            j.db.clone(),
+            config.slots.count,
+        )),
         None => Arc::new(store.clone()),
     };
     let (node, report) = Node::start_with_gates(node_config, wal, archive, gates)

@@ -1096,3 +1096,60 @@ async fn a_restarted_actor_keeps_its_log() {
     assert_eq!(archive.loads(&id), 1, "a restart loads nothing");
     node.shutdown().await;
 }
+
+/// A slot taken from a running node without a hand-over (a failover while it was paused):
+/// the node lets go of it, what it had queued of the slot leaves the archive queue — kept for
+/// restore, since it was acknowledged — and the archiver is not stalled by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_lost_while_running_leaves_the_archive_queue_for_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let lost = archive.create("lost");
+    let kept = archive.create("kept");
+    let gates = ferry_shards::gate::Gates::clustered(config().slot_count);
+    gates.extend_lease(Instant::now() + Duration::from_secs(3600));
+    let clustered = NodeConfig {
+        clustered: true,
+        ..config()
+    };
+    let slot_of = |id: &ConversationId| ferry_shards::placement::slot_of(id.as_str(), 8);
+    gates.set_serving(slot_of(&lost), 3);
+    gates.set_serving(slot_of(&kept), 3);
+    let (node, _) = Node::start_with_gates(
+        clustered,
+        WalOptions::new(dir.path()),
+        archive.clone(),
+        gates.clone(),
+    )
+    .await
+    .unwrap();
+    set_down(&archive, true);
+    for text in ["a", "b"] {
+        append_retrying(&node, &lost, text).await;
+    }
+    // Another node took the slot at epoch 4.
+    node.lose_slot(slot_of(&lost), 4);
+    assert!(matches!(
+        node.append(&lost, request("late", None)).await,
+        Err(NodeError::NotOwner { .. })
+    ));
+    set_down(&archive, false);
+    assert_eq!(append_retrying(&node, &kept, "k").await, 1);
+    node.archive_now();
+    eventually("the kept slot to archive past the lost one", || {
+        archive.stored(&kept).len() == 1
+    })
+    .await;
+    assert!(
+        archive.stored(&lost).is_empty(),
+        "a lost slot's records are not archived here"
+    );
+    let pending: Vec<u64> = node
+        .pending_restore()
+        .concat()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(pending, vec![1, 2]);
+    node.shutdown().await;
+}

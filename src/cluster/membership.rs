@@ -58,6 +58,15 @@ pub async fn run_lease(
                     // fenced archive.
                     match db.reclaim(&node_id).await {
                         Ok(rows) => {
+                            // Slots that are no longer this node's (failed over while it was
+                            // away) close before the window reopens; the view lets go of what
+                            // this node still holds of them.
+                            for slot in gates.owned() {
+                                if !rows.iter().any(|r| r.slot == slot) {
+                                    tracing::warn!(slot, "slot failed over while the lease had lapsed; no longer serving it");
+                                    gates.set_not_owned(slot, gates.epoch(slot));
+                                }
+                            }
                             for row in &rows {
                                 if gates.state(row.slot) != GateState::Holding {
                                     gates.set_serving(row.slot, row.epoch);

@@ -299,16 +299,20 @@ impl Cluster {
             (false, Some(epoch)) => {
                 // Another node owns a slot this node still serves: only possible if the slot was
                 // taken without this node (a failover, while this node's lease had lapsed). Stop
-                // serving it at once; what its log holds of the slot is dropped with it.
+                // serving it at once; what it still had queued of the slot leaves the archive
+                // queue (kept for restore where it may have been acknowledged).
                 if row.epoch > epoch {
                     tracing::warn!(slot, epoch, new_owner = ?row.owner, new_epoch = row.epoch, "slot taken by another node; no longer serving it");
-                    self.inner.node.release_slot(slot, row.epoch);
+                    self.inner.node.lose_slot(slot, row.epoch);
                 }
             }
             (false, None) => {
                 if row.epoch > gates.epoch(slot) {
                     gates.set_not_owned(slot, row.epoch);
                 }
+                // Closed when the lease came back without this slot (see `run_lease`): let go
+                // of what this node still holds of it.
+                self.inner.node.lose_slot(slot, row.epoch);
             }
         }
     }

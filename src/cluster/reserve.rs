@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use sqlx::{Postgres, Transaction};
 
-use ferry_shards::archive::{Archive, ArchiveError, BoxFuture, ConversationSnapshot};
+use ferry_shards::archive::{
+    Archive, ArchiveError, BoxFuture, ConversationSnapshot, ConversationSummary,
+};
 use ferry_shards::ids::ConversationId;
 use ferry_shards::placement::slot_of;
 use ferry_shards::record::Message;
@@ -111,6 +113,148 @@ impl ClusterDb {
             .into_iter()
             .map(|(slot, c, r, s)| (slot.max(0) as u32, sql_u64(c), sql_u64(r), sql_u64(s)))
             .collect())
+    }
+}
+
+/// What a restore did with each message it was given.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Restored {
+    /// Written into their reserved seqs.
+    pub restored: Vec<u64>,
+    /// Already there (same seq, same id): an earlier restore wrote them.
+    pub present: Vec<u64>,
+    /// Not stored: the conversation already holds their idempotency key (a retry was taken by a
+    /// live node meanwhile); their reserved seqs stay empty.
+    pub duplicates: Vec<u64>,
+    /// Not stored: no reservation for this node covers the seq, or another message holds it.
+    /// Kept in `orphaned_messages` and logged as errors.
+    pub orphaned: Vec<u64>,
+}
+
+impl ClusterDb {
+    /// Writes `messages` (of `conversation`, which `node_id` acknowledged before its slot was
+    /// failed over) into the seqs reserved for that node, in one transaction that holds the
+    /// conversation's reservation row. `known_keys` are idempotency keys the owner holds in
+    /// memory beyond what SQL has. Never writes a seq that is not reserved for `node_id`.
+    pub async fn restore_messages(
+        &self,
+        conversation: &str,
+        node_id: &str,
+        messages: &[Arc<Message>],
+        known_keys: &dyn Fn(&str) -> bool,
+    ) -> Result<Restored> {
+        let mut out = Restored::default();
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "INSERT INTO conversation_failovers (conversation_id, epoch) VALUES ($1, 0) \
+             ON CONFLICT (conversation_id) DO NOTHING",
+        )
+        .bind(conversation)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "SELECT epoch FROM conversation_failovers WHERE conversation_id = $1 FOR UPDATE",
+        )
+        .bind(conversation)
+        .fetch_one(&mut *tx)
+        .await?;
+        let ranges: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT from_seq, to_seq FROM reserved_seqs \
+             WHERE conversation_id = $1 AND node_id = $2 ORDER BY from_seq",
+        )
+        .bind(conversation)
+        .bind(node_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for m in messages {
+            let seq = sql_i64("seq", m.seq)?;
+            let reserved = ranges.iter().find(|(a, b)| *a <= seq && seq <= *b);
+            let held: Option<(String,)> = sqlx::query_as(
+                "SELECT CAST(id AS TEXT) FROM messages WHERE conversation_id = $1 AND seq = $2",
+            )
+            .bind(conversation)
+            .bind(seq)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let orphan_reason = match (reserved, held) {
+                (_, Some((id,))) if id == m.id.to_string() => {
+                    out.present.push(m.seq);
+                    continue;
+                }
+                (_, Some(_)) => Some("another message holds the seq"),
+                (None, None) => Some("no reservation for this node covers the seq"),
+                (Some(_), None) => None,
+            };
+            if let Some(reason) = orphan_reason {
+                tracing::error!(
+                    conversation,
+                    node = node_id,
+                    seq = m.seq,
+                    id = %m.id,
+                    reason,
+                    "a restored message has no seq reserved for it; kept in orphaned_messages"
+                );
+                sqlx::query(
+                    "INSERT INTO orphaned_messages (conversation_id, seq, node_id, epoch, message, reason) \
+                     VALUES ($1, $2, $3, $4, CAST($5 AS JSONB), $6) \
+                     ON CONFLICT (conversation_id, seq, node_id) DO NOTHING",
+                )
+                .bind(conversation)
+                .bind(seq)
+                .bind(node_id)
+                .bind(sql_i64("epoch", m.epoch)?)
+                .bind(m.json())
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+                out.orphaned.push(m.seq);
+                continue;
+            }
+            if let Some(key) = m.idempotency_key.as_deref() {
+                let taken: Option<(i64,)> = sqlx::query_as(
+                    "SELECT seq FROM messages WHERE conversation_id = $1 AND idempotency_key = $2 \
+                     LIMIT 1",
+                )
+                .bind(conversation)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if taken.is_some() || known_keys(key) {
+                    out.duplicates.push(m.seq);
+                    continue;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO messages \
+                 (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) \
+                 VALUES ($1, $2, CAST($3 AS UUID), $4, $5, CAST($6 AS JSONB), CAST($7 AS JSONB), \
+                         TIMESTAMPTZ 'epoch' + $8 * INTERVAL '1 millisecond', $8, $9, $10)",
+            )
+            .bind(conversation)
+            .bind(seq)
+            .bind(m.id.to_string())
+            .bind(m.sender.as_str())
+            .bind(&*m.kind)
+            .bind(m.content.get())
+            .bind(m.metadata.get())
+            .bind(m.created_at_ms)
+            .bind(m.idempotency_key.as_deref())
+            .bind(i64::from(m.slot))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE reserved_seqs SET restored = restored + 1 \
+                 WHERE conversation_id = $1 AND node_id = $2 AND from_seq <= $3 AND $3 <= to_seq",
+            )
+            .bind(conversation)
+            .bind(node_id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            out.restored.push(m.seq);
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 }
 
@@ -226,6 +370,14 @@ impl<A: Archive> Archive for ReservingArchive<A> {
                 .map_err(|e| ArchiveError::Unavailable(format!("reserved seqs: {e}")))?;
             Ok(Some(snapshot))
         })
+    }
+
+    /// What SQL holds, reserving nothing: readers and start-up checks must not reserve.
+    fn describe_conversation<'a>(
+        &'a self,
+        id: &'a ConversationId,
+    ) -> BoxFuture<'a, std::result::Result<Option<ConversationSummary>, ArchiveError>> {
+        self.inner.describe_conversation(id)
     }
 
     fn store_messages<'a>(

@@ -197,6 +197,9 @@ pub struct Store {
     /// In a cluster: every archive write checks, inside its transaction, that this node owns
     /// each slot of the batch at the epoch it serves it at.
     fence: Option<Arc<Fence>>,
+    /// In a cluster: its slot count. A conversation created then records, in the same
+    /// transaction, that no earlier failover of its slot reserves seqs in it.
+    cluster_slots: Option<u32>,
 }
 
 /// What an archive write of a cluster member is checked against (see `Store::with_fence`).
@@ -284,12 +287,19 @@ impl Store {
             cold: None,
             expired: Arc::default(),
             fence: None,
+            cluster_slots: None,
         })
     }
 
     /// Archive writes are fenced from now on (a cluster member; Postgres only).
     pub fn with_fence(mut self, fence: Fence) -> Store {
         self.fence = Some(Arc::new(fence));
+        self
+    }
+
+    /// A cluster member's store (Postgres only): see `cluster_slots`.
+    pub fn in_cluster(mut self, slot_count: u32) -> Store {
+        self.cluster_slots = Some(slot_count);
         self
     }
 

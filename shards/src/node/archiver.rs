@@ -38,6 +38,12 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
     let mut dispatched = 0usize;
     loop {
         let stopping = *stop.borrow();
+        // Slots taken by another node while this one still held records of them: those records
+        // leave the queue (no batch may carry them: the fence would refuse it). Only between
+        // batches, while none is in flight, so the queue's front is what `dispatched` says.
+        if in_flight.is_empty() && shared.lost_slots.swap(false, Ordering::AcqRel) {
+            shared.extract_lost_slots();
+        }
         // When the next batch is not full yet: the moment it is stored anyway.
         let mut linger_until = None;
         while in_flight.len() < depth {
@@ -149,6 +155,9 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     abandoned.abort();
                 }
                 dispatched = 0;
+                if shared.lost_slots.swap(false, Ordering::AcqRel) {
+                    shared.extract_lost_slots();
+                }
                 if !shared.gates.lease_valid() {
                     shared.refuse_pending_acks();
                 }

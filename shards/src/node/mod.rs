@@ -278,6 +278,7 @@ impl Node {
             ack_metrics,
             restore: Default::default(),
             activations: AtomicUsize::new(0),
+            lost_slots: AtomicBool::new(false),
         });
         let repaired = recovery.repair.is_some();
         let report = adopt_recovery(&shared, recovery)?;

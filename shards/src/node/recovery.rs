@@ -49,7 +49,7 @@ pub(super) async fn drop_logs_behind_archive(shared: &Arc<Shared>) -> Result<(),
     for (slot, id, wal_last_seq) in recovered_logs(shared, |_| true) {
         let snapshot = shared
             .archive
-            .load_conversation(&id, 0)
+            .describe_conversation(&id)
             .await
             .map_err(|e| {
                 NodeError::Unavailable(format!(

@@ -112,6 +112,9 @@ pub struct Shared {
     pub(super) restore: Mutex<PendingRestore>,
     /// Entries in every slot's `activating`: the node-wide count `max_activations` bounds.
     pub(super) activations: AtomicUsize,
+    /// Set when a slot was taken from this node while it held records of it (see
+    /// [`Shared::extract_lost_slots`]).
+    pub(super) lost_slots: AtomicBool,
 }
 
 /// See [`Shared::restore`].
@@ -227,6 +230,64 @@ impl Shared {
             ack: Some(ack),
             hidden: true,
         });
+    }
+
+    /// Takes every archive-queue item of a slot this node no longer owns out of the queue (the
+    /// archiver calls it between batches). With `ack_after_archive` none of them was
+    /// acknowledged: they are dropped, and appends still waiting on them are answered
+    /// `try_again`. Otherwise they may have been acknowledged: they are kept for restore into
+    /// the seqs reserved for them, and the WAL checkpoint stays below them.
+    pub(super) fn extract_lost_slots(&self) {
+        let mut lost = Vec::new();
+        let mut bytes = 0;
+        {
+            let mut items = self
+                .archive_queue
+                .items
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut kept = VecDeque::with_capacity(items.len());
+            for item in items.drain(..) {
+                if self.gates.owned_epoch(item.message.slot).is_some() {
+                    kept.push_back(item);
+                } else {
+                    bytes += item.message.approx_bytes();
+                    lost.push(item);
+                }
+            }
+            *items = kept;
+        }
+        if lost.is_empty() {
+            return;
+        }
+        self.archive_queue.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let mut refused = 0usize;
+        let mut restore = self.restore.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_conversation: HashMap<ConversationId, Vec<Arc<Message>>> = HashMap::new();
+        for mut item in lost {
+            if let Some(ack) = item.ack.take() {
+                refused += 1;
+                self.count_try_again(TryAgainReason::OwnerUnavailable);
+                let _ = ack
+                    .reply
+                    .send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
+            }
+            if self.config.ack_after_archive {
+                continue;
+            }
+            restore.pin = Some(restore.pin.map_or(item.lsn, |p| p.min(item.lsn)));
+            by_conversation
+                .entry(item.message.conversation_id.clone())
+                .or_default()
+                .push(item.message);
+        }
+        let kept = by_conversation.values().map(Vec::len).sum::<usize>();
+        restore.messages.extend(by_conversation.into_values());
+        tracing::warn!(
+            kept_for_restore = kept,
+            refused_acks = refused,
+            "records of slots another node took were taken out of the archive queue"
+        );
     }
 
     /// The archive is failing and this node's lease has run out: it can acknowledge nothing now,

@@ -66,6 +66,25 @@ impl Node {
         }
     }
 
+    /// The slot was taken by another node at `epoch` without a hand-over from this one (a
+    /// failover while this node was paused or cut off): it is let go like a moved slot, and
+    /// whatever of it this node still had queued for the archive leaves the queue — kept for
+    /// restore, or dropped if it cannot have been acknowledged (see
+    /// `Shared::extract_lost_slots`). Cheap when this node holds nothing of the slot.
+    pub fn lose_slot(&self, slot: u32, epoch: u64) {
+        let holds = {
+            let registry = self.shared.registry(slot);
+            !registry.logs.is_empty() || !registry.handles.is_empty()
+        };
+        let owned = self.shared.gates.owned_epoch(slot).is_some();
+        if !holds && !owned {
+            return;
+        }
+        self.release_slot(slot, epoch);
+        self.shared.lost_slots.store(true, Ordering::Release);
+        self.shared.archive_queue.notify.notify_one();
+    }
+
     /// Appends acknowledged per slot since this node started.
     pub fn slot_appends(&self) -> Vec<u64> {
         self.shared
