@@ -45,7 +45,8 @@
 # (server URL without a database, default postgres://postgres@127.0.0.1:5432),
 # FERRY_BENCH_OUT (default: a new directory under $TMPDIR, kept), FERRY_BENCH_TIMEOUT (longest
 # wait for each restart step and the load tool's --disrupt-timeout, default 120),
-# FERRY_BENCH_KEEP=1 keeps the data dirs. Exit status 0 only when both runs passed the load
+# FERRY_BENCH_KEEP=1 keeps the data dirs, FERRY_BENCH_NODE_ENV (space-separated KEY=VALUE
+# settings for every node, e.g. "FERRY_CLUSTER__DURABILITY=archive"). Exit status 0 only when both runs passed the load
 # tool's checks and every restart finished in time.
 set -euo pipefail
 
@@ -205,7 +206,10 @@ start_node() {
   for var in $(compgen -e); do
     case "$var" in FERRY_*) env_args+=(-u "$var") ;; esac
   done
-  "${env_args[@]}" FERRY_BOOTSTRAP_API_KEY="$key" FERRY_LIMITS__SOCKET_IN_FLIGHT=1024 \
+  # FERRY_BENCH_NODE_ENV: extra settings for the nodes, e.g. FERRY_CLUSTER__DURABILITY=archive.
+  local extra=()
+  read -r -a extra <<<"${FERRY_BENCH_NODE_ENV:-}"
+  "${env_args[@]}" "${extra[@]}" FERRY_BOOTSTRAP_API_KEY="$key" FERRY_LIMITS__SOCKET_IN_FLIGHT=1024 \
     "$work/bin/ferry" serve --node-id "n$i" --data-dir "$work/n$i" \
     --listen "127.0.0.1:${listen[$i]}" --admin-listen "127.0.0.1:${admin[$i]}" \
     --database-url "$postgres/$db" --redis-url "redis://127.0.0.1:$redis_port" \

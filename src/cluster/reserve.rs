@@ -56,6 +56,16 @@ impl ClusterDb {
         slot: u32,
         archived_last_seq: u64,
     ) -> Result<u64> {
+        // The common case: the slot was never failed over, so nothing is or will be reserved
+        // in it; one read, no write.
+        let (any,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM slot_failovers WHERE slot = $1)")
+                .bind(slot as i32)
+                .fetch_one(self.pool())
+                .await?;
+        if !any {
+            return Ok(archived_last_seq);
+        }
         let mut tx = self.pool().begin().await?;
         let last = ensure_in(&mut tx, conversation, slot, archived_last_seq).await?;
         tx.commit().await?;
