@@ -61,12 +61,21 @@ fn unavailable(reason: TryAgainReason) -> ApiError {
     ApiError::try_again(reason, reason.retry_after_ms())
 }
 
-fn peer_failed(state: &AppState, id: &ConversationId, e: PeerError) -> Option<ApiError> {
+/// What a failed call to the owner means for the request: `None` to route it again, or the
+/// answer. An owner that cannot be reached may simply have handed the slot over and exited
+/// before this node's view caught up (a rolling restart): the slot's row is read again, and the
+/// request goes where it now says; only an owner that is still the one named is unavailable.
+async fn peer_failed(state: &AppState, id: &ConversationId, e: PeerError) -> Option<ApiError> {
     match e {
         PeerError::Api(e) => Some(e),
         PeerError::Moved => None,
         PeerError::Unreachable(why) => {
             tracing::debug!(conversation = %id, slot = state.node.slot_of(id), error = %why, "owner unreachable");
+            let tried = route(state, id);
+            refresh(state, id).await;
+            if route(state, id) != tried {
+                return None;
+            }
             Some(unavailable(TryAgainReason::OwnerUnavailable))
         }
     }
@@ -119,7 +128,7 @@ pub async fn conversation(
                             local: None,
                         })
                     }
-                    Err(e) => match peer_failed(state, id, e) {
+                    Err(e) => match peer_failed(state, id, e).await {
                         Some(e) if is_unreachable(&e) => {
                             return archived_conversation(state, meta, id).await
                         }
@@ -460,7 +469,7 @@ impl AppendQueue {
                                 refresh(&self.state, &self.id).await;
                             }
                         }
-                        Err(e) => match peer_failed(&self.state, &self.id, e) {
+                        Err(e) => match peer_failed(&self.state, &self.id, e).await {
                             Some(e) => {
                                 out.extend(rest.drain(..).map(|_| Pending::Done(Err(e.clone()))));
                             }
@@ -513,7 +522,7 @@ pub async fn read(
                 };
                 match forward_read(state, &url, &request).await {
                     Ok(reply) => return Ok((decode_messages(reply.messages)?, reply.last_seq)),
-                    Err(e) => match peer_failed(state, id, e) {
+                    Err(e) => match peer_failed(state, id, e).await {
                         Some(e) if is_unreachable(&e) => {
                             return read_archived(
                                 state, principal, id, after_seq, before_seq, limit,
@@ -740,7 +749,7 @@ pub async fn inbox_entry(
                     .await;
                 match answer {
                     Ok(entry) => return entry.into_entry().map_err(ApiError::unavailable),
-                    Err(e) => match peer_failed(state, id, e) {
+                    Err(e) => match peer_failed(state, id, e).await {
                         Some(e) if is_unreachable(&e) => {
                             return Ok(crate::inbox::entry(
                                 &state.node,
@@ -796,7 +805,7 @@ pub async fn fetch_after(
                 };
                 match forward_read(state, &url, &request).await {
                     Ok(reply) => return Ok(Fetched::Messages(decode_messages(reply.messages)?)),
-                    Err(e) => match peer_failed(state, id, e) {
+                    Err(e) => match peer_failed(state, id, e).await {
                         Some(e) if is_unreachable(&e) => break,
                         Some(e) => return Err(e),
                         None => refresh(state, id).await,
