@@ -158,12 +158,27 @@ pub struct SlotView {
     /// The epoch the slot's last failover gave it; absent for a slot never failed over.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_failover_epoch: Option<u64>,
+    /// Seqs failovers reserved in this slot's conversations for a lost node's messages; absent
+    /// when none.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reserved: Option<ReservedView>,
     /// Conversations with a running actor on this slot.
     pub conversations: usize,
     /// Appends acknowledged on this slot since the owner started.
     pub appends_total: u64,
     /// Appends acknowledged per second over the last completed 5 s sampling window.
     pub appends_per_sec: f64,
+}
+
+/// A slot's reserved seqs (see `docs/runtime-semantics.md`, "Node loss").
+#[derive(Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReservedView {
+    /// Conversations with reserved seqs.
+    pub conversations: u64,
+    /// Seqs reserved, in all of them.
+    pub seqs: u64,
+    /// Of those, written back when the lost node returned.
+    pub restored: u64,
 }
 
 #[derive(Serialize, serde::Deserialize, Clone)]
@@ -223,6 +238,7 @@ pub fn slot_views(state: &AdminState) -> Vec<SlotView> {
                 state: slot_state.into(),
                 target: None,
                 last_failover_epoch: None,
+                reserved: None,
                 conversations: conversations.get(i).copied().unwrap_or(0),
                 appends_total: appends.get(i).copied().unwrap_or(0),
                 appends_per_sec: state.rates.get(i),
@@ -496,6 +512,7 @@ mod tests {
             state: "active".into(),
             target: None,
             last_failover_epoch: None,
+            reserved: None,
             conversations: 2,
             appends_total: 10,
             appends_per_sec: rate,

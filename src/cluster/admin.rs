@@ -62,8 +62,24 @@ async fn read_tables(cluster: &Cluster) -> View {
 }
 
 pub async fn snapshot(state: &AdminState, cluster: &Cluster) -> (ClusterView, Vec<SlotView>) {
-    let (view, failovers) = tokio::join!(read_tables(cluster), cluster.db().last_failover_epochs());
+    let (view, failovers, reserved) = tokio::join!(
+        read_tables(cluster),
+        cluster.db().last_failover_epochs(),
+        cluster.db().reservation_totals()
+    );
     let failovers = failovers.unwrap_or_default();
+    let reserved: HashMap<u32, crate::admin::ReservedView> = reserved
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(slot, conversations, seqs, restored)| {
+            let view = crate::admin::ReservedView {
+                conversations,
+                seqs,
+                restored,
+            };
+            (slot, view)
+        })
+        .collect();
     let mut records: Vec<&NodeRecord> = view.nodes.values().collect();
     records.sort_by(|a, b| a.id.cmp(&b.id));
     let stats: Vec<Option<NodeStats>> = join_all(records.iter().map(|n| async move {
@@ -100,6 +116,7 @@ pub async fn snapshot(state: &AdminState, cluster: &Cluster) -> (ClusterView, Ve
                     SlotState::Active => None,
                 },
                 last_failover_epoch: failovers.get(&row.slot).copied(),
+                reserved: reserved.get(&row.slot).cloned(),
                 conversations: counters.map_or(0, |c| c.conversations),
                 appends_total: counters.map_or(0, |c| c.appends_total),
                 appends_per_sec: counters.map_or(0.0, |c| c.appends_per_sec),
