@@ -37,6 +37,12 @@ pub struct Reservation {
     pub restored: u64,
 }
 
+/// Records, for conversation `$1` of slot `$2`, that every failover of the slot so far came
+/// before it (run in the transaction that creates the conversation).
+pub const MARK_CREATED: &str = "INSERT INTO conversation_failovers (conversation_id, epoch) \
+     SELECT $1, COALESCE(MAX(epoch), 0) FROM slot_failovers WHERE slot = $2 \
+     ON CONFLICT (conversation_id) DO NOTHING";
+
 fn sql_i64(what: &str, n: u64) -> Result<i64> {
     i64::try_from(n).map_err(|_| ClusterDbError::Refused(format!("{what} {n} is out of range")))
 }
@@ -75,15 +81,11 @@ impl ClusterDb {
     /// Records that `conversation` (of `slot`) was created after every failover of its slot so
     /// far: none of them reserves anything in it.
     pub async fn mark_created(&self, conversation: &str, slot: u32) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO conversation_failovers (conversation_id, epoch) \
-             SELECT $1, COALESCE(MAX(epoch), 0) FROM slot_failovers WHERE slot = $2 \
-             ON CONFLICT (conversation_id) DO NOTHING",
-        )
-        .bind(conversation)
-        .bind(slot as i32)
-        .execute(self.pool())
-        .await?;
+        sqlx::query(MARK_CREATED)
+            .bind(conversation)
+            .bind(slot as i32)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 
@@ -155,19 +157,7 @@ impl ClusterDb {
     ) -> Result<Restored> {
         let mut out = Restored::default();
         let mut tx = self.pool().begin().await?;
-        sqlx::query(
-            "INSERT INTO conversation_failovers (conversation_id, epoch) VALUES ($1, 0) \
-             ON CONFLICT (conversation_id) DO NOTHING",
-        )
-        .bind(conversation)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "SELECT epoch FROM conversation_failovers WHERE conversation_id = $1 FOR UPDATE",
-        )
-        .bind(conversation)
-        .fetch_one(&mut *tx)
-        .await?;
+        lock_conversation(&mut tx, conversation).await?;
         let ranges: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT from_seq, to_seq FROM reserved_seqs \
              WHERE conversation_id = $1 AND node_id = $2 ORDER BY from_seq",
@@ -268,14 +258,13 @@ impl ClusterDb {
     }
 }
 
-/// [`ClusterDb::ensure_reservations`] inside `tx`, which keeps the conversation's row in
-/// `conversation_failovers` locked until it ends.
-pub(super) async fn ensure_in(
+/// Locks the conversation's row in `conversation_failovers` (made if missing) until `tx` ends,
+/// so reserving and restoring in one conversation take turns; returns the failover epoch it
+/// has accounted for.
+async fn lock_conversation(
     tx: &mut Transaction<'static, Postgres>,
     conversation: &str,
-    slot: u32,
-    archived_last_seq: u64,
-) -> Result<u64> {
+) -> Result<i64> {
     sqlx::query(
         "INSERT INTO conversation_failovers (conversation_id, epoch) VALUES ($1, 0) \
          ON CONFLICT (conversation_id) DO NOTHING",
@@ -289,6 +278,18 @@ pub(super) async fn ensure_in(
     .bind(conversation)
     .fetch_one(&mut **tx)
     .await?;
+    Ok(seen)
+}
+
+/// [`ClusterDb::ensure_reservations`] inside `tx`, which keeps the conversation's row in
+/// `conversation_failovers` locked until it ends.
+pub(super) async fn ensure_in(
+    tx: &mut Transaction<'static, Postgres>,
+    conversation: &str,
+    slot: u32,
+    archived_last_seq: u64,
+) -> Result<u64> {
+    let seen = lock_conversation(tx, conversation).await?;
     let (reserved_to,): (Option<i64>,) =
         sqlx::query_as("SELECT MAX(to_seq) FROM reserved_seqs WHERE conversation_id = $1")
             .bind(conversation)

@@ -76,11 +76,7 @@ impl Store {
             if let (true, Some(slots)) = (inserted, self.cluster_slots) {
                 // The slot's failovers so far happened before this conversation existed: none
                 // of them reserves seqs in it (src/cluster/reserve.rs).
-                sqlx::query(
-                    "INSERT INTO conversation_failovers (conversation_id, epoch) \
-                     SELECT $1, COALESCE(MAX(epoch), 0) FROM slot_failovers WHERE slot = $2 \
-                     ON CONFLICT (conversation_id) DO NOTHING",
-                )
+                sqlx::query(crate::cluster::reserve::MARK_CREATED)
                 .bind(id.as_str())
                 .bind(ferry_shards::placement::slot_of(id.as_str(), slots) as i32)
                 .execute(&mut *tx)

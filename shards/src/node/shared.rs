@@ -191,14 +191,7 @@ impl Shared {
 
     /// Runs on the WAL writer thread when a message is durable.
     pub fn on_durable(&self, lsn: Lsn, message: Arc<Message>, log: &Arc<ConversationLog>) {
-        log.push_durable(message.clone());
-        if self.durable_events.receiver_count() > 0 {
-            let _ = self.durable_events.send(DurableEvent {
-                conversation_id: message.conversation_id.clone(),
-                seq: message.seq,
-                message: message.clone(),
-            });
-        }
+        self.make_visible(&message, log);
         self.archive_queue.push(ArchiveItem {
             lsn,
             message,
@@ -207,6 +200,28 @@ impl Shared {
             ack: None,
             hidden: false,
         });
+    }
+
+    /// Shows a durable message to readers: its log's ring (which wakes subscribers) and the
+    /// node-wide watchers.
+    fn make_visible(&self, message: &Arc<Message>, log: &ConversationLog) {
+        log.push_durable(message.clone());
+        if self.durable_events.receiver_count() > 0 {
+            let _ = self.durable_events.send(DurableEvent {
+                conversation_id: message.conversation_id.clone(),
+                seq: message.seq,
+                message: message.clone(),
+            });
+        }
+    }
+
+    /// Answers an append that waited for its archive commit: not acknowledged (`try_again`,
+    /// `owner_unavailable`).
+    fn refuse_ack(&self, ack: PendingAck) {
+        self.count_try_again(TryAgainReason::OwnerUnavailable);
+        let _ = ack
+            .reply
+            .send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
     }
 
     /// Runs on the WAL writer thread when a message is durable in the WAL and the node
@@ -267,10 +282,7 @@ impl Shared {
         for mut item in lost {
             if let Some(ack) = item.ack.take() {
                 refused += 1;
-                self.count_try_again(TryAgainReason::OwnerUnavailable);
-                let _ = ack
-                    .reply
-                    .send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
+                self.refuse_ack(ack);
             }
             if self.config.ack_after_archive {
                 continue;
@@ -305,10 +317,7 @@ impl Shared {
             .filter_map(|item| item.ack.take())
             .collect();
         for ack in refused {
-            self.count_try_again(TryAgainReason::OwnerUnavailable);
-            let _ = ack
-                .reply
-                .send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
+            self.refuse_ack(ack);
         }
     }
 
@@ -323,27 +332,17 @@ impl Shared {
         ack: Option<PendingAck>,
     ) {
         if hidden {
-            log.push_durable(message.clone());
-            if self.durable_events.receiver_count() > 0 {
-                let _ = self.durable_events.send(DurableEvent {
-                    conversation_id: message.conversation_id.clone(),
-                    seq: message.seq,
-                    message: message.clone(),
-                });
-            }
+            self.make_visible(message, log);
         }
         log.mark_archived(message.seq);
         let Some(ack) = ack else {
             return;
         };
-        let answer = if self.gates.lease_valid() {
-            self.record_ack(ack.admitted_at, log.slot);
-            Ok(ack.outcome)
-        } else {
-            self.count_try_again(TryAgainReason::OwnerUnavailable);
-            Err(NodeError::try_again(TryAgainReason::OwnerUnavailable))
-        };
-        let _ = ack.reply.send(answer);
+        if !self.gates.lease_valid() {
+            return self.refuse_ack(ack);
+        }
+        self.record_ack(ack.admitted_at, log.slot);
+        let _ = ack.reply.send(Ok(ack.outcome));
         drop(ack.guard);
     }
 
