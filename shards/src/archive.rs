@@ -2,6 +2,7 @@
 //! Postgres in production). This crate never names a database; it asks for what it needs to
 //! rebuild a conversation's state and to hand durable messages off.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -57,6 +58,21 @@ pub struct ConversationSummary {
     pub last_seq: u64,
 }
 
+/// What a restore did with each message it was given (by seq).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Restored {
+    /// Written into their reserved seqs.
+    pub restored: Vec<u64>,
+    /// Already there (same seq, same id): an earlier restore wrote them.
+    pub present: Vec<u64>,
+    /// Not stored: the conversation already holds their idempotency key (a retry was taken by a
+    /// live node meanwhile); their reserved seqs stay empty.
+    pub duplicates: Vec<u64>,
+    /// Not stored: no reservation for this node covers the seq, or another message holds it.
+    /// Kept aside (`orphaned_messages`) and logged as errors.
+    pub orphaned: Vec<u64>,
+}
+
 pub trait Archive: Send + Sync + 'static {
     /// Loads what a starting conversation actor needs; `None` if the conversation does not exist.
     fn load_conversation<'a>(
@@ -108,4 +124,24 @@ pub trait Archive: Send + Sync + 'static {
         limit: usize,
         newest_first: bool,
     ) -> BoxFuture<'a, Result<Vec<Arc<Message>>, ArchiveError>>;
+
+    /// Writes `messages` of conversation `id`, which node `node_id` acknowledged before their
+    /// slot was failed over, into the seqs reserved for that node, in one transaction; never any
+    /// other seq. A message whose idempotency key the archive holds, or is in `known_keys` (keys
+    /// the caller holds beyond what the archive has), is not stored. Only a clustered archive
+    /// keeps reserved seqs; the default refuses.
+    fn restore_messages<'a>(
+        &'a self,
+        id: &'a ConversationId,
+        node_id: &'a str,
+        messages: &'a [Arc<Message>],
+        known_keys: &'a HashSet<String>,
+    ) -> BoxFuture<'a, Result<Restored, ArchiveError>> {
+        let _ = (id, node_id, messages, known_keys);
+        Box::pin(async {
+            Err(ArchiveError::Unavailable(
+                "this archive keeps no reserved seqs".to_owned(),
+            ))
+        })
+    }
 }

@@ -59,6 +59,9 @@ struct SlotGate {
     in_flight: AtomicUsize,
     /// Woken when `in_flight` drops to zero.
     idle: Notify,
+    /// Another node took the slot at this epoch without a hand-over from this one (a
+    /// failover): records this node wrote under an older epoch may not be archived by it.
+    lost_at: AtomicU64,
 }
 
 /// Why an append did not pass its gate.
@@ -81,6 +84,8 @@ pub struct Gates {
     lease_deadline_ns: AtomicU64,
     /// Bumped on every state change, so waiters can subscribe, re-check and wait.
     changes: watch::Sender<u64>,
+    /// Bumped whenever a slot's `lost_at` rises.
+    losses: AtomicU64,
 }
 
 impl Gates {
@@ -102,12 +107,36 @@ impl Gates {
                     epoch: AtomicU64::new(epoch),
                     in_flight: AtomicUsize::new(0),
                     idle: Notify::new(),
+                    lost_at: AtomicU64::new(0),
                 })
                 .collect(),
             base: Instant::now(),
             lease_deadline_ns: AtomicU64::new(deadline),
             changes: watch::channel(0).0,
+            losses: AtomicU64::new(0),
         })
+    }
+
+    /// Records that another node took `slot` at `epoch` without a hand-over from this one;
+    /// true if that is news (the epoch is higher than any recorded before).
+    pub fn mark_lost(&self, slot: u32, epoch: u64) -> bool {
+        let before = self.gate(slot).lost_at.fetch_max(epoch, Ordering::SeqCst);
+        let news = epoch > before;
+        if news {
+            self.losses.fetch_add(1, Ordering::SeqCst);
+        }
+        news
+    }
+
+    /// The epoch of the latest failover of `slot` away from this node (0: none known). Records of
+    /// the slot written under an older epoch are kept for restore, never archived by this node.
+    pub fn lost_at(&self, slot: u32) -> u64 {
+        self.gate(slot).lost_at.load(Ordering::SeqCst)
+    }
+
+    /// Grows by one with every [`Gates::mark_lost`] that was news.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::SeqCst)
     }
 
     pub fn slot_count(&self) -> u32 {

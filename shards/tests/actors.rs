@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferry_shards::actor::conversation::AppendRequest;
 use ferry_shards::archive::{
-    Archive, ArchiveError, BoxFuture, ConversationMeta, ConversationSnapshot,
+    Archive, ArchiveError, BoxFuture, ConversationMeta, ConversationSnapshot, Restored,
 };
 use ferry_shards::conversation_log::DedupeEntry;
 use ferry_shards::ids::{ConversationId, ParticipantId};
@@ -39,6 +39,8 @@ struct MemoryArchive {
     failing: Mutex<HashSet<String>>,
     /// Every `store_messages` fails while set.
     stores_fail: AtomicBool,
+    /// Per conversation: the seqs reserved for a failed-over node (`from..=to`, node id).
+    reserved: Mutex<HashMap<String, (u64, u64, String)>>,
 }
 
 impl MemoryArchive {
@@ -107,7 +109,13 @@ impl Archive for MemoryArchive {
                 return Ok(None);
             };
             let stored = self.stored(id);
-            let last_seq = stored.last().map_or(0, |m| m.seq);
+            let reserved_to = self
+                .reserved
+                .lock()
+                .unwrap()
+                .get(id.as_str())
+                .map_or(0, |r| r.1);
+            let last_seq = stored.last().map_or(0, |m| m.seq).max(reserved_to);
             let recent_keys = stored
                 .iter()
                 .filter(|m| m.seq + window as u64 > last_seq)
@@ -150,6 +158,53 @@ impl Archive for MemoryArchive {
                     .or_insert_with(|| m.clone());
             }
             Ok(())
+        })
+    }
+
+    fn restore_messages<'a>(
+        &'a self,
+        id: &'a ConversationId,
+        node_id: &'a str,
+        messages: &'a [Arc<Message>],
+        known_keys: &'a HashSet<String>,
+    ) -> BoxFuture<'a, Result<Restored, ArchiveError>> {
+        Box::pin(async move {
+            let reserved = self.reserved.lock().unwrap().get(id.as_str()).cloned();
+            let mut out = Restored::default();
+            let mut stored = self.messages.lock().unwrap();
+            for m in messages {
+                let key = (id.to_string(), m.seq);
+                match stored.get(&key) {
+                    Some(held) if held.id == m.id => {
+                        out.present.push(m.seq);
+                        continue;
+                    }
+                    Some(_) => {
+                        out.orphaned.push(m.seq);
+                        continue;
+                    }
+                    None => {}
+                }
+                let covered = reserved
+                    .as_ref()
+                    .is_some_and(|(a, b, n)| n == node_id && *a <= m.seq && m.seq <= *b);
+                if !covered {
+                    out.orphaned.push(m.seq);
+                    continue;
+                }
+                if let Some(k) = m.idempotency_key.as_deref() {
+                    let held = stored.iter().any(|((c, _), s)| {
+                        c == id.as_str() && s.idempotency_key.as_deref() == Some(k)
+                    });
+                    if held || known_keys.contains(k) {
+                        out.duplicates.push(m.seq);
+                        continue;
+                    }
+                }
+                stored.insert(key, m.clone());
+                out.restored.push(m.seq);
+            }
+            Ok(out)
         })
     }
 
@@ -738,7 +793,9 @@ async fn unarchived_messages_of_a_lost_slot_are_kept_for_restore() {
     .unwrap();
     let pending = node.pending_restore();
     assert_eq!(pending.len(), 1);
-    let seqs: Vec<u64> = pending[0].iter().map(|m| m.seq).collect();
+    let seqs: Vec<u64> = pending[0].messages.iter().map(|m| m.seq).collect();
+    assert_eq!(pending[0].conversation_id, lost);
+    assert_eq!(pending[0].slot, lost_slot);
     assert_eq!(seqs, vec![2, 3, 4], "only what the archive lacks");
     assert_eq!(
         archive.stored(&lost).len(),
@@ -763,9 +820,16 @@ async fn unarchived_messages_of_a_lost_slot_are_kept_for_restore() {
     )
     .await
     .unwrap();
-    let again: Vec<u64> = node.pending_restore()[0].iter().map(|m| m.seq).collect();
-    assert_eq!(again, vec![2, 3, 4]);
-    node.restore_done();
+    let again = node.pending_restore();
+    let seqs: Vec<u64> = again[0].messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![2, 3, 4]);
+    node.restore_done(again[0].id + 1);
+    assert_eq!(
+        node.pending_restore().len(),
+        1,
+        "another batch's id leaves it"
+    );
+    node.restore_done(again[0].id);
     assert!(node.pending_restore().is_empty());
     node.shutdown().await;
 }
@@ -1146,10 +1210,111 @@ async fn a_slot_lost_while_running_leaves_the_archive_queue_for_restore() {
     );
     let pending: Vec<u64> = node
         .pending_restore()
-        .concat()
         .iter()
-        .map(|m| m.seq)
+        .flat_map(|b| b.messages.iter().map(|m| m.seq))
         .collect();
     assert_eq!(pending, vec![1, 2]);
+    node.shutdown().await;
+}
+
+/// A message node `n-old` acknowledged at `seq` before its slot was failed over.
+fn lost_message(id: &ConversationId, slot: u32, seq: u64, key: Option<&str>) -> Arc<Message> {
+    Arc::new(Message {
+        conversation_id: id.clone(),
+        slot,
+        epoch: 3,
+        seq,
+        id: uuid::Uuid::now_v7(),
+        created_at_ms: 1_790_000_000_000 + seq as i64,
+        sender: ParticipantId::parse("alice").unwrap(),
+        kind: "text".into(),
+        content: RawValue::from_string(format!("\"lost {seq}\"")).unwrap(),
+        metadata: RawValue::from_string("{}".into()).unwrap(),
+        idempotency_key: key.map(Into::into),
+        rendered: Default::default(),
+    })
+}
+
+/// The owner writes a failed-over node's messages into the seqs reserved for it, through the
+/// conversation's actor: never a seq outside the reservation, never a key the conversation
+/// already holds (in the archive or only in the owner's window), again harmlessly; the
+/// restored keys dedupe later appends; a node that does not own the slot refuses.
+#[tokio::test]
+async fn restore_writes_only_reserved_seqs_and_its_keys_dedupe() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let c = archive.create("restored");
+    archive
+        .reserved
+        .lock()
+        .unwrap()
+        .insert("restored".into(), (3, 12, "n-old".into()));
+    let gates = ferry_shards::gate::Gates::clustered(config().slot_count);
+    gates.extend_lease(Instant::now() + Duration::from_secs(3600));
+    let slot = ferry_shards::placement::slot_of(c.as_str(), config().slot_count);
+    gates.set_serving(slot, 4);
+    let (node, _) = Node::start_with_gates(
+        NodeConfig {
+            clustered: true,
+            ..config()
+        },
+        WalOptions::new(dir.path()),
+        archive.clone(),
+        gates.clone(),
+    )
+    .await
+    .unwrap();
+    // New appends continue after the reservation; one holds a key that is not archived yet.
+    set_down(&archive, true);
+    let first = node
+        .append(&c, request("new", Some("k-new")))
+        .await
+        .unwrap();
+    assert_eq!(first.seq, 13);
+
+    let lost = vec![
+        lost_message(&c, slot, 3, Some("k-1")),
+        lost_message(&c, slot, 4, Some("k-new")),
+        lost_message(&c, slot, 5, None),
+        lost_message(&c, slot, 20, Some("k-20")),
+    ];
+    let report = node.restore(&c, "n-old", lost.clone()).await.unwrap();
+    assert_eq!(report.restored, vec![3, 5]);
+    assert_eq!(
+        report.duplicates,
+        vec![4],
+        "k-new is only in the owner's window"
+    );
+    assert_eq!(report.orphaned, vec![20], "20 is not reserved");
+    assert!(report.present.is_empty());
+    let stored: Vec<u64> = archive.stored(&c).iter().map(|m| m.seq).collect();
+    assert_eq!(stored, vec![3, 5]);
+
+    // A retry of the restored key is answered with its restored seq and id.
+    let retry = node
+        .append(&c, request("again", Some("k-1")))
+        .await
+        .unwrap();
+    assert!(retry.deduped);
+    assert_eq!((retry.seq, retry.id), (3, lost[0].id));
+    // Restoring again changes nothing.
+    let again = node.restore(&c, "n-old", lost.clone()).await.unwrap();
+    assert_eq!(again.present, vec![3, 5]);
+    assert_eq!(again.duplicates, vec![4]);
+    assert_eq!(again.orphaned, vec![20]);
+    // Only for the node the seqs are reserved for.
+    let other = node
+        .restore(&c, "n-other", vec![lost_message(&c, slot, 6, None)])
+        .await
+        .unwrap();
+    assert_eq!(other.orphaned, vec![6]);
+    set_down(&archive, false);
+
+    // A node that does not own the slot refuses, so the caller finds the owner.
+    gates.set_not_owned(slot, 5);
+    assert!(matches!(
+        node.restore(&c, "n-old", lost).await,
+        Err(NodeError::NotOwner { .. })
+    ));
     node.shutdown().await;
 }

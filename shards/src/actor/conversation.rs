@@ -25,7 +25,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::archive::ConversationMeta;
+use crate::archive::{ConversationMeta, Restored};
 use crate::conversation_log::{ConversationLog, DedupeEntry, DedupeWindow};
 use crate::gate::GateGuard;
 use crate::ids::{ConversationId, ParticipantId};
@@ -62,9 +62,24 @@ pub enum ConversationMsg {
     /// Stop if idle, quiescent (everything archived, nothing waiting) and unwatched. Decided here,
     /// between two appends, so no append can slip in between the check and the stop.
     Retire,
+    /// Messages a failed-over node acknowledged, to be written into the seqs reserved for it
+    /// ([`crate::node::Node::restore`]).
+    Restore(RestoreRequest, RestoreReply),
     /// Makes the actor fail, as a bug would; used by tests of supervision.
     Crash,
 }
+
+/// See [`ConversationMsg::Restore`].
+pub struct RestoreRequest {
+    /// The node that acknowledged them.
+    pub from: String,
+    /// In seq order.
+    pub messages: Vec<Arc<Message>>,
+    /// The slot counts the restore as in flight until it is answered.
+    pub guard: GateGuard,
+}
+
+pub type RestoreReply = RpcReplyPort<Result<Restored, NodeError>>;
 
 pub struct ConversationActor;
 
@@ -163,6 +178,11 @@ impl Actor for ConversationActor {
             }
             ConversationMsg::Retire => {
                 retire(&myself, state);
+                Ok(())
+            }
+            ConversationMsg::Restore(request, reply) => {
+                let result = restore(state, request).await;
+                let _ = reply.send(result);
                 Ok(())
             }
             ConversationMsg::Crash => Err("crash requested".into()),
@@ -383,6 +403,77 @@ fn append(
             }
         }
     }
+}
+
+/// Writes a failed-over node's messages into their reserved seqs (the archive decides what goes
+/// where, in one transaction) and remembers the restored ones' idempotency keys. Runs between two
+/// appends of this conversation: an append with one of their keys is either already in the
+/// window (and the restored message is a duplicate) or comes after, and is deduped.
+async fn restore(
+    state: &ConversationState,
+    request: RestoreRequest,
+) -> Result<Restored, NodeError> {
+    let RestoreRequest {
+        from,
+        messages,
+        guard,
+    } = request;
+    let shared = &state.shared;
+    let log = &state.log;
+    if messages.iter().any(|m| m.conversation_id != log.id) {
+        return Err(NodeError::Unavailable(format!(
+            "a restore of conversation {} holds messages of another conversation",
+            log.id
+        )));
+    }
+    log.touch();
+    // Keys this owner has handed out (appends in flight or not yet archived) to messages other
+    // than the restored ones.
+    let known: std::collections::HashSet<String> = {
+        let window = log.dedupe.lock().unwrap_or_else(|e| e.into_inner());
+        messages
+            .iter()
+            .filter_map(|m| {
+                let key = m.idempotency_key.as_deref()?;
+                let entry = window.get(key)?;
+                (entry.id != m.id).then(|| key.to_owned())
+            })
+            .collect()
+    };
+    let timeout = shared.config.activation_timeout;
+    let report = match tokio::time::timeout(
+        timeout,
+        shared
+            .archive
+            .restore_messages(&log.id, &from, &messages, &known),
+    )
+    .await
+    {
+        Ok(result) => result.map_err(|e| NodeError::Unavailable(e.to_string()))?,
+        Err(_) => {
+            return Err(NodeError::Unavailable(format!(
+                "restore of {} messages timed out after {timeout:?}",
+                messages.len()
+            )))
+        }
+    };
+    let mut window = log.dedupe.lock().unwrap_or_else(|e| e.into_inner());
+    for m in &messages {
+        let written = report.restored.contains(&m.seq) || report.present.contains(&m.seq);
+        if let (true, Some(key)) = (written, m.idempotency_key.as_deref()) {
+            window.insert(
+                key,
+                DedupeEntry {
+                    seq: m.seq,
+                    id: m.id,
+                    created_at_ms: m.created_at_ms,
+                },
+            );
+        }
+    }
+    drop(window);
+    drop(guard);
+    Ok(report)
 }
 
 fn retire(myself: &ActorRef<ConversationMsg>, state: &ConversationState) {

@@ -36,12 +36,22 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
     let mut in_flight: VecDeque<tokio::task::JoinHandle<StoreResult>> = VecDeque::new();
     // Queue items (from the front) covered by the batches in flight.
     let mut dispatched = 0usize;
+    let mut losses = shared.gates.losses();
+    // A slot lost (failed over away from this node) since the last look: set by `lose_slot`,
+    // or by the lease task through the gates.
+    let mut lost = move |shared: &Shared| {
+        let now = shared.gates.losses();
+        let flagged = shared.lost_slots.swap(false, Ordering::AcqRel);
+        let news = now != losses;
+        losses = now;
+        flagged || news
+    };
     loop {
         let stopping = *stop.borrow();
         // Slots taken by another node while this one still held records of them: those records
         // leave the queue (no batch may carry them: the fence would refuse it). Only between
         // batches, while none is in flight, so the queue's front is what `dispatched` says.
-        if in_flight.is_empty() && shared.lost_slots.swap(false, Ordering::AcqRel) {
+        if in_flight.is_empty() && lost(&shared) {
             shared.extract_lost_slots();
         }
         // When the next batch is not full yet: the moment it is stored anyway.
@@ -155,7 +165,7 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     abandoned.abort();
                 }
                 dispatched = 0;
-                if shared.lost_slots.swap(false, Ordering::AcqRel) {
+                if lost(&shared) {
                     shared.extract_lost_slots();
                 }
                 if !shared.gates.lease_valid() {

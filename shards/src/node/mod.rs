@@ -50,7 +50,7 @@ use shared::AckMetrics;
 pub use activation::Activation;
 pub use reader::ConversationReader;
 pub use recovery::StartupReport;
-pub use shared::{ArchiveQueue, DurableEvent, PendingAck, Shared, SlotRegistry};
+pub use shared::{ArchiveQueue, DurableEvent, PendingAck, RestoreBatch, Shared, SlotRegistry};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

@@ -125,25 +125,31 @@ pub(super) async fn drop_logs_of_other_owners(shared: &Arc<Shared>) -> Result<()
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     let mut bytes = 0;
-    let mut pin: Option<Lsn> = None;
+    let mut lowest: HashMap<ConversationId, Lsn> = HashMap::new();
     items.retain(|item| {
-        let keep = !dropped.contains(&item.message.conversation_id);
+        let id = &item.message.conversation_id;
+        let keep = !dropped.contains(id);
         if !keep {
             bytes += item.message.approx_bytes();
             let kept = unarchived
-                .get(&item.message.conversation_id)
+                .get(id)
                 .is_some_and(|m| m.iter().any(|m| m.seq == item.message.seq));
             if kept {
-                pin = Some(pin.map_or(item.lsn, |p| p.min(item.lsn)));
+                let lsn = lowest.entry(id.clone()).or_insert(item.lsn);
+                *lsn = (*lsn).min(item.lsn);
             }
         }
         keep
     });
     drop(items);
-    if let Some(pin) = pin {
+    {
         let mut restore = shared.restore.lock().unwrap_or_else(|e| e.into_inner());
-        restore.pin = Some(pin);
-        restore.messages = unarchived.into_values().collect();
+        for (id, messages) in unarchived {
+            // Every kept message came from a queued record; one without is impossible, and
+            // pinning the oldest record the WAL may still hold keeps it safe regardless.
+            let lsn = lowest.get(&id).copied().unwrap_or(0);
+            restore.keep(messages, lsn);
+        }
     }
     shared
         .archive_queue

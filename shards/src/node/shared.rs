@@ -120,10 +120,45 @@ pub struct Shared {
 /// See [`Shared::restore`].
 #[derive(Default)]
 pub(super) struct PendingRestore {
-    /// Per conversation, in seq order.
-    pub(super) messages: Vec<Vec<Arc<Message>>>,
-    /// The lowest LSN among them: the WAL checkpoint stays below it.
-    pub(super) pin: Option<Lsn>,
+    /// Per conversation, with the lowest LSN among its records.
+    pub(super) batches: Vec<(RestoreBatch, Lsn)>,
+    next_id: u64,
+}
+
+impl PendingRestore {
+    /// Keeps `messages` (one conversation's, in seq order; `lsn` the lowest of their records)
+    /// for restore.
+    pub(super) fn keep(&mut self, messages: Vec<Arc<Message>>, lsn: Lsn) {
+        let Some(first) = messages.first() else {
+            return;
+        };
+        self.next_id += 1;
+        let batch = RestoreBatch {
+            id: self.next_id,
+            conversation_id: first.conversation_id.clone(),
+            slot: first.slot,
+            messages,
+        };
+        self.batches.push((batch, lsn));
+    }
+
+    /// The WAL checkpoint stays below this LSN.
+    pub(super) fn pin(&self) -> Option<Lsn> {
+        self.batches.iter().map(|(_, lsn)| *lsn).min()
+    }
+}
+
+/// Messages of one conversation this node acknowledged in a slot that was failed over while it
+/// was away (or cut off), to be written back into the seqs reserved for them by the slot's
+/// owner ([`super::Node::restore`]).
+#[derive(Debug, Clone)]
+pub struct RestoreBatch {
+    /// Names the batch for [`super::Node::restore_done`].
+    pub id: u64,
+    pub conversation_id: ConversationId,
+    pub slot: u32,
+    /// In seq order.
+    pub messages: Vec<Arc<Message>>,
 }
 
 pub(super) struct AckMetrics {
@@ -163,7 +198,7 @@ pub struct DurableEvent {
 impl Shared {
     /// The highest LSN the WAL checkpoint may move to, given that `archived` is archived.
     pub(super) fn checkpoint_limit(&self, archived: Lsn) -> Lsn {
-        match self.restore.lock().unwrap_or_else(|e| e.into_inner()).pin {
+        match self.restore.lock().unwrap_or_else(|e| e.into_inner()).pin() {
             Some(pin) => archived.min(pin.saturating_sub(1)),
             None => archived,
         }
@@ -263,7 +298,11 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner());
             let mut kept = VecDeque::with_capacity(items.len());
             for item in items.drain(..) {
-                if self.gates.owned_epoch(item.message.slot).is_some() {
+                let slot = item.message.slot;
+                // Written before the slot was failed over away from this node: even if the
+                // slot came back since, only a restore may write it (into its reserved seq).
+                let stale = item.message.epoch < self.gates.lost_at(slot);
+                if self.gates.owned_epoch(slot).is_some() && !stale {
                     kept.push_back(item);
                 } else {
                     bytes += item.message.approx_bytes();
@@ -278,7 +317,7 @@ impl Shared {
         self.archive_queue.bytes.fetch_sub(bytes, Ordering::Relaxed);
         let mut refused = 0usize;
         let mut restore = self.restore.lock().unwrap_or_else(|e| e.into_inner());
-        let mut by_conversation: HashMap<ConversationId, Vec<Arc<Message>>> = HashMap::new();
+        let mut by_conversation: HashMap<ConversationId, (Vec<Arc<Message>>, Lsn)> = HashMap::new();
         for mut item in lost {
             if let Some(ack) = item.ack.take() {
                 refused += 1;
@@ -287,14 +326,19 @@ impl Shared {
             if self.config.ack_after_archive {
                 continue;
             }
-            restore.pin = Some(restore.pin.map_or(item.lsn, |p| p.min(item.lsn)));
-            by_conversation
+            let entry = by_conversation
                 .entry(item.message.conversation_id.clone())
-                .or_default()
-                .push(item.message);
+                .or_insert_with(|| (Vec::new(), item.lsn));
+            entry.1 = entry.1.min(item.lsn);
+            entry.0.push(item.message);
         }
-        let kept = by_conversation.values().map(Vec::len).sum::<usize>();
-        restore.messages.extend(by_conversation.into_values());
+        let kept = by_conversation
+            .values()
+            .map(|(m, _)| m.len())
+            .sum::<usize>();
+        for (messages, lsn) in by_conversation.into_values() {
+            restore.keep(messages, lsn);
+        }
         tracing::warn!(
             kept_for_restore = kept,
             refused_acks = refused,

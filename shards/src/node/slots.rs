@@ -5,7 +5,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Node;
+use super::shared::RestoreBatch;
+use super::{Node, NodeError, TryAgainReason};
+use crate::actor::conversation::{ConversationMsg, RestoreRequest};
+use crate::archive::Restored;
+use crate::gate::GateRefusal;
+use crate::ids::ConversationId;
 use crate::record::Message;
 
 impl Node {
@@ -72,15 +77,17 @@ impl Node {
     /// restore, or dropped if it cannot have been acknowledged (see
     /// `Shared::extract_lost_slots`). Cheap when this node holds nothing of the slot.
     pub fn lose_slot(&self, slot: u32, epoch: u64) {
+        let news = self.shared.gates.mark_lost(slot, epoch);
         let holds = {
             let registry = self.shared.registry(slot);
             !registry.logs.is_empty() || !registry.handles.is_empty()
         };
         let owned = self.shared.gates.owned_epoch(slot).is_some();
-        if !holds && !owned {
+        if holds || owned {
+            self.release_slot(slot, epoch);
+        } else if !news {
             return;
         }
-        self.release_slot(slot, epoch);
         self.shared.lost_slots.store(true, Ordering::Release);
         self.shared.archive_queue.notify.notify_one();
     }
@@ -105,26 +112,65 @@ impl Node {
 
 impl Node {
     /// Messages this node acknowledged in slots that were failed over to other nodes while it
-    /// was away, per conversation in seq order: to be written back into the seqs reserved for
-    /// them (by the slots' owners). Empty when there is nothing to restore.
-    pub fn pending_restore(&self) -> Vec<Vec<Arc<Message>>> {
+    /// was away (or cut off), one batch per conversation: to be written back into the seqs
+    /// reserved for them by the slots' owners ([`Node::restore`]). Empty when there is nothing
+    /// to restore.
+    pub fn pending_restore(&self) -> Vec<RestoreBatch> {
         self.shared
             .restore
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .messages
-            .clone()
+            .batches
+            .iter()
+            .map(|(batch, _)| batch.clone())
+            .collect()
     }
 
-    /// The pending restore is done (every message written back, or found already there, or
-    /// kept aside as orphaned): the WAL may drop their records.
-    pub fn restore_done(&self) {
+    /// Batch `id` is restored (every message written back, found already there, a duplicate,
+    /// or kept aside as orphaned): the WAL may drop its records.
+    pub fn restore_done(&self, id: u64) {
         let mut restore = self
             .shared
             .restore
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        restore.messages.clear();
-        restore.pin = None;
+        restore.batches.retain(|(batch, _)| batch.id != id);
+    }
+
+    /// On the owner of `batch`'s slot: writes the messages node `from` acknowledged before the
+    /// slot was failed over into the seqs reserved for `from`, through the conversation's actor
+    /// (so no append with one of their idempotency keys can slip in between the check and the
+    /// write), and adds the restored keys to its idempotency window. The slot counts the
+    /// restore as in flight: a hand-over waits for it.
+    pub async fn restore(
+        &self,
+        id: &ConversationId,
+        from: &str,
+        messages: Vec<Arc<Message>>,
+    ) -> Result<Restored, NodeError> {
+        let slot = self.slot_of(id);
+        let guard = match self.shared.gates.enter(slot) {
+            Ok(guard) => guard,
+            Err(GateRefusal::Holding) => {
+                return Err(NodeError::try_again(TryAgainReason::SlotMoving))
+            }
+            Err(GateRefusal::NotOwned) => return Err(NodeError::NotOwner { slot }),
+            Err(GateRefusal::Fenced) => {
+                return Err(NodeError::try_again(TryAgainReason::OwnerUnavailable))
+            }
+        };
+        let handle = self.conversation(id).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let restore = RestoreRequest {
+            from: from.to_owned(),
+            messages,
+            guard,
+        };
+        handle
+            .actor
+            .send_message(ConversationMsg::Restore(restore, tx.into()))
+            .map_err(|_| NodeError::try_again(TryAgainReason::Restarting))?;
+        rx.await
+            .map_err(|_| NodeError::try_again(TryAgainReason::Restarting))?
     }
 }
