@@ -320,7 +320,13 @@ async fn join_cluster(
         .context("cannot prepare the slot table")?;
     let sent = std::time::Instant::now();
     let registered = db
-        .register(node_id, advertise_url, c.lease, durability)
+        .register(
+            node_id,
+            advertise_url,
+            c.lease,
+            durability,
+            c.max_unarchived,
+        )
         .await
         .context("cannot register this node")?;
     let gates = ferry_shards::gate::Gates::clustered(config.slots.count);
@@ -414,6 +420,7 @@ async fn start_cluster(
         ));
     }
     tokio::spawn(rebalancer::run(cluster.clone(), stop.clone()));
+    tokio::spawn(crate::cluster::restore::run(cluster.clone(), stop.clone()));
     tokio::spawn(refresh_changed_meta(node, store, events, stop));
     cluster.activate().await;
     Ok(cluster)

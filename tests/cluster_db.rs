@@ -83,7 +83,7 @@ async fn ensure_active(cluster: &ClusterDb, node: &str) {
         return;
     }
     cluster
-        .register(node, &format!("http://{node}"), LEASE, Local)
+        .register(node, &format!("http://{node}"), LEASE, Local, 10_000)
         .await
         .expect("register");
     assert!(cluster
@@ -110,7 +110,7 @@ async fn a_restart_is_a_new_incarnation_and_a_drain_survives_it() {
         return;
     };
     let first = cluster
-        .register("b", "http://b:1", LEASE, Local)
+        .register("b", "http://b:1", LEASE, Local, 10_000)
         .await
         .expect("register");
     assert_eq!(
@@ -122,11 +122,11 @@ async fn a_restart_is_a_new_incarnation_and_a_drain_survives_it() {
         }
     );
     cluster
-        .register("a", "http://a:1", LEASE, Local)
+        .register("a", "http://a:1", LEASE, Local, 10_000)
         .await
         .expect("register a");
     let again = cluster
-        .register("b", "http://b:2", LEASE, Local)
+        .register("b", "http://b:2", LEASE, Local, 10_000)
         .await
         .expect("register again");
     assert_eq!(again.incarnation, 2);
@@ -171,7 +171,7 @@ async fn a_restart_is_a_new_incarnation_and_a_drain_survives_it() {
 
     // An operator's drain survives restarts; anything else starts over as joining.
     let r = cluster
-        .register("b", "http://b:2", LEASE, Local)
+        .register("b", "http://b:2", LEASE, Local, 10_000)
         .await
         .expect("register");
     assert_eq!((r.incarnation, r.state), (3, Draining));
@@ -180,13 +180,13 @@ async fn a_restart_is_a_new_incarnation_and_a_drain_survives_it() {
         .await
         .expect("cas"));
     let r = cluster
-        .register("b", "http://b:2", LEASE, Local)
+        .register("b", "http://b:2", LEASE, Local, 10_000)
         .await
         .expect("register");
     assert_eq!((r.incarnation, r.state), (4, Drained));
     assert!(cluster.set_state("b", &[Drained], Left).await.expect("cas"));
     let r = cluster
-        .register("b", "http://b:2", LEASE, Local)
+        .register("b", "http://b:2", LEASE, Local, 10_000)
         .await
         .expect("register");
     assert_eq!((r.incarnation, r.state), (5, Joining));
@@ -201,11 +201,11 @@ async fn an_expired_lease_reads_dead_until_renewed() {
         return;
     };
     let a = cluster
-        .register("a", "http://a", SHORT_LEASE, Local)
+        .register("a", "http://a", SHORT_LEASE, Local, 10_000)
         .await
         .expect("register a");
     cluster
-        .register("d", "http://d", SHORT_LEASE, Local)
+        .register("d", "http://d", SHORT_LEASE, Local, 10_000)
         .await
         .expect("register d");
     assert!(cluster
@@ -213,7 +213,7 @@ async fn an_expired_lease_reads_dead_until_renewed() {
         .await
         .expect("drain d"));
     cluster
-        .register("z", "http://z", LEASE, Local)
+        .register("z", "http://z", LEASE, Local, 10_000)
         .await
         .expect("register z");
     assert!(cluster
@@ -327,7 +327,7 @@ async fn a_slot_changes_only_by_compare_and_swap_and_its_epoch_never_goes_back()
     // Only a node that is alive and active can be given a slot or be a move's target, checked
     // when the change is written (the planner's view may be older).
     cluster
-        .register("d", "http://d", LEASE, Local)
+        .register("d", "http://d", LEASE, Local, 10_000)
         .await
         .expect("register d");
     assert!(!cluster
@@ -430,7 +430,7 @@ async fn reclaim_bumps_the_epochs_of_that_nodes_slots_only() {
 /// Registers `id` with `lease`, `active`, storing `durability` as it would be once recorded.
 async fn member(cluster: &ClusterDb, id: &str, lease: Duration, durability: Durability) -> u64 {
     let r = cluster
-        .register(id, &format!("http://{id}"), lease, durability)
+        .register(id, &format!("http://{id}"), lease, durability, 10_000)
         .await
         .expect("register");
     assert!(cluster
@@ -473,7 +473,7 @@ async fn archive_durability_is_stored_only_once_the_node_says_so() {
     // A node never seen, configured archive: its log may hold what an earlier run acknowledged
     // under local, so the row says local until the node records archive itself.
     let r = cluster
-        .register("a", "http://a", LEASE, Archive)
+        .register("a", "http://a", LEASE, Archive, 10_000)
         .await
         .expect("register");
     assert_eq!(r.durability, Local);
@@ -491,18 +491,18 @@ async fn archive_durability_is_stored_only_once_the_node_says_so() {
     );
     // It ran archive: a restart with archive keeps it.
     let r = cluster
-        .register("a", "http://a", LEASE, Archive)
+        .register("a", "http://a", LEASE, Archive, 10_000)
         .await
         .expect("register");
     assert_eq!(r.durability, Archive);
     // A restart with local is local at once, and back to archive needs recording again.
     let r = cluster
-        .register("a", "http://a", LEASE, Local)
+        .register("a", "http://a", LEASE, Local, 10_000)
         .await
         .expect("register");
     assert_eq!(r.durability, Local);
     let r = cluster
-        .register("a", "http://a", LEASE, Archive)
+        .register("a", "http://a", LEASE, Archive, 10_000)
         .await
         .expect("register");
     assert_eq!(r.durability, Local);
@@ -517,7 +517,7 @@ async fn a_failover_takes_a_dead_owners_slot_to_a_live_active_node_and_records_i
     cluster.init_slots(6).await.expect("init");
     member(&cluster, "a", LEASE, Archive).await;
     cluster
-        .register("j", "http://j", LEASE, Local)
+        .register("j", "http://j", LEASE, Local, 10_000)
         .await
         .expect("register j");
     let x = member(&cluster, "x", SHORT_LEASE, Archive).await;

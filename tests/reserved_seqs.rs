@@ -156,7 +156,7 @@ async fn a_restore_writes_only_into_seqs_reserved_for_that_node() {
     failover(&cluster, 3, 5, "a", 10).await;
     // Archived up to 4; seqs 5..=14 are a's; the new owner appended 15 with key "k15".
     assert_eq!(cluster.ensure_reservations("c", 3, 4).await.unwrap(), 14);
-    let none = |_: &str| false;
+    let none = std::collections::HashSet::new();
     let live = message("c", 15, Some("k15"));
     let stored = cluster
         .restore_messages("c", "b-is-not-a", &[], &none)
@@ -182,7 +182,7 @@ async fn a_restore_writes_only_into_seqs_reserved_for_that_node() {
         message("c", 15, None), // not reserved for a: another message holds it
         message("c", 16, None), // beyond every reservation
     ];
-    let in_memory = |key: &str| key == "held-in-memory";
+    let in_memory = std::collections::HashSet::from(["held-in-memory".to_owned()]);
     let done = cluster
         .restore_messages("c", "a", &back, &in_memory)
         .await
@@ -215,4 +215,25 @@ async fn a_restore_writes_only_into_seqs_reserved_for_that_node() {
     .unwrap();
     assert_eq!(id, back[0].id.to_string());
     assert_eq!(content, r#"{"n": 5}"#);
+
+    // A reserved seq whose range has since moved to cold storage is never written: no read
+    // would look at SQL there.
+    sqlx::query(
+        "INSERT INTO message_segments (conversation_id, first_seq, last_seq, object_key, \
+         record_count, bytes, min_created_at_ms, max_created_at_ms, created_at_ms) \
+         VALUES ('c', 1, 10, 'c/1', 6, 100, 0, 0, 0)",
+    )
+    .execute(cluster.pool())
+    .await
+    .unwrap();
+    let cold = cluster
+        .restore_messages(
+            "c",
+            "a",
+            &[message("c", 9, None), message("c", 11, None)],
+            &none,
+        )
+        .await
+        .unwrap();
+    assert_eq!((cold.orphaned, cold.restored), (vec![9], vec![11]));
 }

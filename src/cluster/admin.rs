@@ -288,17 +288,15 @@ pub async fn rebalance(cluster: &Cluster) -> Result<RebalanceBody, ApiError> {
     Ok(RebalanceBody { moves, message })
 }
 
-/// `POST /admin/nodes/{id}/failover`: every slot of a dead node that ran `durability = "archive"`
-/// goes to its desired owner on the ring at epoch + 1.
+/// `POST /admin/nodes/{id}/failover`: every slot of a dead node goes to its desired owner on the
+/// ring at epoch + 1 (with seqs reserved for what it may have acknowledged if it ran `local`).
 pub async fn failover(cluster: &Cluster, id: &str) -> Result<FailoverBody, ApiError> {
     // A paused node's archive transaction holds a slot row until Postgres ends it (half a lease).
     let within = cluster.config().lease;
     let result = failover::fail_over_node(cluster, id, within).await;
     let (moves, remaining) = result.map_err(|e| match e {
         FailoverError::UnknownNode(_) => ApiError::not_found(e.to_string()),
-        FailoverError::Alive(_)
-        | FailoverError::LocalDurability(_)
-        | FailoverError::NoReceiver(_) => {
+        FailoverError::Alive(_) | FailoverError::NoReceiver(_) => {
             tracing::info!(node = %id, reason = %e, "failover refused");
             let mut conflict = ApiError::conflict(e.to_string());
             conflict.reason = Some(e.detail());

@@ -273,6 +273,9 @@ pub struct NodeRecord {
     pub started_at_ms: i64,
     /// What it acknowledges after, as its last start (or [`ClusterDb::set_durability`]) stored.
     pub durability: Durability,
+    /// Its `cluster.max_unarchived` at its last start: what a failover of a `local` node
+    /// reserves per conversation.
+    pub max_unarchived: u64,
 }
 
 impl NodeRecord {
@@ -404,17 +407,18 @@ impl ClusterDb {
     /// `archive` is stored only if the node already ran `archive` before; otherwise the row says
     /// `local` until the node calls [`set_durability`](ClusterDb::set_durability) — once it has
     /// archived everything its log recovered, which may hold messages acknowledged under `local`
-    /// and nowhere else.
+    /// and nowhere else. `max_unarchived` is its `cluster.max_unarchived`.
     pub async fn register(
         &self,
         node_id: &str,
         advertise_url: &str,
         lease: Duration,
         durability: Durability,
+        max_unarchived: u64,
     ) -> Result<Registered> {
         let (incarnation, state, stored): (i64, String, String) = sqlx::query_as(
-            "INSERT INTO nodes (id, incarnation, advertise_url, state, lease_until, last_heartbeat, started_at, durability) \
-             VALUES ($1, 1, $2, 'joining', now() + make_interval(secs => $3), now(), now(), 'local') \
+            "INSERT INTO nodes (id, incarnation, advertise_url, state, lease_until, last_heartbeat, started_at, durability, max_unarchived) \
+             VALUES ($1, 1, $2, 'joining', now() + make_interval(secs => $3), now(), now(), 'local', $5) \
              ON CONFLICT (id) DO UPDATE SET \
                  incarnation = nodes.incarnation + 1, \
                  advertise_url = EXCLUDED.advertise_url, \
@@ -423,6 +427,7 @@ impl ClusterDb {
                  lease_until = EXCLUDED.lease_until, \
                  last_heartbeat = EXCLUDED.last_heartbeat, \
                  started_at = EXCLUDED.started_at, \
+                 max_unarchived = EXCLUDED.max_unarchived, \
                  durability = CASE WHEN $4 = 'archive' AND nodes.durability = 'archive' \
                                    THEN 'archive' ELSE 'local' END \
              RETURNING incarnation, state, durability",
@@ -431,6 +436,7 @@ impl ClusterDb {
         .bind(advertise_url)
         .bind(lease.as_secs_f64())
         .bind(durability.as_str())
+        .bind(to_sql_i64("max_unarchived", max_unarchived.max(1))?)
         .fetch_one(&self.pool)
         .await?;
         Ok(Registered {
@@ -885,6 +891,44 @@ pub async fn check_fence(
     Ok(())
 }
 
+/// Inside an archive transaction: the first of `slots` (`(slot, oldest epoch of the batch's
+/// messages)`) that was failed over away from `node_id` after that epoch, with the failover's
+/// epoch. Such messages were written by this node before it lost the slot and may only be
+/// restored (`reserve`), even if the slot is this node's again.
+pub async fn failed_over_since(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: &str,
+    slots: &[(u32, u64)],
+) -> Result<Option<(u32, u64)>> {
+    if slots.is_empty() {
+        return Ok(None);
+    }
+    let ids = slots
+        .iter()
+        .map(|(slot, _)| to_sql_slot(*slot))
+        .collect::<Result<Vec<i32>>>()?;
+    let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
+        "SELECT slot, MAX(from_epoch), MAX(epoch) FROM slot_failovers \
+         WHERE from_node = $1 AND slot = ANY($2) GROUP BY slot",
+    )
+    .bind(node_id)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (slot, from_epoch, epoch) in rows {
+        let slot = u32::try_from(slot).map_err(|_| corrupt("slot_failovers", slot))?;
+        let from_epoch = from_sql_u64("slot_failovers", from_epoch)?;
+        let oldest = slots
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map_or(0, |(_, e)| *e);
+        if oldest <= from_epoch {
+            return Ok(Some((slot, from_sql_u64("slot_failovers", epoch)?)));
+        }
+    }
+    Ok(None)
+}
+
 /// How a node's state reads: an expired lease makes it `Dead`, unless it had drained or left
 /// (it owns nothing, so nothing needs failing over).
 pub fn effective_state(stored: NodeState, alive: bool) -> NodeState {
@@ -899,10 +943,21 @@ const SELECT_NODES: &str = "SELECT id, incarnation, advertise_url, state, lease_
      floor(extract(epoch FROM lease_until) * 1000)::int8, \
      floor(extract(epoch FROM last_heartbeat) * 1000)::int8, \
      floor(extract(epoch FROM started_at) * 1000)::int8, \
-     durability \
+     durability, max_unarchived \
      FROM nodes";
 
-type NodeRow = (String, i64, String, String, bool, i64, i64, i64, String);
+type NodeRow = (
+    String,
+    i64,
+    String,
+    String,
+    bool,
+    i64,
+    i64,
+    i64,
+    String,
+    i64,
+);
 
 fn node_record(row: NodeRow) -> Result<NodeRecord> {
     let (
@@ -915,11 +970,13 @@ fn node_record(row: NodeRow) -> Result<NodeRecord> {
         last_heartbeat_ms,
         started_at_ms,
         durability,
+        max_unarchived,
     ) = row;
     Ok(NodeRecord {
         incarnation: from_sql_u64("nodes", incarnation)?,
         state: effective_state(parse_node_state(&state)?, alive),
         durability: parse_durability(&durability)?,
+        max_unarchived: from_sql_u64("nodes", max_unarchived)?,
         id,
         advertise_url,
         alive,

@@ -9,16 +9,17 @@
 //!   again, row-locked, in the transaction that takes each slot;
 //! - a node that ran `durability = "archive"` acknowledged nothing that is not in SQL: its slots
 //!   go as they are (no seqs reserved). A node that ran `durability = "local"` may hold
-//!   acknowledged messages only on its disk; handing its slots over needs seqs reserved for them
-//!   (PROTOCOL, "Node loss"), which this version does not write — so it is refused, and the way
-//!   back is to start that node again with its data dir.
+//!   acknowledged messages only on its disk: each failover of one of its slots reserves, in every
+//!   conversation of the slot, the next `max_unarchived` seqs (its own setting, from its row)
+//!   after the highest archived one for them (PROTOCOL, "Node loss"; `super::reserve`). Should
+//!   the node come back with its data dir, it writes them there (`super::restore`).
 //!
 //! Each slot goes to its desired owner on the hash ring over the alive, active nodes
 //! (`ownership::plan_failover`), so the next rebalance leaves it there; no data moves, so
 //! `max_moves` does not apply. The receiver serves the slot at the new epoch and loads each
 //! conversation from SQL; the dead node, should it come back, finds the slot owned by another
 //! node at a higher epoch: its reclaim does not touch it, and what its WAL holds for it is
-//! dropped at start (never acknowledged, since it ran `archive`).
+//! dropped at start if the archive has it, and kept for restore otherwise.
 
 use std::time::Duration;
 
@@ -51,11 +52,6 @@ pub enum FailoverError {
          over; to move a live node's slots, drain it"
     )]
     Alive(String),
-    #[error(
-        "node {0} ran durability=local; failing it over needs reserved seqs, which this version \
-         does not write: restart it with its data dir"
-    )]
-    LocalDurability(String),
     #[error("no other alive, active node could take the slots of {0:?}")]
     NoReceiver(String),
     #[error("cluster database unavailable: {0}")]
@@ -68,7 +64,6 @@ impl FailoverError {
         match self {
             FailoverError::UnknownNode(_) => "unknown_node",
             FailoverError::Alive(_) => "node_alive",
-            FailoverError::LocalDurability(_) => "durability_local",
             FailoverError::NoReceiver(_) => "no_receiver",
             FailoverError::Unavailable(_) => "unavailable",
         }
@@ -93,10 +88,18 @@ pub fn check(node: &NodeRecord) -> Result<(), FailoverError> {
     if node.alive {
         return Err(FailoverError::Alive(node.id.clone()));
     }
-    if node.durability != Durability::Archive {
-        return Err(FailoverError::LocalDurability(node.id.clone()));
-    }
     Ok(())
+}
+
+/// Seqs per conversation a failover of `node`'s slots reserves for what it may have
+/// acknowledged: none if it ran `archive` (everything it acknowledged is in SQL), its
+/// `max_unarchived` otherwise. The write refuses 0 for a node whose row says `local`, should it
+/// have restarted with `local` since this read.
+pub fn reserve_for(node: &NodeRecord) -> u64 {
+    match node.durability {
+        Durability::Archive => 0,
+        Durability::Local => node.max_unarchived.max(1),
+    }
 }
 
 /// One pass: every slot `rows` gives to `dead` (its row allowed by [`check`]) is failed over to
@@ -113,6 +116,7 @@ pub async fn fail_over_pass(
         .iter()
         .filter(|row| row.owner.as_deref() == Some(dead))
         .count();
+    let reserve = nodes.iter().find(|n| n.id == dead).map_or(0, reserve_for);
     let plan = ownership::plan_failover(rows, &views, dead, DEFAULT_VNODES);
     let mut pass = Pass::default();
     for (slot, change) in plan {
@@ -122,13 +126,13 @@ pub async fn fail_over_pass(
         let Ok(next) = ownership::apply(row, &change, &views) else {
             continue;
         };
-        match cluster.db().failover_slot(row, &next, 0).await {
+        match cluster.db().failover_slot(row, &next, reserve).await {
             Ok(true) => {
                 let Change::Failover { to } = change else {
                     continue;
                 };
                 metrics::counter!(m::SLOT_MOVES_TOTAL, "result" => "failover").increment(1);
-                tracing::info!(slot, from = %dead, to = %to, epoch = next.epoch, "slot failed over");
+                tracing::info!(slot, from = %dead, to = %to, epoch = next.epoch, reserve, "slot failed over");
                 if to == cluster.node_id() {
                     cluster.sync_gate(&next);
                 } else if let Some(n) = nodes.iter().find(|n| n.id == to) {

@@ -8,6 +8,8 @@
 //! - `read`: messages after (or before) a seq and the last durable seq, from the owner's log (or,
 //!   when no actor runs for the conversation, its recovered log or the archive; a read starts none).
 //! - `inbox_entry`: one conversation's inbox entry, computed on its owner.
+//! - `restore`: messages a failed-over node acknowledged, written by the owner into the seqs
+//!   reserved for that node (see `super::restore`).
 //! - `slots/move`: the rebalancer asks the owner to hand a slot over.
 //! - `slots/refresh`: "look at this slot's row now" (it was just given to you).
 //!
@@ -28,7 +30,7 @@ use ferry_shards::node::NodeError;
 
 use super::peer::{
     AppendBatch, AppendBatchReply, InboxEntryRequest, MoveRequest, ReadReply, ReadRequest,
-    SlotHint, WireError, WireInboxEntry, WireMessage, WireResult, SECRET_HEADER,
+    RestoreRequest, SlotHint, WireError, WireInboxEntry, WireMessage, WireResult, SECRET_HEADER,
 };
 use super::Cluster;
 use crate::auth::Principal;
@@ -49,6 +51,7 @@ pub fn router(state: InternalState) -> Router {
         .route("/internal/v1/append", post(append))
         .route("/internal/v1/read", post(read))
         .route("/internal/v1/inbox_entry", post(inbox_entry))
+        .route("/internal/v1/restore", post(restore))
         .route("/internal/v1/slots/move", post(move_slot))
         .route("/internal/v1/slots/refresh", post(refresh))
         .route("/internal/v1/stats", post(stats))
@@ -215,6 +218,42 @@ async fn inbox_entry(
     }
     match crate::inbox::entry(&state.app.node, &state.app.store, &participant, &id).await {
         Ok(entry) => Json(WireInboxEntry::from(&entry)).into_response(),
+        Err(e) => error(&e.into()),
+    }
+}
+
+async fn restore(
+    State(state): State<InternalState>,
+    Json(request): Json<RestoreRequest>,
+) -> Response {
+    let id = match parse_conversation(&request.conversation_id) {
+        Ok(id) => id,
+        Err(e) => return error(&e),
+    };
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for m in request.messages {
+        match m.into_message() {
+            Ok(m) if m.conversation_id == id => messages.push(std::sync::Arc::new(m)),
+            Ok(m) => {
+                return error(&ApiError::invalid(format!(
+                    "a restore of {id} holds a message of {}",
+                    m.conversation_id
+                )))
+            }
+            Err(e) => return error(&ApiError::invalid(e)),
+        }
+    }
+    if !owns(&state, &id, request.epoch).await {
+        return moved();
+    }
+    match state
+        .app
+        .node
+        .restore(&id, &request.node_id, messages)
+        .await
+    {
+        Ok(report) => Json(report).into_response(),
+        Err(NodeError::NotOwner { .. }) => moved(),
         Err(e) => error(&e.into()),
     }
 }

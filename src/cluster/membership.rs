@@ -64,6 +64,9 @@ pub async fn run_lease(
                             for slot in gates.owned() {
                                 if !rows.iter().any(|r| r.slot == slot) {
                                     tracing::warn!(slot, "slot failed over while the lease had lapsed; no longer serving it");
+                                    // Taken at a later epoch: what this node wrote before may
+                                    // only be restored, never archived by it.
+                                    gates.mark_lost(slot, gates.epoch(slot) + 1);
                                     gates.set_not_owned(slot, gates.epoch(slot));
                                 }
                             }

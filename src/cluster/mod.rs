@@ -36,6 +36,7 @@ pub mod membership;
 pub mod peer;
 pub mod rebalancer;
 pub mod reserve;
+pub mod restore;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};

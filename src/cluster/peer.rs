@@ -220,6 +220,17 @@ pub struct ReadRequest {
     pub limit: usize,
 }
 
+/// `POST /internal/v1/restore`: messages `node_id` acknowledged in the conversation before its
+/// slot was failed over, for the owner to write into the seqs reserved for them. The answer is
+/// a [`Restored`](ferry_shards::archive::Restored).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub conversation_id: String,
+    pub epoch: u64,
+    pub node_id: String,
+    pub messages: Vec<WireMessage>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ReadReply {
     pub messages: Vec<WireMessage>,

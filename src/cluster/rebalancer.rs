@@ -13,7 +13,7 @@
 //! leader sees it in its next round. A dead node that ran `local` is left alone (its slots stay
 //! unavailable until it returns), which is logged once per node and lapse.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -21,14 +21,13 @@ use tokio::sync::watch;
 use ferry_shards::ownership::{self, Change, NodeState, SlotRow, SlotState};
 use ferry_shards::placement::DEFAULT_VNODES;
 
-use super::db::{Durability, NodeRecord};
+use super::db::NodeRecord;
 use super::peer::{MoveRequest, PeerError};
 use super::Cluster;
 
 /// Runs until `stop`; acts only while this node leads.
 pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<u32>>> = Arc::default();
-    let mut told = BTreeSet::new();
     let mut leading = false;
     loop {
         let active = cluster.state() == NodeState::Active && cluster.node().gates().lease_valid();
@@ -50,7 +49,7 @@ pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
                 }
             }
             if leading {
-                if let Err(e) = step(&cluster, &in_flight, &mut told).await {
+                if let Err(e) = step(&cluster, &in_flight).await {
                     tracing::warn!(error = %e, "rebalance step failed");
                 }
             }
@@ -80,17 +79,12 @@ pub fn planned(rows: &[SlotRow], nodes: &[NodeRecord], max_moves: usize) -> Vec<
     ownership::plan(rows, &super::node_views(nodes), max_moves, DEFAULT_VNODES)
 }
 
-/// One round of the leader's work. `told`: the dead `local` nodes whose slots `failover = auto`
-/// leaves alone that were logged already.
-async fn step(
-    cluster: &Cluster,
-    in_flight: &Arc<Mutex<HashSet<u32>>>,
-    told: &mut BTreeSet<String>,
-) -> Result<(), String> {
+/// One round of the leader's work.
+async fn step(cluster: &Cluster, in_flight: &Arc<Mutex<HashSet<u32>>>) -> Result<(), String> {
     let db = cluster.db();
     let nodes = db.nodes().await.map_err(|e| e.to_string())?;
     let mut rows = db.slots().await.map_err(|e| e.to_string())?;
-    if cluster.config().auto_failover() && auto_failover(cluster, &nodes, &rows, told).await? {
+    if cluster.config().auto_failover() && auto_failover(cluster, &nodes, &rows).await? {
         rows = db.slots().await.map_err(|e| e.to_string())?;
     }
     // Draining nodes that own nothing any more are drained.
@@ -158,36 +152,32 @@ async fn step(
     Ok(())
 }
 
-/// `failover = "auto"`: one failover pass over every dead node that owns slots and ran
-/// `archive`; the others are logged once. True if some slot changed owner.
+/// `failover = "auto"`: one failover pass over every dead node that owns slots (with seqs
+/// reserved for what it may have acknowledged if it ran `local`). True if some slot changed
+/// owner.
 async fn auto_failover(
     cluster: &Cluster,
     nodes: &[NodeRecord],
     rows: &[SlotRow],
-    told: &mut BTreeSet<String>,
 ) -> Result<bool, String> {
-    let dead: Vec<&NodeRecord> = nodes
-        .iter()
-        .filter(|n| !n.alive)
-        .filter(|n| {
-            rows.iter()
-                .any(|r| r.owner.as_deref() == Some(n.id.as_str()))
-        })
-        .collect();
-    told.retain(|id| dead.iter().any(|n| &n.id == id));
+    let dead = nodes.iter().filter(|n| !n.alive).filter(|n| {
+        rows.iter()
+            .any(|r| r.owner.as_deref() == Some(n.id.as_str()))
+    });
     let mut changed = false;
     for node in dead {
-        if node.durability != Durability::Archive {
-            if told.insert(node.id.clone()) {
-                tracing::info!(node = %node.id, "node is dead and ran durability=local: failover = auto leaves its slots unavailable (failing it over needs reserved seqs, which this version does not write); restart it with its data dir");
-            }
-            continue;
-        }
         let pass = super::failover::fail_over_pass(cluster, nodes, rows, &node.id)
             .await
             .map_err(|e| e.to_string())?;
         if !pass.moves.is_empty() {
-            tracing::info!(node = %node.id, slots = pass.moves.len(), remaining = pass.remaining, "failed over the slots of a dead node (failover = auto)");
+            tracing::info!(
+                node = %node.id,
+                slots = pass.moves.len(),
+                remaining = pass.remaining,
+                durability = %node.durability,
+                reserve = super::failover::reserve_for(node),
+                "failed over the slots of a dead node (failover = auto)"
+            );
             changed = true;
         }
     }

@@ -10,12 +10,13 @@
 //! A conversation created after a failover records that failover as already taken into account
 //! ([`ClusterDb::mark_created`]): the dead node never knew it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use sqlx::{Postgres, Transaction};
 
 use ferry_shards::archive::{
-    Archive, ArchiveError, BoxFuture, ConversationSnapshot, ConversationSummary,
+    Archive, ArchiveError, BoxFuture, ConversationSnapshot, ConversationSummary, Restored,
 };
 use ferry_shards::ids::ConversationId;
 use ferry_shards::placement::slot_of;
@@ -128,21 +129,6 @@ impl ClusterDb {
     }
 }
 
-/// What a restore did with each message it was given.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Restored {
-    /// Written into their reserved seqs.
-    pub restored: Vec<u64>,
-    /// Already there (same seq, same id): an earlier restore wrote them.
-    pub present: Vec<u64>,
-    /// Not stored: the conversation already holds their idempotency key (a retry was taken by a
-    /// live node meanwhile); their reserved seqs stay empty.
-    pub duplicates: Vec<u64>,
-    /// Not stored: no reservation for this node covers the seq, or another message holds it.
-    /// Kept in `orphaned_messages` and logged as errors.
-    pub orphaned: Vec<u64>,
-}
-
 impl ClusterDb {
     /// Writes `messages` (of `conversation`, which `node_id` acknowledged before its slot was
     /// failed over) into the seqs reserved for that node, in one transaction that holds the
@@ -153,7 +139,7 @@ impl ClusterDb {
         conversation: &str,
         node_id: &str,
         messages: &[Arc<Message>],
-        known_keys: &dyn Fn(&str) -> bool,
+        known_keys: &HashSet<String>,
     ) -> Result<Restored> {
         let mut out = Restored::default();
         let mut tx = self.pool().begin().await?;
@@ -165,6 +151,16 @@ impl ClusterDb {
         .bind(conversation)
         .bind(node_id)
         .fetch_all(&mut *tx)
+        .await?;
+        // Below this, history lives in cold segments or has expired: reads never look at SQL
+        // rows there, so a message written there would be stored but never read.
+        let (cold_through,): (i64,) = sqlx::query_as(
+            "SELECT GREATEST( \
+                 (SELECT COALESCE(MAX(last_seq), 0) FROM message_segments WHERE conversation_id = $1), \
+                 (SELECT COALESCE(MAX(expired_through_seq), 0) FROM conversations WHERE id = $1))",
+        )
+        .bind(conversation)
+        .fetch_one(&mut *tx)
         .await?;
         for m in messages {
             let seq = sql_i64("seq", m.seq)?;
@@ -183,6 +179,9 @@ impl ClusterDb {
                 }
                 (_, Some(_)) => Some("another message holds the seq"),
                 (None, None) => Some("no reservation for this node covers the seq"),
+                (Some(_), None) if seq <= cold_through => {
+                    Some("the seq's range was moved to cold storage or expired before the restore")
+                }
                 (Some(_), None) => None,
             };
             if let Some(reason) = orphan_reason {
@@ -219,7 +218,7 @@ impl ClusterDb {
                 .bind(key)
                 .fetch_optional(&mut *tx)
                 .await?;
-                if taken.is_some() || known_keys(key) {
+                if taken.is_some() || known_keys.contains(key) {
                     out.duplicates.push(m.seq);
                     continue;
                 }
@@ -400,6 +399,23 @@ impl<A: Archive> Archive for ReservingArchive<A> {
 
     fn max_concurrent_batches(&self) -> usize {
         self.inner.max_concurrent_batches()
+    }
+
+    fn restore_messages<'a>(
+        &'a self,
+        id: &'a ConversationId,
+        node_id: &'a str,
+        messages: &'a [Arc<Message>],
+        known_keys: &'a HashSet<String>,
+    ) -> BoxFuture<'a, std::result::Result<Restored, ArchiveError>> {
+        Box::pin(async move {
+            // The owner's actor that calls this took the conversation's reservations when it
+            // loaded (after the failover: an actor stops when its slot leaves the node).
+            self.db
+                .restore_messages(id.as_str(), node_id, messages, known_keys)
+                .await
+                .map_err(|e| ArchiveError::Unavailable(format!("restore: {e}")))
+        })
     }
 
     fn read_messages<'a>(

@@ -91,6 +91,10 @@ impl Store {
     }
 }
 
+/// The fence and the `(slot, serving epoch, oldest message epoch)` of a batch
+/// (`Fence::epochs`).
+type FenceArgs<'a> = (&'a Fence, &'a [(u32, u64, u64)]);
+
 /// The archive's fast path on Postgres: one `COPY … FROM STDIN (FORMAT csv)` per batch, in one
 /// transaction. COPY does plain inserts where `INSERT … ON CONFLICT DO NOTHING` does speculative
 /// ones, which costs the server noticeably more per row; the price is that a duplicate fails the
@@ -98,7 +102,7 @@ impl Store {
 async fn pg_copy_messages(
     pool: &PgPool,
     messages: &[Arc<Message>],
-    fence: Option<(&Fence, &[(u32, u64)])>,
+    fence: Option<FenceArgs<'_>>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     check_fence(&mut tx, fence).await?;
@@ -123,7 +127,7 @@ async fn pg_copy_messages(
 async fn pg_insert_messages(
     pool: &PgPool,
     messages: &[Arc<Message>],
-    fence: Option<(&Fence, &[(u32, u64)])>,
+    fence: Option<FenceArgs<'_>>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     check_fence(&mut tx, fence).await?;
@@ -179,14 +183,18 @@ async fn pg_insert_messages(
 /// seen by this batch) is only retried.
 async fn check_fence(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    fence: Option<(&Fence, &[(u32, u64)])>,
+    fence: Option<FenceArgs<'_>>,
 ) -> Result<(), sqlx::Error> {
     use crate::cluster::db::ClusterDbError;
     let Some((fence, epochs)) = fence else {
         return Ok(());
     };
-    match crate::cluster::db::check_fence(tx, &fence.node_id, epochs).await {
-        Ok(()) => Ok(()),
+    let serving: Vec<(u32, u64)> = epochs
+        .iter()
+        .map(|&(slot, epoch, _)| (slot, epoch))
+        .collect();
+    match crate::cluster::db::check_fence(tx, &fence.node_id, &serving).await {
+        Ok(()) => {}
         Err(ClusterDbError::Fenced(f)) => {
             metrics::counter!(ferry_shards::metrics::ARCHIVE_ERRORS_TOTAL).increment(1);
             if f.found_owner.as_deref() != Some(fence.node_id.as_str()) {
@@ -197,7 +205,32 @@ async fn check_fence(
             } else {
                 tracing::warn!(error = %f, "archive write under an old epoch of this node; retrying");
             }
-            Err(sqlx::Error::Protocol(format!("fenced: {f}")))
+            return Err(sqlx::Error::Protocol(format!("fenced: {f}")));
+        }
+        Err(e) => return Err(sqlx::Error::Protocol(format!("fence check failed: {e}"))),
+    }
+    // The slot may be this node's again, yet some of the batch was written before a failover
+    // took the slot away from it: those messages belong in the seqs reserved for them, which
+    // only a restore writes. Marking the slot lost makes the archiver take them out of its
+    // queue and keep them for restore.
+    let oldest: Vec<(u32, u64)> = epochs
+        .iter()
+        .filter(|&&(_, epoch, oldest)| oldest < epoch)
+        .map(|&(slot, _, oldest)| (slot, oldest))
+        .collect();
+    match crate::cluster::db::failed_over_since(tx, &fence.node_id, &oldest).await {
+        Ok(None) => Ok(()),
+        Ok(Some((slot, epoch))) => {
+            metrics::counter!(ferry_shards::metrics::ARCHIVE_ERRORS_TOTAL).increment(1);
+            tracing::error!(
+                slot,
+                failover_epoch = epoch,
+                "archive batch holds messages written before a failover took the slot from this node; keeping them for restore"
+            );
+            fence.gates.mark_lost(slot, epoch);
+            Err(sqlx::Error::Protocol(format!(
+                "fenced: slot {slot} was failed over at epoch {epoch} after some of the batch was written"
+            )))
         }
         Err(e) => Err(sqlx::Error::Protocol(format!("fence check failed: {e}"))),
     }

@@ -211,17 +211,22 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// The `(slot, epoch)` pairs a batch is written under; a slot not owned here refuses it.
-    fn epochs(&self, messages: &[Arc<Message>]) -> Result<Vec<(u32, u64)>, StoreError> {
-        let mut slots: Vec<u32> = messages.iter().map(|m| m.slot).collect();
-        slots.sort_unstable();
-        slots.dedup();
-        slots
+    /// `(slot, epoch, oldest)` for every slot of a batch: the epoch this node serves the slot
+    /// at, which the batch is written under, and the oldest epoch any of its messages of that
+    /// slot was written under (`0`: a record from before epochs were logged). A slot not owned
+    /// here refuses the batch.
+    fn epochs(&self, messages: &[Arc<Message>]) -> Result<Vec<(u32, u64, u64)>, StoreError> {
+        let mut oldest: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        for m in messages {
+            let e = oldest.entry(m.slot).or_insert(m.epoch);
+            *e = (*e).min(m.epoch);
+        }
+        oldest
             .into_iter()
-            .map(|slot| {
+            .map(|(slot, oldest)| {
                 self.gates
                     .owned_epoch(slot)
-                    .map(|epoch| (slot, epoch))
+                    .map(|epoch| (slot, epoch, oldest))
                     .ok_or_else(|| {
                         StoreError::Fenced(format!("slot {slot} is not owned by this node"))
                     })
