@@ -684,6 +684,8 @@ pub struct Page {
     pub last_seq: u64,
     pub has_more: bool,
     pub first_available_seq: u64,
+    /// `gaps`: reserved seqs that hold nothing (after a failover), `(from_seq, to_seq)`.
+    pub gaps: Vec<(u64, u64)>,
 }
 
 impl Page {
@@ -698,6 +700,19 @@ impl Page {
             first_available_seq: body["first_available_seq"]
                 .as_u64()
                 .expect("first_available_seq u64"),
+            gaps: body["gaps"]
+                .as_array()
+                .map(|gaps| {
+                    gaps.iter()
+                        .map(|g| {
+                            (
+                                g["from_seq"].as_u64().expect("gap from_seq"),
+                                g["to_seq"].as_u64().expect("gap to_seq"),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 

@@ -914,6 +914,17 @@ impl TestCluster {
     ) -> Result<CheckSummary, String> {
         check::check(&self.servers(), &ids(conversations), log, subscribers).await
     }
+
+    /// [`check::check_allowing_gaps`] through every node that is up: after a failover with
+    /// reserved seqs.
+    pub async fn check_allowing_gaps(
+        &self,
+        conversations: &[Conversation],
+        log: &WriteLog,
+        subscribers: &Subscribers,
+    ) -> Result<CheckSummary, String> {
+        check::check_allowing_gaps(&self.servers(), &ids(conversations), log, subscribers).await
+    }
 }
 
 /// `host:port` of the Postgres server in `url` (default port 5432), resolved.
