@@ -32,6 +32,17 @@
 #     reconnects, the log check, the restarts) and writes it with both load tool reports
 #     (steady.json/.txt, rolling.json/.txt), restarts.tsv and the nodes' logs to the output dir.
 #
+# FERRY_BENCH_SCENARIO=failover replaces step 4 by node loss: FERRY_BENCH_RESTART_AT seconds into
+# the second run (label `failover`), n3 is killed with SIGKILL. With `failover = "auto"` in
+# FERRY_BENCH_NODE_ENV the script only waits; otherwise it waits until n3 reads `dead` and runs
+# `ferry admin failover n3`. Meanwhile a probe appends every 20 ms (curl, through n1) to a
+# conversation of one of n3's slots: the time from the kill (and from the command) to its first
+# acknowledged append is what is measured. FERRY_BENCH_DOWN_FOR seconds after that (default 10),
+# n3 starts again on its data dir; the script waits until it is active, settles, and reads what
+# it restored (`ferry_restored_messages_total`) and the slot map's reserved seqs. The load tool's
+# log check (every acknowledged key at its seq on every node, gaps only where pages report
+# reserved seqs) judges the run.
+#
 # The load tool never restarts a node itself (it only talks to its targets): the restarts are
 # this script's. The rolling run must outlast the three restarts (the load tool reads every
 # node back at the end); the script says so when it did not.
@@ -46,8 +57,10 @@
 # FERRY_BENCH_OUT (default: a new directory under $TMPDIR, kept), FERRY_BENCH_TIMEOUT (longest
 # wait for each restart step and the load tool's --disrupt-timeout, default 120),
 # FERRY_BENCH_KEEP=1 keeps the data dirs, FERRY_BENCH_NODE_ENV (space-separated KEY=VALUE
-# settings for every node, e.g. "FERRY_CLUSTER__DURABILITY=archive"). Exit status 0 only when both runs passed the load
-# tool's checks and every restart finished in time.
+# settings for every node, e.g. "FERRY_CLUSTER__DURABILITY=archive"), FERRY_BENCH_SCENARIO
+# (`rolling`, the default, or `failover`), FERRY_BENCH_DOWN_FOR (failover: seconds n3 stays down
+# after its slots took appends again, default 10). Exit status 0 only when both runs passed the
+# load tool's checks and every restart (or the failover) finished in time.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -60,6 +73,9 @@ restart_at="${FERRY_BENCH_RESTART_AT:-5}"
 restart_gap="${FERRY_BENCH_RESTART_GAP:-0}"
 postgres="${FERRY_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432}"
 step_timeout="${FERRY_BENCH_TIMEOUT:-120}"
+scenario="${FERRY_BENCH_SCENARIO:-rolling}"
+down_for="${FERRY_BENCH_DOWN_FOR:-10}"
+case "$scenario" in rolling | failover) ;; *) echo "FERRY_BENCH_SCENARIO: rolling or failover" >&2; exit 2 ;; esac
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 out="${FERRY_BENCH_OUT:-$(mktemp -d -t ferry-bench-cluster-XXXXXX)}"
 work="$(mktemp -d -t ferry-bench-cluster-work-XXXXXX)"
@@ -294,79 +310,190 @@ loadtest --duration "$duration" --label "steady" --json "$out/steady.json" \
   >"$out/steady.txt" 2>&1 || steady_status=$?
 cat "$out/steady.txt" >&2
 
-rolling_status=0
-restarts_ok=1
-log "rolling: ${rolling_duration}s at ${rate}/s, restarts from ${restart_at}s"
-loadtest --duration "$rolling_duration" --label "rolling restart" --json "$out/rolling.json" \
-  >"$out/rolling.txt" 2>&1 &
-loadtest_pid=$!
-rolling_began="$(now)"
-sleep "$restart_at"
-printf 'node\tsigterm_at_s\tdrain_exit_ms\texit_status\tstart_active_ms\tsettle_ms\tslots_moved_out\tmoves_back\trebalance_planned\tslot_moves_ok_before\tslot_moves_ok_after\n' \
-  >"$out/restarts.tsv"
-for i in "${nodes[@]}"; do
-  before_counts=""
-  for j in "${nodes[@]}"; do before_counts+="n$j=$(slot_moves "$j") "; done
-  slots_before="$(cluster_status | jq --arg n "n$i" '.nodes[] | select(.id == $n) | .slots')"
-  t0="$(now)"
-  log "restart n$i: SIGTERM (owns $slots_before slots)"
-  if ! stop_node "$i"; then
-    restarts_ok=0
-    break
-  fi
-  t1="$(now)"
-  [ "$exit_status" = 0 ] || {
-    log "n$i exited with status $exit_status"
-    restarts_ok=0
-  }
-  start_node "$i"
-  if ! until_status "n$i active and ready" \
-    "any(.nodes[]; .id == \"n$i\" and .state == \"active\" and .ready)"; then
-    restarts_ok=0
-    break
-  fi
-  t2="$(now)"
-  if ! planned="$(settle)"; then
-    restarts_ok=0
-    break
-  fi
-  t3="$(now)"
-  after_counts=""
-  moves_back=0
-  for j in "${nodes[@]}"; do
-    n="$(slot_moves "$j")"
-    after_counts+="n$j=$n "
-    if [ "$j" = "$i" ]; then
-      # A new process counts from 0.
-      moves_back=$((moves_back + n))
-    else
-      b="$(sed -n "s/.*n$j=\([0-9]*\).*/\1/p" <<<"$before_counts")"
-      moves_back=$((moves_back + n - b))
+# probe_conversation NODE: creates conversations until one lands in a slot NODE owns; prints it.
+probe_conversation() {
+  local owned i id slot
+  owned="$(admin GET /admin/slots | jq -c --arg n "$1" '[.slots[] | select(.owner == $n) | .slot]')"
+  for i in $(seq 0 500); do
+    id="failover-probe-$i"
+    slot="$(curl -sf --max-time 5 -X PUT -H "authorization: Bearer $key" \
+      -H 'content-type: application/json' -d '{"participants":["probe"]}' \
+      "http://127.0.0.1:${listen[1]}/v1/conversations/$id" | jq .slot)" || continue
+    if jq -e --argjson s "$slot" 'index($s) != null' <<<"$owned" >/dev/null; then
+      echo "$id"
+      return 0
     fi
   done
-  row="$(printf 'n%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$i" \
-    "$(awk -v a="$rolling_began" -v b="$t0" 'BEGIN { printf "%.1f", b - a }')" \
-    "$(ms "$t0" "$t1")" "$exit_status" "$(ms "$t1" "$t2")" "$(ms "$t2" "$t3")" \
-    "$slots_before" "$moves_back" "$planned" "${before_counts% }" "${after_counts% }")"
-  echo "$row" >>"$out/restarts.tsv"
-  log "n$i back: drain+exit $(ms "$t0" "$t1") ms, start->active $(ms "$t1" "$t2") ms, settled in $(ms "$t2" "$t3") ms, $moves_back moves back"
-  if [ "$(ms "$rolling_began" "$t3")" -gt $((rolling_duration * 1000)) ]; then
-    log "n$i settled after the rolling run's traffic ended: raise FERRY_BENCH_ROLLING_DURATION"
-    restarts_ok=0
+  return 1
+}
+
+probe_n=0
+# probe_until_ok CONVERSATION: appends through n1 every 20 ms until one is acknowledged.
+probe_until_ok() {
+  local deadline code
+  deadline=$(($(date +%s) + step_timeout))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    probe_n=$((probe_n + 1))
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -X POST \
+      -H "authorization: Bearer $key" -H 'content-type: application/json' \
+      -d "{\"sender\":\"probe\",\"content\":{\"n\":$probe_n},\"idempotency_key\":\"probe-$probe_n\"}" \
+      "http://127.0.0.1:${listen[1]}/v1/conversations/$1/messages")" || true
+    [ "$code" = 201 ] && return 0
+    sleep 0.02
+  done
+  return 1
+}
+
+# restored I: ferry_restored_messages_total on node I.
+restored() {
+  curl -sf --max-time 5 "http://127.0.0.1:${admin[$1]}/metrics" |
+    awk '/^ferry_restored_messages_total/ { n += $NF } END { printf "%d", n }'
+}
+
+failover_run() {
+  local auto=0 probe t_kill t_dead t_cmd t_ok t_up t_active t_settled cmd_out
+  case " ${FERRY_BENCH_NODE_ENV:-} " in *" FERRY_CLUSTER__FAILOVER=auto "*) auto=1 ;; esac
+  probe="$(probe_conversation n3)" || {
+    log "found no conversation in a slot of n3"
+    return 1
+  }
+  log "failover: ${rolling_duration}s at ${rate}/s, SIGKILL n3 at ${restart_at}s; probe $probe"
+  loadtest --duration "$rolling_duration" --label "failover" --json "$out/failover.json" \
+    >"$out/failover.txt" 2>&1 &
+  loadtest_pid=$!
+  sleep "$restart_at"
+  probe_until_ok "$probe" || return 1
+  t_kill="$(now)"
+  kill -KILL "${pid[3]}"
+  wait "${pid[3]}" 2>/dev/null || true
+  pid[3]=""
+  log "n3 killed"
+  if [ "$auto" = 1 ]; then
+    probe_until_ok "$probe" || return 1
+    t_ok="$(now)"
+    t_dead="" t_cmd=""
+  else
+    until_status "n3 dead" 'any(.nodes[]; .id == "n3" and .state == "dead")' || return 1
+    t_dead="$(now)"
+    t_cmd="$(now)"
+    cmd_out="$(FERRY_API_KEY="$key" "$work/bin/ferry" admin failover n3 \
+      --admin-url "http://127.0.0.1:${admin[1]}" 2>&1)" || {
+      log "ferry admin failover n3 failed: $cmd_out"
+      return 1
+    }
+    probe_until_ok "$probe" || return 1
+    t_ok="$(now)"
+    log "$(head -1 <<<"$cmd_out")"
   fi
-  [ "$i" = 3 ] || sleep "$restart_gap"
-done
-wait "$loadtest_pid" || rolling_status=$?
-loadtest_pid=""
-cat "$out/rolling.txt" >&2
+  printf 'mode\tkill_to_dead_ms\tcommand_to_append_ms\tkill_to_append_ms\tdown_for_s\tstart_to_active_ms\tsettle_ms\trestored\treserved_conversations\treserved_seqs\treserved_restored\n' \
+    >"$out/failover.tsv"
+  log "n3's slots take appends again $(ms "$t_kill" "$t_ok") ms after the kill"
+  sleep "$down_for"
+  t_up="$(now)"
+  start_node 3
+  until_status "n3 active and ready" \
+    'any(.nodes[]; .id == "n3" and .state == "active" and .ready)' || return 1
+  t_active="$(now)"
+  settle >/dev/null || return 1
+  t_settled="$(now)"
+  local totals
+  totals="$(admin GET /admin/slots | jq -r '[.slots[] | .reserved // {conversations: 0, seqs: 0, restored: 0}]
+    | "\(map(.conversations) | add)\t\(map(.seqs) | add)\t\(map(.restored) | add)"')"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$([ "$auto" = 1 ] && echo auto || echo manual)" \
+    "$([ -n "$t_dead" ] && ms "$t_kill" "$t_dead" || echo -)" \
+    "$([ -n "$t_cmd" ] && ms "$t_cmd" "$t_ok" || echo -)" \
+    "$(ms "$t_kill" "$t_ok")" "$down_for" "$(ms "$t_up" "$t_active")" \
+    "$(ms "$t_active" "$t_settled")" "$(restored 3)" "$totals" >>"$out/failover.tsv"
+}
+
+if [ "$scenario" = failover ]; then
+  rolling_status=0
+  restarts_ok=1
+  failover_run || restarts_ok=0
+  if [ -n "$loadtest_pid" ]; then
+    wait "$loadtest_pid" || rolling_status=$?
+    loadtest_pid=""
+  fi
+  cat "$out/failover.txt" >&2
+else
+  rolling_status=0
+  restarts_ok=1
+  log "rolling: ${rolling_duration}s at ${rate}/s, restarts from ${restart_at}s"
+  loadtest --duration "$rolling_duration" --label "rolling restart" --json "$out/rolling.json" \
+    >"$out/rolling.txt" 2>&1 &
+  loadtest_pid=$!
+  rolling_began="$(now)"
+  sleep "$restart_at"
+  printf 'node\tsigterm_at_s\tdrain_exit_ms\texit_status\tstart_active_ms\tsettle_ms\tslots_moved_out\tmoves_back\trebalance_planned\tslot_moves_ok_before\tslot_moves_ok_after\n' \
+    >"$out/restarts.tsv"
+  for i in "${nodes[@]}"; do
+    before_counts=""
+    for j in "${nodes[@]}"; do before_counts+="n$j=$(slot_moves "$j") "; done
+    slots_before="$(cluster_status | jq --arg n "n$i" '.nodes[] | select(.id == $n) | .slots')"
+    t0="$(now)"
+    log "restart n$i: SIGTERM (owns $slots_before slots)"
+    if ! stop_node "$i"; then
+      restarts_ok=0
+      break
+    fi
+    t1="$(now)"
+    [ "$exit_status" = 0 ] || {
+      log "n$i exited with status $exit_status"
+      restarts_ok=0
+    }
+    start_node "$i"
+    if ! until_status "n$i active and ready" \
+      "any(.nodes[]; .id == \"n$i\" and .state == \"active\" and .ready)"; then
+      restarts_ok=0
+      break
+    fi
+    t2="$(now)"
+    if ! planned="$(settle)"; then
+      restarts_ok=0
+      break
+    fi
+    t3="$(now)"
+    after_counts=""
+    moves_back=0
+    for j in "${nodes[@]}"; do
+      n="$(slot_moves "$j")"
+      after_counts+="n$j=$n "
+      if [ "$j" = "$i" ]; then
+        # A new process counts from 0.
+        moves_back=$((moves_back + n))
+      else
+        b="$(sed -n "s/.*n$j=\([0-9]*\).*/\1/p" <<<"$before_counts")"
+        moves_back=$((moves_back + n - b))
+      fi
+    done
+    row="$(printf 'n%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$i" \
+      "$(awk -v a="$rolling_began" -v b="$t0" 'BEGIN { printf "%.1f", b - a }')" \
+      "$(ms "$t0" "$t1")" "$exit_status" "$(ms "$t1" "$t2")" "$(ms "$t2" "$t3")" \
+      "$slots_before" "$moves_back" "$planned" "${before_counts% }" "${after_counts% }")"
+    echo "$row" >>"$out/restarts.tsv"
+    log "n$i back: drain+exit $(ms "$t0" "$t1") ms, start->active $(ms "$t1" "$t2") ms, settled in $(ms "$t2" "$t3") ms, $moves_back moves back"
+    if [ "$(ms "$rolling_began" "$t3")" -gt $((rolling_duration * 1000)) ]; then
+      log "n$i settled after the rolling run's traffic ended: raise FERRY_BENCH_ROLLING_DURATION"
+      restarts_ok=0
+    fi
+    [ "$i" = 3 ] || sleep "$restart_gap"
+  done
+  wait "$loadtest_pid" || rolling_status=$?
+  loadtest_pid=""
+  cat "$out/rolling.txt" >&2
+
+fi
 
 # --- summary ---------------------------------------------------------------------------------
 
 summary() {
-  local s="$out/steady.json" r="$out/rolling.json"
-  echo "Rolling restart of 3 nodes under load ($(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+  local second="rolling"
+  [ "$scenario" = failover ] && second="failover"
+  local s="$out/steady.json" r="$out/$second.json"
+  echo "$([ "$scenario" = failover ] && echo "Node loss and failover" || echo "Rolling restart") of 3 nodes under load ($(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
   echo "load: ${rate} appends/s over 3 nodes, 64 conversations, 6 WebSocket writers, 200-byte payloads, 1 subscriber per conversation"
-  for run in steady rolling; do
+  for run in steady "$second"; do
     local f="$out/$run.json"
     if [ ! -s "$f" ]; then
       echo "$run: no report (see $out/$run.txt)"
@@ -386,6 +513,13 @@ summary() {
       + "\n  " + (if (.failures | length) == 0 then "passed" else "FAILED: " + (.failures | join("; ")) end)
     ' "$f"
   done
+  if [ "$scenario" = failover ]; then
+    echo "failover (kill_to_dead: SIGKILL until n3 reads dead; command/kill_to_append: until the probe's first ack; restored: n3's ferry_restored_messages_total):"
+    [ -s "$out/failover.tsv" ] && column -t -s $'\t' "$out/failover.tsv" | sed 's/^/  /'
+    [ "$restarts_ok" = 1 ] || echo "  the failover did NOT finish (see the log above)"
+    echo "reports: $out"
+    return
+  fi
   if [ -s "$s" ] && [ -s "$r" ]; then
     jq -rn --slurpfile s "$s" --slurpfile r "$r" '
       def r: (. * 100 | round) / 100;

@@ -151,6 +151,22 @@ async fn assert_check(
     }
 }
 
+/// [`assert_check`] after a failover with reserved seqs (see `check::check_allowing_gaps`).
+async fn assert_check_allowing_gaps(
+    cluster: &TestCluster,
+    conversations: &[Conversation],
+    log: &WriteLog,
+    subscribers: &Subscribers,
+) {
+    match cluster
+        .check_allowing_gaps(conversations, log, subscribers)
+        .await
+    {
+        Ok(summary) => eprintln!("check passed:\n{summary}"),
+        Err(report) => panic!("{report}"),
+    }
+}
+
 fn spec() -> WorkloadSpec {
     WorkloadSpec {
         writers_per_node: 2,
@@ -853,6 +869,32 @@ async fn reserved_totals(cluster: &TestCluster, via: usize, slots: &[u32]) -> (u
     sum
 }
 
+/// `ferry_restored_messages_total` of node `i`.
+async fn restored_by(cluster: &TestCluster, i: usize) -> f64 {
+    let text = cluster.node(i).metrics().await;
+    common::metric_sum(&text, "ferry_restored_messages_total", &[]).unwrap_or(0.0)
+}
+
+/// Waits until the slot map's `reserved.restored` over `slots` equals n3's
+/// `ferry_restored_messages_total` (n3 has written back everything it kept for restore, which
+/// may be more than what it acknowledged); returns that count.
+async fn wait_restore_counted(cluster: &TestCluster, slots: &[u32]) -> f64 {
+    wait_for(
+        "the slot map to count what n3 restored",
+        PROGRESS_TIMEOUT,
+        || async {
+            let metric = restored_by(cluster, 3).await;
+            let (_, _, restored) = reserved_totals(cluster, 1, slots).await;
+            if restored as f64 == metric {
+                Ok(metric)
+            } else {
+                Err(format!("slot map {restored}, n3 {metric}"))
+            }
+        },
+    )
+    .await
+}
+
 /// Acks of `conversations` received before `t`: what the dead node had acknowledged.
 fn acks_before<'a>(
     log: &'a WriteLog,
@@ -1104,28 +1146,11 @@ async fn local_durability_failover_reserves_seqs_and_the_node_restores_them() {
     assert!(wait_restored(&cluster, &acked_by_n3).await > 0.0);
     // n3 may still be writing back messages it made durable but never acknowledged; once done,
     // the slot map and n3's counter agree.
-    let c = &cluster;
-    let owned_slots = &owned;
-    let restored_metric = wait_for(
-        "the slot map to count what n3 restored",
-        PROGRESS_TIMEOUT,
-        || async move {
-            let text = c.node(3).metrics().await;
-            let metric =
-                common::metric_sum(&text, "ferry_restored_messages_total", &[]).unwrap_or(0.0);
-            let (_, _, restored) = reserved_totals(c, 1, owned_slots).await;
-            if restored as f64 == metric {
-                Ok(metric)
-            } else {
-                Err(format!("slot map {restored}, n3 {metric}"))
-            }
-        },
-    )
-    .await;
+    let restored_metric = wait_restore_counted(&cluster, &owned).await;
     let n3_log = cluster.node(3).stderr_all();
     assert!(n3_log.contains("restored acknowledged messages into their reserved seqs"));
     assert!(
-        !n3_log.contains("orphaned"),
+        !n3_log.contains("with no seq reserved for them"),
         "orphaned messages: see n3's log"
     );
     // The gap shrank by what n3 had acknowledged in it (and keeps only seqs it never assigned,
@@ -1155,13 +1180,7 @@ async fn local_durability_failover_reserves_seqs_and_the_node_restores_them() {
     let (log, subscribers, conversations) = load.stop_writers().await;
     assert!(log.error_count("owner_unavailable") > 0, "{:?}", log.errors);
     let log = log.merge(probes.into_inner().expect("probes"));
-    match cluster
-        .check_allowing_gaps(&conversations, &log, &subscribers)
-        .await
-    {
-        Ok(summary) => eprintln!("check passed:\n{summary}"),
-        Err(report) => panic!("{report}"),
-    }
+    assert_check_allowing_gaps(&cluster, &conversations, &log, &subscribers).await;
 }
 
 /// Waits until n3's slots (`owned`) have other owners and none is unavailable; returns when.
@@ -1188,9 +1207,7 @@ async fn wait_restored(cluster: &TestCluster, acked: &[(String, u64, String)]) -
         "n3 to restore what it acknowledged",
         PROGRESS_TIMEOUT,
         || async {
-            let text = cluster.node(3).metrics().await;
-            let restored =
-                common::metric_sum(&text, "ferry_restored_messages_total", &[]).unwrap_or(0.0);
+            let restored = restored_by(cluster, 3).await;
             for (conversation, seq, id) in acked {
                 let page = cluster
                     .node(1)
@@ -1208,6 +1225,36 @@ async fn wait_restored(cluster: &TestCluster, acked: &[(String, u64, String)]) -
     .await
 }
 
+/// A balanced 3-node cluster with a short lease (200 ms heartbeat, 1.5 s lease),
+/// `max_unarchived = RESERVE` and `extra` settings, under load (2 s request timeout) that has
+/// been acknowledged 150 times; `None` where the test's services are missing.
+async fn short_lease_cluster_under_load(
+    prefix: &str,
+    extra: &[(&str, &str)],
+) -> Option<(TestCluster, Load)> {
+    let reserve = RESERVE.to_string();
+    let mut env = vec![
+        ("FERRY_CLUSTER__HEARTBEAT", "200ms"),
+        ("FERRY_CLUSTER__LEASE", "1500ms"),
+        ("FERRY_CLUSTER__MAX_UNARCHIVED", reserve.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let cluster = TestCluster::start(3, &env).await?;
+    cluster.wait_balanced().await;
+    let load = Load::start(
+        &cluster,
+        prefix,
+        WorkloadSpec {
+            request_timeout: Duration::from_secs(2),
+            ..spec()
+        },
+    )
+    .await;
+    load.wait_acks(150, &format!("{prefix}: load before the fault"))
+        .await;
+    Some((cluster, load))
+}
+
 /// `failover = "auto"` with `durability = "local"`, and n3 partitioned from Postgres (alive,
 /// serving, but unable to renew its lease or archive) under load, with writers going straight
 /// to n3. After its lease the leader fails its slots over with seqs reserved; n3 acknowledges
@@ -1216,31 +1263,11 @@ async fn wait_restored(cluster: &TestCluster, acked: &[(String, u64, String)]) -
 /// holds two messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_node_failed_over_writes_nothing_after_its_lease_and_restores_on_heal() {
-    let reserve = RESERVE.to_string();
-    let Some(cluster) = TestCluster::start(
-        3,
-        &[
-            ("FERRY_CLUSTER__HEARTBEAT", "200ms"),
-            ("FERRY_CLUSTER__LEASE", "1500ms"),
-            ("FERRY_CLUSTER__FAILOVER", "auto"),
-            ("FERRY_CLUSTER__MAX_UNARCHIVED", reserve.as_str()),
-        ],
-    )
-    .await
+    let Some((cluster, load)) =
+        short_lease_cluster_under_load("part", &[("FERRY_CLUSTER__FAILOVER", "auto")]).await
     else {
         return;
     };
-    cluster.wait_balanced().await;
-    let load = Load::start(
-        &cluster,
-        "part",
-        WorkloadSpec {
-            request_timeout: Duration::from_secs(2),
-            ..spec()
-        },
-    )
-    .await;
-    load.wait_acks(150, "load before the partition").await;
     let before = cluster.slots(1).await;
     let owned = before.owned_by("n3");
     let victims = TestCluster::conversations_of(&before, 3, &load.conversations);
@@ -1307,7 +1334,10 @@ async fn partitioned_node_failed_over_writes_nothing_after_its_lease_and_restore
         acked.len()
     );
     assert!(
-        !cluster.node(3).stderr_all().contains("orphaned"),
+        !cluster
+            .node(3)
+            .stderr_all()
+            .contains("with no seq reserved for them"),
         "see n3's log"
     );
     cluster.wait_balanced().await;
@@ -1340,13 +1370,7 @@ async fn partitioned_node_failed_over_writes_nothing_after_its_lease_and_restore
         late.is_empty(),
         "n3 acknowledged after its lease ran out: {late:#?}"
     );
-    match cluster
-        .check_allowing_gaps(&conversations, &log, &subscribers)
-        .await
-    {
-        Ok(summary) => eprintln!("check passed:\n{summary}"),
-        Err(report) => panic!("{report}"),
-    }
+    assert_check_allowing_gaps(&cluster, &conversations, &log, &subscribers).await;
 }
 
 /// The race, three times: n3 is paused until it is dead, then a failover and n3's return
@@ -1354,30 +1378,9 @@ async fn partitioned_node_failed_over_writes_nothing_after_its_lease_and_restore
 /// messages, nothing acknowledged is lost, and what n3 lost it restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_racing_the_dead_nodes_return_never_gives_a_seq_twice() {
-    let reserve = RESERVE.to_string();
-    let Some(mut cluster) = TestCluster::start(
-        3,
-        &[
-            ("FERRY_CLUSTER__HEARTBEAT", "200ms"),
-            ("FERRY_CLUSTER__LEASE", "1500ms"),
-            ("FERRY_CLUSTER__MAX_UNARCHIVED", reserve.as_str()),
-        ],
-    )
-    .await
-    else {
+    let Some((mut cluster, load)) = short_lease_cluster_under_load("race", &[]).await else {
         return;
     };
-    cluster.wait_balanced().await;
-    let load = Load::start(
-        &cluster,
-        "race",
-        WorkloadSpec {
-            request_timeout: Duration::from_secs(2),
-            ..spec()
-        },
-    )
-    .await;
-    load.wait_acks(150, "load before the pause").await;
     let victims = TestCluster::conversations_of(&cluster.slots(1).await, 3, &load.conversations);
     assert!(!victims.is_empty(), "n3 owns none of the conversations");
     let all_slots: Vec<u32> = (0..SLOT_COUNT).collect();
@@ -1409,30 +1412,11 @@ async fn failover_racing_the_dead_nodes_return_never_gives_a_seq_twice() {
             "appends to n3's former conversations",
         )
         .await;
-        // Whatever n3 had to restore it has written back: its counter and the slot map agree.
-        let c = &cluster;
-        let slots = &all_slots;
-        wait_for("n3's restore to be done", PROGRESS_TIMEOUT, || async move {
-            let text = c.node(3).metrics().await;
-            let metric =
-                common::metric_sum(&text, "ferry_restored_messages_total", &[]).unwrap_or(0.0);
-            let (_, _, restored) = reserved_totals(c, 1, slots).await;
-            if restored as f64 == metric {
-                Ok(())
-            } else {
-                Err(format!("slot map {restored}, n3 {metric}"))
-            }
-        })
-        .await;
+        // Whatever n3 had to restore it has written back.
+        wait_restore_counted(&cluster, &all_slots).await;
     }
     let (log, subscribers, conversations) = load.stop_writers().await;
-    match cluster
-        .check_allowing_gaps(&conversations, &log, &subscribers)
-        .await
-    {
-        Ok(summary) => eprintln!("check passed:\n{summary}"),
-        Err(report) => panic!("{report}"),
-    }
+    assert_check_allowing_gaps(&cluster, &conversations, &log, &subscribers).await;
 }
 
 /// `cluster.durability = "archive"` with `failover = "auto"`: under load, n3 is killed; as soon

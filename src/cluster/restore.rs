@@ -122,27 +122,22 @@ fn done(cluster: &Cluster, batch: &RestoreBatch, report: &Restored) {
     metrics::counter!(m::RESTORED_MESSAGES_TOTAL).increment(report.restored.len() as u64);
     let first_seq = batch.messages.first().map_or(0, |m| m.seq);
     let last_seq = batch.messages.last().map_or(0, |m| m.seq);
-    if report.orphaned.is_empty() {
-        tracing::info!(
-            conversation = %batch.conversation_id,
-            slot = batch.slot,
-            first_seq,
-            last_seq,
-            restored = report.restored.len(),
-            already_present = report.present.len(),
-            duplicates = report.duplicates.len(),
-            "restored acknowledged messages into their reserved seqs"
-        );
-    } else {
+    tracing::info!(
+        conversation = %batch.conversation_id,
+        slot = batch.slot,
+        first_seq,
+        last_seq,
+        restored = report.restored.len(),
+        already_present = report.present.len(),
+        duplicates = report.duplicates.len(),
+        orphaned = report.orphaned.len(),
+        "restored acknowledged messages into their reserved seqs"
+    );
+    if !report.orphaned.is_empty() {
         tracing::error!(
             conversation = %batch.conversation_id,
             slot = batch.slot,
-            first_seq,
-            last_seq,
-            restored = report.restored.len(),
-            already_present = report.present.len(),
-            duplicates = report.duplicates.len(),
-            orphaned = ?report.orphaned,
+            seqs = ?report.orphaned,
             "restore found acknowledged messages with no seq reserved for them; kept in orphaned_messages"
         );
     }
