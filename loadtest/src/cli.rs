@@ -139,6 +139,11 @@ pub struct Args {
     /// slot waits before `try_again`); an ack slower than this counts as one that hit a move.
     #[arg(long, default_value_t = 2.0)]
     pub move_hold: f64,
+    /// `cluster`: accept `gap` pushes and page `gaps` as seqs a failover reserved for a lost node
+    /// (a run that kills a node under `durability = "local"` and fails it over): counted as
+    /// reserved gaps, not violations. Every acknowledged send must still be stored at its seq.
+    #[arg(long)]
+    pub reserved_gaps: bool,
 }
 
 /// What the `cluster` scenario does to the cluster while its traffic runs.

@@ -115,6 +115,11 @@ pub struct ViolationCounts {
     pub reorders: u64,
     pub repeats: u64,
     pub server_gaps: u64,
+    /// Server gaps accepted as seqs a failover reserved (`--reserved-gaps`): reported, not a
+    /// violation.
+    pub reserved_gaps: u64,
+    /// Seqs those reserved gaps skipped (not delivered, and not expected to be).
+    pub reserved_seqs: u64,
     pub short: u64,
     /// [`AckLog`]: acknowledged sends stored at another seq.
     pub misplaced: u64,
@@ -151,6 +156,8 @@ impl ViolationCounts {
         self.reorders += o.reorders;
         self.repeats += o.repeats;
         self.server_gaps += o.server_gaps;
+        self.reserved_gaps += o.reserved_gaps;
+        self.reserved_seqs += o.reserved_seqs;
         self.short += o.short;
         self.misplaced += o.misplaced;
         self.lost += o.lost;
@@ -196,6 +203,8 @@ pub struct SeqChecker {
     delivered: u64,
     counts: ViolationCounts,
     kept: Vec<Violation>,
+    /// Server gaps are seqs a failover reserved, not violations.
+    reserved_gaps: bool,
 }
 
 impl SeqChecker {
@@ -207,7 +216,16 @@ impl SeqChecker {
             delivered: 0,
             counts: ViolationCounts::default(),
             kept: Vec::new(),
+            reserved_gaps: false,
         }
+    }
+
+    /// Counts server gaps as seqs a failover reserved for a lost node (a run with node loss
+    /// under `durability = "local"`) instead of as violations: the server names them, and the
+    /// other checks (every acknowledged send at its seq, no repeat, order) still hold.
+    pub fn allowing_reserved_gaps(mut self, allow: bool) -> SeqChecker {
+        self.reserved_gaps = allow;
+        self
     }
 
     fn keep(&mut self, v: Violation) {
@@ -249,8 +267,13 @@ impl SeqChecker {
 
     /// The server said `from..=to` no longer exist; the stream continues after `to`.
     pub fn observe_server_gap(&mut self, from_seq: u64, to_seq: u64) {
-        self.counts.server_gaps += 1;
-        self.keep(Violation::ServerGap { from_seq, to_seq });
+        if self.reserved_gaps {
+            self.counts.reserved_gaps += 1;
+            self.counts.reserved_seqs += (to_seq + 1).saturating_sub(self.next);
+        } else {
+            self.counts.server_gaps += 1;
+            self.keep(Violation::ServerGap { from_seq, to_seq });
+        }
         self.next = self.next.max(to_seq + 1);
     }
 
@@ -404,8 +427,14 @@ impl AckLog {
 
     /// Checks one node's read of the log against the acknowledgements and `final_seq`, the
     /// conversation's last seq as the run settled it.
-    pub fn check_read(&self, read: &LogRead, final_seq: u64) -> (ViolationCounts, Vec<Violation>) {
-        let mut seqs = SeqChecker::new(1);
+    /// With `reserved_gaps`, the pages' `gaps` are seqs a failover reserved, not violations.
+    pub fn check_read(
+        &self,
+        read: &LogRead,
+        final_seq: u64,
+        reserved_gaps: bool,
+    ) -> (ViolationCounts, Vec<Violation>) {
+        let mut seqs = SeqChecker::new(1).allowing_reserved_gaps(reserved_gaps);
         let mut counts = ViolationCounts::default();
         let mut kept = Vec::new();
         fn keep(kept: &mut Vec<Violation>, v: Violation) {
@@ -413,12 +442,16 @@ impl AckLog {
                 kept.push(v);
             }
         }
-        for &(from_seq, to_seq) in &read.gaps {
-            seqs.observe_server_gap(from_seq, to_seq);
-        }
+        // Gaps in seq order among the messages: each before the first message after it.
+        let mut gaps = read.gaps.clone();
+        gaps.sort_unstable();
+        let mut gaps = gaps.into_iter().peekable();
         // Where each send index was found, to tell a duplicate and a misplaced send apart.
         let mut found: HashMap<u64, u64> = HashMap::with_capacity(self.by_index.len());
         for m in &read.messages {
+            while let Some((from_seq, to_seq)) = gaps.next_if(|&(from_seq, _)| from_seq < m.seq) {
+                seqs.observe_server_gap(from_seq, to_seq);
+            }
             seqs.observe(m.seq);
             let Some(index) = m.index else { continue };
             if let Some(&first_seq) = found.get(&index) {
@@ -447,6 +480,9 @@ impl AckLog {
                     );
                 }
             }
+        }
+        for (from_seq, to_seq) in gaps {
+            seqs.observe_server_gap(from_seq, to_seq);
         }
         let mut lost: Vec<(u64, u64)> = self
             .by_index
@@ -623,32 +659,32 @@ mod tests {
         assert_eq!((log.acked(), log.max_seq()), (100, 100));
         assert_eq!(log.check_acks().0.total(), 0);
         let seqs: Vec<u64> = (1..=100).collect();
-        let (counts, kept) = log.check_read(&read(&seqs), 100);
+        let (counts, kept) = log.check_read(&read(&seqs), 100, false);
         assert_eq!(counts.total(), 0, "{kept:?}");
         // Messages nobody acknowledged (a send that failed at the client but was stored, or
         // someone else's) are fine as long as the seqs stay whole.
         let mut more = read(&(1..=101).collect::<Vec<_>>());
         more.messages[100].index = None;
-        assert_eq!(log.check_read(&more, 101).0.total(), 0);
+        assert_eq!(log.check_read(&more, 101, false).0.total(), 0);
     }
 
     #[test]
     fn catches_a_lost_a_misplaced_and_a_duplicated_send() {
         let log = acked(10);
         // Send 4 (seq 5) is missing: a hole and a lost ack.
-        let (c, kept) = log.check_read(&read(&[1, 2, 3, 4, 6, 7, 8, 9, 10]), 10);
+        let (c, kept) = log.check_read(&read(&[1, 2, 3, 4, 6, 7, 8, 9, 10]), 10, false);
         assert_eq!((c.gaps, c.lost, c.total()), (1, 1, 2), "{kept:?}");
         assert!(kept.contains(&Violation::Lost { index: 4, seq: 5 }));
         // Sends 2 and 3 swapped places.
         let mut swapped = read(&(1..=10).collect::<Vec<_>>());
         swapped.messages[2].index = Some(3);
         swapped.messages[3].index = Some(2);
-        let (c, _) = log.check_read(&swapped, 10);
+        let (c, _) = log.check_read(&swapped, 10, false);
         assert_eq!((c.misplaced, c.total()), (2, 2));
         // Send 9 stored again at seq 11 (a retry that was not deduplicated).
         let mut twice = read(&(1..=11).collect::<Vec<_>>());
         twice.messages[10].index = Some(9);
-        let (c, kept) = log.check_read(&twice, 11);
+        let (c, kept) = log.check_read(&twice, 11, false);
         assert_eq!((c.duplicates, c.total()), (1, 1));
         assert_eq!(
             kept,
@@ -664,16 +700,36 @@ mod tests {
     fn a_node_that_disagrees_on_the_end_or_skips_is_caught() {
         let log = acked(5);
         // Stops early: the node's last_seq is 4 while the final seq is 5.
-        let (c, _) = log.check_read(&read(&[1, 2, 3, 4]), 5);
+        let (c, _) = log.check_read(&read(&[1, 2, 3, 4]), 5, false);
         assert_eq!((c.diverged, c.short, c.lost), (1, 1, 1));
         // A repeated seq in the pages.
-        let (c, _) = log.check_read(&read(&[1, 2, 3, 3, 4, 5]), 5);
+        let (c, _) = log.check_read(&read(&[1, 2, 3, 3, 4, 5]), 5, false);
         assert_eq!((c.repeats, c.duplicates), (1, 1));
         // A reserved range reported as a gap is a violation in a run without failover.
         let mut gapped = read(&[1, 2, 3, 4, 5]);
         gapped.gaps.push((6, 9));
-        let (c, _) = log.check_read(&gapped, 5);
+        let (c, _) = log.check_read(&gapped, 5, false);
         assert_eq!(c.server_gaps, 1);
+    }
+
+    #[test]
+    fn reserved_gaps_are_checked_in_seq_order_and_allowed_when_asked() {
+        // Seqs 4..=8 were reserved by a failover; 4 and 5 were restored, 6..=8 stayed empty.
+        let log = acked(3);
+        let mut after_failover = read(&[1, 2, 3, 4, 5, 9, 10]);
+        after_failover.last_seq = 10;
+        after_failover.gaps.push((6, 8));
+        let (c, kept) = log.check_read(&after_failover, 10, true);
+        assert_eq!((c.total(), c.reserved_gaps), (0, 1), "{kept:?}");
+        // Without failover the same gap is a violation, and only that: no repeat.
+        let (c, _) = log.check_read(&after_failover, 10, false);
+        assert_eq!((c.server_gaps, c.repeats, c.gaps, c.total()), (1, 0, 0, 1));
+        // A hole no page names is a gap either way.
+        let mut holed = read(&[1, 2, 3, 5, 9, 10]);
+        holed.last_seq = 10;
+        holed.gaps.push((6, 8));
+        let (c, _) = log.check_read(&holed, 10, true);
+        assert_eq!((c.gaps, c.reserved_gaps), (1, 1));
     }
 
     #[test]

@@ -276,6 +276,9 @@ pub struct NodeRecord {
     /// Its `cluster.max_unarchived` at its last start: what a failover of a `local` node
     /// reserves per conversation.
     pub max_unarchived: u64,
+    /// Milliseconds until its lease expires, by the database clock at the read (negative once
+    /// it has).
+    pub lease_remaining_ms: i64,
 }
 
 impl NodeRecord {
@@ -943,7 +946,8 @@ const SELECT_NODES: &str = "SELECT id, incarnation, advertise_url, state, lease_
      floor(extract(epoch FROM lease_until) * 1000)::int8, \
      floor(extract(epoch FROM last_heartbeat) * 1000)::int8, \
      floor(extract(epoch FROM started_at) * 1000)::int8, \
-     durability, max_unarchived \
+     durability, max_unarchived, \
+     floor(extract(epoch FROM lease_until - now()) * 1000)::int8 \
      FROM nodes";
 
 type NodeRow = (
@@ -956,6 +960,7 @@ type NodeRow = (
     i64,
     i64,
     String,
+    i64,
     i64,
 );
 
@@ -971,6 +976,7 @@ fn node_record(row: NodeRow) -> Result<NodeRecord> {
         started_at_ms,
         durability,
         max_unarchived,
+        lease_remaining_ms,
     ) = row;
     Ok(NodeRecord {
         incarnation: from_sql_u64("nodes", incarnation)?,
@@ -983,6 +989,7 @@ fn node_record(row: NodeRow) -> Result<NodeRecord> {
         lease_until_ms,
         last_heartbeat_ms,
         started_at_ms,
+        lease_remaining_ms,
     })
 }
 

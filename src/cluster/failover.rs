@@ -135,7 +135,13 @@ pub async fn fail_over_pass(
                 tracing::info!(slot, from = %dead, to = %to, epoch = next.epoch, reserve, "slot failed over");
                 if to == cluster.node_id() {
                     cluster.sync_gate(&next);
-                } else if let Some(n) = nodes.iter().find(|n| n.id == to) {
+                }
+                // The receiver starts serving it, and every other live node routes to it at
+                // once instead of at its next view refresh.
+                for n in nodes
+                    .iter()
+                    .filter(|n| n.alive && n.id != cluster.node_id())
+                {
                     super::rebalancer::hint(cluster, &n.advertise_url, slot);
                 }
                 pass.moves.push(SlotFailover {

@@ -15,6 +15,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -29,6 +30,9 @@ use super::Cluster;
 pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<u32>>> = Arc::default();
     let mut leading = false;
+    // With `failover = "auto"`: when the next lease of a node that owns slots runs out, so its
+    // failover starts then rather than up to a heartbeat later.
+    let mut next_expiry: Option<Duration> = None;
     loop {
         let active = cluster.state() == NodeState::Active && cluster.node().gates().lease_valid();
         if active {
@@ -49,8 +53,9 @@ pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
                 }
             }
             if leading {
-                if let Err(e) = step(&cluster, &in_flight).await {
-                    tracing::warn!(error = %e, "rebalance step failed");
+                match step(&cluster, &in_flight).await {
+                    Ok(next) => next_expiry = next,
+                    Err(e) => tracing::warn!(error = %e, "rebalance step failed"),
                 }
             }
         } else if leading {
@@ -61,8 +66,13 @@ pub async fn run(cluster: Cluster, mut stop: watch::Receiver<bool>) {
             .inner
             .leading
             .store(leading, std::sync::atomic::Ordering::Relaxed);
+        let heartbeat = cluster.config().heartbeat;
+        let wait = match next_expiry.take() {
+            Some(expiry) if leading => heartbeat.min(expiry + EXPIRY_MARGIN),
+            _ => heartbeat,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(cluster.config().heartbeat) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = cluster.inner.kick.notified() => {}
             _ = super::stopped(&mut stop) => {
                 if leading {
@@ -79,8 +89,15 @@ pub fn planned(rows: &[SlotRow], nodes: &[NodeRecord], max_moves: usize) -> Vec<
     ownership::plan(rows, &super::node_views(nodes), max_moves, DEFAULT_VNODES)
 }
 
-/// One round of the leader's work.
-async fn step(cluster: &Cluster, in_flight: &Arc<Mutex<HashSet<u32>>>) -> Result<(), String> {
+/// How long after a lease's expiry (database clock) the leader looks at its node again.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(20);
+
+/// One round of the leader's work. Returns, with `failover = "auto"`, how long until the next
+/// lease of a live node that owns slots runs out.
+async fn step(
+    cluster: &Cluster,
+    in_flight: &Arc<Mutex<HashSet<u32>>>,
+) -> Result<Option<Duration>, String> {
     let db = cluster.db();
     let nodes = db.nodes().await.map_err(|e| e.to_string())?;
     let mut rows = db.slots().await.map_err(|e| e.to_string())?;
@@ -149,7 +166,25 @@ async fn step(cluster: &Cluster, in_flight: &Arc<Mutex<HashSet<u32>>>) -> Result
             _ => {}
         }
     }
-    Ok(())
+    Ok(cluster
+        .config()
+        .auto_failover()
+        .then(|| next_lease_expiry(&nodes, &rows))
+        .flatten())
+}
+
+/// How long until the first lease of a live node that owns slots runs out (by the database
+/// clock at the read).
+fn next_lease_expiry(nodes: &[NodeRecord], rows: &[SlotRow]) -> Option<Duration> {
+    nodes
+        .iter()
+        .filter(|n| n.alive)
+        .filter(|n| {
+            rows.iter()
+                .any(|r| r.owner.as_deref() == Some(n.id.as_str()))
+        })
+        .map(|n| Duration::from_millis(u64::try_from(n.lease_remaining_ms).unwrap_or(0)))
+        .min()
 }
 
 /// `failover = "auto"`: one failover pass over every dead node that owns slots (with seqs

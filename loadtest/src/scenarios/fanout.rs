@@ -69,6 +69,7 @@ pub async fn run_ferry(
                     .map(|every| (every.mul_f64((k as f64 + 0.5) / total_subs as f64), every)),
                 drain: Duration::from_secs_f64(args.drain_timeout),
                 give_up: Duration::from_secs_f64(args.drain_timeout),
+                reserved_gaps: false,
             };
             sockets.push((
                 subscriber::connect(&spec).await?,

@@ -43,6 +43,8 @@ pub struct Spec {
     pub drain: Duration,
     /// The longest reconnect attempts may keep failing in a row before the subscriber gives up.
     pub give_up: Duration,
+    /// `gap` pushes name seqs a failover reserved (see `SeqChecker::allowing_reserved_gaps`).
+    pub reserved_gaps: bool,
 }
 
 /// `urls` starting at `first` (mod its length) and wrapping around: client `first`'s own node,
@@ -133,7 +135,7 @@ pub async fn run(
     live: Arc<Live>,
     recorders: Recorders,
 ) -> Outcome {
-    let mut checker = SeqChecker::new(1);
+    let mut checker = SeqChecker::new(1).allowing_reserved_gaps(spec.reserved_gaps);
     let Recorders {
         mut delivery,
         mut reconnect,

@@ -87,6 +87,7 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
                 reconnect: None,
                 drain,
                 give_up: reconnect_timeout,
+                reserved_gaps: args.reserved_gaps,
             };
             sockets.push((
                 subscriber::connect(&spec).await?,
@@ -191,7 +192,7 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
             logs[conv].record(ack);
         }
     }
-    let check = check_logs(&endpoints, &names, &logs, &finals).await;
+    let check = check_logs(&endpoints, &names, &logs, &finals, args.reserved_gaps).await;
 
     let mut all = vec![skipped];
     all.extend(outcomes.iter().map(|o| o.acks.clone()));
@@ -252,7 +253,12 @@ fn add_delivery(report: &mut Report, args: &Args, names: &Names, subs: &[subscri
             }
         }
     }
-    let expected: u64 = subs.iter().map(|o| o.final_seq).sum();
+    // Seqs a failover reserved that a `gap` push skipped are not expected (`--reserved-gaps`).
+    let expected: u64 = subs
+        .iter()
+        .map(|o| o.final_seq)
+        .sum::<u64>()
+        .saturating_sub(counts.reserved_seqs);
     let delivered: u64 = subs.iter().map(|o| o.delivered).sum();
     if counts.total() > 0 {
         report.failures.push(format!(
@@ -334,12 +340,14 @@ fn cluster_report(
 }
 
 /// Reads every conversation's log back from every target and checks it against its
-/// acknowledgements and final seq.
+/// acknowledgements and final seq (with `reserved_gaps`, the pages' `gaps` are seqs a failover
+/// reserved).
 async fn check_logs(
     endpoints: &[Endpoint],
     names: &Names,
     logs: &[AckLog],
     finals: &[u64],
+    reserved_gaps: bool,
 ) -> LogCheckReport {
     let mut report = LogCheckReport {
         conversations: logs.len(),
@@ -375,7 +383,7 @@ async fn check_logs(
         match read {
             Ok(read) => {
                 report.messages_read += read.messages.len() as u64;
-                let (counts, kept) = logs[c].check_read(&read, finals[c]);
+                let (counts, kept) = logs[c].check_read(&read, finals[c], reserved_gaps);
                 report.violations.add(&counts);
                 for v in kept {
                     if report.examples.len() < MAX_EXAMPLES {
