@@ -1,6 +1,7 @@
 //! The `ferry` command line: `serve` runs a node, `admin` talks to a node's admin listener,
 //! `migrate` prepares the database.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -126,8 +127,14 @@ fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_env("FERRY_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: in a file or a container log the escape codes
+    // would split the fields a parser looks for (`ferry ready listen=…`). NO_COLOR turns them
+    // off there too.
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -231,3 +231,49 @@ fn bad_configuration_is_refused_at_start() {
         );
     }
 }
+
+/// Logs piped to a file (as in a container) carry no ANSI escape codes, even with NO_COLOR unset,
+/// so the `ferry ready listen=… admin=… node=…` line parses; `log_format = "json"` carries the
+/// same fields as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_are_plain_and_json_logs_carry_the_same_fields() {
+    let server = TestServer::builder()
+        .env("NO_COLOR", "")
+        .arg("--node-id")
+        .arg("plain-node")
+        .start();
+    let log = server.stderr_all();
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a piped log: {log}"
+    );
+    let ready = log
+        .lines()
+        .find(|l| l.contains("ferry ready"))
+        .unwrap_or_else(|| panic!("no ready line in {log}"));
+    assert!(
+        ready.contains(&format!("listen={}", server.listen))
+            && ready.contains(&format!("admin={}", server.admin))
+            && ready.contains("node=plain-node"),
+        "{ready}"
+    );
+    drop(server);
+
+    let server = TestServer::builder()
+        .env("NO_COLOR", "")
+        .env("FERRY_LOG_FORMAT", "json")
+        .arg("--node-id")
+        .arg("json-node")
+        .start();
+    let log = server.stderr_all();
+    let ready: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "ferry ready")
+        .unwrap_or_else(|| panic!("no JSON ready line in {log}"));
+    let fields = &ready["fields"];
+    assert_eq!(fields["listen"], server.listen.to_string(), "{ready}");
+    assert_eq!(fields["admin"], server.admin.to_string(), "{ready}");
+    assert_eq!(fields["node"], "json-node", "{ready}");
+    assert_eq!(ready["level"], "INFO", "{ready}");
+}
