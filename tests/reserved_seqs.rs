@@ -237,3 +237,45 @@ async fn a_restore_writes_only_into_seqs_reserved_for_that_node() {
         .unwrap();
     assert_eq!((cold.orphaned, cold.restored), (vec![9], vec![11]));
 }
+
+/// A node whose slot was failed over without reserved seqs ran `durability = "archive"`: what
+/// SQL lacks of its messages was never acknowledged, so a restore stores none of it and keeps
+/// none of it as orphaned, whether or not the new owner reused the seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_from_a_node_that_ran_archive_drops_what_was_never_acknowledged() {
+    let Some((_db, cluster)) = setup().await else {
+        return;
+    };
+    failover(&cluster, 3, 5, "z", 0).await;
+    assert_eq!(cluster.ensure_reservations("c", 3, 4).await.unwrap(), 4);
+    // The new owner's seq 5 (z's unacknowledged seq 5 too).
+    sqlx::query(
+        "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, \
+         created_at, created_at_ms, slot) \
+         VALUES ('c', 5, CAST($1 AS UUID), 'alice', 'text', '{}', '{}', now(), 0, 3)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .execute(cluster.pool())
+    .await
+    .unwrap();
+    let none = std::collections::HashSet::new();
+    let done = cluster
+        .restore_messages(
+            "c",
+            "z",
+            &[message("c", 5, None), message("c", 6, None)],
+            &none,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.unacknowledged, vec![5, 6]);
+    assert!(
+        done.restored.is_empty() && done.orphaned.is_empty(),
+        "{done:?}"
+    );
+    let orphans: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orphaned_messages")
+        .fetch_one(cluster.pool())
+        .await
+        .unwrap();
+    assert_eq!(orphans.0, 0);
+}

@@ -71,6 +71,10 @@ pub struct Restored {
     /// Not stored: no reservation for this node covers the seq, or another message holds it.
     /// Kept aside (`orphaned_messages`) and logged as errors.
     pub orphaned: Vec<u64>,
+    /// Not stored: the slot was failed over from this node without reserved seqs (it ran
+    /// `durability = "archive"`), so what SQL lacks of it was never acknowledged.
+    #[serde(default)]
+    pub unacknowledged: Vec<u64>,
 }
 
 pub trait Archive: Send + Sync + 'static {

@@ -152,6 +152,18 @@ impl ClusterDb {
         .bind(node_id)
         .fetch_all(&mut *tx)
         .await?;
+        // A node whose failovers of this slot reserved nothing ran `archive`: it acknowledged
+        // only what SQL holds, so what SQL lacks was never acknowledged.
+        let slot = messages.first().map_or(0, |m| m.slot as i32);
+        let (reserving, plain): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE reserve > 0), COUNT(*) FILTER (WHERE reserve = 0) \
+             FROM slot_failovers WHERE slot = $1 AND from_node = $2",
+        )
+        .bind(slot)
+        .bind(node_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let never_acknowledged = ranges.is_empty() && reserving == 0 && plain > 0;
         // Below this, history lives in cold segments or has expired: reads never look at SQL
         // rows there, so a message written there would be stored but never read.
         let (cold_through,): (i64,) = sqlx::query_as(
@@ -175,6 +187,14 @@ impl ClusterDb {
             let orphan_reason = match (reserved, held) {
                 (_, Some((id,))) if id == m.id.to_string() => {
                     out.present.push(m.seq);
+                    continue;
+                }
+                (_, Some(_)) if never_acknowledged => {
+                    out.unacknowledged.push(m.seq);
+                    continue;
+                }
+                (None, None) if never_acknowledged => {
+                    out.unacknowledged.push(m.seq);
                     continue;
                 }
                 (_, Some(_)) => Some("another message holds the seq"),

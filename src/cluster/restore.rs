@@ -131,6 +131,7 @@ fn done(cluster: &Cluster, batch: &RestoreBatch, report: &Restored) {
         already_present = report.present.len(),
         duplicates = report.duplicates.len(),
         orphaned = report.orphaned.len(),
+        never_acknowledged = report.unacknowledged.len(),
         "restored acknowledged messages into their reserved seqs"
     );
     if !report.orphaned.is_empty() {
