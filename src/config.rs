@@ -159,6 +159,16 @@ pub struct LimitsSection {
     pub mailbox_capacity: usize,
     /// Requests (`send`, `ack`, `read`) one WebSocket may have in flight.
     pub socket_in_flight: usize,
+    /// A request whose headers have not all arrived this long after its first byte is closed.
+    #[serde(with = "duration_str")]
+    pub header_timeout: Duration,
+    /// An HTTP connection that carries no byte either way for this long, with no request
+    /// open, is closed (WebSocket sessions have their own heartbeat timeout).
+    #[serde(with = "duration_str")]
+    pub http_idle_timeout: Duration,
+    /// Connections per listener; past it new ones are closed at once while existing ones are
+    /// served.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -244,6 +254,9 @@ impl Default for LimitsSection {
             max_participants: 1000,
             mailbox_capacity: 1024,
             socket_in_flight: 256,
+            header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
         }
     }
 }
@@ -382,6 +395,15 @@ impl Config {
         }
         if self.limits.max_page_size == 0 {
             bail!("limits.max_page_size must be positive");
+        }
+        if self.limits.header_timeout.is_zero()
+            || self.limits.http_idle_timeout.is_zero()
+            || self.limits.max_connections == 0
+        {
+            bail!(
+                "limits.header_timeout, limits.http_idle_timeout and limits.max_connections must \
+                 be positive"
+            );
         }
         if self.wal.segment_bytes < 1 << 20 {
             bail!("wal.segment_bytes must be at least 1 MiB");

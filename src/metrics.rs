@@ -7,6 +7,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const HTTP_ERRORS_TOTAL: &str = "ferry_http_errors_total";
 /// Counter: authentication failures by `reason`.
 pub const AUTH_FAILURES_TOTAL: &str = "ferry_auth_failures_total";
+/// Connections a listener closed as soon as it accepted them (`limits.max_connections`),
+/// labelled `listener` (`public`, `admin`).
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "ferry_connections_refused_total";
+/// Connections open on a listener, labelled `listener`.
+pub const CONNECTIONS_OPEN: &str = "ferry_connections_open";
 
 /// Counter: segment objects read, by `result` (`fetched` from the object store, `cached`).
 pub const SEGMENT_READS_TOTAL: &str = "ferry_segment_reads_total";

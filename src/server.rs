@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use ferry_shards::node::{Node, NodeConfig};
 use ferry_shards::record::now_ms;
@@ -231,22 +230,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let app = http::router(state);
 
-    let mut public_stop = stop_rx.clone();
-    let mut admin_stop = stop_rx;
-    let public_task = tokio::spawn(async move {
-        axum::serve(public.tap_io(no_delay), app)
-            .with_graceful_shutdown(async move {
-                let _ = public_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    let admin_task = tokio::spawn(async move {
-        axum::serve(admin_listener.tap_io(no_delay), admin_app)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let public_stop = stop_rx.clone();
+    let admin_stop = stop_rx;
+    let limits = crate::http::transport::ConnLimits::from_config(&config.limits);
+    let public_task = tokio::spawn(crate::http::transport::serve(
+        public,
+        app,
+        limits,
+        "public",
+        public_stop,
+    ));
+    let admin_task = tokio::spawn(crate::http::transport::serve(
+        admin_listener,
+        admin_app,
+        limits,
+        "admin",
+        admin_stop,
+    ));
 
     println!("ferry ready listen={public_addr} admin={admin_addr} node={node_id}");
     tracing::info!(listen = %public_addr, admin = %admin_addr, node = %node_id, "ferry ready");
@@ -463,33 +463,5 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// Turns Nagle's algorithm off on an accepted connection. Every push, reply and response is
-/// written whole and flushed at once; with Nagle on, a small segment that follows another one
-/// still unacknowledged waits for the peer's delayed ACK (up to 40 ms on Linux), which is what
-/// a subscriber receiving a stream of small pushes would see on every other message.
-fn no_delay(stream: &mut TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::serve::Listener;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut listener = listener.tap_io(no_delay);
-        let client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await;
-        assert!(accepted.nodelay().unwrap());
-        // The default it overrides: a plain accepted socket has Nagle on.
-        assert!(!client.nodelay().unwrap());
     }
 }

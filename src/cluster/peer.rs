@@ -322,7 +322,9 @@ impl PeerClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Below the peers' `limits.http_idle_timeout` (60 s by default), so a pooled connection
+            // is dropped here before the peer closes it under a request.
+            .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();

@@ -8,6 +8,7 @@ pub mod error;
 pub mod messages;
 mod participants;
 mod stream;
+pub mod transport;
 
 use std::sync::Arc;
 

@@ -1,0 +1,353 @@
+//! The accept loop of both listeners: hyper connections with the limits of `[limits]` that a
+//! plain `axum::serve` does not apply (PROTOCOL.md "Limits"):
+//!
+//! - `max_connections` per listener: past it, a new connection is closed as soon as it is
+//!   accepted (counted in `ferry_connections_refused_total`) while the open ones are served, so
+//!   a flood of connections cannot exhaust the process's file descriptors;
+//! - `header_timeout`: a request whose headers have not all arrived this long after its first
+//!   byte is closed (slow-header clients hold nothing for long);
+//! - `http_idle_timeout`: a connection with no request open that carries no byte either way for
+//!   this long is closed.
+//!
+//! Both timeouts live in [`Guarded`], a wrapper of the connection's socket that shares a little
+//! state ([`ConnState`]) with the service: the service marks a request open when hyper hands it
+//! the parsed head and closed when its response body ends, and a connection upgraded to a
+//! WebSocket leaves both timeouts to the WebSocket session (which has its own heartbeat timeout).
+//! Accept errors (EMFILE under a flood) back off instead of spinning.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tower::ServiceExt;
+
+use crate::metrics as m;
+
+/// The connection limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl ConnLimits {
+    pub fn from_config(limits: &crate::config::LimitsSection) -> ConnLimits {
+        ConnLimits {
+            header_timeout: limits.header_timeout,
+            idle_timeout: limits.http_idle_timeout,
+            max_connections: limits.max_connections,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` turns true, then waits for the open requests to
+/// finish (the caller bounds that wait). `name` labels the metrics (`public`, `admin`).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    name: &'static str,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let refused = metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL, "listener" => name);
+    let gauge = metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => name);
+    let mut accept_backoff = Duration::from_millis(5);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    accept_backoff = Duration::from_millis(5);
+                    stream
+                }
+                Err(e) => {
+                    // Out of descriptors (or memory): accepting again at once would spin.
+                    tracing::warn!(listener = name, error = %e, "accept failed; backing off");
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+            },
+            _ = crate::cluster::stopped(&mut stop) => break,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            refused.increment(1);
+            drop(stream);
+            continue;
+        };
+        // Nagle off: every push, reply and response is written whole and flushed at once; with
+        // Nagle on, a small segment behind an unacknowledged one waits for the peer's delayed
+        // ACK (up to 40 ms on Linux), which a subscriber would see on every other push.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+        }
+        let state = Arc::new(ConnState::default());
+        let io = TokioIo::new(Guarded::new(stream, state.clone(), limits));
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let state = state.clone();
+            let app = app.clone();
+            async move {
+                state.request_started();
+                let response = app
+                    .oneshot(request.map(Body::new))
+                    .await
+                    .unwrap_or_else(|never| match never {});
+                if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    state.upgraded.store(true, Ordering::Release);
+                }
+                let (parts, body) = response.into_parts();
+                let guard = OpenRequest(state);
+                Ok::<_, std::convert::Infallible>(hyper::Response::from_parts(
+                    parts,
+                    Body::new(GuardedBody {
+                        body,
+                        _guard: guard,
+                    }),
+                ))
+            }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        gauge.increment(1.0);
+        let gauge = gauge.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            gauge.decrement(1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// What the service tells the socket wrapper about its connection.
+#[derive(Default)]
+struct ConnState {
+    /// Requests whose head hyper has parsed and whose response body has not ended.
+    open: AtomicUsize,
+    /// When the bytes of a request that has not reached the service began to arrive.
+    head_since: Mutex<Option<Instant>>,
+    /// Switched protocols (a WebSocket): the timeouts are the session's business now.
+    upgraded: AtomicBool,
+}
+
+impl ConnState {
+    fn request_started(&self) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        *self.head_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Marks a request closed when its response body is dropped (ended or abandoned).
+struct OpenRequest(Arc<ConnState>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that holds its request open until it is dropped.
+struct GuardedBody {
+    body: Body,
+    _guard: OpenRequest,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket, closed (a read error) once the header or the idle timeout runs out.
+struct Guarded {
+    stream: TcpStream,
+    state: Arc<ConnState>,
+    limits: ConnLimits,
+    last_activity: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Guarded {
+    fn new(stream: TcpStream, state: Arc<ConnState>, limits: ConnLimits) -> Guarded {
+        let now = Instant::now();
+        Guarded {
+            stream,
+            state,
+            limits,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+        }
+    }
+
+    /// When this connection is due to be closed if nothing happens: the idle deadline with no
+    /// request open, and the header deadline while a request's head is arriving. `None` while a
+    /// request is open or after an upgrade.
+    fn deadline(&self) -> Option<Instant> {
+        if self.state.upgraded.load(Ordering::Acquire) {
+            return None;
+        }
+        let head_since = *self
+            .state
+            .head_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(since) = head_since {
+            return Some(since + self.limits.header_timeout);
+        }
+        if self.state.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(self.last_activity + self.limits.idle_timeout)
+    }
+
+    /// Bytes moved: the idle clock restarts; bytes read with no request open begin a request's
+    /// head, whose clock starts now.
+    fn activity(&mut self, read: bool) {
+        self.last_activity = Instant::now();
+        if read && self.state.open.load(Ordering::Acquire) == 0 {
+            let mut since = self
+                .state
+                .head_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if since.is_none() {
+                *since = Some(self.last_activity);
+            }
+        }
+    }
+
+    /// `Err` once the deadline has passed; otherwise the timer is armed for it.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(deadline) = self.deadline() else {
+            return Ok(());
+        };
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            let what = if self
+                .state
+                .head_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
+                "request headers not received within limits.header_timeout"
+            } else {
+                "connection idle for limits.http_idle_timeout"
+            };
+            return Err(io::Error::new(io::ErrorKind::TimedOut, what));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.activity(true);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.check_deadline(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let written = Pin::new(&mut this.stream).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                this.activity(false);
+            }
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                this.activity(false);
+            }
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
