@@ -169,6 +169,8 @@ pub struct LimitsSection {
     /// Connections per listener; past it new ones are closed at once while existing ones are
     /// served.
     pub max_connections: usize,
+    /// A page of messages holds at most this many bytes of messages (at least one message).
+    pub max_page_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,6 +259,7 @@ impl Default for LimitsSection {
             header_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
+            max_page_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -395,6 +398,9 @@ impl Config {
         }
         if self.limits.max_page_size == 0 {
             bail!("limits.max_page_size must be positive");
+        }
+        if self.limits.max_page_bytes == 0 {
+            bail!("limits.max_page_bytes must be positive");
         }
         if self.limits.header_timeout.is_zero()
             || self.limits.http_idle_timeout.is_zero()

@@ -1006,3 +1006,56 @@ async fn a_reader_following_live_appends_sees_no_holes() {
     }
     assert_eq!(seen, (1..=TOTAL).collect::<Vec<_>>());
 }
+
+/// `limits.max_page_bytes` bounds a page in bytes as well as count: a page stops before the
+/// message that would cross it (but always holds one), says `has_more`, and walking pages in
+/// either direction still gives every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_bounded_in_bytes_as_well_as_count() {
+    let server = TestServer::builder()
+        .env("FERRY_LIMITS__MAX_PAGE_BYTES", "1000")
+        .start();
+    server.create_conversation("big", &["alice"]).await;
+    let text = "x".repeat(280);
+    for i in 0..10 {
+        server
+            .append("big", "alice", json!({ "i": i, "text": text }))
+            .await;
+    }
+    // One message alone is larger than the page budget's remainder after three.
+    server
+        .append("big", "alice", json!({ "text": "y".repeat(2000) }))
+        .await;
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = server
+            .page("big", &format!("after_seq={after}&limit=100"))
+            .await;
+        assert!(!page.messages.is_empty());
+        let bytes: usize = page.messages.iter().map(|m| m.to_string().len()).sum();
+        assert!(
+            page.messages.len() == 1 || bytes <= 1000,
+            "{} messages, {bytes} bytes",
+            page.messages.len()
+        );
+        seen.extend(page.seqs());
+        after = *seen.last().unwrap();
+        if !page.has_more {
+            break;
+        }
+        assert!(page.messages.len() < 11, "cut short by bytes, not count");
+    }
+    assert_eq!(seen, (1..=11).collect::<Vec<u64>>());
+    // Backwards: the newest that fit, then older pages.
+    let page = server.page("big", "before_seq=11&limit=100").await;
+    assert!(page.has_more && page.messages.len() < 10);
+    assert_eq!(page.seqs().last(), Some(&10));
+    let page = server.page("big", "before_seq=12&limit=100").await;
+    assert_eq!(
+        page.seqs(),
+        vec![11],
+        "a message over the budget comes alone"
+    );
+    assert!(page.has_more);
+}

@@ -1,5 +1,7 @@
 //! `POST /v1/conversations/{id}/messages` (append) and `GET` (pages, forwards and backwards).
 
+use std::sync::Arc;
+
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -128,6 +130,47 @@ pub async fn append(
         .into_response())
 }
 
+/// Keeps the messages that fit in `max_bytes` of rendered JSON (always at least one): the
+/// first ones of a forward page, the last ones of a backward page (`newest`). True if any were
+/// left out.
+fn keep_within_bytes(messages: &mut Vec<Arc<Message>>, max_bytes: usize, newest: bool) -> bool {
+    // How many fit, counted from the end the page keeps.
+    let mut total = 0usize;
+    let mut keep = 0usize;
+    let mut count = |m: &Arc<Message>| {
+        total += m.json().len() + 1;
+        if keep == 0 || total <= max_bytes {
+            keep += 1;
+            true
+        } else {
+            false
+        }
+    };
+    if newest {
+        for m in messages.iter().rev() {
+            if !count(m) {
+                break;
+            }
+        }
+    } else {
+        for m in messages.iter() {
+            if !count(m) {
+                break;
+            }
+        }
+    }
+    let cut = messages.len() - keep;
+    if cut == 0 {
+        return false;
+    }
+    if newest {
+        messages.drain(..cut);
+    } else {
+        messages.truncate(keep);
+    }
+    true
+}
+
 #[derive(Deserialize)]
 pub struct PageQuery {
     after_seq: Option<String>,
@@ -172,7 +215,13 @@ pub async fn list(
     }
     let (mut messages, last_seq) =
         crate::service::read(&state, &principal, &id, after, before, limit).await?;
-    let full = messages.len() >= limit;
+    // Bounded in bytes too: a page cut short by its size ends where a full one would.
+    let cut = keep_within_bytes(
+        &mut messages,
+        state.config.limits.max_page_bytes,
+        before.is_some(),
+    );
+    let full = messages.len() >= limit || cut;
     // The seqs this page speaks for: a full page up to its last message (the next page goes on
     // from there), a partial one to the end of what exists in that direction.
     let (has_more, span) = match before {
