@@ -144,7 +144,7 @@ async fn slow_headers_and_idle_connections_are_closed_while_a_normal_client_is_s
                 &[("listener", "public")],
             );
             match open {
-                Some(n) if n == 0.0 => Ok(()),
+                Some(0.0) => Ok(()),
                 other => Err(format!("{other:?} open")),
             }
         },
