@@ -171,6 +171,10 @@ pub struct LimitsSection {
     pub max_connections: usize,
     /// A page of messages holds at most this many bytes of messages (at least one message).
     pub max_page_bytes: usize,
+    /// A connection (HTTP, SSE or WebSocket) whose peer accepts no byte of what it is sent for
+    /// this long is closed; a slow reader that takes some is never dropped.
+    #[serde(with = "duration_str")]
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,6 +264,7 @@ impl Default for LimitsSection {
             http_idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_page_bytes: 4 * 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -404,11 +409,12 @@ impl Config {
         }
         if self.limits.header_timeout.is_zero()
             || self.limits.http_idle_timeout.is_zero()
+            || self.limits.write_timeout.is_zero()
             || self.limits.max_connections == 0
         {
             bail!(
-                "limits.header_timeout, limits.http_idle_timeout and limits.max_connections must \
-                 be positive"
+                "limits.header_timeout, limits.http_idle_timeout, limits.write_timeout and \
+                 limits.max_connections must be positive"
             );
         }
         if self.wal.segment_bytes < 1 << 20 {

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -226,4 +227,123 @@ async fn a_websocket_outlives_the_http_idle_timeout() {
         .expect("open")
         .expect("frame");
     assert!(reply.to_string().contains("\"ok\""), "{reply}");
+}
+
+/// `limits.write_timeout`: a WebSocket and an SSE stream whose clients stopped reading are
+/// closed once the server could write nothing to them for that long (the client resumes from
+/// its cursor); a reader that keeps up is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_closed_after_the_write_timeout() {
+    let server = TestServer::builder()
+        .env("FERRY_LIMITS__WRITE_TIMEOUT", "2s")
+        .env(
+            "FERRY_LOG",
+            "info,ferry::http::transport=debug,ferry::ws=debug,ferry::http=debug",
+        )
+        .start();
+    server.create_conversation("flood", &["alice"]).await;
+    let open = || async {
+        let metrics = server.metrics().await;
+        common::metric_sum(
+            &metrics,
+            "ferry_connections_open",
+            &[("listener", "public")],
+        )
+        .unwrap_or(0.0)
+    };
+
+    // A WebSocket joined to the conversation, and an SSE stream of it, over sockets with small
+    // receive buffers; neither is read again after the join.
+    let small_socket = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(server.listen).await.expect("connect")
+    };
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!(
+            "ws://{}/socket/websocket?vsn=2.0.0&token={}",
+            server.listen,
+            common::API_KEY
+        ),
+        small_socket().await,
+    )
+    .await
+    .expect("websocket");
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"["1","1","conversation:flood","phx_join",{}]"#.into(),
+    ))
+    .await
+    .unwrap();
+    let joined = ws.next().await.expect("join reply").expect("frame");
+    assert!(joined.to_string().contains("\"ok\""), "{joined}");
+    let mut sse = small_socket().await;
+    sse.write_all(
+        format!(
+            "GET /v1/conversations/flood/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            common::API_KEY
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // A reader that keeps up, for contrast.
+    // (A client without the test clients' 20 s request timeout: this stream outlives it.)
+    let mut follower = reqwest::Client::new()
+        .get(server.url("/v1/conversations/flood/stream"))
+        .header("accept", "text/event-stream")
+        .bearer_auth(common::API_KEY)
+        .send()
+        .await
+        .expect("sse");
+    let reading = tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok(Some(chunk)) = follower.chunk().await {
+            n += chunk.len();
+        }
+        n
+    });
+
+    // ~8 MB of messages: far more than the two sockets' buffers hold.
+    let text = "z".repeat(60_000);
+    for i in 0..140 {
+        server
+            .append("flood", "alice", json!({ "i": i, "text": text }))
+            .await;
+    }
+    let started = Instant::now();
+    let stalled_at = open().await;
+    let open_ref = &open;
+    common::cluster::wait_for(
+        "two connections to be closed by the server",
+        Duration::from_secs(20),
+        || async move {
+            let now = open_ref().await;
+            if now <= stalled_at - 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{now} open, {stalled_at} when the appends ended"))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "stalled connections closed {:?} after the last append",
+        started.elapsed()
+    );
+    // They were the two that stopped reading: each now drains what was in flight and ends.
+    let drained = closed_within(&mut sse, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|_| panic!("the stalled SSE stream was not closed"));
+    assert!(
+        drained.len() < 8_000_000,
+        "the SSE stream got everything: it was never stalled"
+    );
+    let ws_end = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(ws_end.is_ok(), "the stalled WebSocket was not closed");
+    assert!(!reading.is_finished(), "the reader that kept up was closed");
+    reading.abort();
 }

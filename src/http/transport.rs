@@ -7,7 +7,10 @@
 //! - `header_timeout`: a request whose headers have not all arrived this long after its first
 //!   byte is closed (slow-header clients hold nothing for long);
 //! - `http_idle_timeout`: a connection with no request open that carries no byte either way for
-//!   this long is closed.
+//!   this long is closed;
+//! - `write_timeout`: a connection whose peer accepts no byte of what it is sent for this long
+//!   (a client that stopped reading its WebSocket or SSE stream) is closed; its client resumes
+//!   from its cursor. A slow reader that takes some bytes is never dropped.
 //!
 //! Both timeouts live in [`Guarded`], a wrapper of the connection's socket that shares a little
 //! state ([`ConnState`]) with the service: the service marks a request open when hyper hands it
@@ -42,6 +45,7 @@ use crate::metrics as m;
 pub struct ConnLimits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub write_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -50,6 +54,7 @@ impl ConnLimits {
         ConnLimits {
             header_timeout: limits.header_timeout,
             idle_timeout: limits.http_idle_timeout,
+            write_timeout: limits.write_timeout,
             max_connections: limits.max_connections,
         }
     }
@@ -104,7 +109,14 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
         }
         let state = Arc::new(ConnState::default());
-        let io = TokioIo::new(Guarded::new(stream, state.clone(), limits));
+        // The permit and the gauge go with the socket: an upgraded connection (a WebSocket)
+        // leaves hyper's connection future but keeps its socket, and still counts.
+        gauge.increment(1.0);
+        let held = Held {
+            _permit: permit,
+            gauge: gauge.clone(),
+        };
+        let io = TokioIo::new(Guarded::new(stream, state.clone(), limits, held));
         let app = app.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let state = state.clone();
@@ -133,14 +145,10 @@ pub async fn serve(
             .serve_connection_with_upgrades(io, service)
             .into_owned();
         let connection = graceful.watch(connection);
-        gauge.increment(1.0);
-        let gauge = gauge.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            gauge.decrement(1.0);
-            drop(permit);
         });
     }
     drop(listener);
@@ -200,6 +208,19 @@ impl http_body::Body for GuardedBody {
     }
 }
 
+/// What an open connection holds of its listener: a place under `max_connections`, and its
+/// count in `ferry_connections_open`; both given back when the socket is dropped.
+struct Held {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
 /// The socket, closed (a read error) once the header or the idle timeout runs out.
 struct Guarded {
     stream: TcpStream,
@@ -207,10 +228,14 @@ struct Guarded {
     limits: ConnLimits,
     last_activity: Instant,
     timer: Pin<Box<Sleep>>,
+    /// Since when a write has been waiting for the peer to take bytes.
+    write_blocked_since: Option<Instant>,
+    write_timer: Pin<Box<Sleep>>,
+    _held: Held,
 }
 
 impl Guarded {
-    fn new(stream: TcpStream, state: Arc<ConnState>, limits: ConnLimits) -> Guarded {
+    fn new(stream: TcpStream, state: Arc<ConnState>, limits: ConnLimits, held: Held) -> Guarded {
         let now = Instant::now();
         Guarded {
             stream,
@@ -218,6 +243,42 @@ impl Guarded {
             limits,
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            write_blocked_since: None,
+            write_timer: Box::pin(tokio::time::sleep_until(now + limits.write_timeout)),
+            _held: held,
+        }
+    }
+
+    /// After a write attempt: bytes taken end a stall; `Pending` starts one (or continues it)
+    /// and turns into an error once the peer has taken nothing for `write_timeout`.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.write_blocked_since = None;
+                    self.activity(false);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                let since = *self.write_blocked_since.get_or_insert_with(Instant::now);
+                let deadline = since + self.limits.write_timeout;
+                if self.write_timer.deadline() != deadline {
+                    self.write_timer.as_mut().reset(deadline);
+                }
+                if self.write_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer accepted no byte for limits.write_timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => other,
         }
     }
 
@@ -316,12 +377,7 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let written = Pin::new(&mut this.stream).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = written {
-            if n > 0 {
-                this.activity(false);
-            }
-        }
-        written
+        this.after_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -331,12 +387,7 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = written {
-            if n > 0 {
-                this.activity(false);
-            }
-        }
-        written
+        this.after_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
