@@ -232,6 +232,23 @@ fn bad_configuration_is_refused_at_start() {
     }
 }
 
+/// The server's log once it holds the `ferry ready` line.
+async fn logged_ready(server: &TestServer) -> String {
+    common::cluster::wait_for(
+        "the ready line in the log",
+        std::time::Duration::from_secs(10),
+        || async {
+            let log = server.stderr_all();
+            if log.contains("ferry ready") {
+                Ok(log)
+            } else {
+                Err(log)
+            }
+        },
+    )
+    .await
+}
+
 /// Logs piped to a file (as in a container) carry no ANSI escape codes, even with NO_COLOR unset,
 /// so the `ferry ready listen=… admin=… node=…` line parses; `log_format = "json"` carries the
 /// same fields as JSON.
@@ -242,7 +259,8 @@ async fn logs_to_a_pipe_are_plain_and_json_logs_carry_the_same_fields() {
         .arg("--node-id")
         .arg("plain-node")
         .start();
-    let log = server.stderr_all();
+    // The ready line is logged just after it is printed on stdout, which `start` waits for.
+    let log = logged_ready(&server).await;
     assert!(
         !log.contains('\u{1b}'),
         "escape codes in a piped log: {log}"
@@ -265,7 +283,7 @@ async fn logs_to_a_pipe_are_plain_and_json_logs_carry_the_same_fields() {
         .arg("--node-id")
         .arg("json-node")
         .start();
-    let log = server.stderr_all();
+    let log = logged_ready(&server).await;
     let ready: serde_json::Value = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
