@@ -291,8 +291,14 @@ impl Cluster {
         let mine = row.owner.as_deref() == Some(self.inner.node_id.as_str());
         match (mine, gates.owned_epoch(slot)) {
             (true, Some(epoch)) if epoch == row.epoch => {}
-            (true, _) => {
+            (true, serving) => {
                 if row.epoch >= gates.epoch(slot) {
+                    // Not serving it, or the slot was lost since the epoch it is served at:
+                    // another node owned it meanwhile, and what this node still holds of it
+                    // is stale.
+                    if serving.is_none_or(|e| gates.lost_at(slot) > e) {
+                        self.inner.node.serve_fresh(slot, row.epoch);
+                    }
                     tracing::info!(slot, epoch = row.epoch, "serving slot");
                     gates.set_serving(slot, row.epoch);
                 }

@@ -199,9 +199,11 @@ async fn check_fence(
             metrics::counter!(ferry_shards::metrics::ARCHIVE_ERRORS_TOTAL).increment(1);
             if f.found_owner.as_deref() != Some(fence.node_id.as_str()) {
                 tracing::error!(error = %f, "archive write fenced off: another node owns the slot; no longer serving it");
-                fence
-                    .gates
-                    .set_not_owned(f.slot, f.found_epoch.unwrap_or(f.expected_epoch));
+                // Taken without a hand-over from this node (a hand-over archives first): what
+                // this node wrote of the slot may only be restored.
+                let taken_at = f.found_epoch.unwrap_or(f.expected_epoch + 1);
+                fence.gates.mark_lost(f.slot, taken_at);
+                fence.gates.set_not_owned(f.slot, taken_at);
             } else {
                 tracing::warn!(error = %f, "archive write under an old epoch of this node; retrying");
             }

@@ -92,6 +92,43 @@ impl Node {
         self.shared.archive_queue.notify.notify_one();
     }
 
+    /// Before this node starts serving `slot` at `epoch` after a time it did not (it was moved
+    /// or failed over here, or comes back to it): whatever it still holds of the slot from
+    /// before is stale — the slot had another owner meanwhile — so its actors stop, its logs
+    /// are dropped (conversations load afresh, with any seqs reserved meanwhile), and records of
+    /// it written under an older epoch leave the archive queue for restore. Normally it holds
+    /// nothing and this does nothing.
+    pub fn serve_fresh(&self, slot: u32, epoch: u64) {
+        let (handles, logs) = {
+            let mut registry = self.shared.registry(slot);
+            (
+                std::mem::take(&mut registry.handles),
+                std::mem::take(&mut registry.logs),
+            )
+        };
+        if handles.is_empty() && logs.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            slot,
+            epoch,
+            conversations = logs.len().max(handles.len()),
+            "this node held state of a slot another node owned meanwhile; dropped"
+        );
+        for log in logs.values() {
+            log.mark_moved();
+        }
+        for handle in handles.values() {
+            handle.log.mark_moved();
+            handle
+                .actor
+                .stop(Some("slot owned elsewhere meanwhile".into()));
+        }
+        self.shared.gates.mark_lost(slot, epoch);
+        self.shared.lost_slots.store(true, Ordering::Release);
+        self.shared.archive_queue.notify.notify_one();
+    }
+
     /// Appends acknowledged per slot since this node started.
     pub fn slot_appends(&self) -> Vec<u64> {
         self.shared
