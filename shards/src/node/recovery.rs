@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::shared::{ArchiveItem, Shared};
 use super::NodeError;
@@ -208,14 +208,7 @@ pub(super) fn adopt_recovery(
             shared.budget.clone(),
         ));
         for (lsn, message) in entries {
-            items.push(ArchiveItem {
-                lsn,
-                message,
-                log: log.clone(),
-                durable_at: Instant::now(),
-                ack: None,
-                hidden: false,
-            });
+            items.push(ArchiveItem::durable(lsn, message, log.clone()));
         }
         shared.registry(slot).logs.insert(id, log);
     }

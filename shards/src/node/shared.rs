@@ -44,6 +44,20 @@ pub(super) struct ArchiveItem {
     pub(super) hidden: bool,
 }
 
+impl ArchiveItem {
+    /// A record durable now, answered and visible already.
+    pub(super) fn durable(lsn: Lsn, message: Arc<Message>, log: Arc<ConversationLog>) -> Self {
+        ArchiveItem {
+            lsn,
+            message,
+            log,
+            durable_at: Instant::now(),
+            ack: None,
+            hidden: false,
+        }
+    }
+}
+
 /// An append that is durable in the WAL and waits for its archive commit to be answered.
 pub struct PendingAck {
     pub reply: AppendReply,
@@ -227,14 +241,8 @@ impl Shared {
     /// Runs on the WAL writer thread when a message is durable.
     pub fn on_durable(&self, lsn: Lsn, message: Arc<Message>, log: &Arc<ConversationLog>) {
         self.make_visible(&message, log);
-        self.archive_queue.push(ArchiveItem {
-            lsn,
-            message,
-            log: log.clone(),
-            durable_at: Instant::now(),
-            ack: None,
-            hidden: false,
-        });
+        self.archive_queue
+            .push(ArchiveItem::durable(lsn, message, log.clone()));
     }
 
     /// Shows a durable message to readers: its log's ring (which wakes subscribers) and the

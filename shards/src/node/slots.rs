@@ -55,6 +55,12 @@ impl Node {
     /// in flight or unarchived.
     pub fn release_slot(&self, slot: u32, epoch: u64) {
         self.shared.gates.set_not_owned(slot, epoch);
+        self.drop_slot_state(slot, "slot moved");
+    }
+
+    /// Stops the slot's conversation actors and drops its logs (readers are told to follow the
+    /// conversations elsewhere); returns how many conversations it held.
+    fn drop_slot_state(&self, slot: u32, why: &'static str) -> usize {
         let (handles, logs) = {
             let mut registry = self.shared.registry(slot);
             (
@@ -67,8 +73,9 @@ impl Node {
         }
         for handle in handles.values() {
             handle.log.mark_moved();
-            handle.actor.stop(Some("slot moved".into()));
+            handle.actor.stop(Some(why.into()));
         }
+        logs.len().max(handles.len())
     }
 
     /// The slot was taken by another node at `epoch` without a hand-over from this one (a
@@ -99,31 +106,16 @@ impl Node {
     /// it written under an older epoch leave the archive queue for restore. Normally it holds
     /// nothing and this does nothing.
     pub fn serve_fresh(&self, slot: u32, epoch: u64) {
-        let (handles, logs) = {
-            let mut registry = self.shared.registry(slot);
-            (
-                std::mem::take(&mut registry.handles),
-                std::mem::take(&mut registry.logs),
-            )
-        };
-        if handles.is_empty() && logs.is_empty() {
+        let conversations = self.drop_slot_state(slot, "slot owned elsewhere meanwhile");
+        if conversations == 0 {
             return;
         }
         tracing::warn!(
             slot,
             epoch,
-            conversations = logs.len().max(handles.len()),
+            conversations,
             "this node held state of a slot another node owned meanwhile; dropped"
         );
-        for log in logs.values() {
-            log.mark_moved();
-        }
-        for handle in handles.values() {
-            handle.log.mark_moved();
-            handle
-                .actor
-                .stop(Some("slot owned elsewhere meanwhile".into()));
-        }
         self.shared.gates.mark_lost(slot, epoch);
         self.shared.lost_slots.store(true, Ordering::Release);
         self.shared.archive_queue.notify.notify_one();
