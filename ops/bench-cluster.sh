@@ -80,7 +80,14 @@ case "$scenario" in rolling | failover) ;; *) echo "FERRY_BENCH_SCENARIO: rollin
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 out="${FERRY_BENCH_OUT:-$(mktemp -d -t ferry-bench-cluster-XXXXXX)}"
 work="$(mktemp -d -t ferry-bench-cluster-work-XXXXXX)"
-key=k
+key=bench-admin-key-0001
+# One key drives the whole load: the [rate] limits would refuse most of it (FERRY_BENCH_RATE_LIMITS=on
+# keeps them on, with ceilings no run reaches, to measure what checking them costs).
+if [ "${FERRY_BENCH_RATE_LIMITS:-off}" = on ]; then
+  rate_env=(FERRY_RATE__APPENDS=100000000/s FERRY_RATE__CONNECTS_PER_IP=100000000/s FERRY_RATE__AUTH_FAILURES_PER_IP=100000000/s FERRY_RATE__EPHEMERAL=100000000/s)
+else
+  rate_env=(FERRY_RATE__APPENDS=0 FERRY_RATE__CONNECTS_PER_IP=0 FERRY_RATE__AUTH_FAILURES_PER_IP=0 FERRY_RATE__EPHEMERAL=0)
+fi
 secret=s3
 db="ferry_bench_$(date +%s)_$$"
 nodes=(1 2 3)
@@ -226,7 +233,7 @@ start_node() {
   # FERRY_BENCH_NODE_ENV: extra settings for the nodes, e.g. FERRY_CLUSTER__DURABILITY=archive.
   local extra=()
   read -r -a extra <<<"${FERRY_BENCH_NODE_ENV:-}"
-  "${env_args[@]}" "${extra[@]}" FERRY_BOOTSTRAP_API_KEY="$key" FERRY_LIMITS__SOCKET_IN_FLIGHT=1024 \
+  "${env_args[@]}" "${extra[@]}" FERRY_BOOTSTRAP_API_KEY="$key" FERRY_LIMITS__SOCKET_IN_FLIGHT=1024 "${rate_env[@]}" \
     "$work/bin/ferry" serve --node-id "n$i" --data-dir "$work/n$i" \
     --listen "127.0.0.1:${listen[$i]}" --admin-listen "127.0.0.1:${admin[$i]}" \
     --database-url "$postgres/$db" --redis-url "redis://127.0.0.1:$redis_port" \

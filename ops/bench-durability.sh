@@ -25,7 +25,14 @@ postgres="${FERRY_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432}"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 out="${FERRY_BENCH_OUT:-$(mktemp -d -t ferry-bench-durability-XXXXXX)}"
 work="$(mktemp -d -t ferry-bench-durability-work-XXXXXX)"
-key=k
+key=bench-admin-key-0001
+# One key drives the whole load: the [rate] limits would refuse most of it (FERRY_BENCH_RATE_LIMITS=on
+# keeps them on, with ceilings no run reaches, to measure what checking them costs).
+if [ "${FERRY_BENCH_RATE_LIMITS:-off}" = on ]; then
+  rate_env=(FERRY_RATE__APPENDS=100000000/s FERRY_RATE__CONNECTS_PER_IP=100000000/s FERRY_RATE__AUTH_FAILURES_PER_IP=100000000/s FERRY_RATE__EPHEMERAL=100000000/s)
+else
+  rate_env=(FERRY_RATE__APPENDS=0 FERRY_RATE__CONNECTS_PER_IP=0 FERRY_RATE__AUTH_FAILURES_PER_IP=0 FERRY_RATE__EPHEMERAL=0)
+fi
 node_pid=""
 redis_pid=""
 db=""
@@ -108,7 +115,7 @@ for mode in local archive; do
   psql -q "$postgres/postgres" -c "CREATE DATABASE $db" >/dev/null
   listen="$(free_port)"
   admin="$(free_port)"
-  env FERRY_BOOTSTRAP_API_KEY="$key" FERRY_LIMITS__SOCKET_IN_FLIGHT=1024 \
+  env FERRY_BOOTSTRAP_API_KEY="$key" FERRY_LIMITS__SOCKET_IN_FLIGHT=1024 "${rate_env[@]}" \
     FERRY_CLUSTER__DURABILITY="$mode" \
     "$work/bin/ferry" serve --node-id n1 --data-dir "$work/$mode" \
     --listen "127.0.0.1:$listen" --admin-listen "127.0.0.1:$admin" \

@@ -35,6 +35,13 @@ fanout_sweep="${FERRY_BENCH_FANOUT:-100:2000 100:5000 100:10000 100:20000 10:500
 conversations="${FERRY_BENCH_CONVERSATIONS:-1000}"
 payload="${FERRY_BENCH_PAYLOAD:-200}"
 key="bench-$(date +%s)-$$"
+# One key drives the whole load: the [rate] limits would refuse most of it (FERRY_BENCH_RATE_LIMITS=on
+# keeps them on, with ceilings no run reaches, to measure what checking them costs).
+if [ "${FERRY_BENCH_RATE_LIMITS:-off}" = on ]; then
+  rate_env=(FERRY_RATE__APPENDS=100000000/s FERRY_RATE__CONNECTS_PER_IP=100000000/s FERRY_RATE__AUTH_FAILURES_PER_IP=100000000/s FERRY_RATE__EPHEMERAL=100000000/s)
+else
+  rate_env=(FERRY_RATE__APPENDS=0 FERRY_RATE__CONNECTS_PER_IP=0 FERRY_RATE__AUTH_FAILURES_PER_IP=0 FERRY_RATE__EPHEMERAL=0)
+fi
 tools="$root/target/bench-tools"
 work="$(mktemp -d -t ferry-bench-XXXXXX)"
 pids=()
@@ -123,7 +130,7 @@ start_ferry() {
   ferry_port="$(free_port)"
   local admin_port
   admin_port="$(free_port)"
-  FERRY_BOOTSTRAP_API_KEY="$key" "$root/target/release/ferry" serve \
+  env FERRY_BOOTSTRAP_API_KEY="$key" "${rate_env[@]}" "$root/target/release/ferry" serve \
     --data-dir "$dir" --listen "127.0.0.1:$ferry_port" --admin-listen "127.0.0.1:$admin_port" \
     >"$dir/stdout.log" 2>"$dir/stderr.log" &
   ferry_pid=$!

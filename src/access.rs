@@ -46,6 +46,18 @@ pub fn act_for(principal: &Principal, participant: &ParticipantId) -> Result<(),
     }
 }
 
+/// What a user is told about a conversation it may not use: `forbidden` whether or not the
+/// conversation exists, so a user cannot probe which ids exist. API keys see `not_found`.
+pub fn conceal(principal: &Principal, e: ApiError) -> ApiError {
+    match principal {
+        Principal::User { .. } if e.code == crate::http::error::Code::NotFound => {
+            crate::metrics::count_auth_failure("forbidden");
+            ApiError::forbidden("not a participant of this conversation")
+        }
+        _ => e,
+    }
+}
+
 /// Creating or changing conversations is for API keys.
 pub fn require_api_key(principal: &Principal) -> Result<(), ApiError> {
     match principal {

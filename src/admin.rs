@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use ferry_shards::node::Node;
 use ferry_shards::record::format_rfc3339_millis;
 
-use crate::auth::{Auth, Principal};
+use crate::auth::Auth;
 use crate::http::error::ApiError;
 use crate::http::PathParam;
 
@@ -67,6 +67,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/nodes/{id}/undrain", post(undrain))
         .route("/admin/nodes/{id}/failover", post(failover))
         .route("/admin/rebalance", post(rebalance))
+        .merge(crate::admin_keys::routes())
         .fallback(crate::http::not_found)
         .method_not_allowed_fallback(crate::http::method_not_allowed)
         .with_state(state)
@@ -95,8 +96,9 @@ impl FromRequestParts<AdminState> for AdminCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
-        match state.auth.authenticate(&parts.headers).await? {
-            Principal::ApiKey { admin: true } => Ok(AdminCaller),
+        let ip = crate::http::transport::client_ip(&parts.extensions);
+        match state.auth.authenticate(&parts.headers, ip).await? {
+            principal if principal.is_admin() => Ok(AdminCaller),
             _ => {
                 crate::metrics::count_auth_failure("not_admin");
                 Err(ApiError::forbidden("the admin API needs an admin API key"))

@@ -18,6 +18,12 @@ pub enum Action {
     Rebalance,
     /// Hand a dead node's slots to the live nodes.
     Failover(String),
+    /// Create an API key: name, scope.
+    KeyCreate(String, String),
+    KeyList,
+    KeyRevoke(String),
+    /// Rotate a key: id, grace in seconds.
+    KeyRotate(String, u64),
 }
 
 pub struct Options {
@@ -73,6 +79,7 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
             "no admin API key: pass --api-key or set FERRY_API_KEY (or FERRY_BOOTSTRAP_API_KEY)"
         );
     };
+    let mut body = None;
     let (method, path) = match &action {
         Action::Status => (reqwest::Method::GET, "/admin/cluster".to_owned()),
         Action::Slots => (reqwest::Method::GET, "/admin/slots".to_owned()),
@@ -89,22 +96,37 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
             reqwest::Method::POST,
             format!("/admin/nodes/{}/failover", path_segment(node)),
         ),
+        Action::KeyCreate(name, scope) => {
+            body = Some(serde_json::json!({ "name": name, "scope": scope }));
+            (reqwest::Method::POST, "/admin/keys".to_owned())
+        }
+        Action::KeyList => (reqwest::Method::GET, "/admin/keys".to_owned()),
+        Action::KeyRevoke(id) => (
+            reqwest::Method::DELETE,
+            format!("/admin/keys/{}", path_segment(id)),
+        ),
+        Action::KeyRotate(id, grace_s) => {
+            body = Some(serde_json::json!({ "grace_s": grace_s }));
+            (
+                reqwest::Method::POST,
+                format!("/admin/keys/{}/rotate", path_segment(id)),
+            )
+        }
     };
     let url = format!("{base}{path}");
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
-    let response = client
-        .request(method, &url)
-        .bearer_auth(key)
-        .send()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the admin listener at {base}: {}",
-                describe(&e)
-            )
-        })?;
+    let mut request = client.request(method, &url).bearer_auth(key);
+    if let Some(body) = &body {
+        request = request.json(body);
+    }
+    let response = request.send().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the admin listener at {base}: {}",
+            describe(&e)
+        )
+    })?;
     let status = response.status();
     let text = response
         .text()
@@ -136,7 +158,53 @@ pub async fn run(action: Action, options: &Options) -> anyhow::Result<String> {
             format!("{moves} slot moves started. {message}\n")
         }
         Action::Failover(_) => render_failover(serde_json::from_value(body)?),
+        Action::KeyCreate(..) | Action::KeyRotate(..) => render_created_key(&body),
+        Action::KeyList => render_keys(&body),
+        Action::KeyRevoke(_) => format!(
+            "{} revoked; every node refuses it within a second.\n",
+            body["id"].as_str().unwrap_or_default()
+        ),
     })
+}
+
+fn render_created_key(body: &Value) -> String {
+    let text = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
+    let mut out = String::new();
+    let _ = writeln!(out, "id      {}", text("id"));
+    let _ = writeln!(out, "name    {}", text("name"));
+    let _ = writeln!(out, "scope   {}", text("scope"));
+    let _ = writeln!(out, "key     {}", text("key"));
+    if let Some(old) = body["replaces"].as_str() {
+        let until = body["replaced_key_expires_at"].as_str().unwrap_or("now");
+        let _ = writeln!(out, "replaces {old} (works until {until})");
+    }
+    out.push_str("The key is shown only now; store it.\n");
+    out
+}
+
+fn render_keys(body: &Value) -> String {
+    let mut out = format!(
+        "{:<21} {:<8} {:<9} {:<25} {:<25} {}\n",
+        "ID", "SCOPE", "STATE", "CREATED", "LAST USED", "NAME"
+    );
+    for key in body["keys"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let text = |k: &str| key[k].as_str().unwrap_or("-").to_owned();
+        let _ = writeln!(
+            out,
+            "{:<21} {:<8} {:<9} {:<25} {:<25} {}",
+            text("id"),
+            text("scope"),
+            text("state"),
+            text("created_at"),
+            text("last_used_at"),
+            text("name")
+        );
+    }
+    out
 }
 
 /// Polls `/admin/slots` until `node` owns no slot (at most ten minutes).

@@ -48,6 +48,43 @@ pub struct Config {
     pub limits: LimitsSection,
     pub runtime: RuntimeSection,
     pub cluster: ClusterSection,
+    pub rate: RateSection,
+    pub auth: AuthSection,
+}
+
+/// `[rate]`: request rate limits, each `N/s` or `N/m`, `0` = off. In a cluster with Redis they
+/// hold cluster-wide.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateSection {
+    /// Appends per principal (API key or JWT `sub`), over HTTP and WebSocket together.
+    pub appends: String,
+    /// WebSocket upgrades and SSE streams opened per client IP.
+    pub connects_per_ip: String,
+    /// Requests with missing or invalid credentials per client IP.
+    pub auth_failures_per_ip: String,
+    /// `chunk` and `typing` events per socket.
+    pub ephemeral: String,
+}
+
+impl Default for RateSection {
+    fn default() -> Self {
+        RateSection {
+            appends: "1000/s".into(),
+            connects_per_ip: "50/s".into(),
+            auth_failures_per_ip: "20/s".into(),
+            ephemeral: "100/s".into(),
+        }
+    }
+}
+
+/// `[auth]`: how credentials are checked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// The secret API keys are hashed with (HMAC-SHA256), at least 32 bytes. Default: derived
+    /// from the cluster secret in a cluster, else a random one kept in `<data_dir>/api_key_pepper`.
+    pub api_key_pepper: Option<String>,
 }
 
 /// `[cluster]`: used when the node is part of a cluster (a Redis URL is set).
@@ -175,6 +212,11 @@ pub struct LimitsSection {
     /// this long is closed; a slow reader that takes some is never dropped.
     #[serde(with = "duration_str")]
     pub write_timeout: Duration,
+    /// Topics one WebSocket may have joined at once.
+    pub max_topics_per_socket: usize,
+    /// WebSockets and SSE streams open at once per principal (API key or JWT `sub`), on this
+    /// node.
+    pub max_sockets_per_principal: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +253,8 @@ impl Default for Config {
             limits: LimitsSection::default(),
             runtime: RuntimeSection::default(),
             cluster: ClusterSection::default(),
+            rate: RateSection::default(),
+            auth: AuthSection::default(),
         }
     }
 }
@@ -265,6 +309,8 @@ impl Default for LimitsSection {
             max_connections: 10_000,
             max_page_bytes: 4 * 1024 * 1024,
             write_timeout: Duration::from_secs(30),
+            max_topics_per_socket: 100,
+            max_sockets_per_principal: 1000,
         }
     }
 }
@@ -417,6 +463,22 @@ impl Config {
                  limits.max_connections must be positive"
             );
         }
+        if self.limits.max_topics_per_socket == 0 || self.limits.max_sockets_per_principal == 0 {
+            bail!("limits.max_topics_per_socket and limits.max_sockets_per_principal must be positive");
+        }
+        crate::rate::RateLimits::from_config(&self.rate)?;
+        if let Some(key) = &self.bootstrap_api_key {
+            let min = crate::auth::keys::MIN_KEY_LEN;
+            if key.len() < min || !crate::auth::keys::well_formed(key) {
+                bail!("bootstrap_api_key must be at least {min} visible ASCII characters");
+            }
+        }
+        if let Some(pepper) = &self.auth.api_key_pepper {
+            let min = crate::auth::keys::MIN_PEPPER_LEN;
+            if pepper.len() < min {
+                bail!("auth.api_key_pepper must be at least {min} bytes");
+            }
+        }
         if self.wal.segment_bytes < 1 << 20 {
             bail!("wal.segment_bytes must be at least 1 MiB");
         }
@@ -547,6 +609,16 @@ impl Config {
         }
     }
 
+    /// The small pool credentials are looked up on.
+    pub fn auth_store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            pool_size: 2,
+            statement_timeout: std::time::Duration::from_secs(5),
+            acquire_timeout: std::time::Duration::from_secs(2),
+            idle_in_transaction_timeout: None,
+        }
+    }
+
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| "node-1".to_owned())
     }
@@ -667,10 +739,31 @@ mod tests {
     }
 
     #[test]
+    fn rates_keys_and_peppers_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FERRY_RATE__APPENDS", "30/m");
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.rate.appends, "30/m");
+            jail.set_env("FERRY_RATE__APPENDS", "lots");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(format!("{e:#}").contains("rate.appends"), "{e:#}");
+            jail.set_env("FERRY_RATE__APPENDS", "0");
+            jail.set_env("FERRY_BOOTSTRAP_API_KEY", "short");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(format!("{e:#}").contains("bootstrap_api_key"), "{e:#}");
+            jail.set_env("FERRY_BOOTSTRAP_API_KEY", "long-enough-admin-key");
+            jail.set_env("FERRY_AUTH__API_KEY_PEPPER", "too short");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(format!("{e:#}").contains("api_key_pepper"), "{e:#}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn text_settings_from_the_environment_are_taken_verbatim() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("FERRY_NODE_ID", "7");
-            jail.set_env("FERRY_BOOTSTRAP_API_KEY", "true");
+            jail.set_env("FERRY_BOOTSTRAP_API_KEY", "12345678901234567890");
             jail.set_env("FERRY_JWT_SECRET", "\"s3cret\"");
             jail.set_env("FERRY_REDIS_URL", "[abc]");
             // A Redis URL makes a cluster member, which needs these two as well.
@@ -682,7 +775,7 @@ mod tests {
             jail.set_env("FERRY_ARCHIVE__SQL_RETENTION", "2h");
             let c = Config::load(None, &Overrides::default()).unwrap();
             assert_eq!(c.node_id.as_deref(), Some("7"));
-            assert_eq!(c.bootstrap_api_key.as_deref(), Some("true"));
+            assert_eq!(c.bootstrap_api_key.as_deref(), Some("12345678901234567890"));
             assert_eq!(c.jwt_secret.as_deref(), Some("\"s3cret\""));
             assert_eq!(c.redis_url.as_deref(), Some("[abc]"));
             assert_eq!(c.cluster_secret.as_deref(), Some("\"quoted\""));

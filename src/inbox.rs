@@ -44,12 +44,235 @@ pub struct EphemeralEvent {
     pub payload: serde_json::Value,
 }
 
-#[derive(Debug, Clone)]
-enum Change {
-    /// A participant's read cursor moved in a conversation.
-    Cursor(ParticipantId, ConversationId),
-    /// A conversation was created or its participants changed.
-    Membership(ParticipantId, ConversationId),
+/// Routes "this conversation changed for this participant" to the inbox watchers that care,
+/// instead of every watcher filtering every append of the node: a durable append marks the
+/// conversation dirty in the watchers of its participants only, a cursor or membership change in
+/// the watchers of that participant only. Each watcher holds a [`Watcher`] registration; the
+/// router holds, per conversation and per participant, the watchers to tell.
+#[derive(Clone, Default)]
+pub struct InboxRouter {
+    inner: Arc<Mutex<Routes>>,
+}
+
+#[derive(Default)]
+struct Routes {
+    next_id: u64,
+    by_conversation: HashMap<ConversationId, HashSet<u64>>,
+    by_participant: HashMap<ParticipantId, HashSet<u64>>,
+    watchers: HashMap<u64, Route>,
+}
+
+struct Route {
+    participant: ParticipantId,
+    conversations: HashSet<ConversationId>,
+    signal: Arc<Signal>,
+}
+
+/// What changed for one watcher since it last looked, and its wake-up.
+#[derive(Default)]
+struct Signal {
+    dirty: Mutex<Dirty>,
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Dirty {
+    conversations: HashSet<ConversationId>,
+    /// Events were lost (a lagging subscription): re-read the memberships and every entry.
+    all: bool,
+}
+
+impl Signal {
+    fn mark(&self, conversation: &ConversationId) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if dirty.all || !dirty.conversations.insert(conversation.clone()) {
+            return;
+        }
+        drop(dirty);
+        self.notify.notify_one();
+    }
+
+    fn mark_all(&self) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.all = true;
+        dirty.conversations.clear();
+        drop(dirty);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Dirty {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl InboxRouter {
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a watcher of `participant` in `conversations`.
+    fn register(
+        &self,
+        participant: ParticipantId,
+        conversations: HashSet<ConversationId>,
+    ) -> Watcher {
+        let signal = Arc::new(Signal::default());
+        let mut routes = self.routes();
+        routes.next_id += 1;
+        let id = routes.next_id;
+        for c in &conversations {
+            routes
+                .by_conversation
+                .entry(c.clone())
+                .or_default()
+                .insert(id);
+        }
+        routes
+            .by_participant
+            .entry(participant.clone())
+            .or_default()
+            .insert(id);
+        routes.watchers.insert(
+            id,
+            Route {
+                participant,
+                conversations,
+                signal: signal.clone(),
+            },
+        );
+        Watcher {
+            router: self.clone(),
+            id,
+            signal,
+        }
+    }
+
+    /// A conversation advanced (a durable append here, or on another node).
+    pub fn advanced(&self, conversation: &ConversationId) {
+        let routes = self.routes();
+        let Some(ids) = routes.by_conversation.get(conversation) else {
+            return;
+        };
+        for id in ids {
+            if let Some(route) = routes.watchers.get(id) {
+                route.signal.mark(conversation);
+            }
+        }
+    }
+
+    /// Events were lost: every watcher re-reads everything.
+    pub fn all_advanced(&self) {
+        for route in self.routes().watchers.values() {
+            route.signal.mark_all();
+        }
+    }
+
+    /// A participant's read cursor moved.
+    pub fn cursor(&self, participant: &ParticipantId, conversation: &ConversationId) {
+        let routes = self.routes();
+        for id in routes.by_participant.get(participant).into_iter().flatten() {
+            if let Some(route) = routes.watchers.get(id) {
+                route.signal.mark(conversation);
+            }
+        }
+    }
+
+    /// A participant joined a conversation (or the conversation was created with it).
+    pub fn membership(&self, participant: &ParticipantId, conversation: &ConversationId) {
+        let mut routes = self.routes();
+        let ids: Vec<u64> = routes
+            .by_participant
+            .get(participant)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for id in ids {
+            routes
+                .by_conversation
+                .entry(conversation.clone())
+                .or_default()
+                .insert(id);
+            if let Some(route) = routes.watchers.get_mut(&id) {
+                route.conversations.insert(conversation.clone());
+                route.signal.mark(conversation);
+            }
+        }
+    }
+
+    fn set_conversations(&self, id: u64, conversations: HashSet<ConversationId>) {
+        let mut routes = self.routes();
+        let Some(route) = routes.watchers.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut route.conversations, conversations.clone());
+        for c in old.difference(&conversations) {
+            if let Some(ids) = routes.by_conversation.get_mut(c) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    routes.by_conversation.remove(c);
+                }
+            }
+        }
+        for c in conversations {
+            routes.by_conversation.entry(c).or_default().insert(id);
+        }
+    }
+
+    #[cfg(test)]
+    fn conversations_of(&self, id: u64) -> Vec<ConversationId> {
+        self.routes()
+            .watchers
+            .get(&id)
+            .map(|r| r.conversations.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut routes = self.routes();
+        let Some(route) = routes.watchers.remove(&id) else {
+            return;
+        };
+        for c in &route.conversations {
+            if let Some(ids) = routes.by_conversation.get_mut(c) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    routes.by_conversation.remove(c);
+                }
+            }
+        }
+        if let Some(ids) = routes.by_participant.get_mut(&route.participant) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                routes.by_participant.remove(&route.participant);
+            }
+        }
+    }
+
+    /// Routes this node's durable appends until the node stops.
+    pub async fn route_durable(self, node: Node) {
+        let mut durable = node.subscribe_durable();
+        loop {
+            match durable.recv().await {
+                Ok(event) => self.advanced(&event.conversation_id),
+                Err(broadcast::error::RecvError::Lagged(_)) => self.all_advanced(),
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// One inbox watcher's place in the [`InboxRouter`]; unregisters when dropped.
+struct Watcher {
+    router: InboxRouter,
+    id: u64,
+    signal: Arc<Signal>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.router.unregister(self.id);
+    }
 }
 
 /// The node's event hub: cursor and membership changes (inbox deltas), ephemeral events, slot
@@ -57,12 +280,11 @@ enum Change {
 /// and what they publish is applied here ([`Events::apply_remote`]). Cheap to clone.
 #[derive(Clone)]
 pub struct Events {
-    changes: broadcast::Sender<Change>,
+    /// Inbox watchers, by conversation and participant.
+    pub router: InboxRouter,
     ephemeral: Arc<Mutex<HashMap<ConversationId, broadcast::Sender<EphemeralEvent>>>>,
     /// `(slot, retry_after_ms)`: the slot is being handed to another node.
     moving: broadcast::Sender<(u32, u64)>,
-    /// Conversations that advanced on another node (inbox watchers of this node listen).
-    remote_durable: broadcast::Sender<ConversationId>,
     /// Conversations whose description changed on another node.
     meta: broadcast::Sender<ConversationId>,
     /// Where events for the other nodes go (set when the node joins a cluster).
@@ -72,10 +294,9 @@ pub struct Events {
 impl Default for Events {
     fn default() -> Self {
         Events {
-            changes: broadcast::channel(1024).0,
+            router: InboxRouter::default(),
             ephemeral: Arc::default(),
             moving: broadcast::channel(1024).0,
-            remote_durable: broadcast::channel(4096).0,
             meta: broadcast::channel(256).0,
             outbound: Arc::default(),
         }
@@ -105,9 +326,7 @@ impl Events {
     }
 
     pub fn cursor_changed(&self, participant: &ParticipantId, conversation: &ConversationId) {
-        let _ = self
-            .changes
-            .send(Change::Cursor(participant.clone(), conversation.clone()));
+        self.router.cursor(participant, conversation);
         self.publish(|| ClusterEvent::Cursor {
             participant: participant.to_string(),
             conversation: conversation.to_string(),
@@ -115,10 +334,7 @@ impl Events {
     }
 
     pub fn membership_changed(&self, participant: &ParticipantId, conversation: &ConversationId) {
-        let _ = self.changes.send(Change::Membership(
-            participant.clone(),
-            conversation.clone(),
-        ));
+        self.router.membership(participant, conversation);
         self.publish(|| ClusterEvent::Membership {
             participant: participant.to_string(),
             conversation: conversation.to_string(),
@@ -171,9 +387,7 @@ impl Events {
 
     /// A conversation advanced on another node.
     pub fn remote_durable(&self, conversation: &ConversationId) {
-        if self.remote_durable.receiver_count() > 0 {
-            let _ = self.remote_durable.send(conversation.clone());
-        }
+        self.router.advanced(conversation);
     }
 
     /// A cursor or membership change another node published, for this node's inbox watchers.
@@ -181,13 +395,13 @@ impl Events {
         &self,
         participant: &str,
         conversation: &str,
-        change: fn(ParticipantId, ConversationId) -> Change,
+        change: fn(&InboxRouter, &ParticipantId, &ConversationId),
     ) {
         if let (Ok(p), Ok(c)) = (
             ParticipantId::parse(participant),
             ConversationId::parse(conversation),
         ) {
-            let _ = self.changes.send(change(p, c));
+            change(&self.router, &p, &c);
         }
     }
 
@@ -224,11 +438,11 @@ impl Events {
             ClusterEvent::Cursor {
                 participant,
                 conversation,
-            } => self.apply_change(&participant, &conversation, Change::Cursor),
+            } => self.apply_change(&participant, &conversation, InboxRouter::cursor),
             ClusterEvent::Membership {
                 participant,
                 conversation,
-            } => self.apply_change(&participant, &conversation, Change::Membership),
+            } => self.apply_change(&participant, &conversation, InboxRouter::membership),
             ClusterEvent::Meta { conversation } => {
                 if let Some(c) = conversation_of(&conversation) {
                     let _ = self.meta.send(c);
@@ -303,68 +517,88 @@ pub async fn entry(
     })
 }
 
-/// The whole inbox of a participant; each entry from the conversation's owner.
+/// Most inbox entries one snapshot page holds.
+pub const MAX_SNAPSHOT_PAGE: usize = 1000;
+
+/// One page of a participant's inbox: conversations in id order after `after`, at most `limit`;
+/// each entry from the conversation's owner. `true` when more follow.
 pub async fn snapshot(
     state: &AppState,
     participant: &ParticipantId,
-) -> Result<Vec<InboxEntry>, ApiError> {
-    let mut out = Vec::new();
-    for conversation in state.store.conversations_of(participant).await? {
-        out.push(crate::service::inbox_entry(state, participant, &conversation).await?);
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<InboxEntry>, bool), ApiError> {
+    let mut ids = state.store.conversations_of(participant).await?;
+    ids.sort();
+    let start = match after {
+        Some(after) => ids.partition_point(|c| c.as_str() <= after),
+        None => 0,
+    };
+    let limit = limit.clamp(1, MAX_SNAPSHOT_PAGE);
+    let page = &ids[start..];
+    let has_more = page.len() > limit;
+    let mut out = Vec::with_capacity(page.len().min(limit));
+    for conversation in page.iter().take(limit) {
+        out.push(crate::service::inbox_entry(state, participant, conversation).await?);
     }
-    Ok(out)
+    Ok((out, has_more))
 }
 
-/// Live inbox changes for one participant, coalesced.
+/// Live inbox changes for one participant, coalesced. Told by the [`InboxRouter`] which of its
+/// conversations changed; it never looks at another participant's traffic.
 pub struct InboxWatch {
     state: AppState,
     participant: ParticipantId,
-    conversations: HashSet<ConversationId>,
-    durable: broadcast::Receiver<ferry_shards::node::DurableEvent>,
-    /// Conversations that advanced on other nodes of the cluster.
-    remote: broadcast::Receiver<ConversationId>,
+    watcher: Watcher,
     /// Changes when the cluster's Redis subscription was lost or came back: what other nodes
     /// published meanwhile is gone, so every conversation is re-read.
     reconnected: Option<tokio::sync::watch::Receiver<u64>>,
-    changes: broadcast::Receiver<Change>,
     last_push: Option<Instant>,
 }
 
 impl InboxWatch {
     pub async fn new(state: AppState, participant: ParticipantId) -> Result<InboxWatch, ApiError> {
-        // Subscribe before listing so no change between the two is missed.
-        let durable = state.node.subscribe_durable();
-        let remote = state.events.remote_durable.subscribe();
         let reconnected = state.cluster.as_ref().map(|c| c.fanout().generation());
-        let changes = state.events.changes.subscribe();
+        // Registered before listing so no change between the two is missed (a conversation the
+        // participant joins meanwhile is added by its membership change).
+        let watcher = state
+            .events
+            .router
+            .register(participant.clone(), HashSet::new());
         let conversations = state
             .store
             .conversations_of(&participant)
             .await?
             .into_iter()
             .collect();
+        state
+            .events
+            .router
+            .set_conversations(watcher.id, conversations);
         Ok(InboxWatch {
             state,
             participant,
-            conversations,
-            durable,
-            remote,
+            watcher,
             reconnected,
-            changes,
             last_push: None,
         })
     }
 
     /// Re-reads which conversations the participant is in (after missing some changes).
-    async fn relist(&mut self) -> Result<(), ApiError> {
-        self.conversations = self
+    async fn relist(&mut self) -> Result<Vec<ConversationId>, ApiError> {
+        let conversations: HashSet<ConversationId> = self
             .state
             .store
             .conversations_of(&self.participant)
             .await?
             .into_iter()
             .collect();
-        Ok(())
+        let all = conversations.iter().cloned().collect();
+        self.state
+            .events
+            .router
+            .set_conversations(self.watcher.id, conversations);
+        Ok(all)
     }
 
     /// Waits for changes and returns the changed entries, at most one batch per second (sooner
@@ -372,6 +606,11 @@ impl InboxWatch {
     pub async fn next_delta(&mut self) -> Result<Vec<InboxEntry>, ApiError> {
         let mut dirty: HashSet<ConversationId> = HashSet::new();
         loop {
+            let taken = self.watcher.signal.take();
+            if taken.all {
+                dirty.extend(self.relist().await?);
+            }
+            dirty.extend(taken.conversations);
             let deadline = match (dirty.is_empty(), self.last_push) {
                 (true, _) => None,
                 (false, Some(t)) if dirty.len() < COALESCE_MAX => Some(t + COALESCE),
@@ -398,54 +637,13 @@ impl InboxWatch {
                 ok = reconnected => {
                     if ok {
                         // Memberships may have changed unseen too.
-                        self.relist().await?;
-                        dirty.extend(self.conversations.iter().cloned());
+                        dirty.extend(self.relist().await?);
                     } else {
                         self.reconnected = None;
                     }
                 }
-                event = self.durable.recv() => match event {
-                    Ok(e) if self.conversations.contains(&e.conversation_id) => {
-                        dirty.insert(e.conversation_id);
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        dirty.extend(self.conversations.iter().cloned());
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(ApiError::unavailable("node stopping"));
-                    }
-                },
-                advanced = self.remote.recv() => match advanced {
-                    Ok(c) if self.conversations.contains(&c) => {
-                        dirty.insert(c);
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        dirty.extend(self.conversations.iter().cloned());
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(ApiError::unavailable("node stopping"));
-                    }
-                },
-                change = self.changes.recv() => match change {
-                    Ok(Change::Cursor(p, c)) if p == self.participant => {
-                        dirty.insert(c);
-                    }
-                    Ok(Change::Membership(p, c)) if p == self.participant => {
-                        self.conversations.insert(c.clone());
-                        dirty.insert(c);
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.relist().await?;
-                        dirty.extend(self.conversations.iter().cloned());
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(ApiError::unavailable("node stopping"));
-                    }
-                },
-                _ = sleep => break,
+                _ = self.watcher.signal.notify.notified() => {}
+                _ = sleep => {}
             }
         }
         self.last_push = Some(Instant::now());
@@ -456,5 +654,78 @@ impl InboxWatch {
             out.push(crate::service::inbox_entry(&self.state, &self.participant, &c).await?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> ParticipantId {
+        ParticipantId::parse(s).unwrap()
+    }
+
+    fn c(s: &str) -> ConversationId {
+        ConversationId::parse(s).unwrap()
+    }
+
+    fn dirty_of(w: &Watcher) -> Vec<String> {
+        let mut v: Vec<String> = w
+            .signal
+            .take()
+            .conversations
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn changes_reach_only_the_watchers_that_care() {
+        let router = InboxRouter::default();
+        let alice = router.register(p("alice"), [c("a1"), c("shared")].into_iter().collect());
+        let bob = router.register(p("bob"), [c("shared")].into_iter().collect());
+        router.advanced(&c("a1"));
+        router.advanced(&c("shared"));
+        router.advanced(&c("nobody"));
+        assert_eq!(dirty_of(&alice), ["a1", "shared"]);
+        assert_eq!(dirty_of(&bob), ["shared"]);
+
+        // Cursor moves reach the participant's watchers only.
+        router.cursor(&p("bob"), &c("shared"));
+        assert!(dirty_of(&alice).is_empty());
+        assert_eq!(dirty_of(&bob), ["shared"]);
+
+        // A new membership adds the conversation to the participant's watchers.
+        router.membership(&p("bob"), &c("b2"));
+        assert_eq!(dirty_of(&bob), ["b2"]);
+        router.advanced(&c("b2"));
+        assert_eq!(dirty_of(&bob), ["b2"]);
+        assert!(dirty_of(&alice).is_empty());
+
+        // Lost events: everyone re-reads everything.
+        router.all_advanced();
+        assert!(alice.signal.take().all && bob.signal.take().all);
+
+        // A dropped watcher leaves nothing behind.
+        drop(alice);
+        drop(bob);
+        let routes = router.routes();
+        assert!(routes.watchers.is_empty());
+        assert!(routes.by_conversation.is_empty());
+        assert!(routes.by_participant.is_empty());
+    }
+
+    #[test]
+    fn relisting_replaces_the_conversations() {
+        let router = InboxRouter::default();
+        let w = router.register(p("alice"), [c("old")].into_iter().collect());
+        router.set_conversations(w.id, [c("new")].into_iter().collect());
+        router.advanced(&c("old"));
+        assert!(dirty_of(&w).is_empty());
+        router.advanced(&c("new"));
+        assert_eq!(dirty_of(&w), ["new"]);
+        assert_eq!(router.conversations_of(w.id), vec![c("new")]);
     }
 }

@@ -75,6 +75,33 @@ enum AdminAction {
     /// Hand a dead node's slots to the live nodes (only a node that ran
     /// cluster.durability = archive; a live node is refused).
     Failover { node: String },
+    /// API keys: create, list, revoke, rotate.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key; its secret is printed once.
+    Create {
+        name: String,
+        /// admin | service | read
+        #[arg(long, default_value = "service")]
+        scope: String,
+    },
+    /// Every key, without secrets.
+    List,
+    /// Refuse a key on every node (within a second) and close its sockets.
+    Revoke { id: String },
+    /// Replace a key with a new one; the old one keeps working for --grace.
+    Rotate {
+        id: String,
+        /// How long the old key keeps working (e.g. 10m, 1h) [default: 0].
+        #[arg(long, default_value = "0")]
+        grace: String,
+    },
 }
 
 #[derive(Args)]
@@ -187,6 +214,20 @@ fn main() -> ExitCode {
                 AdminAction::Undrain { node } => Action::Undrain(node),
                 AdminAction::Rebalance => Action::Rebalance,
                 AdminAction::Failover { node } => Action::Failover(node),
+                AdminAction::Keys { action } => match action {
+                    KeysAction::Create { name, scope } => Action::KeyCreate(name, scope),
+                    KeysAction::List => Action::KeyList,
+                    KeysAction::Revoke { id } => Action::KeyRevoke(id),
+                    KeysAction::Rotate { id, grace } => {
+                        match ferry::config::parse_duration(&grace) {
+                            Ok(d) => Action::KeyRotate(id, d.as_secs()),
+                            Err(e) => {
+                                eprintln!("error: --grace: {e}");
+                                std::process::exit(2);
+                            }
+                        }
+                    }
+                },
             };
             runtime()
                 .and_then(|rt| rt.block_on(admin_cli::run(action, &options)))

@@ -7,6 +7,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const HTTP_ERRORS_TOTAL: &str = "ferry_http_errors_total";
 /// Counter: authentication failures by `reason`.
 pub const AUTH_FAILURES_TOTAL: &str = "ferry_auth_failures_total";
+/// Counter: requests refused by a rate limit, by `limit` (`appends`, `connects_per_ip`,
+/// `auth_failures_per_ip`, `ephemeral`; `untracked` counts requests let through uncounted because
+/// a limiter tracked its most keys).
+pub const RATE_LIMITED_TOTAL: &str = "ferry_rate_limited_total";
+/// Counter: API key lookups, by `result` (`cached`, `stored`, `unknown`, `negative_cached`,
+/// `malformed`).
+pub const API_KEY_LOOKUPS_TOTAL: &str = "ferry_api_key_lookups_total";
 /// Connections a listener closed as soon as it accepted them (`limits.max_connections`),
 /// labelled `listener` (`public`, `admin`).
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "ferry_connections_refused_total";
@@ -55,6 +62,14 @@ pub fn count_http_error(code: &'static str) {
 
 pub fn count_auth_failure(reason: &'static str) {
     metrics::counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn count_rate_limited(limit: &'static str) {
+    metrics::counter!(RATE_LIMITED_TOTAL, "limit" => limit).increment(1);
+}
+
+pub fn count_key_lookup(result: &'static str) {
+    metrics::counter!(API_KEY_LOOKUPS_TOTAL, "result" => result).increment(1);
 }
 
 /// Installs the global recorder; histograms of seconds get buckets fine enough for sub-ms acks.

@@ -60,9 +60,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.jwt_secret.as_deref(),
         config.jwt_public_key.as_deref(),
     )?;
-    let auth = Arc::new(Auth::new(store.clone(), jwt));
+    let rate = Arc::new(crate::rate::RateLimits::from_config(&config.rate)?);
+    let pepper = crate::auth::Pepper::resolve(
+        config.auth.api_key_pepper.as_deref(),
+        config.cluster_secret.as_deref(),
+        &config.data_dir,
+    )?;
+    // Credentials are checked on a pool of their own: a flood of unknown keys waits for these
+    // few connections and never for the archiver's.
+    let auth_store = Store::connect_with(&database_url, &config.auth_store_options())
+        .await
+        .context("cannot open the auth pool")?;
+    let auth = Arc::new(Auth::new(
+        crate::auth::ApiKeys::new(auth_store, pepper),
+        jwt,
+        rate.clone(),
+    ));
     if let Some(key) = auth
-        .bootstrap(config.bootstrap_api_key.as_deref(), now_ms())
+        .keys
+        .bootstrap(config.bootstrap_api_key.as_deref())
         .await?
     {
         // Printed once, on the first start of an empty database; it is stored only as a hash.
@@ -164,6 +180,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "wal recovered"
     );
     let events = crate::inbox::Events::default();
+    tokio::spawn(events.router.clone().route_durable(node.clone()));
     let cluster = match joining {
         Some(j) => Some(
             start_cluster(
@@ -194,6 +211,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn({
+        let auth = auth.clone();
+        let stop = stop_rx.clone();
+        async move { auth.keys.run(stop).await }
+    });
+    tokio::spawn(crate::rate::run(
+        rate.clone(),
+        config
+            .clustered()
+            .then(|| config.redis_url.clone())
+            .flatten(),
+        stop_rx.clone(),
+    ));
     let state = AppState {
         node: node.clone(),
         store: store.clone(),
@@ -202,6 +232,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         events,
         shutdown: stop_rx.clone(),
         cluster: cluster.clone(),
+        rate,
+        sockets: Arc::new(crate::rate::OpenSockets::new(
+            config.limits.max_sockets_per_principal,
+        )),
     };
     let admin_state = AdminState {
         node: node.clone(),

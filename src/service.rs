@@ -95,6 +95,16 @@ pub async fn conversation(
     principal: &Principal,
     id: &ConversationId,
 ) -> Result<Conversation, ApiError> {
+    find_conversation(state, principal, id)
+        .await
+        .map_err(|e| access::conceal(principal, e))
+}
+
+async fn find_conversation(
+    state: &AppState,
+    principal: &Principal,
+    id: &ConversationId,
+) -> Result<Conversation, ApiError> {
     for _ in 0..MAX_ROUTES {
         match route(state, id) {
             Route::Local => match state.node.peek(id).await {
@@ -363,11 +373,12 @@ impl AppendQueue {
                         break;
                     };
                     if let Principal::User { .. } = self.principal {
-                        // Membership can change after a join.
-                        match self.state.node.conversation(&self.id).await {
-                            Ok(handle) => {
+                        // Membership can change after a join. Checked without starting the
+                        // conversation: a caller not allowed in it never activates it.
+                        match self.state.node.peek(&self.id).await {
+                            Ok(reader) => {
                                 if let Err(e) =
-                                    authorize_fresh(&self.state, &self.principal, &handle).await
+                                    authorize_reader(&self.state, &self.principal, &reader).await
                                 {
                                     out.push(Pending::Done(Err(e)));
                                     continue;
@@ -380,7 +391,10 @@ impl AppendQueue {
                                 continue;
                             }
                             Err(e) => {
-                                out.push(Pending::Done(Err(e.into())));
+                                out.push(Pending::Done(Err(access::conceal(
+                                    &self.principal,
+                                    e.into(),
+                                ))));
                                 continue;
                             }
                         }
@@ -496,6 +510,19 @@ pub async fn read(
     before_seq: Option<u64>,
     limit: usize,
 ) -> Result<(Vec<Arc<Message>>, u64), ApiError> {
+    read_routed(state, principal, id, after_seq, before_seq, limit)
+        .await
+        .map_err(|e| access::conceal(principal, e))
+}
+
+async fn read_routed(
+    state: &AppState,
+    principal: &Principal,
+    id: &ConversationId,
+    after_seq: Option<u64>,
+    before_seq: Option<u64>,
+    limit: usize,
+) -> Result<(Vec<Arc<Message>>, u64), ApiError> {
     for _ in 0..MAX_ROUTES {
         match route(state, id) {
             Route::Local => {
@@ -592,7 +619,7 @@ async fn read_archived(
 
 /// The last seq of a conversation, wherever it lives (the caller has authorized).
 pub async fn last_seq(state: &AppState, id: &ConversationId) -> Result<u64, ApiError> {
-    let principal = Principal::ApiKey { admin: false };
+    let principal = Principal::node();
     conversation(state, &principal, id)
         .await
         .map(|c| c.last_seq)

@@ -174,3 +174,140 @@ async fn admin_answers_internal_api_auth_metrics_and_drains() {
     .await;
     cluster.wait_node_state(2, 1, "left").await;
 }
+
+/// `[rate]` limits hold across the cluster (counters shared through Redis), and a key revoked
+/// through one node is refused by every node within about a second, its sockets closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_cluster_wide_and_revocation_reaches_every_node() {
+    const LIMIT: u64 = 20;
+    let rate = LIMIT.to_string() + "/s";
+    let Some(cluster) = TestCluster::start(3, &[("FERRY_RATE__APPENDS", rate.as_str())]).await
+    else {
+        return;
+    };
+    cluster.wait_balanced().await;
+    let n1 = cluster.node(1);
+    n1.create_conversation("limited", &["alice"]).await;
+
+    // One principal appending through all three nodes at once, as fast as they answer: the
+    // nodes together let about LIMIT per second through, not three times as many.
+    let run_for = Duration::from_secs(4);
+    let mut writers = Vec::new();
+    for i in 1..=3 {
+        let node = cluster.node(i);
+        let client = node.client();
+        let url = node.url("/v1/conversations/limited/messages");
+        writers.push(tokio::spawn(async move {
+            let (mut ok, mut limited) = (0u64, 0u64);
+            let start = std::time::Instant::now();
+            while start.elapsed() < run_for {
+                let resp = client
+                    .post(&url)
+                    .json(&json!({"sender": "alice", "content": "x"}))
+                    .send()
+                    .await
+                    .unwrap();
+                match resp.status().as_u16() {
+                    201 => ok += 1,
+                    429 => {
+                        let body: Value = resp.json().await.unwrap();
+                        assert_eq!(body["detail"], "rate_limited", "{body}");
+                        limited += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    other => panic!("append answered {other}"),
+                }
+            }
+            (ok, limited)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for w in writers {
+        let (o, l) = w.await.unwrap();
+        ok += o;
+        limited += l;
+    }
+    let per_node_ceiling = 3 * LIMIT * (run_for.as_secs() + 1);
+    let cluster_ceiling = LIMIT * (run_for.as_secs() + 1) * 3 / 2;
+    assert!(limited > 0, "nothing was limited");
+    assert!(
+        ok <= cluster_ceiling,
+        "{ok} appends passed in {run_for:?} at {LIMIT}/s across 3 nodes \
+         (per-node limits alone would allow {per_node_ceiling})"
+    );
+    assert!(
+        ok >= LIMIT * run_for.as_secs() / 2,
+        "only {ok} appends passed"
+    );
+
+    // A key used on every node, revoked through n1.
+    let created: Value = n1
+        .client()
+        .post(n1.admin_url("/admin/keys"))
+        .json(&json!({"name": "short-lived", "scope": "service"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let bearer = |node: &common::TestServer| {
+        reqwest::Client::new()
+            .get(node.url("/v1/conversations/limited"))
+            .bearer_auth(&key)
+    };
+    for i in 1..=3 {
+        let status = bearer(cluster.node(i)).send().await.unwrap().status();
+        assert_eq!(status, 200, "the new key works on n{i}");
+    }
+    let url = format!(
+        "ws://{}/socket/websocket?vsn=2.0.0&token={key}",
+        cluster.node(3).listen
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let revoked_at = std::time::Instant::now();
+    let resp = n1
+        .client()
+        .delete(n1.admin_url(&format!("/admin/keys/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for i in 1..=3 {
+        let node = cluster.node(i);
+        wait_for(
+            &format!("n{i} refuses the revoked key"),
+            Duration::from_secs(5),
+            || async {
+                match bearer(node).send().await.unwrap().status().as_u16() {
+                    401 => Ok(()),
+                    other => Err(format!("answered {other}")),
+                }
+            },
+        )
+        .await;
+        eprintln!(
+            "n{i} refused the revoked key {:?} after the revocation",
+            revoked_at.elapsed()
+        );
+    }
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(3),
+        "revocation took {:?} to reach every node",
+        revoked_at.elapsed()
+    );
+    // The socket opened with it on n3 is closed.
+    use futures_util::StreamExt;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                return true;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the revoked key's socket is closed");
+}

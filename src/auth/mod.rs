@@ -9,86 +9,138 @@
 //! or a path to a PEM file). Claim `sub` is the participant id; `exp` and `nbf` are checked when
 //! present. A credential with three dot-separated parts is treated as a JWT when JWTs are enabled.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+//! Authentication: who is calling, from `Authorization: Bearer <credential>` (HTTP), the
+//! `token` parameter (WebSocket, SSE), or the phoenix client's token subprotocol.
+//!
+//! - API keys ([`keys`]): hashed under a pepper, cached, scoped `admin | service | read`,
+//!   revocable and rotatable at run time.
+//! - End-user tokens ([`jwt`]): JWTs, enabled by `jwt_secret` (HS256) or `jwt_public_key`. Claim
+//!   `sub` is the participant id. A credential with three dot-separated parts is treated as a JWT
+//!   when JWTs are enabled.
+//!
+//! What a bad credential costs is bounded: a malformed one is refused before any hashing or SQL,
+//! an unknown key is remembered as unknown, lookups have their own pool, and a client IP past
+//! `rate.auth_failures_per_ip` is answered 429 before its credential is even looked at.
+
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use sha2::{Digest, Sha256};
 
 use ferry_shards::ids::ParticipantId;
 
 use crate::http::error::ApiError;
 use crate::metrics::count_auth_failure;
-use crate::store::Store;
+use crate::rate::RateLimits;
 
 mod jwt;
+pub mod keys;
 pub use jwt::JwtVerifier;
+pub use keys::{ApiKeys, KeyScope, Pepper};
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    ApiKey {
-        admin: bool,
-    },
+    /// An API key: acts for any participant, within its scope.
+    ApiKey { id: String, scope: KeyScope },
     /// An end user, from a JWT: reads and writes only where listed, always sends as itself.
-    User {
-        sub: ParticipantId,
-    },
+    User { sub: ParticipantId },
 }
 
-pub struct Auth {
-    store: Store,
-    jwt: Option<JwtVerifier>,
-    /// Known key hashes → admin flag. Keys are never revoked while running (no revocation API yet).
-    cache: RwLock<HashMap<String, bool>>,
-}
-
-pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
-/// A new random API key: `fk_` + 32 random bytes in hex.
-pub fn generate_key() -> String {
-    let bytes: [u8; 32] = rand::random();
-    format!("fk_{}", hex::encode(bytes))
-}
-
-impl Auth {
-    pub fn new(store: Store, jwt: Option<JwtVerifier>) -> Auth {
-        Auth {
-            store,
-            jwt,
-            cache: RwLock::new(HashMap::new()),
+impl Principal {
+    /// The node itself, acting for another node or for a caller it already authorized (a
+    /// node-to-node request carries no key of its own).
+    pub fn node() -> Principal {
+        Principal::ApiKey {
+            id: "node".to_owned(),
+            scope: KeyScope::Service,
         }
     }
 
-    /// Registers the bootstrap key, or on the first start of an empty database creates an admin
-    /// key and returns it so it can be printed once.
-    pub async fn bootstrap(
+    /// Whom limits are counted for: `key:<id>` or `user:<sub>`.
+    pub fn subject(&self) -> String {
+        match self {
+            Principal::ApiKey { id, .. } => format!("key:{id}"),
+            Principal::User { sub } => format!("user:{sub}"),
+        }
+    }
+
+    /// Sending, cursor moves and ephemeral events: not for a `read` key.
+    pub fn may_write(&self) -> Result<(), ApiError> {
+        match self {
+            Principal::ApiKey {
+                scope: KeyScope::Read,
+                ..
+            } => {
+                count_auth_failure("scope");
+                Err(ApiError::forbidden(
+                    "a read key may not send or move cursors",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            Principal::ApiKey {
+                scope: KeyScope::Admin,
+                ..
+            }
+        )
+    }
+}
+
+pub struct Auth {
+    pub keys: ApiKeys,
+    jwt: Option<JwtVerifier>,
+    rate: Arc<RateLimits>,
+}
+
+impl Auth {
+    pub fn new(keys: ApiKeys, jwt: Option<JwtVerifier>, rate: Arc<RateLimits>) -> Auth {
+        Auth { keys, jwt, rate }
+    }
+
+    /// Authenticates `token` from client `ip`: 429 while that IP is past its authentication
+    /// failures, else the principal or a 401 (a 429 when this failure is one too many).
+    pub async fn authenticate_from(
         &self,
-        bootstrap_key: Option<&str>,
-        now_ms: i64,
-    ) -> Result<Option<String>, crate::store::StoreError> {
-        if let Some(key) = bootstrap_key {
-            self.store
-                .insert_api_key(&hash_key(key), "bootstrap", true, now_ms)
-                .await?;
-            return Ok(None);
+        token: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<Principal, ApiError> {
+        let ip = ip.map(|ip| ip.to_string());
+        if let Some(limited) = ip.as_deref().and_then(|ip| self.rate.auth_blocked(ip)) {
+            // A key this node already knows costs nothing to check: clients behind the same
+            // address as a credential-guessing one keep working.
+            if let Some(key) = self.keys.lookup_cached(token) {
+                return Ok(Principal::ApiKey {
+                    id: key.id,
+                    scope: key.scope,
+                });
+            }
+            crate::metrics::count_rate_limited(limited.limit.as_str());
+            return Err(limited.into());
         }
-        if self.store.api_key_count().await? == 0 {
-            let key = generate_key();
-            self.store
-                .insert_api_key(&hash_key(&key), "generated admin", true, now_ms)
-                .await?;
-            return Ok(Some(key));
+        let result = self.authenticate_token(token).await;
+        if let (Err(e), Some(ip)) = (&result, ip.as_deref()) {
+            if e.code == crate::http::error::Code::Unauthorized {
+                self.rate.auth_failed(ip)?;
+            }
         }
-        Ok(None)
+        result
     }
 
     pub async fn authenticate_token(&self, token: &str) -> Result<Principal, ApiError> {
         if token.is_empty() {
             count_auth_failure("missing");
             return Err(ApiError::unauthorized("missing credentials"));
+        }
+        if !keys::well_formed(token) {
+            count_auth_failure("malformed");
+            crate::metrics::count_key_lookup("malformed");
+            return Err(ApiError::unauthorized("invalid credentials"));
         }
         if let Some(jwt) = &self.jwt {
             if token.split('.').count() == 3 {
@@ -105,46 +157,54 @@ impl Auth {
         })
     }
 
-    /// The API key `token`, if it is one.
+    /// The API key `token`, if it is one in force.
     async fn api_key(&self, token: &str) -> Result<Option<Principal>, ApiError> {
-        let hash = hash_key(token);
-        if let Some(admin) = self
-            .cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&hash)
-        {
-            return Ok(Some(Principal::ApiKey { admin: *admin }));
+        match self.keys.lookup(token).await {
+            Ok(found) => Ok(found.map(|k| Principal::ApiKey {
+                id: k.id,
+                scope: k.scope,
+            })),
+            Err(e) => {
+                tracing::warn!(error = %e, "api key lookup failed");
+                Err(ApiError::unavailable(
+                    "credentials cannot be checked right now",
+                ))
+            }
         }
-        let Some(admin) = self.store.api_key(&hash).await? else {
-            return Ok(None);
-        };
-        self.cache
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(hash, admin);
-        Ok(Some(Principal::ApiKey { admin }))
     }
 
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
-        let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
-            count_auth_failure("missing");
-            return Err(ApiError::unauthorized(
-                "missing Authorization: Bearer <api key>",
-            ));
+    /// Authenticates the `Authorization: Bearer` credential of a request from client `ip`.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        ip: Option<IpAddr>,
+    ) -> Result<Principal, ApiError> {
+        let token = match headers.get(axum::http::header::AUTHORIZATION) {
+            None => Err(("missing", "missing Authorization: Bearer <api key>")),
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map(str::trim)
+                .ok_or(("malformed", "Authorization must be: Bearer <api key>")),
         };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                count_auth_failure("malformed");
-                ApiError::unauthorized("Authorization must be: Bearer <api key>")
-            })?;
-        self.authenticate_token(token).await
+        match token {
+            Ok(token) => self.authenticate_from(token, ip).await,
+            Err((reason, message)) => {
+                let ip = ip.map(|ip| ip.to_string());
+                if let Some(ip) = ip.as_deref() {
+                    if let Some(limited) = self.rate.auth_blocked(ip) {
+                        crate::metrics::count_rate_limited(limited.limit.as_str());
+                        return Err(limited.into());
+                    }
+                    self.rate.auth_failed(ip)?;
+                }
+                count_auth_failure(reason);
+                Err(ApiError::unauthorized(message))
+            }
+        }
     }
 }

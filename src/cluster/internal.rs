@@ -117,7 +117,7 @@ async fn owns(state: &InternalState, id: &ConversationId, epoch: u64) -> bool {
 
 fn principal_of(user: &Option<String>) -> Result<Principal, ApiError> {
     match user {
-        None => Ok(Principal::ApiKey { admin: false }),
+        None => Ok(Principal::node()),
         Some(sub) => ParticipantId::parse(sub)
             .map(|sub| Principal::User { sub })
             .map_err(|e| ApiError::invalid(e.to_string())),

@@ -141,6 +141,37 @@ impl ApiError {
         e
     }
 
+    /// 429 past a `[rate]` limit (`limit` names it in the message; `detail` is `rate_limited`).
+    pub fn rate_limited(limit: &str, retry_after_ms: u64) -> ApiError {
+        let mut e = ApiError::new(
+            Code::TryAgain,
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("rate limited ({limit}), retry later"),
+        );
+        e.retry_after_ms = Some(retry_after_ms);
+        e.reason = Some("rate_limited");
+        e
+    }
+
+    /// 429: the principal has `max` sockets open on this node already.
+    pub fn too_many_sockets(max: usize) -> ApiError {
+        let mut e = ApiError::new(
+            Code::TryAgain,
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("at most {max} sockets and streams may be open per principal"),
+        );
+        e.retry_after_ms = Some(1000);
+        e.reason = Some("too_many_sockets");
+        e
+    }
+
+    /// A socket joining more topics than `limits.max_topics_per_socket`.
+    pub fn too_many_topics(max: usize) -> ApiError {
+        let mut e = ApiError::invalid(format!("a socket may join at most {max} topics"));
+        e.reason = Some("too_many_topics");
+        e
+    }
+
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         let mut e = ApiError::try_again(TryAgainReason::Unavailable, 1000);
         e.message = message.into();
@@ -178,6 +209,9 @@ fn known_reason(reason: &str) -> Option<&'static str> {
         "not_joined",
         "unknown_event",
         "activating",
+        "rate_limited",
+        "too_many_topics",
+        "too_many_sockets",
     ];
     REASONS.iter().find(|r| **r == reason).copied()
 }

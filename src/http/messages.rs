@@ -101,6 +101,8 @@ pub async fn append(
     PathParam(raw_id): PathParam,
     JsonBody(body): JsonBody<AppendBody>,
 ) -> Result<Response, ApiError> {
+    principal.may_write()?;
+    state.rate.check_append(&principal.subject())?;
     let id = conversation_id(&raw_id)?;
     let header_key = headers
         .get("idempotency-key")

@@ -47,6 +47,10 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// This node's cluster membership; `None` for a node that runs alone.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// The `[rate]` limits.
+    pub rate: Arc<crate::rate::RateLimits>,
+    /// WebSockets and SSE streams open per principal.
+    pub sockets: Arc<crate::rate::OpenSockets>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -118,7 +122,12 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        state.auth.authenticate(&parts.headers).await.map(Caller)
+        let ip = transport::client_ip(&parts.extensions);
+        state
+            .auth
+            .authenticate(&parts.headers, ip)
+            .await
+            .map(Caller)
     }
 }
 
@@ -205,6 +214,7 @@ async fn put_conversation(
     JsonBody(body): JsonBody<PutConversation>,
 ) -> Result<Response, ApiError> {
     crate::access::require_api_key(&principal)?;
+    principal.may_write()?;
     let id = conversation_id(&raw_id)?;
     if body.participants.len() > state.config.limits.max_participants {
         return Err(ApiError::invalid(format!(

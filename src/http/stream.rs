@@ -15,6 +15,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::transport::ClientIp;
 use super::{conversation_id, AppState, Caller, PathParam};
 use crate::delivery::Cursor;
 
@@ -29,6 +30,7 @@ const PAGE: usize = 500;
 pub async fn sse(
     State(state): State<AppState>,
     headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     Caller(principal): Caller,
     PathParam(raw_id): PathParam,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
@@ -53,6 +55,10 @@ pub async fn sse(
         (None, Some(v)) => parse("after_seq", v)?,
         (None, None) => 0,
     };
+    if let Some(ip) = ip {
+        state.rate.check_connect(&ip.to_string())?;
+    }
+    let place = state.sockets.open(&principal.subject())?;
     let conversation = crate::service::follow(&state, &principal, &id).await?;
     let first_available = state.store.first_available_seq(&id).await?;
     let gap = (after_seq.saturating_add(1) < first_available).then(|| {
@@ -74,6 +80,8 @@ pub async fn sse(
     let stream = stream::iter(gap)
         .chain(events(cursor))
         .take_until(async move {
+            // The stream's place among its principal's sockets lasts as long as the stream.
+            let _place = place;
             let _ = shutdown.wait_for(|stopping| *stopping).await;
         });
     Ok(Sse::new(stream)

@@ -78,11 +78,11 @@ pub async fn serve(
     let gauge = metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => name);
     let mut accept_backoff = Duration::from_millis(5);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     accept_backoff = Duration::from_millis(5);
-                    stream
+                    (stream, peer)
                 }
                 Err(e) => {
                     // Out of descriptors (or memory): accepting again at once would spin.
@@ -120,8 +120,10 @@ pub async fn serve(
             let app = app.clone();
             async move {
                 state.request_started();
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(ClientAddr(peer));
                 let response = app
-                    .oneshot(request.map(Body::new))
+                    .oneshot(request)
                     .await
                     .unwrap_or_else(|never| match never {});
                 if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
@@ -150,6 +152,29 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The address a request's connection comes from (rate limits per client IP read it).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// The client IP of a request, when it came through [`serve`].
+pub fn client_ip(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions.get::<ClientAddr>().map(|a| a.0.ip())
+}
+
+/// Extractor: the client IP of the request, if known.
+pub struct ClientIp(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(client_ip(&parts.extensions)))
+    }
 }
 
 /// What the service tells the socket wrapper about its connection.

@@ -88,6 +88,7 @@ mod segments;
 mod validate;
 
 pub use conversations::Upserted;
+pub use keys::{KeyChange, KeyRow, NewKey};
 pub use segments::SegmentRow;
 pub use validate::{check_storable_json, MAX_JSON_DEPTH};
 

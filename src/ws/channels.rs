@@ -125,6 +125,10 @@ pub struct SocketChannels {
     in_flight_limit: usize,
     /// Pipelines of topics that were left, still answering their last appends.
     draining: Vec<AbortHandle>,
+    /// `rate.ephemeral`: this socket's `chunk` and `typing` events.
+    ephemeral_limit: Option<crate::rate::Limiter>,
+    /// Whom the principal's limits are counted for.
+    subject: String,
 }
 
 impl Drop for SocketChannels {
@@ -218,6 +222,8 @@ impl SocketChannels {
         outbox: Outbox,
     ) -> SocketChannels {
         let in_flight_limit = state.config.limits.socket_in_flight.max(1);
+        let state_rate_ephemeral = state.rate.ephemeral();
+        let subject = principal.subject();
         SocketChannels {
             state,
             principal,
@@ -227,6 +233,8 @@ impl SocketChannels {
             in_flight: Arc::new(Semaphore::new(in_flight_limit)),
             in_flight_limit,
             draining: Vec::new(),
+            ephemeral_limit: state_rate_ephemeral,
+            subject,
         }
     }
 
@@ -253,7 +261,12 @@ impl SocketChannels {
             self.retire(old);
             self.outbox.send(close).await;
         }
-        match parse_topic(&frame.topic)? {
+        let topic = parse_topic(&frame.topic)?;
+        let max_topics = self.state.config.limits.max_topics_per_socket;
+        if self.topics.len() >= max_topics {
+            return Err(ApiError::too_many_topics(max_topics));
+        }
+        match topic {
             Topic::Conversation(id) => self.join_conversation(frame, id).await,
             Topic::Inbox(participant) => self.join_inbox(frame, participant).await,
         }
@@ -344,11 +357,15 @@ impl SocketChannels {
         access::act_for(&self.principal, &participant)?;
         // Watching starts before the snapshot is read, so no change falls between the two.
         let watch = InboxWatch::new(self.state.clone(), participant.clone()).await?;
-        let conversations = inbox::snapshot(&self.state, &participant).await?;
+        let (conversations, has_more) =
+            inbox::snapshot(&self.state, &participant, None, inbox::MAX_SNAPSHOT_PAGE).await?;
         let to = frame.address();
         if !self
             .outbox
-            .ok(&to, &json!({ "conversations": conversations }))
+            .ok(
+                &to,
+                &json!({ "conversations": conversations, "has_more": has_more }),
+            )
             .await
         {
             return Ok(());
@@ -409,6 +426,8 @@ impl SocketChannels {
 
     /// Validates on the reader (errors are answered at once) and queues the append.
     fn send(&mut self, frame: &Frame, id: &ConversationId) -> Result<(), ApiError> {
+        self.principal.may_write()?;
+        self.state.rate.check_append(&self.subject)?;
         let body: AppendBody = parse_payload(&frame.payload, "send")?;
         let sender = access::sender(&self.principal, body.sender.as_deref())?;
         let request = build_request(
@@ -462,6 +481,7 @@ impl SocketChannels {
         } else {
             "ack"
         };
+        self.principal.may_write()?;
         let body: CursorBody = parse_payload(&frame.payload, event)?;
         let participant = acting_participant(&self.principal, body.participant.as_deref())?;
         let permit = self.permit()?;
@@ -489,6 +509,10 @@ impl SocketChannels {
         id: &ConversationId,
         event: &'static str,
     ) -> Result<(), ApiError> {
+        self.principal.may_write()?;
+        if let Some(limit) = &self.ephemeral_limit {
+            limit.check("", crate::rate::unix_ms())?;
+        }
         let max = self.state.config.limits.max_message_bytes;
         if frame.payload.get().len() > max {
             return Err(ApiError::too_large(format!(
@@ -812,7 +836,7 @@ mod tests {
 
     #[test]
     fn api_keys_must_name_the_participant_users_are_themselves() {
-        let key = Principal::ApiKey { admin: false };
+        let key = Principal::node();
         assert_eq!(
             acting_participant(&key, None).unwrap_err().code.as_str(),
             "invalid"

@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::http::error::ApiError;
+use crate::http::transport::ClientIp;
 use crate::http::AppState;
 use channels::SocketChannels;
 use session::SessionConfig;
@@ -69,10 +70,11 @@ pub fn routes() -> Router<AppState> {
 
 async fn upgrade(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match accept(state, query, ws).await {
+    match accept(state, ip, query, ws).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -80,6 +82,7 @@ async fn upgrade(
 
 async fn accept(
     state: AppState,
+    ip: Option<std::net::IpAddr>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -98,14 +101,23 @@ async fn accept(
         metrics::rejected("not_websocket");
         ApiError::invalid(format!("expected a WebSocket upgrade: {e}"))
     })?;
+    if let Some(ip) = ip {
+        state.rate.check_connect(&ip.to_string()).inspect_err(|_| {
+            metrics::rejected("rate_limited");
+        })?;
+    }
     let token = token(&params, ws.requested_protocols()).unwrap_or_default();
     let principal = state
         .auth
-        .authenticate_token(&token)
+        .authenticate_from(&token, ip)
         .await
         .inspect_err(|_| {
             metrics::rejected("unauthorized");
         })?;
+    let place = state
+        .sockets
+        .open(&principal.subject())
+        .inspect_err(|_| metrics::rejected("too_many_sockets"))?;
     let max_frame = state.config.limits.max_frame_bytes;
     Ok(ws
         .protocols([SUBPROTOCOL])
@@ -113,7 +125,7 @@ async fn accept(
         .max_frame_size(max_frame)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| serve(state, principal, socket)))
+        .on_upgrade(move |socket| serve(state, principal, socket, place)))
 }
 
 /// The credential: query `token`, else the phoenix client's token subprotocol.
@@ -160,11 +172,16 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
+async fn serve(
+    state: AppState,
+    principal: Principal,
+    socket: WebSocket,
+    _place: crate::rate::SocketPlace,
+) {
     let socket_id = crate::inbox::next_socket_id();
     let (auth, participant) = match &principal {
         Principal::ApiKey { .. } => ("api_key", None),
-        Principal::User { sub } => ("user", Some(sub.to_string())),
+        Principal::User { sub, .. } => ("user", Some(sub.to_string())),
     };
     let span = tracing::info_span!("ws", socket = socket_id, auth, participant);
     async move {

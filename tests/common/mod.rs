@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod pg;
 pub mod s3;
+pub mod ws;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -45,12 +46,21 @@ pub struct ServerBuilder {
     bootstrap_key: Option<String>,
     /// Pass `--listen 127.0.0.1:0 --admin-listen 127.0.0.1:0`; off for config-precedence tests.
     listen_flags: bool,
+    /// Keep the `[rate]` defaults. Off by default: tests drive one key and one IP far past
+    /// them; the tests of the limits turn them on.
+    rate_limits: bool,
 }
 
 impl ServerBuilder {
     /// Sets `FERRY_*` (or any) environment variable for the child.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Keeps the `[rate]` limits at their defaults (or what the test's env and config set).
+    pub fn with_rate_limits(mut self) -> Self {
+        self.rate_limits = true;
         self
     }
 
@@ -112,6 +122,16 @@ impl ServerBuilder {
         cmd.env("FERRY_LOG", "info").env("NO_COLOR", "1");
         if let Some(key) = &self.bootstrap_key {
             cmd.env("FERRY_BOOTSTRAP_API_KEY", key);
+        }
+        if !self.rate_limits {
+            for limit in [
+                "APPENDS",
+                "CONNECTS_PER_IP",
+                "AUTH_FAILURES_PER_IP",
+                "EPHEMERAL",
+            ] {
+                cmd.env(format!("FERRY_RATE__{limit}"), "0");
+            }
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -205,6 +225,7 @@ impl TestServer {
             args: Vec::new(),
             bootstrap_key: Some(API_KEY.to_owned()),
             listen_flags: true,
+            rate_limits: false,
         }
     }
 
