@@ -163,14 +163,19 @@ impl LostRanges {
     /// True when every lsn in `first..=last` is either ≤ `checkpoint` or declared lost, so the
     /// log may jump over it.
     pub fn covers(&self, first: Lsn, last: Lsn, checkpoint: Lsn) -> bool {
-        let mut next = first.max(checkpoint.saturating_add(1));
+        // Checked, not saturating, additions: a checkpoint or a lost range that reaches
+        // `u64::MAX` covers everything after it, and a saturated `next` would never pass `last`.
+        let Some(after_checkpoint) = checkpoint.checked_add(1) else {
+            return true;
+        };
+        let mut next = first.max(after_checkpoint);
         while next <= last {
             match self.0.iter().find(|(a, b)| *a <= next && next <= *b) {
-                Some((_, b)) => next = b.saturating_add(1),
+                Some((_, b)) => match b.checked_add(1) {
+                    Some(after) => next = after,
+                    None => return true,
+                },
                 None => return false,
-            }
-            if next == 0 {
-                return true; // wrapped past u64::MAX
             }
         }
         true
@@ -204,5 +209,20 @@ mod tests {
         let mut bad = lost.encode();
         bad[9] ^= 1;
         assert!(LostRanges::decode(&bad).is_err());
+    }
+
+    // Found by the `wal_checkpoint` fuzz target: with a checkpoint at `u64::MAX` the lsn
+    // `u64::MAX` counted as uncovered. The same saturating addition made a lost range ending at
+    // `u64::MAX` loop for ever.
+    #[test]
+    fn ranges_reaching_the_last_lsn() {
+        let none = LostRanges::default();
+        assert!(none.covers(u64::MAX, u64::MAX, u64::MAX));
+        assert!(none.covers(3, u64::MAX, u64::MAX));
+        assert!(!none.covers(u64::MAX, u64::MAX, u64::MAX - 1));
+        let to_the_end = LostRanges(vec![(5, u64::MAX)]);
+        assert!(to_the_end.covers(5, u64::MAX, 0));
+        assert!(to_the_end.covers(u64::MAX, u64::MAX, 0));
+        assert!(!to_the_end.covers(4, u64::MAX, 0));
     }
 }
