@@ -123,7 +123,10 @@ pub fn header(bytes: &[u8]) -> Result<SegmentHeader, SegmentError> {
         record_count: u32_at(bytes, 28),
         raw_len: u32_at(bytes, 32),
     };
-    if h.last_seq < h.first_seq || h.last_seq - h.first_seq + 1 != h.record_count as u64 {
+    // Without the `+ 1` a header spanning every seq (0..=u64::MAX) cannot overflow the check.
+    if h.record_count == 0
+        || h.last_seq.checked_sub(h.first_seq) != Some(u64::from(h.record_count) - 1)
+    {
         return corrupt(format!(
             "seqs {}..={} do not match {} records",
             h.first_seq, h.last_seq, h.record_count
@@ -152,9 +155,19 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Arc<Message>>, SegmentError> {
             h.raw_len
         )));
     }
-    let mut out: Vec<Arc<Message>> = Vec::with_capacity(h.record_count as usize);
+    // The header's count is a claim until the records are read, so it does not size the
+    // allocation alone: every record takes at least its 8-byte header.
+    let mut out: Vec<Arc<Message>> =
+        Vec::with_capacity((h.record_count as usize).min(block.len() / 8));
     let mut at = 0;
     while at < block.len() {
+        // Stopping at the count also keeps `first_seq + out.len()` below `last_seq`.
+        if out.len() == h.record_count as usize {
+            return Err(corrupt(format!(
+                "more records than the {} the header says",
+                h.record_count
+            )));
+        }
         if block.len() - at < 8 {
             return Err(corrupt(format!("truncated record header at {at}")));
         }
@@ -264,6 +277,53 @@ mod tests {
         }
         assert!(decode(&bytes[..bytes.len() - 1]).is_err(), "truncated");
         assert!(decode(&bytes[..HEADER_LEN - 1]).is_err(), "short header");
+    }
+
+    /// A segment with the given header fields around `block`, every checksum right.
+    fn object(first_seq: u64, last_seq: u64, record_count: u32, block: &[u8]) -> Vec<u8> {
+        let body = zstd::bulk::compress(block, 1).unwrap();
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&[VERSION, CODEC_ZSTD, 0, 0]);
+        out.extend_from_slice(&first_seq.to_le_bytes());
+        out.extend_from_slice(&last_seq.to_le_bytes());
+        out.extend_from_slice(&record_count.to_le_bytes());
+        out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        let header_crc = crc32fast::hash(&out);
+        out.extend_from_slice(&header_crc.to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn block_of(messages: &[Arc<Message>]) -> Vec<u8> {
+        let bytes = encode(messages).unwrap();
+        zstd::bulk::decompress(&bytes[HEADER_LEN..], MAX_RAW_BYTES).unwrap()
+    }
+
+    // Found by the `cold_segment` fuzz target: a header claiming u32::MAX records sized a 32 GiB
+    // allocation before a single record was read, and the process aborted.
+    #[test]
+    fn a_huge_record_count_is_an_error_not_an_allocation() {
+        let block = block_of(&run(0, 1));
+        let bytes = object(0, u64::from(u32::MAX) - 1, u32::MAX, &block);
+        assert!(matches!(decode(&bytes), Err(SegmentError::Corrupt(_))));
+    }
+
+    // Seq arithmetic at the edges of u64: a header spanning every seq, and more records than the
+    // header's count ending at u64::MAX, are errors rather than overflows.
+    #[test]
+    fn seqs_at_the_edges_do_not_overflow() {
+        let block = block_of(&run(0, 1));
+        assert!(matches!(
+            decode(&object(0, u64::MAX, 0, &block)),
+            Err(SegmentError::Corrupt(_))
+        ));
+        let mut two = block_of(&[message("c:1", u64::MAX, "x")]);
+        two.extend_from_slice(&two.clone());
+        let bytes = object(u64::MAX, u64::MAX, 1, &two);
+        let err = decode(&bytes).unwrap_err();
+        assert!(format!("{err}").contains("more records"), "{err}");
     }
 
     #[test]
