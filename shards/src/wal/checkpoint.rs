@@ -30,7 +30,8 @@ pub fn encode_checkpoint(archived: Lsn) -> Vec<u8> {
     buf
 }
 
-fn decode_checkpoint(bytes: &[u8]) -> Result<Lsn, String> {
+/// Decodes a `checkpoint` file's bytes; the reason as text when they are damaged.
+pub fn decode_checkpoint(bytes: &[u8]) -> Result<Lsn, String> {
     if bytes.len() != 16 {
         return Err(format!(
             "checkpoint file is {} bytes, expected 16",
@@ -112,7 +113,8 @@ impl LostRanges {
         })
     }
 
-    fn decode(bytes: &[u8]) -> Result<LostRanges, String> {
+    /// Decodes a `lost-lsns` file's bytes; the reason as text when they are damaged.
+    pub fn decode(bytes: &[u8]) -> Result<LostRanges, String> {
         if bytes.len() < 12 || &bytes[..4] != LOST_MAGIC {
             return Err("lost-lsns file has a bad header".into());
         }
@@ -138,7 +140,7 @@ impl LostRanges {
         ))
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(12 + self.0.len() * 16);
         buf.extend_from_slice(LOST_MAGIC);
         buf.extend_from_slice(&(self.0.len() as u32).to_le_bytes());
