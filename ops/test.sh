@@ -138,6 +138,44 @@ ensure_promtool() {
   export FERRY_REQUIRE_PROMTOOL=1
 }
 
+# The fuzz targets under fuzz/ (cargo-fuzz layout; docs/security.md, "Fuzzing"). cargo-fuzz hands
+# rustc nightly-only flags (-Z sanitizer coverage options); RUSTC_BOOTSTRAP=1 makes the stable
+# toolchain accept them, so no nightly toolchain is needed.
+CARGO_FUZZ_VERSION=0.13.2
+ensure_cargo_fuzz() {
+  if ! cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
+    log "installing cargo-fuzz $CARGO_FUZZ_VERSION (takes a minute or two once)"
+    cargo install --locked "cargo-fuzz@$CARGO_FUZZ_VERSION" >&2
+  fi
+}
+
+# A short run of every target (FERRY_FUZZ_SECONDS each, 10 by default; 0 skips fuzzing), starting
+# from the committed seeds. A crash, a panic or an input that runs past 10 s fails the test run;
+# libFuzzer leaves the input under fuzz/artifacts/<target>/. No sanitizer: the decoders hold no
+# unsafe code, and the build is several times faster without one.
+run_fuzz_targets() {
+  local seconds="${FERRY_FUZZ_SECONDS:-10}"
+  [ "$seconds" != 0 ] || return 0
+  ensure_cargo_fuzz
+  # cargo-fuzz has no --locked: check the lock file first, as the other builds do.
+  cargo fetch --locked --manifest-path fuzz/Cargo.toml
+  log "building the fuzz targets"
+  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build --sanitizer none)
+  local target out
+  for target in $(cd fuzz && cargo fuzz list); do
+    mkdir -p "fuzz/corpus/$target"
+    out="fuzz/target/fuzz-$target.log"
+    if (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$target" \
+      "corpus/$target" "seeds/$target" -- -max_total_time="$seconds" -timeout=10) >"$out" 2>&1; then
+      log "fuzz $target: $(grep -E '^Done [0-9]+ runs' "$out" || echo 'done')"
+    else
+      cat "$out" >&2
+      log "fuzz target $target failed; the input is under fuzz/artifacts/$target/"
+      exit 1
+    fi
+  done
+}
+
 ensure_build_tools
 ensure_promtool
 ensure_node
@@ -148,3 +186,5 @@ ensure_s3s_fs
 log "running the test suite"
 # One build shared by every test binary; tests run in parallel within each binary.
 cargo test --workspace --locked "$@"
+
+run_fuzz_targets

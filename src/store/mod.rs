@@ -43,7 +43,8 @@
 //! - `segments.rs`: the cold tier's segment index and reads merged across SQL and segments;
 //! - `compaction.rs`: the queries the compactor moves messages out of SQL with;
 //! - `retention.rs`: deleting expired history, and the `expired_through_seq` it leaves behind;
-//! - `validate.rs`: [`check_storable_json`], the gateway's check that a value can be stored.
+//! - [`check_storable_json`], the gateway's check that a value can be stored, lives in
+//!   [`ferry_codec::storable`] (where the fuzz targets reach it) and is re-exported here.
 //!
 //! This file holds the handle itself: backend selection, connecting, migrations, [`with_pool!`],
 //! the fence a cluster member writes under, and the [`Archive`] glue.
@@ -85,12 +86,11 @@ mod keys;
 mod messages;
 mod retention;
 mod segments;
-mod validate;
 
 pub use conversations::Upserted;
+pub use ferry_codec::storable::{check_storable_json, MAX_JSON_DEPTH};
 pub use keys::{KeyChange, KeyRow, NewKey};
 pub use segments::SegmentRow;
-pub use validate::{check_storable_json, MAX_JSON_DEPTH};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

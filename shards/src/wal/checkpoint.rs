@@ -30,7 +30,8 @@ pub fn encode_checkpoint(archived: Lsn) -> Vec<u8> {
     buf
 }
 
-fn decode_checkpoint(bytes: &[u8]) -> Result<Lsn, String> {
+/// Decodes a `checkpoint` file's bytes; the reason as text when they are damaged.
+pub fn decode_checkpoint(bytes: &[u8]) -> Result<Lsn, String> {
     if bytes.len() != 16 {
         return Err(format!(
             "checkpoint file is {} bytes, expected 16",
@@ -112,7 +113,8 @@ impl LostRanges {
         })
     }
 
-    fn decode(bytes: &[u8]) -> Result<LostRanges, String> {
+    /// Decodes a `lost-lsns` file's bytes; the reason as text when they are damaged.
+    pub fn decode(bytes: &[u8]) -> Result<LostRanges, String> {
         if bytes.len() < 12 || &bytes[..4] != LOST_MAGIC {
             return Err("lost-lsns file has a bad header".into());
         }
@@ -138,7 +140,7 @@ impl LostRanges {
         ))
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(12 + self.0.len() * 16);
         buf.extend_from_slice(LOST_MAGIC);
         buf.extend_from_slice(&(self.0.len() as u32).to_le_bytes());
@@ -163,14 +165,19 @@ impl LostRanges {
     /// True when every lsn in `first..=last` is either ≤ `checkpoint` or declared lost, so the
     /// log may jump over it.
     pub fn covers(&self, first: Lsn, last: Lsn, checkpoint: Lsn) -> bool {
-        let mut next = first.max(checkpoint.saturating_add(1));
+        // Checked, not saturating, additions: a checkpoint or a lost range that reaches
+        // `u64::MAX` covers everything after it, and a saturated `next` would never pass `last`.
+        let Some(after_checkpoint) = checkpoint.checked_add(1) else {
+            return true;
+        };
+        let mut next = first.max(after_checkpoint);
         while next <= last {
             match self.0.iter().find(|(a, b)| *a <= next && next <= *b) {
-                Some((_, b)) => next = b.saturating_add(1),
+                Some((_, b)) => match b.checked_add(1) {
+                    Some(after) => next = after,
+                    None => return true,
+                },
                 None => return false,
-            }
-            if next == 0 {
-                return true; // wrapped past u64::MAX
             }
         }
         true
@@ -204,5 +211,20 @@ mod tests {
         let mut bad = lost.encode();
         bad[9] ^= 1;
         assert!(LostRanges::decode(&bad).is_err());
+    }
+
+    // Found by the `wal_checkpoint` fuzz target: with a checkpoint at `u64::MAX` the lsn
+    // `u64::MAX` counted as uncovered. The same saturating addition made a lost range ending at
+    // `u64::MAX` loop for ever.
+    #[test]
+    fn ranges_reaching_the_last_lsn() {
+        let none = LostRanges::default();
+        assert!(none.covers(u64::MAX, u64::MAX, u64::MAX));
+        assert!(none.covers(3, u64::MAX, u64::MAX));
+        assert!(!none.covers(u64::MAX, u64::MAX, u64::MAX - 1));
+        let to_the_end = LostRanges(vec![(5, u64::MAX)]);
+        assert!(to_the_end.covers(5, u64::MAX, 0));
+        assert!(to_the_end.covers(u64::MAX, u64::MAX, 0));
+        assert!(!to_the_end.covers(4, u64::MAX, 0));
     }
 }
