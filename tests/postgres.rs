@@ -61,7 +61,23 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "updated_at_ms",
         ],
     ),
-    ("api_keys", &["key_hash", "name", "admin", "created_at_ms"]),
+    (
+        "api_keys",
+        &[
+            "key_hash",
+            "name",
+            "admin",
+            "created_at_ms",
+            "id",
+            "scope",
+            "hash_version",
+            "pepper_id",
+            "expires_at_ms",
+            "revoked_at_ms",
+            "last_used_at_ms",
+            "changed_at_ms",
+        ],
+    ),
     (
         "message_segments",
         &[
