@@ -402,7 +402,8 @@ impl Outcomes {
                 TryAgainReason::Restarting | TryAgainReason::Activating => &self.restarting,
                 TryAgainReason::Unavailable
                 | TryAgainReason::SlotMoving
-                | TryAgainReason::OwnerUnavailable => &self.unavailable,
+                | TryAgainReason::OwnerUnavailable
+                | TryAgainReason::DiskFull => &self.unavailable,
             },
             _ => &self.other_errors,
         };

@@ -53,8 +53,9 @@ pub type Segment = Arc<Vec<Arc<Message>>>;
 
 pub struct ColdTier {
     store: Arc<dyn ObjectStore>,
-    /// Set for `file://`: lets `put` find and fsync the file it wrote.
-    local: Option<Arc<LocalFileSystem>>,
+    /// Set for `file://`: lets `put` find and fsync the file it wrote, and the directories up to
+    /// the tier's root (the second field).
+    local: Option<(Arc<LocalFileSystem>, std::path::PathBuf)>,
     /// Key prefix inside the bucket (empty for `file://`).
     prefix: Vec<String>,
     /// The URL, for logs.
@@ -65,11 +66,12 @@ pub struct ColdTier {
 impl ColdTier {
     pub fn open(url: &str) -> Result<ColdTier, ColdError> {
         if let Some(dir) = url.strip_prefix("file://") {
-            std::fs::create_dir_all(dir)?;
-            let fs = Arc::new(LocalFileSystem::new_with_prefix(dir)?);
+            ferry_shards::wal::io::create_dir_all_durably(std::path::Path::new(dir))?;
+            let root = std::fs::canonicalize(dir)?;
+            let fs = Arc::new(LocalFileSystem::new_with_prefix(&root)?);
             return Ok(ColdTier {
                 store: fs.clone(),
-                local: Some(fs),
+                local: Some((fs, root)),
                 prefix: Vec::new(),
                 url: url.to_owned(),
                 cache: Mutex::new(SegmentCache::default()),
@@ -134,12 +136,21 @@ impl ColdTier {
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), ColdError> {
         let path = parse_key(key)?;
         self.store.put(&path, PutPayload::from(bytes)).await?;
-        if let Some(fs) = &self.local {
+        if let Some((fs, root)) = &self.local {
             let file = fs.path_to_filesystem(&path)?;
+            let root = root.clone();
             tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 std::fs::File::open(&file)?.sync_all()?;
-                if let Some(dir) = file.parent() {
-                    std::fs::File::open(dir)?.sync_all()?;
+                // `object_store` creates `conversations/<id>/` as needed without syncing: each
+                // directory's name is durable only once its parent is synced, so sync every
+                // directory from the file's up to the tier's root.
+                let mut dir = file.parent();
+                while let Some(d) = dir {
+                    std::fs::File::open(d)?.sync_all()?;
+                    if d == root || !d.starts_with(&root) {
+                        break;
+                    }
+                    dir = d.parent();
                 }
                 Ok(())
             })

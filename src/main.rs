@@ -242,7 +242,7 @@ fn main() -> ExitCode {
             Config::load(args.config.as_deref(), &overrides).and_then(|config| {
                 init_tracing(config.log_format == "json");
                 runtime()?.block_on(async {
-                    std::fs::create_dir_all(&config.data_dir)?;
+                    ferry_shards::wal::io::create_dir_all_durably(&config.data_dir)?;
                     let url = config.database_url();
                     let mut options = config.store_options();
                     options.pool_size = 2;

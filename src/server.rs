@@ -23,7 +23,7 @@ use crate::store::Store;
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let prometheus = crate::metrics::install()?;
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.data_dir)
+    ferry_shards::wal::io::create_dir_all_durably(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
 
     let database_url = config.database_url();

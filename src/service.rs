@@ -36,6 +36,16 @@ use crate::metrics as m;
 /// Routing attempts before a request gives up with `try_again` (slots do not move that often).
 const MAX_ROUTES: usize = 6;
 
+/// The highest seq a conversation can have: the archive stores seqs as signed 64-bit integers.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// A seq a client gave as a position (`after_seq`, `before_seq`, `Last-Event-ID`, a join's
+/// `after_seq`), clamped to [`MAX_SEQ`]: any position past the last message means the same
+/// thing, and everything downstream may add one to it without overflowing.
+pub fn clamp_seq(seq: u64) -> u64 {
+    seq.min(MAX_SEQ)
+}
+
 /// The end user a request comes from, for the owner's membership check.
 fn user_of(principal: &Principal) -> Option<String> {
     match principal {
@@ -265,7 +275,7 @@ fn decode_messages(
         .map(|m| {
             m.into_message()
                 .map(Arc::new)
-                .map_err(|e| ApiError::unavailable(format!("owner sent a bad message: {e}")))
+                .map_err(|e| ApiError::internal("the owner sent a bad message", e))
         })
         .collect()
 }
@@ -613,7 +623,7 @@ async fn read_archived(
                 .await
         }
     }
-    .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    .map_err(|e| ApiError::internal("history unavailable", e))?;
     Ok((messages, last_seq))
 }
 
@@ -642,7 +652,7 @@ pub async fn reserved_ranges(
         .db()
         .reservations(id.as_str())
         .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::internal("history unavailable", e))?;
     Ok(reservations
         .into_iter()
         .map(|r| (r.from_seq, r.to_seq))
@@ -847,7 +857,7 @@ pub async fn fetch_after(
         .store
         .read_messages(id, after_seq, u64::MAX, limit, false)
         .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::internal("history unavailable", e))?;
     Ok(Fetched::Messages(messages))
 }
 

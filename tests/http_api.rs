@@ -1059,3 +1059,98 @@ async fn pages_are_bounded_in_bytes_as_well_as_count() {
     );
     assert!(page.has_more);
 }
+
+/// Every number a client supplies — positions, limits, cursor seqs — at and past the edges of
+/// u64: a clear `invalid`, or clamped to "past the end", never a panic, a wrap or a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_numbers_are_invalid_or_clamped_never_500() {
+    let server = TestServer::start();
+    server.create_conversation("edge", &["alice"]).await;
+    for i in 0..3 {
+        server.append("edge", "alice", json!(i)).await;
+    }
+    let client = server.client();
+    let max = u64::MAX.to_string();
+    let past = "18446744073709551616";
+
+    // Positions past the end read as "nothing after it"; from the end backwards, everything.
+    for query in [
+        format!("after_seq={max}"),
+        format!("after_seq={}", i64::MAX),
+    ] {
+        let page = server.page("edge", &query).await;
+        assert!(page.messages.is_empty() && !page.has_more, "{query}");
+        assert_eq!(page.last_seq, 3, "{query}");
+    }
+    let page = server.page("edge", &format!("before_seq={max}")).await;
+    assert_eq!(page.seqs(), vec![1, 2, 3]);
+
+    for query in [
+        format!("after_seq={past}"),
+        "after_seq=-1".into(),
+        "after_seq=1.5".into(),
+        "after_seq=1e3".into(),
+        "after_seq=abc".into(),
+        format!("before_seq={past}"),
+        "before_seq=-3".into(),
+        format!("limit={max}"),
+        format!("limit={past}"),
+        "limit=-1".into(),
+        "limit=0".into(),
+    ] {
+        let resp = client
+            .get(server.url(&format!("/v1/conversations/edge/messages?{query}")))
+            .send()
+            .await
+            .expect("GET");
+        expect_error(resp, 400, "invalid", &query).await;
+    }
+
+    // The stream: a huge position (query or Last-Event-ID) is the live end; garbage is invalid.
+    for (query, header) in [
+        (format!("?after_seq={max}"), None),
+        (String::new(), Some(max.clone())),
+    ] {
+        let mut request = client.get(server.url(&format!("/v1/conversations/edge/stream{query}")));
+        if let Some(h) = &header {
+            request = request.header("last-event-id", h);
+        }
+        let resp = request.send().await.expect("GET stream");
+        assert_eq!(resp.status().as_u16(), 200, "{query} {header:?}");
+    }
+    for (query, header) in [
+        (format!("?after_seq={past}"), None),
+        ("?after_seq=-1".to_owned(), None),
+        (String::new(), Some(past.to_owned())),
+        (String::new(), Some("-7".to_owned())),
+    ] {
+        let mut request = client.get(server.url(&format!("/v1/conversations/edge/stream{query}")));
+        if let Some(h) = &header {
+            request = request.header("last-event-id", h);
+        }
+        let resp = request.send().await.expect("GET stream");
+        expect_error(resp, 400, "invalid", &format!("stream {query} {header:?}")).await;
+    }
+
+    // Cursor seqs: beyond the last message, negative, fractional, too large or not a number.
+    let read = server.url("/v1/conversations/edge/read");
+    for body in [
+        format!(r#"{{"participant": "alice", "seq": {max}}}"#),
+        format!(r#"{{"participant": "alice", "seq": {past}}}"#),
+        r#"{"participant": "alice", "seq": -1}"#.to_owned(),
+        r#"{"participant": "alice", "seq": 1.5}"#.to_owned(),
+        r#"{"participant": "alice", "seq": 1e300}"#.to_owned(),
+        r#"{"participant": "alice", "seq": "2"}"#.to_owned(),
+    ] {
+        let resp = client
+            .post(&read)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("POST read");
+        expect_error(resp, 400, "invalid", &body).await;
+    }
+    // The node is unharmed.
+    assert_eq!(server.append("edge", "alice", json!("after")).await.seq, 4);
+}

@@ -734,3 +734,28 @@ async fn archive_batches_are_stored_once_even_when_repeated() {
     }
     store.close().await;
 }
+
+/// Every connection of the archive's pool commits with `synchronous_commit = on` — even when the
+/// URL asks for `off` — because the WAL deletes records once their archive commit returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_archive_connection_commits_synchronously() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    for url in [
+        db.url.clone(),
+        format!("{}{sep}options=-c%20synchronous_commit%3Doff", db.url),
+    ] {
+        let store = ferry::store::Store::connect(&url, 4)
+            .await
+            .expect("connect");
+        // Several at once, so that more than one pooled connection answers.
+        let answers =
+            futures_util::future::join_all((0..8).map(|_| store.commit_durability())).await;
+        for answer in answers {
+            assert_eq!(answer.expect("SHOW synchronous_commit"), "on", "{url}");
+        }
+        store.close().await;
+    }
+}

@@ -23,6 +23,11 @@ pub const WAL_DURABLE_LSN: &str = "ferry_wal_durable_lsn";
 pub const WAL_CHECKPOINT_LSN: &str = "ferry_wal_checkpoint_lsn";
 /// Gauge: 1 when the WAL is poisoned (a failed fsync); the node is then unready.
 pub const WAL_POISONED: &str = "ferry_wal_poisoned";
+/// Gauge: 1 while the WAL writer waits for disk space (`ENOSPC`): appends get `try_again`
+/// (`disk_full`) until a write succeeds again; nothing is lost.
+pub const WAL_DISK_FULL: &str = "ferry_wal_disk_full";
+/// Counter: times the WAL found the disk full (one per episode).
+pub const WAL_DISK_FULL_TOTAL: &str = "ferry_wal_disk_full_total";
 /// Gauge: conversation actors alive, per `slot`.
 pub const SLOT_CONVERSATIONS: &str = "ferry_slot_conversations";
 /// Counter: appends per `slot`.

@@ -128,7 +128,8 @@ impl ApiError {
         let status = match reason {
             TryAgainReason::Unavailable
             | TryAgainReason::ArchiveBacklog
-            | TryAgainReason::OwnerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | TryAgainReason::OwnerUnavailable
+            | TryAgainReason::DiskFull => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::TOO_MANY_REQUESTS,
         };
         let mut e = ApiError::new(
@@ -172,6 +173,13 @@ impl ApiError {
         e
     }
 
+    /// A failure inside the node (database, peer, disk): its detail goes to the log with
+    /// `context`, the client gets a generic `try_again` (503).
+    pub fn internal(context: &'static str, detail: impl std::fmt::Display) -> ApiError {
+        tracing::warn!(error = %detail, "request failed: {context}");
+        ApiError::unavailable(format!("{context}, retry later"))
+    }
+
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         let mut e = ApiError::try_again(TryAgainReason::Unavailable, 1000);
         e.message = message.into();
@@ -212,6 +220,7 @@ fn known_reason(reason: &str) -> Option<&'static str> {
         "rate_limited",
         "too_many_topics",
         "too_many_sockets",
+        "disk_full",
     ];
     REASONS.iter().find(|r| **r == reason).copied()
 }
@@ -229,9 +238,11 @@ impl From<NodeError> for ApiError {
                 TryAgainReason::SlotMoving,
                 TryAgainReason::SlotMoving.retry_after_ms(),
             ),
+            // WAL, archive and decoding errors name files, SQL and OS errors: the operator's log
+            // gets them, the client a code it can act on.
             other => {
                 tracing::warn!(error = %other, "request failed: node unavailable");
-                ApiError::unavailable(other.to_string())
+                ApiError::unavailable("this node cannot serve the request now, retry later")
             }
         }
     }
@@ -239,8 +250,9 @@ impl From<NodeError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> ApiError {
+        // The detail (SQL, database names, file paths) stays in the log.
         tracing::warn!(error = %e, "request failed: database unavailable");
-        ApiError::unavailable(format!("database unavailable: {e}"))
+        ApiError::unavailable("database unavailable, retry later")
     }
 }
 
@@ -255,5 +267,43 @@ impl IntoResponse for ApiError {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Internal detail — file paths, OS errors, SQL — is logged, never sent.
+    #[test]
+    fn internal_errors_reach_clients_without_their_detail() {
+        let secrets = ["/var/lib/ferry", "No space left", "SELECT", "ferry_test_db"];
+        let node = NodeError::Unavailable(
+            "wal io error: write /var/lib/ferry/wal/00000000000000000001.wal: No space left on device"
+                .into(),
+        );
+        let store = crate::store::StoreError::Db(sqlx::Error::Protocol(
+            "SELECT seq FROM messages WHERE conversation_id = $1 (database ferry_test_db)".into(),
+        ));
+        for e in [ApiError::from(node), ApiError::from(store)] {
+            let body = e.body().to_string();
+            assert_eq!(e.code, Code::TryAgain, "{body}");
+            assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert!(e.retry_after_ms.is_some(), "{body}");
+            for secret in secrets {
+                assert!(!body.contains(secret), "{secret:?} leaked: {body}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_try_again_503_with_its_reason() {
+        let e = ApiError::from(NodeError::try_again(TryAgainReason::DiskFull));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        let body = e.body();
+        assert_eq!(body["error"], "try_again");
+        assert_eq!(body["detail"], "disk_full");
+        assert_eq!(body["retry_after_ms"], 1000);
+        assert_eq!(known_reason("disk_full"), Some("disk_full"));
     }
 }

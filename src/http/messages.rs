@@ -196,8 +196,8 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let id = conversation_id(&raw_id)?;
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
-    let after = parse_u64("after_seq", q.after_seq.as_deref())?;
-    let before = parse_u64("before_seq", q.before_seq.as_deref())?;
+    let after = parse_u64("after_seq", q.after_seq.as_deref())?.map(crate::service::clamp_seq);
+    let before = parse_u64("before_seq", q.before_seq.as_deref())?.map(crate::service::clamp_seq);
     let max = state.config.limits.max_page_size;
     let limit = parse_u64("limit", q.limit.as_deref())?.unwrap_or(100.min(max as u64));
     if limit == 0 || limit > max as u64 {
@@ -243,7 +243,7 @@ pub async fn list(
             )
         }
         None => {
-            let from = after.unwrap_or(0) + 1;
+            let from = after.unwrap_or(0).saturating_add(1);
             let to = match messages.last() {
                 Some(m) if full => m.seq,
                 _ => last_seq,

@@ -50,11 +50,11 @@ pub async fn sse(
                 .and_then(|v| parse("Last-Event-ID", v))
         })
         .transpose()?;
-    let after_seq = match (last_event_id, q.after_seq.as_deref()) {
+    let after_seq = crate::service::clamp_seq(match (last_event_id, q.after_seq.as_deref()) {
         (Some(seq), _) => seq,
         (None, Some(v)) => parse("after_seq", v)?,
         (None, None) => 0,
-    };
+    });
     if let Some(ip) = ip {
         state.rate.check_connect(&ip.to_string())?;
     }
@@ -62,7 +62,7 @@ pub async fn sse(
     let conversation = crate::service::follow(&state, &principal, &id).await?;
     let first_available = state.store.first_available_seq(&id).await?;
     let gap = (after_seq.saturating_add(1) < first_available).then(|| {
-        let to_seq = first_available - 1;
+        let to_seq = first_available.saturating_sub(1);
         let data = serde_json::json!({"from_seq": after_seq + 1, "to_seq": to_seq});
         Ok(Event::default()
             .id(to_seq.to_string())
@@ -73,7 +73,7 @@ pub async fn sse(
         state.clone(),
         id,
         conversation.local,
-        after_seq.max(first_available - 1),
+        after_seq.max(first_available.saturating_sub(1)),
         PAGE,
     );
     let mut shutdown = state.shutdown.clone();

@@ -5,7 +5,11 @@
 //!   committed archive batch survives power loss before the node's own WAL drops it.
 //! - **Postgres** (`postgres://…`, production): a pool of `archive.pool_size` connections, each
 //!   with the server-side `statement_timeout` set at connect time, so a stuck statement fails (and
-//!   the archiver retries) instead of holding a connection forever.
+//!   the archiver retries) instead of holding a connection forever, and with
+//!   `synchronous_commit = on`: the archiver lets the WAL delete records once their batch
+//!   committed, so a commit must be flushed (and, with synchronous standbys, replicated) before it
+//!   returns — whatever the server's or the role's default says, and whatever `options` the URL
+//!   carries (ours come last and win).
 //!
 //! Every statement that is portable is written once, with `$N` placeholders (which SQLite accepts
 //! too), and runs on whichever pool the store holds through [`with_pool!`]; rows are decoded into
@@ -272,7 +276,10 @@ impl Store {
                 let timeout_ms = options.statement_timeout.as_millis().max(1);
                 let connect = PgConnectOptions::from_str(url)?
                     .application_name("ferry")
-                    .options([("statement_timeout", timeout_ms.to_string())]);
+                    .options([
+                        ("statement_timeout", timeout_ms.to_string()),
+                        ("synchronous_commit", "on".to_owned()),
+                    ]);
                 let connect = match options.idle_in_transaction_timeout {
                     Some(idle) => connect.options([(
                         "idle_in_transaction_session_timeout",
@@ -324,6 +331,24 @@ impl Store {
             Db::Sqlite(_) => Backend::Sqlite,
             Db::Postgres(_) => Backend::Postgres,
         }
+    }
+
+    /// How a commit of this store's connections reaches the disk, as the database reports it
+    /// for the connection that answers: Postgres' `synchronous_commit` (set to `on` for every
+    /// connection), SQLite's `synchronous` (`2`, FULL).
+    pub async fn commit_durability(&self) -> Result<String, StoreError> {
+        let value = match &self.db {
+            Db::Postgres(pool) => {
+                sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+                    .fetch_one(pool)
+                    .await?
+            }
+            Db::Sqlite(pool) => sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await?
+                .to_string(),
+        };
+        Ok(value)
     }
 
     /// Applies the backend's migrations (`migrations/sqlite` or `migrations/postgres`). Safe to
@@ -423,6 +448,15 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+
+    #[tokio::test]
+    async fn sqlite_commits_with_synchronous_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
+        let store = Store::connect(&url, 2).await.expect("open");
+        assert_eq!(store.commit_durability().await.expect("pragma"), "2");
+        store.close().await;
+    }
 
     /// Migration 0003 rebuilds SQLite's `messages` as a rowid table: rows archived under the
     /// earlier schema survive it, in order, and the primary key still refuses duplicates.

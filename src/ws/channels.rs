@@ -281,7 +281,7 @@ impl SocketChannels {
         let params = params.unwrap_or_default();
         let conversation = service::follow(&self.state, &self.principal, &id).await?;
         let after_seq = match (params.after_seq.or(params.last_seq), &self.principal) {
-            (Some(n), _) => n,
+            (Some(n), _) => service::clamp_seq(n),
             (None, Principal::User { sub }) => self.state.store.cursor(&id, sub).await?.0,
             (None, Principal::ApiKey { .. }) => 0,
         };
@@ -290,7 +290,7 @@ impl SocketChannels {
         let first_available = self.state.store.first_available_seq(&id).await?;
         let gap = (after_seq.saturating_add(1) < first_available).then(|| Gap {
             from_seq: after_seq + 1,
-            to_seq: first_available - 1,
+            to_seq: first_available.saturating_sub(1),
         });
         // Subscribed before the reply, so nothing sent after the client sees it is missed.
         let ephemeral = self.state.events.ephemeral(&id).subscribe();
@@ -300,7 +300,7 @@ impl SocketChannels {
             self.state.clone(),
             id.clone(),
             conversation.local,
-            after_seq.max(first_available - 1),
+            after_seq.max(first_available.saturating_sub(1)),
             PAGE,
         );
         let last_seq = conversation.last_seq;

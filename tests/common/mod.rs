@@ -52,6 +52,11 @@ pub struct ServerBuilder {
 }
 
 impl ServerBuilder {
+    /// The data dir the server will get (`<root>/data`), e.g. to mount a filesystem there first.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
     /// Sets `FERRY_*` (or any) environment variable for the child.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));

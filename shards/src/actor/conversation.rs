@@ -392,10 +392,7 @@ fn append(
             // The record never reached the queue (and the completion, with `reply`, was dropped
             // with it): give the seq back so no hole appears.
             log.unassign(seq);
-            let reason = match e {
-                SubmitError::Full => TryAgainReason::WalFull,
-                SubmitError::Poisoned | SubmitError::Closed => TryAgainReason::Unavailable,
-            };
+            let reason = refusal_reason(e);
             shared.count_try_again(reason);
             tracing::debug!(conversation = %log.id, ?reason, "append refused by the wal");
             if let Some(reply) = take(&reply) {
@@ -549,9 +546,18 @@ fn answer_duplicate(
         }
         drop(guard);
     }));
-    if barrier.is_err() {
+    if let Err(e) = barrier {
         if let Some(reply) = take(&reply) {
-            let _ = reply.send(Err(NodeError::try_again(TryAgainReason::WalFull)));
+            let _ = reply.send(Err(NodeError::try_again(refusal_reason(e))));
         }
+    }
+}
+
+/// What a client is told when the WAL refuses a request outright (nothing was written).
+fn refusal_reason(e: SubmitError) -> TryAgainReason {
+    match e {
+        SubmitError::Full => TryAgainReason::WalFull,
+        SubmitError::DiskFull => TryAgainReason::DiskFull,
+        SubmitError::Poisoned | SubmitError::Closed => TryAgainReason::Unavailable,
     }
 }

@@ -132,6 +132,8 @@ pub enum TryAgainReason {
     Restarting,
     /// The WAL is poisoned or closed; this node takes no more appends.
     Unavailable,
+    /// The WAL's disk is full; appends resume by themselves once space returns.
+    DiskFull,
     /// The conversation's slot is being handed to another node.
     SlotMoving,
     /// The slot's owner is not reachable (its lease expired, or this node's did).
@@ -152,6 +154,7 @@ impl TryAgainReason {
             TryAgainReason::SlotMoving => "slot_moving",
             TryAgainReason::OwnerUnavailable => "owner_unavailable",
             TryAgainReason::Activating => "activating",
+            TryAgainReason::DiskFull => "disk_full",
         }
     }
 
@@ -164,6 +167,7 @@ impl TryAgainReason {
             TryAgainReason::SlotMoving => 50,
             TryAgainReason::OwnerUnavailable => 1000,
             TryAgainReason::Activating => 50,
+            TryAgainReason::DiskFull => 1000,
         }
     }
 }

@@ -176,7 +176,7 @@ pub(super) async fn read_log_after(
     limit: usize,
 ) -> Result<Vec<Arc<Message>>, NodeError> {
     let ring = log.read_after(after_seq, limit);
-    if after_seq + 1 >= ring.ring_first_seq || after_seq >= ring.durable_seq {
+    if after_seq.saturating_add(1) >= ring.ring_first_seq || after_seq >= ring.durable_seq {
         shared.ack_metrics.ring_reads.increment(1);
         return Ok(ring.messages);
     }

@@ -17,6 +17,10 @@ pub enum SubmitError {
     /// A write or fsync failed earlier; nothing more will become durable.
     #[error("wal is poisoned")]
     Poisoned,
+    /// The filesystem is full: the writer holds what it has and retries; nothing new is taken
+    /// until a write succeeds again.
+    #[error("wal disk is full")]
+    DiskFull,
     /// [`super::Wal::shutdown`] was called.
     #[error("wal is closed")]
     Closed,
@@ -70,6 +74,11 @@ pub enum WalError {
 }
 
 impl WalError {
+    /// An allocation failed for lack of space (see [`super::io::is_disk_full`]).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, WalError::Io { source, .. } if super::io::is_disk_full(source))
+    }
+
     pub(crate) fn io(op: &'static str, path: &Path, source: io::Error) -> WalError {
         WalError::Io {
             op,

@@ -3,7 +3,8 @@
 //!
 //! [`FsIo`] is the real filesystem: `pwrite`, `fdatasync`, `posix_fallocate`, `rename`, directory
 //! `fsync`, `flock` and read-only `mmap`. It adds no policy: ordering and durability rules live in
-//! the callers (`segment`, `writer`, `recovery`, `checkpoint`).
+//! the callers (`segment`, `writer`, `recovery`, `checkpoint`). The one classification it offers,
+//! [`is_disk_full`], is what the writer uses to tell a retryable lack of space from a fault.
 
 use std::any::Any;
 use std::ffi::OsString;
@@ -26,6 +27,52 @@ pub enum Preallocate {
     Fallocate,
 }
 
+/// Whether `e` says the filesystem (or the user's quota) has no room: `ENOSPC` or `EDQUOT`.
+///
+/// Only meaningful for operations that allocate — `write`, `fallocate`, `create`, `rename` — and
+/// before any `fsync` covers the data: a failed allocation leaves nothing dirty behind, so the
+/// operation can simply be repeated once space returns. The same code from `fsync`/`fdatasync`
+/// means writeback failed and dirty pages may be gone; callers must not retry those.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+}
+
+/// `mkdir -p` that survives a power loss: every directory it creates is `fsync`ed, and so is the
+/// parent it was created in, top down. A directory's name lives in its parent, so without the
+/// parent's `fsync` a fresh data dir — and the WAL and database files inside it — can vanish
+/// after a crash even though each file was synced. Directories that already exist are not
+/// touched (their names are as durable as they will get).
+pub fn create_dir_all_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cursor = Some(dir);
+    while let Some(d) = cursor {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        cursor = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            // Another process (or thread) made it first: it still needs the syncs below.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+        File::open(d)?.sync_all()?;
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Bytes of a file read for recovery: a read-only memory map on the real filesystem.
 pub type ReadBuf = Box<dyn AsRef<[u8]> + Send + Sync>;
 
@@ -45,7 +92,7 @@ pub trait WalFile: Send + Sync {
 
 /// The file system as the WAL sees it.
 pub trait WalIo: Send + Sync {
-    /// `mkdir -p`.
+    /// `mkdir -p`, durably: every created directory and its parent are `fsync`ed.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// Names of the entries directly inside `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<OsString>>;
@@ -135,7 +182,7 @@ impl WalFile for FsFile {
 
 impl WalIo for FsIo {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        create_dir_all_durably(dir)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<OsString>> {

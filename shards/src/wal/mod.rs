@@ -30,9 +30,19 @@
 //!   `written_lsn`; the two are equal whenever the writer is idle under `Always`.
 //! - Completions run on the writer thread, exactly once each, strictly in submission (= lsn)
 //!   order. A completion that is never reached (shutdown races) is called with `Err(Closed)`.
-//! - A failed write or `fdatasync` poisons the log for good: the failing batch and everything
-//!   after it complete with `Err(Poisoned)`; fsync is never retried (the kernel may have dropped
-//!   the dirty pages, so a retry could falsely succeed).
+//! - A failed `fdatasync` (any error, `ENOSPC` included), a failed directory `fsync`, and a
+//!   write that fails for any reason but lack of space poison the log for good: the failing batch
+//!   and everything after it complete with `Err(Poisoned)`; fsync is never retried (the kernel may
+//!   have dropped the dirty pages, so a retry could falsely succeed).
+//! - Lack of space (`ENOSPC`/`EDQUOT`) from a write, a spare's creation or preallocation, or a
+//!   segment rename does not poison: nothing dirty was lost, so the writer keeps what it holds,
+//!   marks the log *disk full* ([`Wal::disk_full`]), and repeats the same operation — the same
+//!   bytes at the same offset — with backoff until it succeeds. Meanwhile [`Wal::submit`] and
+//!   [`Wal::barrier`] answer [`SubmitError::DiskFull`] and nothing queued is failed, so every
+//!   record that got an lsn is either written in order or (at shutdown) answered `Closed`, never
+//!   skipped. Bytes of a failed write that did reach the page cache are overwritten by the retry;
+//!   a crash before it leaves them as an unacknowledged tail that recovery truncates (a torn
+//!   frame) or replays (whole frames, never acknowledged — as after any crash before `fsync`).
 //! - A segment is fully durable before its successor gets a name, so only the last segment can
 //!   have a torn tail; anything bad before the last valid frame is corruption.
 //! - The checkpoint file is durable before any segment it allows to delete is removed; the active
@@ -142,6 +152,9 @@ pub struct WalOptions {
     pub repair: bool,
     /// How new segments reserve their space. Default [`Preallocate::ZeroFill`].
     pub preallocate: Preallocate,
+    /// The longest wait between two attempts while the disk is full (the first is after 10 ms,
+    /// doubling). Default 1 s.
+    pub disk_full_retry: Duration,
 }
 
 impl WalOptions {
@@ -154,6 +167,7 @@ impl WalOptions {
             max_batch_bytes: 4 << 20,
             repair: false,
             preallocate: Preallocate::default(),
+            disk_full_retry: Duration::from_secs(1),
         }
     }
 
@@ -240,6 +254,10 @@ pub struct WalStats {
     pub checkpoint_persisted_lsn: Lsn,
     pub segments_deleted: u64,
     pub queued: usize,
+    /// Set while the writer waits for disk space (see the module docs).
+    pub disk_full: bool,
+    /// Times the writer found the disk full (one per episode, however long it lasted).
+    pub disk_full_episodes: u64,
     pub poisoned: bool,
 }
 
@@ -308,6 +326,8 @@ struct Shared {
     /// Highest checkpoint known to be on disk.
     checkpoint_persisted: AtomicU64,
     poisoned: AtomicBool,
+    /// Set by the writer while it waits for space; new requests are refused meanwhile.
+    disk_full: AtomicBool,
     /// Set by shutdown: submits answer `Closed` from then on.
     closed: AtomicBool,
     queued: AtomicUsize,
@@ -335,6 +355,7 @@ struct Counters {
     segment_rolls: AtomicU64,
     spare_misses: AtomicU64,
     segments_deleted: AtomicU64,
+    disk_full_episodes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -409,6 +430,7 @@ impl Wal {
             checkpoint_requested: AtomicU64::new(checkpoint),
             checkpoint_persisted: AtomicU64::new(checkpoint),
             poisoned: AtomicBool::new(false),
+            disk_full: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             segments: Mutex::new(segments),
@@ -424,6 +446,7 @@ impl Wal {
         ::metrics::gauge!(names::WAL_DURABLE_LSN).set(last_lsn as f64);
         ::metrics::gauge!(names::WAL_CHECKPOINT_LSN).set(checkpoint as f64);
         ::metrics::gauge!(names::WAL_POISONED).set(0.0);
+        ::metrics::gauge!(names::WAL_DISK_FULL).set(0.0);
 
         let (tx, rx) = mpsc::sync_channel(shared.opts.queue_capacity);
         let (house_tx, house_rx) = mpsc::sync_channel(64);
@@ -467,8 +490,8 @@ impl Wal {
         Ok((wal, recovery))
     }
 
-    /// Queues one record. Never blocks: a full queue returns [`SubmitError::Full`] at once. On
-    /// `Err`, `done` is dropped without being called.
+    /// Queues one record. Never blocks: a full queue returns [`SubmitError::Full`] at once, a
+    /// full disk [`SubmitError::DiskFull`]. On `Err`, `done` is dropped without being called.
     ///
     /// `done` runs on the writer thread once the record is durable (`Always`) or written
     /// (`Interval`, `Never`), or with `Err` if the log is poisoned or closed first, or if the
@@ -503,6 +526,9 @@ impl Wal {
         }
         if shared.closed.load(Ordering::Acquire) {
             return refuse(request, SubmitError::Closed);
+        }
+        if shared.disk_full.load(Ordering::Acquire) {
+            return refuse(request, SubmitError::DiskFull);
         }
         // Count first so the writer's decrement can never underflow.
         shared.queued.fetch_add(1, Ordering::Relaxed);
@@ -572,6 +598,12 @@ impl Wal {
         self.inner.shared.poisoned.load(Ordering::Acquire)
     }
 
+    /// True while the writer waits for disk space; requests are refused with
+    /// [`SubmitError::DiskFull`] meanwhile.
+    pub fn disk_full(&self) -> bool {
+        self.inner.shared.disk_full.load(Ordering::Acquire)
+    }
+
     /// Records and barriers waiting in the queue.
     pub fn queued(&self) -> usize {
         self.inner.shared.queued.load(Ordering::Relaxed)
@@ -600,6 +632,8 @@ impl Wal {
             segments_deleted: c.segments_deleted.load(Ordering::Relaxed),
             queued: s.queued.load(Ordering::Relaxed),
             poisoned: s.poisoned.load(Ordering::Acquire),
+            disk_full: s.disk_full.load(Ordering::Acquire),
+            disk_full_episodes: c.disk_full_episodes.load(Ordering::Relaxed),
         }
     }
 
@@ -625,6 +659,8 @@ impl Handle {
         }
         let mut threads = lock(&self.threads);
         if let Some(writer) = threads.writer.take() {
+            // A writer waiting for disk space parks between attempts: wake it to see `closed`.
+            writer.thread().unpark();
             if writer.join().is_err() {
                 tracing::error!("wal writer thread panicked");
             }

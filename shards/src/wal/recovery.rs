@@ -296,13 +296,28 @@ pub(super) fn recover(
         );
     }
 
+    // Records read from the last segment may exist only in the page cache: the process that
+    // wrote them died before its `fdatasync`, or that `fdatasync` failed (a poisoned log). From
+    // here on they count as durable — served, archived, answered to idempotent retries — so
+    // they are made durable first. (Earlier segments were synced before their successor got a
+    // name.)
+    let mut last_file = match segments.last() {
+        Some(last) => {
+            let file = io
+                .open(&last.path)
+                .map_err(|e| WalError::io("open", &last.path, e))?;
+            file.sync_data()
+                .map_err(|e| WalError::io("fdatasync", &last.path, e))?;
+            Some(file)
+        }
+        None => None,
+    };
     let active = if continue_in_last {
-        let last = segments.last().ok_or_else(|| {
-            WalError::InvalidOptions("internal: no segment to continue in".into())
-        })?;
-        let file = io
-            .open(&last.path)
-            .map_err(|e| WalError::io("open", &last.path, e))?;
+        let (Some(last), Some(file)) = (segments.last(), last_file.take()) else {
+            return Err(WalError::InvalidOptions(
+                "internal: no segment to continue in".into(),
+            ));
+        };
         let capacity = file
             .size()
             .map_err(|e| WalError::io("stat", &last.path, e))?;

@@ -68,6 +68,9 @@ pub struct Spare {
 }
 
 /// Creates a spare: create under a temp name, preallocate, `fsync`.
+///
+/// On failure the temp file is removed again: on a full disk a half-preallocated spare would hold
+/// the very space a retry needs (and each retry would leave another one behind).
 pub fn prepare_spare(
     io: &dyn WalIo,
     dir: &Path,
@@ -79,10 +82,17 @@ pub fn prepare_spare(
     let file = io
         .create(&tmp)
         .map_err(|e| WalError::io("create", &tmp, e))?;
-    file.preallocate(len, how)
-        .map_err(|e| WalError::io("preallocate", &tmp, e))?;
-    file.sync_all()
-        .map_err(|e| WalError::io("fsync", &tmp, e))?;
+    let reserved = file
+        .preallocate(len, how)
+        .map_err(|e| WalError::io("preallocate", &tmp, e))
+        .and_then(|()| file.sync_all().map_err(|e| WalError::io("fsync", &tmp, e)));
+    if let Err(e) = reserved {
+        drop(file);
+        if let Err(removal) = io.remove(&tmp) {
+            tracing::warn!(file = %tmp.display(), error = %removal, "failed wal spare could not be removed; it is removed on the next open");
+        }
+        return Err(e);
+    }
     Ok(Spare { tmp, file, len })
 }
 
@@ -104,14 +114,35 @@ pub fn install_spare(
     spare: Spare,
     first_lsn: Lsn,
 ) -> Result<ActiveSegment, WalError> {
-    let path = segment_path(dir, first_lsn);
-    io.rename(&spare.tmp, &path)
-        .map_err(|e| WalError::io("rename", &spare.tmp, e))?;
+    rename_spare(io, dir, &spare, first_lsn)?;
+    sync_installed(io, dir, spare, first_lsn)
+}
+
+/// The first half of [`install_spare`]: the rename, which may be repeated (it can fail for lack
+/// of space when the directory needs another block).
+pub fn rename_spare(
+    io: &dyn WalIo,
+    dir: &Path,
+    spare: &Spare,
+    first_lsn: Lsn,
+) -> Result<(), WalError> {
+    io.rename(&spare.tmp, &segment_path(dir, first_lsn))
+        .map_err(|e| WalError::io("rename", &spare.tmp, e))
+}
+
+/// The second half of [`install_spare`]: the directory `fsync` that makes the name durable. Its
+/// failure is never retried (as with any `fsync`).
+pub fn sync_installed(
+    io: &dyn WalIo,
+    dir: &Path,
+    spare: Spare,
+    first_lsn: Lsn,
+) -> Result<ActiveSegment, WalError> {
     io.sync_dir(dir)
         .map_err(|e| WalError::io("fsync dir", dir, e))?;
     Ok(ActiveSegment {
         first_lsn,
-        path,
+        path: segment_path(dir, first_lsn),
         file: spare.file,
         capacity: spare.len,
         offset: 0,

@@ -1,13 +1,18 @@
 //! A simulated disk for tests: a [`WalIo`] that keeps synced and unsynced state apart, loses a
-//! random prefix-cut of the unsynced writes on [`SimIo::crash`], and fails chosen operations on
-//! demand ([`SimIo::fail_next`]).
+//! random prefix-cut of the unsynced writes on [`SimIo::crash`], fails chosen operations on
+//! demand ([`SimIo::fail_next`], [`SimIo::fail_next_no_space`]), and can be made small
+//! ([`SimIo::set_capacity`]) so that growing a file fails with `ENOSPC`.
 //!
 //! Model (stricter than ext4, never looser):
 //! - a file's content becomes durable only through `sync_data`/`sync_all` of that file;
 //! - a name (create, rename, remove) becomes durable only through `sync_dir` of its directory;
 //! - a crash keeps the durable state plus a prefix, in issue order and cut at any byte, of the
 //!   writes not yet synced; every handle from before the crash fails from then on, so threads of a
-//!   "dead" WAL cannot touch the disk the next one opens.
+//!   "dead" WAL cannot touch the disk the next one opens;
+//! - space is the sum of the (current) lengths of named files; a write or preallocation that would
+//!   pass the capacity grows the file as far as it can, then fails with `ENOSPC` — so the bytes of
+//!   a failed write up to the limit are there (unsynced), as after a short `pwrite`. A crash
+//!   clears injected faults and the limit (the restart comes after the operator made room).
 //!
 //! It lives outside `#[cfg(test)]` so tests of other modules (and of the node) can inject faults.
 
@@ -29,6 +34,16 @@ pub enum FaultOp {
     SyncDir,
     Create,
     Rename,
+    Preallocate,
+}
+
+/// How an injected fault fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FaultKind {
+    /// `EIO`: the device failed.
+    Io,
+    /// `ENOSPC`; an injected write keeps the first half of its bytes, as a short write would.
+    NoSpace,
 }
 
 /// Operation counts since the disk was made.
@@ -64,18 +79,59 @@ struct Disk {
     names: BTreeMap<PathBuf, u64>,
     durable_names: BTreeMap<PathBuf, u64>,
     pending: Vec<Pending>,
-    faults: Vec<FaultOp>,
+    faults: Vec<(FaultOp, FaultKind)>,
     locked: Vec<PathBuf>,
     counters: SimCounters,
+    /// Bytes all named files may hold together; `None`: unlimited.
+    capacity: Option<u64>,
+}
+
+fn no_space() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
 }
 
 impl Disk {
     fn take_fault(&mut self, op: FaultOp) -> io::Result<()> {
-        if let Some(i) = self.faults.iter().position(|f| *f == op) {
-            self.faults.remove(i);
-            return Err(io::Error::other(format!("injected {op:?} failure")));
+        match self.take_fault_kind(op) {
+            None => Ok(()),
+            Some(FaultKind::Io) => Err(io::Error::from_raw_os_error(libc::EIO)),
+            Some(FaultKind::NoSpace) => Err(no_space()),
         }
-        Ok(())
+    }
+
+    fn take_fault_kind(&mut self, op: FaultOp) -> Option<FaultKind> {
+        let i = self.faults.iter().position(|(f, _)| *f == op)?;
+        Some(self.faults.remove(i).1)
+    }
+
+    /// Bytes in use: current lengths of files that have a name.
+    fn used(&self) -> u64 {
+        let mut ids: Vec<u64> = self.names.values().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.iter()
+            .filter_map(|id| self.files.get(id))
+            .map(|f| f.current.len() as u64)
+            .sum()
+    }
+
+    /// How long file `id` may grow to: unlimited, or its length plus the free space.
+    fn max_len(&self, id: u64) -> u64 {
+        match self.capacity {
+            None => u64::MAX,
+            Some(capacity) => {
+                let len = self.files.get(&id).map_or(0, |f| f.current.len() as u64);
+                len + capacity.saturating_sub(self.used())
+            }
+        }
+    }
+
+    /// Records an unsynced operation and applies it to the current content.
+    fn push(&mut self, id: u64, op: PendingOp) {
+        if let Some(f) = self.files.get_mut(&id) {
+            apply(&mut f.current, &op, usize::MAX);
+        }
+        self.pending.push(Pending { file: id, op });
     }
 
     fn sync_file(&mut self, id: u64) {
@@ -172,6 +228,8 @@ impl SimIo {
         }
         disk.locked.clear();
         disk.faults.clear();
+        // A restart in the tests comes after the operator made room.
+        disk.capacity = None;
         disk.generation += 1;
         SimIo {
             disk: self.disk.clone(),
@@ -179,10 +237,37 @@ impl SimIo {
         }
     }
 
-    /// Makes the next `op` fail with an IO error (once per call).
+    /// Makes the next `op` fail with `EIO` (once per call).
     pub fn fail_next(&self, op: FaultOp) {
         let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
-        disk.faults.push(op);
+        disk.faults.push((op, FaultKind::Io));
+    }
+
+    /// Makes the next `op` fail with `ENOSPC` (once per call); a write keeps the first half of
+    /// its bytes, unsynced.
+    pub fn fail_next_no_space(&self, op: FaultOp) {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.faults.push((op, FaultKind::NoSpace));
+    }
+
+    /// Limits the bytes all files may hold together (`None`: unlimited). Files already larger
+    /// keep their content; they only cannot grow.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.capacity = bytes;
+    }
+
+    /// Drops injected faults that have not fired and lifts the capacity limit (the operator
+    /// fixed the disk before a restart).
+    pub fn heal(&self) {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.faults.clear();
+        disk.capacity = None;
+    }
+
+    /// Bytes the named files hold now.
+    pub fn used_bytes(&self) -> u64 {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner()).used()
     }
 
     /// Bytes written but not yet synced.
@@ -249,16 +334,23 @@ struct SimFile {
 impl WalFile for SimFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut disk = self.io.lock()?;
-        disk.take_fault(FaultOp::Write)?;
-        disk.counters.writes += 1;
-        let op = PendingOp::Write {
-            offset,
-            data: buf.to_vec(),
-        };
-        if let Some(f) = disk.files.get_mut(&self.id) {
-            apply(&mut f.current, &op, usize::MAX);
+        let injected = disk.take_fault_kind(FaultOp::Write);
+        if injected == Some(FaultKind::Io) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        disk.pending.push(Pending { file: self.id, op });
+        disk.counters.writes += 1;
+        let mut fits = disk.max_len(self.id).saturating_sub(offset);
+        if injected == Some(FaultKind::NoSpace) {
+            fits = fits.min(buf.len() as u64 / 2);
+        }
+        let n = (buf.len() as u64).min(fits) as usize;
+        if n > 0 {
+            let data = buf[..n].to_vec();
+            disk.push(self.id, PendingOp::Write { offset, data });
+        }
+        if n < buf.len() {
+            return Err(no_space());
+        }
         Ok(())
     }
 
@@ -280,11 +372,13 @@ impl WalFile for SimFile {
 
     fn preallocate(&self, len: u64, _how: Preallocate) -> io::Result<()> {
         let mut disk = self.io.lock()?;
-        let op = PendingOp::SetLen(len);
-        if let Some(f) = disk.files.get_mut(&self.id) {
-            apply(&mut f.current, &op, usize::MAX);
+        disk.take_fault(FaultOp::Preallocate)?;
+        // Like a zero-fill running out of room: the file keeps what was allocated.
+        let allowed = len.min(disk.max_len(self.id));
+        disk.push(self.id, PendingOp::SetLen(allowed));
+        if allowed < len {
+            return Err(no_space());
         }
-        disk.pending.push(Pending { file: self.id, op });
         Ok(())
     }
 

@@ -641,12 +641,25 @@ fn corrupt_checkpoint_refuses_and_repair_rebuilds_it() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Append { kind: u8, payload: Vec<u8> },
+    Append {
+        kind: u8,
+        payload: Vec<u8>,
+    },
     Barrier,
     Checkpoint(u16),
     FlushCheckpoint,
     Crash(u64),
     Reopen,
+    /// The next write fails with `EIO`: the log is poisoned.
+    FailWrite,
+    /// The next `fdatasync` fails: the log is poisoned.
+    FailSync,
+    /// The next write fails for lack of space after writing half its bytes: retried.
+    ShortWrite,
+    /// The disk has this many bytes free from now on (a segment is 4 KiB or more).
+    DiskFull(u16),
+    /// Space returns.
+    FreeSpace,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -658,6 +671,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::FlushCheckpoint),
         2 => any::<u64>().prop_map(Op::Crash),
         1 => Just(Op::Reopen),
+        1 => Just(Op::FailWrite),
+        1 => Just(Op::FailSync),
+        1 => Just(Op::ShortWrite),
+        1 => any::<u16>().prop_map(Op::DiskFull),
+        2 => Just(Op::FreeSpace),
     ]
 }
 
@@ -672,6 +690,13 @@ struct Model {
     /// Highest checkpoint requested / known flushed.
     checkpoint_requested: Lsn,
     checkpoint_flushed: Lsn,
+    /// An `EIO` was injected since the last open: the log may be poisoned.
+    may_poison: bool,
+    /// The disk is limited (or a short write was injected): new work may be refused `DiskFull`,
+    /// and a barrier could wait for space that never comes.
+    space_short: bool,
+    /// Any fault since the last open: a shutdown may not write everything.
+    faulted: bool,
 }
 
 type Results = Arc<Mutex<Vec<(Lsn, Result<Lsn, WalError>)>>>;
@@ -722,6 +747,9 @@ fn check_recovery(model: &mut Model, rec: &Recovery, clean: bool) -> Result<(), 
     model.durable = rec.next_lsn - 1;
     model.checkpoint_requested = c;
     model.checkpoint_flushed = c;
+    model.may_poison = false;
+    model.space_short = false;
+    model.faulted = false;
     Ok(())
 }
 
@@ -734,6 +762,7 @@ fn run_model(
     let mut io = SimIo::new();
     let mut opts = sim_opts(segment_bytes);
     opts.max_batch_bytes = max_batch_bytes;
+    opts.disk_full_retry = Duration::from_millis(2);
     if interval {
         // Never syncs on its own during a test: only barriers, rolls and shutdown do.
         opts.fsync = FsyncPolicy::Interval(Duration::from_secs(3600));
@@ -745,25 +774,33 @@ fn run_model(
         durable: 0,
         checkpoint_requested: 0,
         checkpoint_flushed: 0,
+        may_poison: false,
+        space_short: false,
+        faulted: false,
     };
     check_recovery(&mut model, &rec, true)?;
     let mut results: Results = Arc::new(Mutex::new(Vec::new()));
 
     // Folds completion results into the model; every Ok must carry the lsn the model expects.
-    let absorb = |model: &mut Model, results: &Results| -> Result<(), TestCaseError> {
-        for (expected, result) in results.lock().unwrap().drain(..) {
-            match result {
-                Ok(lsn) => {
-                    prop_assert_eq!(lsn, expected, "completion lsn");
-                    if !interval {
-                        model.durable = model.durable.max(lsn);
+    // An error is only allowed for a reason the test caused: an injected `EIO` (poisoned), or a
+    // shutdown while the writer waited for space (closed).
+    let absorb =
+        |model: &mut Model, results: &Results, shut_down: bool| -> Result<(), TestCaseError> {
+            for (expected, result) in results.lock().unwrap().drain(..) {
+                match result {
+                    Ok(lsn) => {
+                        prop_assert_eq!(lsn, expected, "completion lsn");
+                        if !interval {
+                            model.durable = model.durable.max(lsn);
+                        }
                     }
+                    Err(WalError::Poisoned { .. }) if model.may_poison => {}
+                    Err(WalError::Closed) if shut_down && model.faulted => {}
+                    Err(e) => return Err(TestCaseError::fail(format!("lsn {expected}: {e}"))),
                 }
-                Err(e) => return Err(TestCaseError::fail(format!("lsn {expected}: {e}"))),
             }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
 
     for op in ops {
         match op {
@@ -772,37 +809,82 @@ fn run_model(
                 model.next_lsn += 1;
                 model.log.insert(lsn, (kind, payload.clone()));
                 let results = results.clone();
-                wal.submit(
+                let submitted = wal.submit(
                     kind,
                     payload,
                     Box::new(move |r| results.lock().unwrap().push((lsn, r))),
-                )
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
-            }
-            Op::Barrier => {
-                let durable = barrier(&wal).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                absorb(&mut model, &results)?;
-                prop_assert_eq!(
-                    durable,
-                    model.next_lsn - 1,
-                    "barrier covers everything before it"
                 );
-                model.durable = durable;
+                match submitted {
+                    Ok(()) => {}
+                    // Refused: it never got an lsn, the next record takes this one.
+                    Err(SubmitError::DiskFull) if model.space_short => {
+                        model.log.remove(&lsn);
+                        model.next_lsn = lsn;
+                    }
+                    Err(SubmitError::Poisoned) if model.may_poison => {
+                        model.log.remove(&lsn);
+                        model.next_lsn = lsn;
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("submit: {e}"))),
+                }
+            }
+            // With the disk full a barrier would wait for space that only a later op returns.
+            Op::Barrier if model.space_short => {}
+            Op::Barrier => match barrier(&wal) {
+                Ok(durable) => {
+                    absorb(&mut model, &results, false)?;
+                    if !model.may_poison {
+                        prop_assert_eq!(
+                            durable,
+                            model.next_lsn - 1,
+                            "barrier covers everything before it"
+                        );
+                    }
+                    model.durable = model.durable.max(durable);
+                }
+                Err(_) if model.may_poison => absorb(&mut model, &results, false)?,
+                Err(e) => return Err(TestCaseError::fail(format!("barrier: {e}"))),
+            },
+            Op::FailWrite => {
+                io.fail_next(FaultOp::Write);
+                model.may_poison = true;
+                model.faulted = true;
+            }
+            Op::FailSync => {
+                io.fail_next(FaultOp::SyncData);
+                model.may_poison = true;
+                model.faulted = true;
+            }
+            Op::ShortWrite => {
+                io.fail_next_no_space(FaultOp::Write);
+                model.space_short = true;
+                model.faulted = true;
+            }
+            Op::DiskFull(free) => {
+                io.set_capacity(Some(io.used_bytes() + u64::from(free) % 8192));
+                model.space_short = true;
+                model.faulted = true;
+            }
+            Op::FreeSpace => {
+                io.set_capacity(None);
             }
             Op::Checkpoint(fraction) => {
-                absorb(&mut model, &results)?;
+                absorb(&mut model, &results, false)?;
                 let target = model.durable * u64::from(fraction) / u64::from(u16::MAX);
                 wal.checkpoint(target)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 model.checkpoint_requested = model.checkpoint_requested.max(target);
             }
-            Op::FlushCheckpoint => {
-                let flushed = wal
-                    .flush_checkpoint()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                prop_assert_eq!(flushed, model.checkpoint_requested);
-                model.checkpoint_flushed = flushed;
-            }
+            Op::FlushCheckpoint => match wal.flush_checkpoint() {
+                Ok(flushed) => {
+                    prop_assert_eq!(flushed, model.checkpoint_requested);
+                    model.checkpoint_flushed = flushed;
+                }
+                // The checkpoint file is written too: an injected fault or a full disk may
+                // hit it (the housekeeper tries again on the next request).
+                Err(_) if model.faulted => {}
+                Err(e) => return Err(TestCaseError::fail(format!("flush: {e}"))),
+            },
             Op::Crash(keep) => {
                 let crashed = io.crash(keep);
                 // Completions that said Ok before the crash are durable; the old WAL's threads
@@ -818,20 +900,24 @@ fn run_model(
             }
             Op::Reopen => {
                 wal.shutdown();
-                absorb(&mut model, &results)?;
+                absorb(&mut model, &results, true)?;
                 drop(wal);
+                let clean = !model.faulted;
+                io.heal();
                 let (w, rec) =
                     open_sim(&io, &opts).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                check_recovery(&mut model, &rec, true)?;
+                check_recovery(&mut model, &rec, clean)?;
                 wal = w;
             }
         }
     }
     wal.shutdown();
-    absorb(&mut model, &results)?;
+    absorb(&mut model, &results, true)?;
     drop(wal);
+    let clean = !model.faulted;
+    io.heal();
     let (_wal, rec) = open_sim(&io, &opts).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    check_recovery(&mut model, &rec, true)
+    check_recovery(&mut model, &rec, clean)
 }
 
 /// At a crash only the Ok results that already arrived count; errors are expected (dead disk).
@@ -941,4 +1027,229 @@ proptest! {
             Err(other) => return Err(TestCaseError::fail(format!("unexpected error: {other}"))),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A full disk: held, refused, resumed; never poisoned, never a hole, never a torn record.
+
+fn full_disk_opts() -> WalOptions {
+    let mut opts = sim_opts(4096);
+    opts.disk_full_retry = Duration::from_millis(5);
+    opts
+}
+
+/// Polls `condition` until it holds; fails the test after 10 s.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+type Done = mpsc::Receiver<(Lsn, Result<Lsn, WalError>)>;
+
+/// Submits records of 100 bytes with the lsns `lsns` expects, until the WAL refuses one for a
+/// full disk; returns how many it took.
+fn submit_range(
+    wal: &Wal,
+    lsns: std::ops::RangeInclusive<Lsn>,
+    tx: &mpsc::Sender<(Lsn, Result<Lsn, WalError>)>,
+) -> u64 {
+    let mut taken = 0;
+    for lsn in lsns {
+        let tx = tx.clone();
+        let submitted = wal.submit(
+            3,
+            payload_for(lsn, 100),
+            Box::new(move |r| {
+                let _ = tx.send((lsn, r));
+            }),
+        );
+        match submitted {
+            Ok(()) => taken += 1,
+            Err(SubmitError::DiskFull) => break,
+            Err(e) => panic!("submit of lsn {lsn}: {e}"),
+        }
+    }
+    taken
+}
+
+fn tmp_files(io: &SimIo) -> usize {
+    io.paths()
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .count()
+}
+
+/// Fills the active segment on a disk with no room for the next one: the record that needs the
+/// roll is held. Returns the receiver, the lsn of the first held record and how many are held.
+fn fill_until_held(io: &SimIo, wal: &Wal) -> (Done, Lsn, Lsn) {
+    io.set_capacity(Some(io.used_bytes()));
+    let per_segment = 4096 / frame::frame_len(100) as Lsn;
+    let (tx, rx) = mpsc::channel();
+    assert_eq!(submit_range(wal, 1..=per_segment, &tx), per_segment);
+    for _ in 1..=per_segment {
+        let (lsn, r) = rx.recv().unwrap();
+        assert_eq!(r.unwrap(), lsn, "records that fit are acknowledged");
+    }
+    assert!(!wal.disk_full());
+    let held = per_segment + 1;
+    let taken = submit_range(wal, held..=held + 4, &tx);
+    assert!(taken >= 1);
+    wait_until("the writer finds the disk full", || wal.disk_full());
+    (rx, held, taken)
+}
+
+#[test]
+fn full_disk_at_segment_creation_refuses_new_work_and_resumes_when_space_returns() {
+    let io = SimIo::new();
+    let opts = full_disk_opts();
+    let (wal, _) = open_sim(&io, &opts).unwrap();
+    let (rx, held, taken) = fill_until_held(&io, &wal);
+    let last = held + taken - 1;
+
+    // New work is refused at once; what was taken waits, neither acknowledged nor failed.
+    let refused = wal.submit(3, b"new".to_vec(), Box::new(|_| panic!("must not run")));
+    assert!(matches!(refused, Err(SubmitError::DiskFull)), "{refused:?}");
+    let refused = wal.barrier(Box::new(|_| panic!("must not run")));
+    assert!(matches!(refused, Err(SubmitError::DiskFull)), "{refused:?}");
+    assert!(rx.try_recv().is_err(), "held records are not answered");
+    assert!(!wal.poisoned());
+    assert_eq!(wal.durable_lsn(), held - 1);
+    let stats = wal.stats();
+    assert!(
+        stats.disk_full && stats.disk_full_episodes == 1,
+        "{stats:?}"
+    );
+    // The housekeeper's attempt may still be on its way out.
+    wait_until("failed spares are removed", || tmp_files(&io) == 0);
+
+    io.set_capacity(None);
+    for lsn in held..=last {
+        let (expected, r) = rx.recv().unwrap();
+        assert_eq!(
+            (expected, r.unwrap()),
+            (lsn, lsn),
+            "held records complete in order"
+        );
+    }
+    assert!(!wal.disk_full());
+    assert_eq!(
+        append(&wal, 3, &payload_for(held + 5, 100)).unwrap(),
+        held + 5
+    );
+    assert_eq!(wal.stats().disk_full_episodes, 1);
+    wal.shutdown();
+    drop(wal);
+    let (_wal, rec) = open_sim(&io, &opts).unwrap();
+    assert_eq!(lsns(&rec), (1..=last + 1).collect::<Vec<_>>());
+    for r in &rec.records {
+        assert_eq!(r.payload, payload_for(r.lsn, 100));
+    }
+}
+
+#[test]
+fn shutdown_while_the_disk_is_full_answers_closed_without_poisoning() {
+    let io = SimIo::new();
+    let opts = full_disk_opts();
+    let (wal, _) = open_sim(&io, &opts).unwrap();
+    let (rx, held, taken) = fill_until_held(&io, &wal);
+    wal.shutdown();
+    for _ in 0..taken {
+        let (_, r) = rx.recv().unwrap();
+        assert!(matches!(r, Err(WalError::Closed)), "{r:?}");
+    }
+    assert!(!wal.poisoned());
+    drop(wal);
+    io.set_capacity(None);
+    let (wal, rec) = open_sim(&io, &opts).unwrap();
+    assert_eq!(lsns(&rec), (1..held).collect::<Vec<_>>());
+    assert_eq!(rec.torn_tail_bytes, 0);
+    assert_eq!(append(&wal, 3, b"after").unwrap(), held);
+}
+
+#[test]
+fn a_short_write_for_lack_of_space_is_written_again_at_the_same_offset() {
+    let io = SimIo::new();
+    let opts = full_disk_opts();
+    let (wal, _) = open_sim(&io, &opts).unwrap();
+    assert_eq!(append(&wal, 3, &payload_for(1, 100)).unwrap(), 1);
+    io.fail_next_no_space(FaultOp::Write);
+    io.fail_next_no_space(FaultOp::Write);
+    assert_eq!(append(&wal, 3, &payload_for(2, 100)).unwrap(), 2);
+    assert_eq!(append(&wal, 3, &payload_for(3, 100)).unwrap(), 3);
+    assert!(!wal.poisoned() && !wal.disk_full());
+    assert_eq!(wal.stats().disk_full_episodes, 1);
+    wal.shutdown();
+    drop(wal);
+    let (_wal, rec) = open_sim(&io, &opts).unwrap();
+    assert_eq!(lsns(&rec), vec![1, 2, 3]);
+    assert_eq!(rec.records[1].payload, payload_for(2, 100));
+    assert_eq!(rec.torn_tail_bytes, 0);
+}
+
+#[test]
+fn a_crash_during_short_writes_never_replays_a_torn_or_unsubmitted_record() {
+    for keep in [0u64, 1, 37, 80, 150, 400, 10_000] {
+        let io = SimIo::new();
+        let opts = full_disk_opts();
+        let (wal, _) = open_sim(&io, &opts).unwrap();
+        for lsn in 1..=3 {
+            assert_eq!(append(&wal, 3, &payload_for(lsn, 100)).unwrap(), lsn);
+        }
+        // Every attempt writes half a batch and fails: the page cache holds torn frames.
+        for _ in 0..10_000 {
+            io.fail_next_no_space(FaultOp::Write);
+        }
+        let (tx, rx) = mpsc::channel();
+        assert!(submit_range(&wal, 4..=6, &tx) >= 1);
+        wait_until("the writer finds the disk full", || wal.disk_full());
+        let io = io.crash(keep);
+        drop(wal);
+        for (_, r) in rx.try_iter() {
+            assert!(r.is_err(), "nothing held is acknowledged: {r:?}");
+        }
+        let (_wal, rec) = open_sim(&io, &opts).unwrap();
+        let got = lsns(&rec);
+        assert!(got.starts_with(&[1, 2, 3]), "keep {keep}: {got:?}");
+        assert_eq!(got, (1..rec.next_lsn).collect::<Vec<_>>());
+        for r in &rec.records {
+            assert_eq!(
+                r.payload,
+                payload_for(r.lsn, 100),
+                "keep {keep}: lsn {}",
+                r.lsn
+            );
+        }
+    }
+}
+
+#[test]
+fn no_space_from_fdatasync_poisons() {
+    let io = SimIo::new();
+    let (wal, _) = open_sim(&io, &full_disk_opts()).unwrap();
+    assert_eq!(append(&wal, 1, b"fine").unwrap(), 1);
+    io.fail_next_no_space(FaultOp::SyncData);
+    let err = append(&wal, 1, b"doomed").unwrap_err();
+    assert!(matches!(err, WalError::Poisoned { .. }), "{err}");
+    assert!(wal.poisoned() && !wal.disk_full());
+}
+
+#[test]
+fn no_space_at_the_segment_rename_is_retried() {
+    let io = SimIo::new();
+    let opts = full_disk_opts();
+    let (wal, _) = open_sim(&io, &opts).unwrap();
+    io.fail_next_no_space(FaultOp::Rename);
+    for lsn in 1..=100 {
+        assert_eq!(append(&wal, 3, &payload_for(lsn, 100)).unwrap(), lsn);
+    }
+    assert!(wal.stats().segment_rolls >= 2);
+    assert_eq!(wal.stats().disk_full_episodes, 1);
+    assert!(!wal.poisoned());
+    wal.shutdown();
+    drop(wal);
+    let (_wal, rec) = open_sim(&io, &opts).unwrap();
+    assert_eq!(lsns(&rec), (1..=100).collect::<Vec<_>>());
 }

@@ -12,13 +12,21 @@
 //! synced, the segment rolls to the prepared spare (rename + directory `fsync`), and the rest goes
 //! to the new segment — so a segment is wholly durable before its successor has a name.
 //!
-//! Any failed write, `fdatasync`, or roll poisons the log: the error is logged once, the failing
-//! batch and all later requests complete with `Err(Poisoned)`, and nothing is written again.
+//! A failed `fdatasync` or directory `fsync`, and any other failed write or roll, poisons the log:
+//! the error is logged once, the failing batch and all later requests complete with
+//! `Err(Poisoned)`, and nothing is written again.
+//!
+//! Lack of space is the exception ([`Writer::until_space`]): a write, spare creation or rename
+//! that fails with `ENOSPC` is repeated — the same bytes at the same offset — with backoff, while
+//! the log is marked disk full and new requests are refused. The writer holds its batch (and the
+//! queue) meanwhile instead of failing it: each record already has its lsn and its conversation
+//! its seq, so failing one while later ones got written would leave a hole. A shutdown during the
+//! wait answers what was not written with `Closed` (never acknowledged, never poisoned).
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::frame;
 use super::housekeeper::Msg as HouseMsg;
@@ -32,11 +40,17 @@ enum Pending {
     Rejected(Waiter, WalError),
 }
 
-/// A failure that poisons the log.
-struct Failure {
-    op: &'static str,
-    error: WalError,
+/// Why the writer stopped writing.
+enum Failure {
+    /// A fault after which nothing more may be written: poisons the log.
+    Poison { op: &'static str, error: WalError },
+    /// Shutdown came while the writer waited for disk space: what is not written is answered
+    /// `Closed`; nothing on disk is in doubt, so nothing is poisoned.
+    Abandoned,
 }
+
+/// The first wait after the disk was found full; it doubles up to `disk_full_retry`.
+const DISK_FULL_FIRST_RETRY: Duration = Duration::from_millis(10);
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
@@ -55,6 +69,8 @@ pub(super) struct Writer {
     spare_requested: bool,
     /// What poisoned the log, for every later error.
     poison_cause: Option<Arc<str>>,
+    /// Shutdown interrupted a wait for disk space: nothing more is written (see [`Failure`]).
+    abandoned: bool,
     fsync_seconds: ::metrics::Histogram,
     batch_records_hist: ::metrics::Histogram,
     bytes_total: ::metrics::Counter,
@@ -84,6 +100,7 @@ impl Writer {
             last_sync: Instant::now(),
             spare_requested: false,
             poison_cause: None,
+            abandoned: false,
             fsync_seconds: ::metrics::histogram!(names::WAL_FSYNC_SECONDS),
             batch_records_hist: ::metrics::histogram!(names::WAL_BATCH_RECORDS),
             bytes_total: ::metrics::counter!(names::WAL_BYTES_TOTAL),
@@ -156,6 +173,20 @@ impl Writer {
         self.shared.poisoned.load(Ordering::Acquire)
     }
 
+    /// Poisoned, or abandoned at shutdown: either way nothing more is written.
+    fn stopped_writing(&self) -> bool {
+        self.abandoned || self.poisoned()
+    }
+
+    /// The error for a request that will not be written.
+    fn stopped_error(&self) -> WalError {
+        if self.poisoned() {
+            self.poison_error()
+        } else {
+            WalError::Closed
+        }
+    }
+
     fn poison_error(&self) -> WalError {
         WalError::Poisoned {
             cause: self
@@ -187,8 +218,8 @@ impl Writer {
                 payload,
                 done,
             } => {
-                if self.poisoned() {
-                    let err = self.poison_error();
+                if self.stopped_writing() {
+                    let err = self.stopped_error();
                     self.batch.push(Pending::Rejected(done, err));
                     return;
                 }
@@ -205,8 +236,8 @@ impl Writer {
                 let end = self.active.offset + self.buf.len() as u64 + len as u64;
                 if end > self.active.capacity {
                     if let Err(failure) = self.roll() {
-                        self.poison(failure);
-                        let err = self.poison_error();
+                        self.fail(failure);
+                        let err = self.stopped_error();
                         self.batch.push(Pending::Rejected(done, err));
                         return;
                     }
@@ -221,22 +252,27 @@ impl Writer {
         }
     }
 
-    /// Writes `buf` to the active segment with one `pwrite`.
+    /// Writes `buf` to the active segment with one `pwrite` (repeated while the disk is full).
     fn write_buf(&mut self) -> Result<(), Failure> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let result = self.active.file.write_all_at(&self.buf, self.active.offset);
-        if let Err(e) = result {
-            self.buf.clear();
-            return Err(Failure {
-                op: "write",
-                error: WalError::io("write", &self.active.path, e),
-            });
-        }
+        let buf = std::mem::take(&mut self.buf);
+        let offset = self.active.offset;
+        // A retry writes the whole buffer again at the same offset: whatever part of a failed
+        // attempt reached the page cache is overwritten with the same bytes.
+        let result = self.until_space("write", |w| {
+            w.active
+                .file
+                .write_all_at(&buf, offset)
+                .map_err(|e| WalError::io("write", &w.active.path, e))
+        });
+        // Keep the allocation for the next batch.
+        self.buf = buf;
         let n = self.buf.len() as u64;
-        self.active.offset += n;
         self.buf.clear();
+        result?;
+        self.active.offset += n;
         self.dirty = true;
         self.shared
             .written_lsn
@@ -259,7 +295,10 @@ impl Writer {
         self.fsync_seconds.record(started.elapsed().as_secs_f64());
         self.shared.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = result {
-            return Err(Failure {
+            // Never retried, whatever the errno: after a failed writeback the kernel may have
+            // marked the pages clean, and a second fdatasync would report success for data
+            // that is not on disk. ENOSPC here (thin provisioning, NFS) is no different.
+            return Err(Failure::Poison {
                 op: "fdatasync",
                 error: WalError::io("fdatasync", &self.active.path, e),
             });
@@ -278,33 +317,41 @@ impl Writer {
         self.sync()?;
         let shared = self.shared.clone();
         let dir = &shared.opts.dir;
-        let spare = lock(&shared.spare).take();
-        let spare = match spare {
-            Some(spare) if spare.len == shared.opts.segment_bytes => spare,
-            other => {
-                if let Some(stale) = other {
-                    let _ = shared.io.remove(&stale.tmp);
+        let spare = self.until_space("segment creation", |_| {
+            let spare = lock(&shared.spare).take();
+            match spare {
+                Some(spare) if spare.len == shared.opts.segment_bytes => Ok(spare),
+                other => {
+                    if let Some(stale) = other {
+                        let _ = shared.io.remove(&stale.tmp);
+                    }
+                    shared.stats.spare_misses.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("wal spare segment not ready, creating one inline");
+                    segment::prepare_spare(
+                        shared.io.as_ref(),
+                        dir,
+                        shared.opts.segment_bytes,
+                        shared.opts.preallocate,
+                        shared.next_spare_id(),
+                    )
                 }
-                shared.stats.spare_misses.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("wal spare segment not ready, creating one inline");
-                segment::prepare_spare(
-                    shared.io.as_ref(),
-                    dir,
-                    shared.opts.segment_bytes,
-                    shared.opts.preallocate,
-                    shared.next_spare_id(),
-                )
-                .map_err(|error| Failure {
-                    op: "segment creation",
-                    error,
-                })?
             }
-        };
-        let active = segment::install_spare(shared.io.as_ref(), dir, spare, self.next_lsn)
-            .map_err(|error| Failure {
+        });
+        let spare = spare?;
+        let first_lsn = self.next_lsn;
+        let renamed = self.until_space("segment roll", |_| {
+            segment::rename_spare(shared.io.as_ref(), dir, &spare, first_lsn)
+        });
+        if let Err(failure) = renamed {
+            let _ = shared.io.remove(&spare.tmp);
+            return Err(failure);
+        }
+        let active = segment::sync_installed(shared.io.as_ref(), dir, spare, first_lsn).map_err(
+            |error| Failure::Poison {
                 op: "segment roll",
                 error,
-            })?;
+            },
+        )?;
         let segments = {
             let mut segments = lock(&shared.segments);
             // An empty active segment (recovered, smaller than the record) has the same name as
@@ -337,7 +384,7 @@ impl Writer {
     /// Writes the batch, syncs per policy, runs the completions in order.
     fn commit(&mut self, force_sync: bool) {
         let records = std::mem::take(&mut self.batch_records);
-        if !self.poisoned() {
+        if !self.stopped_writing() {
             let result = self.write_buf().and_then(|()| {
                 let due = match self.shared.opts.fsync {
                     FsyncPolicy::Always => true,
@@ -351,7 +398,7 @@ impl Writer {
                 }
             });
             if let Err(failure) = result {
-                self.poison(failure);
+                self.fail(failure);
             }
         }
         if records > 0 {
@@ -364,20 +411,20 @@ impl Writer {
             self.records_total.increment(records);
             self.batch_records_hist.record(records as f64);
         }
-        let poisoned = self.poisoned();
+        let stopped = self.stopped_writing();
         let durable = self.shared.durable_lsn.load(Ordering::Acquire);
         for pending in std::mem::take(&mut self.batch) {
             match pending {
                 Pending::Record(lsn, done) => {
-                    if poisoned && lsn > durable {
-                        done.complete(Err(self.poison_error()));
+                    if stopped && lsn > durable {
+                        done.complete(Err(self.stopped_error()));
                     } else {
                         done.complete(Ok(lsn));
                     }
                 }
                 Pending::Barrier(done) => {
-                    if poisoned {
-                        done.complete(Err(self.poison_error()));
+                    if stopped {
+                        done.complete(Err(self.stopped_error()));
                     } else {
                         done.complete(Ok(durable));
                     }
@@ -388,16 +435,104 @@ impl Writer {
         self.maybe_request_spare();
     }
 
-    fn poison(&mut self, failure: Failure) {
+    /// Runs `attempt` until it succeeds, repeating it with backoff while it fails for lack of
+    /// space. Any other error is a [`Failure::Poison`]; a shutdown during the wait is
+    /// [`Failure::Abandoned`]. While it waits, the log is marked disk full: `submit` and
+    /// `barrier` refuse, and the metric and one log line tell the operator.
+    fn until_space<T>(
+        &mut self,
+        op: &'static str,
+        mut attempt: impl FnMut(&mut Self) -> Result<T, WalError>,
+    ) -> Result<T, Failure> {
+        let mut wait = DISK_FULL_FIRST_RETRY;
+        let mut attempts = 0u64;
+        loop {
+            attempts += 1;
+            let error = match attempt(self) {
+                Ok(value) => {
+                    if attempts > 1 {
+                        self.space_returned(op, attempts);
+                    }
+                    return Ok(value);
+                }
+                Err(error) if error.is_disk_full() => error,
+                Err(error) => return Err(Failure::Poison { op, error }),
+            };
+            if attempts == 1 {
+                self.disk_full(op, &error);
+            }
+            if self.shared.closed.load(Ordering::Acquire) {
+                tracing::warn!(
+                    op,
+                    durable_lsn = self.shared.durable_lsn.load(Ordering::Acquire),
+                    unwritten_requests = self.batch.len(),
+                    "wal shutting down while the disk is full: unwritten records are not acknowledged"
+                );
+                return Err(Failure::Abandoned);
+            }
+            // Woken early by shutdown (`Handle::shutdown` unparks this thread).
+            std::thread::park_timeout(wait);
+            wait = (wait * 2).min(self.shared.opts.disk_full_retry.max(DISK_FULL_FIRST_RETRY));
+        }
+    }
+
+    fn disk_full(&self, op: &'static str, error: &WalError) {
+        if self.shared.disk_full.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared
+            .stats
+            .disk_full_episodes
+            .fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(names::WAL_DISK_FULL_TOTAL).increment(1);
+        ::metrics::gauge!(names::WAL_DISK_FULL).set(1.0);
+        tracing::error!(
+            op,
+            error = %error,
+            dir = %self.shared.opts.dir.display(),
+            durable_lsn = self.shared.durable_lsn.load(Ordering::Acquire),
+            waiting_requests = self.batch.len(),
+            "wal disk full: appends get try_again until space returns; nothing acknowledged is lost"
+        );
+    }
+
+    fn space_returned(&self, op: &'static str, attempts: u64) {
+        if !self.shared.disk_full.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        ::metrics::gauge!(names::WAL_DISK_FULL).set(0.0);
+        tracing::warn!(
+            op,
+            attempts,
+            durable_lsn = self.shared.durable_lsn.load(Ordering::Acquire),
+            "wal has disk space again: appends resume"
+        );
+    }
+
+    fn fail(&mut self, failure: Failure) {
+        match failure {
+            Failure::Poison { op, error } => self.poison(op, error),
+            Failure::Abandoned => {
+                self.abandoned = true;
+                self.buf.clear();
+            }
+        }
+    }
+
+    fn poison(&mut self, op: &'static str, error: WalError) {
         if self.shared.poisoned.swap(true, Ordering::AcqRel) {
             return;
         }
         ::metrics::gauge!(names::WAL_POISONED).set(1.0);
+        if self.shared.disk_full.swap(false, Ordering::AcqRel) {
+            // Poisoned while waiting for space: the node needs a restart now, not space.
+            ::metrics::gauge!(names::WAL_DISK_FULL).set(0.0);
+        }
         self.buf.clear();
-        self.poison_cause = Some(Arc::from(format!("{}: {}", failure.op, failure.error)));
+        self.poison_cause = Some(Arc::from(format!("{op}: {error}")));
         tracing::error!(
-            op = failure.op,
-            error = %failure.error,
+            op,
+            error = %error,
             segment = %self.active.path.display(),
             durable_lsn = self.shared.durable_lsn.load(Ordering::Acquire),
             written_lsn = self.shared.written_lsn.load(Ordering::Acquire),
