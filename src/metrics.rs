@@ -7,6 +7,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const HTTP_ERRORS_TOTAL: &str = "ferry_http_errors_total";
 /// Counter: authentication failures by `reason`.
 pub const AUTH_FAILURES_TOTAL: &str = "ferry_auth_failures_total";
+/// Counter: fetches of the JWT key set (`auth.jwt_jwks_url`), by `result` (`ok`, `error`).
+pub const JWKS_FETCHES_TOTAL: &str = "ferry_jwks_fetches_total";
+/// Counter: sockets and SSE streams ended because their token expired, by `transport`
+/// (`websocket`, `sse`).
+pub const TOKEN_EXPIRED_CLOSES_TOTAL: &str = "ferry_token_expired_closes_total";
 /// Connections a listener closed as soon as it accepted them (`limits.max_connections`),
 /// labelled `listener` (`public`, `admin`).
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "ferry_connections_refused_total";
@@ -55,6 +60,14 @@ pub fn count_http_error(code: &'static str) {
 
 pub fn count_auth_failure(reason: &'static str) {
     metrics::counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn count_jwks_fetch(result: &'static str) {
+    metrics::counter!(JWKS_FETCHES_TOTAL, "result" => result).increment(1);
+}
+
+pub fn count_token_expired_close(transport: &'static str) {
+    metrics::counter!(TOKEN_EXPIRED_CLOSES_TOTAL, "transport" => transport).increment(1);
 }
 
 /// Installs the global recorder; histograms of seconds get buckets fine enough for sub-ms acks.

@@ -39,7 +39,7 @@ const MAX_ROUTES: usize = 6;
 /// The end user a request comes from, for the owner's membership check.
 fn user_of(principal: &Principal) -> Option<String> {
     match principal {
-        Principal::User { sub } => Some(sub.to_string()),
+        Principal::User { sub, .. } => Some(sub.to_string()),
         Principal::ApiKey { .. } => None,
     }
 }

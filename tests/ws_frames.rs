@@ -22,7 +22,7 @@ use common::{metric_sum, TestServer, API_KEY};
 
 /// Every wait for a frame fails the test after this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(15);
-const JWT_SECRET: &str = "ws-test-secret-1b8e";
+const JWT_SECRET: &str = "ws-test-secret-1b8e-at-least-32-bytes";
 
 /// An HS256 end-user token for `sub`.
 fn jwt(sub: &str) -> String {

@@ -5,9 +5,11 @@
 //! the first successful lookup; the key itself is never stored or logged. An API key acts for any
 //! participant; an admin key may also use `/admin`.
 //!
-//! End-user tokens are JWTs, enabled by `jwt_secret` (HS256) or `jwt_public_key` (RS256, PEM text
-//! or a path to a PEM file). Claim `sub` is the participant id; `exp` and `nbf` are checked when
-//! present. A credential with three dot-separated parts is treated as a JWT when JWTs are enabled.
+//! End-user tokens are JWTs, enabled by `jwt_secret` (HS256), `jwt_public_key` (RS256, PEM text
+//! or a path to a PEM file) or `auth.jwt_jwks_url` (an identity provider's key set); see [`jwt`].
+//! Claim `sub` is the participant id, `exp` is required. A credential shaped like a JWT (three
+//! base64url parts) is tried as one when JWTs are enabled. Why a credential was refused is
+//! counted and logged here; the client only ever hears a generic `unauthorized`.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -21,8 +23,10 @@ use crate::http::error::ApiError;
 use crate::metrics::count_auth_failure;
 use crate::store::Store;
 
+mod jwks;
 mod jwt;
-pub use jwt::JwtVerifier;
+pub use jwks::Jwks;
+pub use jwt::{JwtVerifier, MAX_TOKEN_BYTES};
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +37,32 @@ pub enum Principal {
     /// An end user, from a JWT: reads and writes only where listed, always sends as itself.
     User {
         sub: ParticipantId,
+        /// When the token stops being accepted (`exp` plus `auth.jwt_leeway`), in Unix ms:
+        /// sockets and streams opened with it end then.
+        expires_at_ms: i64,
     },
+}
+
+impl Principal {
+    /// When credentials of this caller expire; API keys do not.
+    pub fn expires_at_ms(&self) -> Option<i64> {
+        match self {
+            Principal::User { expires_at_ms, .. } => Some(*expires_at_ms),
+            Principal::ApiKey { .. } => None,
+        }
+    }
+
+    /// [`Principal::expires_at_ms`] on the runtime's clock (now, if it is past), for sockets and
+    /// streams to end at. An expiry beyond what the clock can hold is taken as a century away.
+    pub fn expires_at(&self) -> Option<tokio::time::Instant> {
+        let ms = self.expires_at_ms()?;
+        let left = ms.saturating_sub(ferry_shards::record::now_ms()).max(0) as u64;
+        let now = tokio::time::Instant::now();
+        Some(
+            now.checked_add(std::time::Duration::from_millis(left))
+                .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400)),
+        )
+    }
 }
 
 pub struct Auth {
@@ -54,6 +83,11 @@ pub fn generate_key() -> String {
 }
 
 impl Auth {
+    /// The key set end-user tokens are checked against, when one is configured.
+    pub fn key_set(&self) -> Option<std::sync::Arc<Jwks>> {
+        self.jwt.as_ref().and_then(JwtVerifier::key_set)
+    }
+
     pub fn new(store: Store, jwt: Option<JwtVerifier>) -> Auth {
         Auth {
             store,
@@ -90,12 +124,20 @@ impl Auth {
             count_auth_failure("missing");
             return Err(ApiError::unauthorized("missing credentials"));
         }
+        if token.len() > MAX_TOKEN_BYTES {
+            count_auth_failure("too_long");
+            return Err(ApiError::unauthorized("invalid credentials"));
+        }
         if let Some(jwt) = &self.jwt {
-            if token.split('.').count() == 3 {
-                return match jwt.verify(token) {
+            if jwt::looks_like_jwt(token) {
+                return match jwt.verify(token).await {
                     Ok(user) => Ok(user),
                     // An API key may have the shape of a JWT (three parts separated by dots).
-                    Err(e) => self.api_key(token).await?.ok_or(e),
+                    Err(e) => self.api_key(token).await?.ok_or_else(|| {
+                        count_auth_failure(e.reason());
+                        tracing::info!(reason = e.reason(), error = %e, "token refused");
+                        ApiError::unauthorized("invalid credentials")
+                    }),
                 };
             }
         }

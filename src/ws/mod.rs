@@ -164,7 +164,7 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
     let socket_id = crate::inbox::next_socket_id();
     let (auth, participant) = match &principal {
         Principal::ApiKey { .. } => ("api_key", None),
-        Principal::User { sub } => ("user", Some(sub.to_string())),
+        Principal::User { sub, .. } => ("user", Some(sub.to_string())),
     };
     let span = tracing::info_span!("ws", socket = socket_id, auth, participant);
     async move {
@@ -175,6 +175,7 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
             outbox_frames: OUTBOX_FRAMES,
             close_grace: CLOSE_GRACE,
             max_frame_bytes: state.config.limits.max_frame_bytes,
+            expires_at: principal.expires_at(),
         };
         let mut stopping = state.shutdown.clone();
         let shutdown = async move {
@@ -192,6 +193,9 @@ async fn serve(state: AppState, principal: Principal, socket: WebSocket) {
             config,
         )
         .await;
+        if end == session::End::Expired {
+            crate::metrics::count_token_expired_close("websocket");
+        }
         tracing::info!(end = ?end, "websocket closed");
     }
     .instrument(span)
