@@ -11,7 +11,7 @@ use crate::http::error::ApiError;
 pub fn authorize(principal: &Principal, meta: &ConversationMeta) -> Result<(), ApiError> {
     match principal {
         Principal::ApiKey { .. } => Ok(()),
-        Principal::User { sub } if meta.has_participant(sub.as_str()) => Ok(()),
+        Principal::User { sub, .. } if meta.has_participant(sub.as_str()) => Ok(()),
         Principal::User { .. } => {
             crate::metrics::count_auth_failure("forbidden");
             Err(ApiError::forbidden(
@@ -25,7 +25,7 @@ pub fn authorize(principal: &Principal, meta: &ConversationMeta) -> Result<(), A
 /// ignored); an API key must name the participant.
 pub fn sender(principal: &Principal, requested: Option<&str>) -> Result<ParticipantId, ApiError> {
     match principal {
-        Principal::User { sub } => Ok(sub.clone()),
+        Principal::User { sub, .. } => Ok(sub.clone()),
         Principal::ApiKey { .. } => {
             let name =
                 requested.ok_or_else(|| ApiError::invalid("sender is required with an API key"))?;
@@ -38,7 +38,7 @@ pub fn sender(principal: &Principal, requested: Option<&str>) -> Result<Particip
 pub fn act_for(principal: &Principal, participant: &ParticipantId) -> Result<(), ApiError> {
     match principal {
         Principal::ApiKey { .. } => Ok(()),
-        Principal::User { sub } if sub == participant => Ok(()),
+        Principal::User { sub, .. } if sub == participant => Ok(()),
         Principal::User { .. } => {
             crate::metrics::count_auth_failure("forbidden");
             Err(ApiError::forbidden("a user may only act for itself"))

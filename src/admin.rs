@@ -7,13 +7,17 @@
 //! its slots to go, so a drain is refused with `conflict` (SIGTERM finishes in-flight work and
 //! exits instead). The answers already have the cluster's shape (`nodes`, per-slot `owner`,
 //! `epoch`, `state`), so clients and the `ferry admin` CLI need not change when more nodes join.
+//!
+//! Every answer forbids framing (`X-Frame-Options: DENY`, CSP `frame-ancestors 'none'`) and
+//! sniffing, and carries a Content-Security-Policy that loads nothing; the dashboard's allows
+//! exactly its own inline script (by hash), its inline styles and fetches to this listener.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, State};
-use axum::http::header;
 use axum::http::request::Parts;
+use axum::http::{header, HeaderValue};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -70,7 +74,77 @@ pub fn router(state: AdminState) -> Router {
         .merge(crate::admin_keys::routes())
         .fallback(crate::http::not_found)
         .method_not_allowed_fallback(crate::http::method_not_allowed)
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// What an admin answer may load when it does not say otherwise: nothing.
+const DEFAULT_CSP: &str =
+    "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers
+        .entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(DEFAULT_CSP));
+    response
+}
+
+/// The dashboard's policy: its one inline script by hash, inline styles (the cells' colours are
+/// `style` attributes), fetches to this listener, nothing else.
+fn dashboard_csp() -> &'static str {
+    static CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "default-src 'none'; script-src '{}'; style-src 'unsafe-inline'; connect-src 'self'; \
+             img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            script_hash(DASHBOARD_TEMPLATE)
+        )
+    });
+    &CSP
+}
+
+/// `sha256-…` of the page's inline script, as CSP hashes it: the exact text between the tags.
+fn script_hash(page: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let script = page
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map_or("", |(script, _)| script);
+    format!(
+        "sha256-{}",
+        base64_standard(&Sha256::digest(script.as_bytes()))
+    )
+}
+
+/// Standard base64 with padding (what CSP hash sources are written in).
+fn base64_standard(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
@@ -431,9 +505,13 @@ struct ClusterSnapshot {
     slots: Vec<SlotView>,
 }
 
-async fn dashboard(State(state): State<AdminState>) -> Html<String> {
+async fn dashboard(State(state): State<AdminState>) -> Response {
     let (cluster, slots) = snapshot(&state).await;
-    Html(render_dashboard(&cluster, &slots))
+    (
+        [(header::CONTENT_SECURITY_POLICY, dashboard_csp())],
+        Html(render_dashboard(&cluster, &slots)),
+    )
+        .into_response()
 }
 
 /// The slot map as one self-contained page: rendered here, refreshed in place every 2 s from
@@ -539,5 +617,31 @@ mod tests {
         assert!(html.contains("owner n&lt;1&gt;"));
         assert!(!html.contains("n<1>"));
         assert!(!html.contains("{{"), "every placeholder is filled");
+    }
+
+    #[test]
+    fn the_dashboard_policy_allows_its_one_script_by_hash() {
+        assert_eq!(
+            DASHBOARD_TEMPLATE.matches("<script").count(),
+            1,
+            "one inline script, hashed in the CSP; add another and hash it too"
+        );
+        assert!(
+            !DASHBOARD_TEMPLATE
+                .split_whitespace()
+                .any(|word| word.starts_with("on") && word.contains('=')),
+            "no inline event handlers (the CSP blocks them)"
+        );
+        // Known vectors (RFC 4648) and a known CSP hash (of the empty script).
+        assert_eq!(base64_standard(b"foob"), "Zm9vYg==");
+        assert_eq!(base64_standard(b"fooba"), "Zm9vYmE=");
+        assert_eq!(base64_standard(b"foobar"), "Zm9vYmFy");
+        assert_eq!(
+            script_hash("<script></script>"),
+            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
+        let csp = dashboard_csp();
+        assert!(csp.contains(&format!("script-src '{}'", script_hash(DASHBOARD_TEMPLATE))));
+        assert!(csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe-eval"));
     }
 }

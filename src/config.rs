@@ -50,6 +50,7 @@ pub struct Config {
     pub cluster: ClusterSection,
     pub rate: RateSection,
     pub auth: AuthSection,
+    pub http: HttpSection,
 }
 
 /// `[rate]`: request rate limits, each `N/s` or `N/m`, `0` = off. In a cluster with Redis they
@@ -78,13 +79,73 @@ impl Default for RateSection {
     }
 }
 
-/// `[auth]`: how credentials are checked.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[auth]`: how API keys are stored and how end-user tokens (JWTs) are checked beyond their key
+/// (`jwt_secret`, `jwt_public_key`, or `jwt_jwks_url` here).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
+    /// When set, a token's `iss` must equal it.
+    pub jwt_issuer: Option<String>,
+    /// When set, a token's `aud` (a string or a list) must contain it.
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "duration_str")]
+    pub jwt_leeway: Duration,
+    /// A JSON Web Key Set (an identity provider's signing keys, e.g. Keycloak's
+    /// `…/protocol/openid-connect/certs`); a token's key is the one its `kid` names.
+    pub jwt_jwks_url: Option<String>,
+    /// How often the key set is fetched again (it is also fetched on an unknown `kid`).
+    #[serde(with = "duration_str")]
+    pub jwt_jwks_refresh: Duration,
     /// The secret API keys are hashed with (HMAC-SHA256), at least 32 bytes. Default: derived
     /// from the cluster secret in a cluster, else a random one kept in `<data_dir>/api_key_pepper`.
     pub api_key_pepper: Option<String>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(30),
+            jwt_jwks_url: None,
+            jwt_jwks_refresh: Duration::from_secs(300),
+            api_key_pepper: None,
+        }
+    }
+}
+
+/// Shortest `jwt_secret`: an HS256 key shorter than its 256-bit hash can be guessed offline
+/// from any one token.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// `[http]`: what browsers may do with the public API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Origins (`https://app.example.com`) whose pages may call the public API; none by
+    /// default. From the environment: a comma-separated list.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub cors_origins: Vec<String>,
+}
+
+/// A list, or (as an environment variable gives it) one comma-separated string.
+fn list_or_commas<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::List(items) => items,
+        Raw::Text(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
 }
 
 /// `[cluster]`: used when the node is part of a cluster (a Redis URL is set).
@@ -217,6 +278,10 @@ pub struct LimitsSection {
     /// WebSockets and SSE streams open at once per principal (API key or JWT `sub`), on this
     /// node.
     pub max_sockets_per_principal: usize,
+    /// A public API request not answered within this is answered `try_again` (503); streams
+    /// (SSE, WebSocket) are long-lived and exempt.
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -255,6 +320,7 @@ impl Default for Config {
             cluster: ClusterSection::default(),
             rate: RateSection::default(),
             auth: AuthSection::default(),
+            http: HttpSection::default(),
         }
     }
 }
@@ -311,6 +377,7 @@ impl Default for LimitsSection {
             write_timeout: Duration::from_secs(30),
             max_topics_per_socket: 100,
             max_sockets_per_principal: 1000,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -456,11 +523,12 @@ impl Config {
         if self.limits.header_timeout.is_zero()
             || self.limits.http_idle_timeout.is_zero()
             || self.limits.write_timeout.is_zero()
+            || self.limits.request_timeout.is_zero()
             || self.limits.max_connections == 0
         {
             bail!(
-                "limits.header_timeout, limits.http_idle_timeout, limits.write_timeout and \
-                 limits.max_connections must be positive"
+                "limits.header_timeout, limits.http_idle_timeout, limits.write_timeout, \
+                 limits.request_timeout and limits.max_connections must be positive"
             );
         }
         if self.limits.max_topics_per_socket == 0 || self.limits.max_sockets_per_principal == 0 {
@@ -511,13 +579,65 @@ impl Config {
         if !object_store.starts_with("file://") && !object_store.starts_with("s3://") {
             bail!("object_store must be file://DIR or s3://BUCKET[/PREFIX], not {object_store:?}");
         }
-        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
-            bail!("set only one of jwt_secret (HS256) and jwt_public_key (RS256)");
-        }
+        self.validate_auth()?;
+        self.validate_http()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be text or json");
         }
         self.validate_cluster()
+    }
+
+    fn validate_auth(&self) -> anyhow::Result<()> {
+        let a = &self.auth;
+        let sources = [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key.is_some(),
+            a.jwt_jwks_url.is_some(),
+        ];
+        if sources.into_iter().filter(|set| *set).count() > 1 {
+            bail!(
+                "set only one of jwt_secret (HS256), jwt_public_key (RS256 PEM) and \
+                 auth.jwt_jwks_url (an identity provider's key set)"
+            );
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < MIN_JWT_SECRET_BYTES {
+                bail!(
+                    "jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes (it has {}); \
+                     generate one with `openssl rand -base64 48`",
+                    secret.len()
+                );
+            }
+        }
+        if let Some(url) = &a.jwt_jwks_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("auth.jwt_jwks_url must be an http:// or https:// URL, not {url:?}");
+            }
+        }
+        if a.jwt_jwks_refresh < Duration::from_secs(1) {
+            bail!("auth.jwt_jwks_refresh must be at least 1s");
+        }
+        if a.jwt_leeway > Duration::from_secs(600) {
+            bail!("auth.jwt_leeway must be at most 10m");
+        }
+        if a.jwt_issuer.as_deref() == Some("") || a.jwt_audience.as_deref() == Some("") {
+            bail!("auth.jwt_issuer and auth.jwt_audience must not be empty when set");
+        }
+        Ok(())
+    }
+
+    fn validate_http(&self) -> anyhow::Result<()> {
+        for origin in &self.http.cors_origins {
+            let scheme_ok = origin.starts_with("http://") || origin.starts_with("https://");
+            let host = origin.split_once("://").map_or("", |(_, rest)| rest);
+            if !scheme_ok || host.is_empty() || host.contains('/') || origin.contains('*') {
+                bail!(
+                    "http.cors_origins takes origins like \"https://app.example.com\" (scheme, \
+                     host, optional port; no path, no wildcard), not {origin:?}"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// A Redis URL makes the node a cluster member, which needs Postgres and the secret.
@@ -764,7 +884,10 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("FERRY_NODE_ID", "7");
             jail.set_env("FERRY_BOOTSTRAP_API_KEY", "12345678901234567890");
-            jail.set_env("FERRY_JWT_SECRET", "\"s3cret\"");
+            jail.set_env(
+                "FERRY_JWT_SECRET",
+                "\"s3cret-of-at-least-thirty-two-bytes\"",
+            );
             jail.set_env("FERRY_REDIS_URL", "[abc]");
             // A Redis URL makes a cluster member, which needs these two as well.
             jail.set_env("FERRY_DATABASE_URL", "postgres://ferry@db/ferry");
@@ -776,7 +899,10 @@ mod tests {
             let c = Config::load(None, &Overrides::default()).unwrap();
             assert_eq!(c.node_id.as_deref(), Some("7"));
             assert_eq!(c.bootstrap_api_key.as_deref(), Some("12345678901234567890"));
-            assert_eq!(c.jwt_secret.as_deref(), Some("\"s3cret\""));
+            assert_eq!(
+                c.jwt_secret.as_deref(),
+                Some("\"s3cret-of-at-least-thirty-two-bytes\"")
+            );
             assert_eq!(c.redis_url.as_deref(), Some("[abc]"));
             assert_eq!(c.cluster_secret.as_deref(), Some("\"quoted\""));
             assert_eq!(c.data_dir, PathBuf::from("2024"));
@@ -878,6 +1004,68 @@ mod tests {
         // Without Redis the [cluster] keys are checked but nothing else is required.
         let alone = Config::default();
         assert!(alone.validate().is_ok() && !alone.clustered());
+    }
+
+    #[test]
+    fn jwt_settings_are_checked() {
+        let mut c = Config {
+            jwt_secret: Some("short".into()),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("at least 32 bytes"), "{e}");
+        c.jwt_secret = Some("x".repeat(MIN_JWT_SECRET_BYTES));
+        assert!(c.validate().is_ok());
+        c.auth.jwt_jwks_url = Some("https://idp/realms/r/protocol/openid-connect/certs".into());
+        assert!(c.validate().is_err(), "one key source at a time");
+        c.jwt_secret = None;
+        assert!(c.validate().is_ok());
+        c.auth.jwt_jwks_url = Some("idp/certs".into());
+        assert!(c.validate().is_err(), "the key set URL needs a scheme");
+        c.auth.jwt_jwks_url = None;
+        c.auth.jwt_issuer = Some(String::new());
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn auth_and_http_sections_come_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "ferry.toml",
+                r#"
+                [auth]
+                jwt_issuer = "https://idp/realms/r"
+                jwt_leeway = "5s"
+                [http]
+                cors_origins = ["https://a.example.com"]
+                "#,
+            )?;
+            jail.set_env("FERRY_AUTH__JWT_AUDIENCE", "ferry");
+            jail.set_env("FERRY_AUTH__JWT_JWKS_REFRESH", "1m");
+            let c = Config::load(Some(Path::new("ferry.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.auth.jwt_issuer.as_deref(), Some("https://idp/realms/r"));
+            assert_eq!(c.auth.jwt_audience.as_deref(), Some("ferry"));
+            assert_eq!(c.auth.jwt_leeway, Duration::from_secs(5));
+            assert_eq!(c.auth.jwt_jwks_refresh, Duration::from_secs(60));
+            assert_eq!(c.http.cors_origins, ["https://a.example.com"]);
+            jail.set_env(
+                "FERRY_HTTP__CORS_ORIGINS",
+                "https://a.example.com, http://localhost:5173",
+            );
+            let c = Config::load(Some(Path::new("ferry.toml")), &Overrides::default()).unwrap();
+            assert_eq!(
+                c.http.cors_origins,
+                ["https://a.example.com", "http://localhost:5173"]
+            );
+            for bad in ["*", "https://a.example.com/app", "a.example.com"] {
+                jail.set_env("FERRY_HTTP__CORS_ORIGINS", bad);
+                assert!(
+                    Config::load(None, &Overrides::default()).is_err(),
+                    "{bad} is not an origin"
+                );
+            }
+            Ok(())
+        });
     }
 
     #[test]

@@ -14,6 +14,14 @@ pub const RATE_LIMITED_TOTAL: &str = "ferry_rate_limited_total";
 /// Counter: API key lookups, by `result` (`cached`, `stored`, `unknown`, `negative_cached`,
 /// `malformed`).
 pub const API_KEY_LOOKUPS_TOTAL: &str = "ferry_api_key_lookups_total";
+/// Counter: fetches of the JWT key set (`auth.jwt_jwks_url`), by `result` (`ok`, `error`).
+pub const JWKS_FETCHES_TOTAL: &str = "ferry_jwks_fetches_total";
+/// Counter: sockets and SSE streams ended because their token expired, by `transport`
+/// (`websocket`, `sse`).
+pub const TOKEN_EXPIRED_CLOSES_TOTAL: &str = "ferry_token_expired_closes_total";
+/// Counter: sockets and SSE streams ended because their API key was revoked or its rotation
+/// grace ended, by `transport`.
+pub const REVOKED_CLOSES_TOTAL: &str = "ferry_revoked_closes_total";
 /// Connections a listener closed as soon as it accepted them (`limits.max_connections`),
 /// labelled `listener` (`public`, `admin`).
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "ferry_connections_refused_total";
@@ -70,6 +78,18 @@ pub fn count_rate_limited(limit: &'static str) {
 
 pub fn count_key_lookup(result: &'static str) {
     metrics::counter!(API_KEY_LOOKUPS_TOTAL, "result" => result).increment(1);
+}
+
+pub fn count_jwks_fetch(result: &'static str) {
+    metrics::counter!(JWKS_FETCHES_TOTAL, "result" => result).increment(1);
+}
+
+pub fn count_revoked_close(transport: &'static str) {
+    metrics::counter!(REVOKED_CLOSES_TOTAL, "transport" => transport).increment(1);
+}
+
+pub fn count_token_expired_close(transport: &'static str) {
+    metrics::counter!(TOKEN_EXPIRED_CLOSES_TOTAL, "transport" => transport).increment(1);
 }
 
 /// Installs the global recorder; histograms of seconds get buckets fine enough for sub-ms acks.

@@ -56,10 +56,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store
     };
     tracing::info!(object_store = %object_store, "cold tier open");
-    let jwt = JwtVerifier::from_config(
-        config.jwt_secret.as_deref(),
-        config.jwt_public_key.as_deref(),
-    )?;
+    let jwt = JwtVerifier::from_config(&config)?;
     let rate = Arc::new(crate::rate::RateLimits::from_config(&config.rate)?);
     let pepper = crate::auth::Pepper::resolve(
         config.auth.api_key_pepper.as_deref(),
@@ -76,6 +73,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         jwt,
         rate.clone(),
     ));
+    let (jwks_stop_tx, jwks_stop) = tokio::sync::watch::channel(false);
+    if let Some(jwks) = auth.key_set() {
+        // Not fatal: an identity provider that is down at our start may be up a moment later
+        // (an unknown kid fetches again); until then every token is refused, and the log says so.
+        jwks.refresh().await;
+        tokio::spawn(jwks.run_refresh(config.auth.jwt_jwks_refresh, jwks_stop));
+    }
     if let Some(key) = auth
         .keys
         .bootstrap(config.bootstrap_api_key.as_deref())
@@ -309,6 +313,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let _ = cluster_stop_tx.send(true);
     let _ = compactor_stop.send(true);
+    let _ = jwks_stop_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(20), compactor_task)
         .await
         .is_err()

@@ -49,7 +49,7 @@ pub fn clamp_seq(seq: u64) -> u64 {
 /// The end user a request comes from, for the owner's membership check.
 fn user_of(principal: &Principal) -> Option<String> {
     match principal {
-        Principal::User { sub } => Some(sub.to_string()),
+        Principal::User { sub, .. } => Some(sub.to_string()),
         Principal::ApiKey { .. } => None,
     }
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use common::{expect_error, TestServer, API_KEY};
 
-const JWT_SECRET: &str = "admin-test-secret-5d21";
+const JWT_SECRET: &str = "admin-test-secret-5d21-at-least-32-bytes";
 /// `conversation-1` hashes to slot 316 of 512 (the placement's check value).
 const SLOT_OF_CONVERSATION_1: usize = 316;
 

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use common::{expect_error, seq_of, TestServer, API_KEY};
 
-const HS_SECRET: &str = "it-jwt-secret-0d5e1b7c";
+const HS_SECRET: &str = "it-jwt-secret-0d5e1b7c-at-least-32-bytes";
 /// How long any single expected SSE event may take to arrive.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use common::ws::{assert_error, socket_url, Ws};
 use common::{metric_sum, TestServer, API_KEY};
 
-const JWT_SECRET: &str = "ws-test-secret-1b8e";
+const JWT_SECRET: &str = "ws-test-secret-1b8e-at-least-32-bytes";
 
 /// An HS256 end-user token for `sub`.
 fn jwt(sub: &str) -> String {

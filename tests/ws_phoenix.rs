@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use common::{seq_of, TestServer};
 
-const JWT_SECRET: &str = "ws-phoenix-secret-73ad";
+const JWT_SECRET: &str = "ws-phoenix-secret-73ad-at-least-32-bytes";
 const CONVERSATION: &str = "room";
 /// Messages alice sends over her socket.
 const ALICE_SENDS: u64 = 5;
@@ -373,4 +373,65 @@ async fn phoenix_clients_resume_exactly_after_a_server_crash() {
         "both clients reconnected after the crash: {done:?}"
     );
     let _ = script.child.wait();
+}
+
+/// A token that expires while the phoenix client is connected: the server errors the joined
+/// topic, closes the socket, refuses the expired token on reconnect, and the client, once its
+/// `params` function returns a fresh token, reconnects, rejoins from the last seq it saw and
+/// receives what comes next, with nothing repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phoenix_client_reconnects_with_a_fresh_token_after_expiry() {
+    ensure_node_modules();
+    let server = TestServer::builder()
+        .env("FERRY_JWT_SECRET", JWT_SECRET)
+        .env("FERRY_AUTH__JWT_LEEWAY", "0")
+        .start();
+    server.create_conversation("expiring", &["alice"]).await;
+    server.append("expiring", "bob", json!("before")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let short = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "alice", "exp": now + 6}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let mut script = Script::start(
+        "expiry.mjs",
+        &[
+            ("FERRY_SOCKET_URL", format!("ws://{}/socket", server.listen)),
+            ("FERRY_CONVERSATION", "expiring".to_owned()),
+            ("FERRY_TOKEN", short),
+        ],
+    );
+    script.wait_until("joined, and saw seq 1", |line| line["event"] == "seen");
+    let mut channel_errored = false;
+    let mut close = Value::Null;
+    script.wait_until("the socket is closed at expiry", |line| {
+        match line["event"].as_str() {
+            Some("channel_error") => channel_errored = true,
+            Some("closed") => close = line.clone(),
+            _ => {}
+        }
+        !close.is_null()
+    });
+    assert!(channel_errored, "phx_error before the close");
+    assert_eq!(close["code"], 4401, "{close}");
+    assert_eq!(close["reason"], "token expired", "{close}");
+    // Reconnecting with the expired token fails (the client keeps trying).
+    script.wait_until("a refused reconnect", |line| {
+        line["event"] == "socket_error"
+    });
+
+    script.command(&format!("token {}", jwt("alice")));
+    script.wait_until("rejoined with a fresh token", |line| {
+        line["event"] == "joined" && line["after_seq"] == 1
+    });
+    server.append("expiring", "bob", json!("after")).await;
+    script.wait_until("saw seq 2", |line| {
+        assert_ne!(line["seq"], 1, "seq 1 repeated after the rejoin: {line}");
+        line["event"] == "seen" && line["seq"] == 2
+    });
 }

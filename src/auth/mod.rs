@@ -1,22 +1,13 @@
-//! Authentication: who is calling, from `Authorization: Bearer <credential>` (HTTP) or the
-//! `token` parameter (WebSocket).
-//!
-//! API keys are stored as hex SHA-256 hashes in the `api_keys` table and cached in memory after
-//! the first successful lookup; the key itself is never stored or logged. An API key acts for any
-//! participant; an admin key may also use `/admin`.
-//!
-//! End-user tokens are JWTs, enabled by `jwt_secret` (HS256) or `jwt_public_key` (RS256, PEM text
-//! or a path to a PEM file). Claim `sub` is the participant id; `exp` and `nbf` are checked when
-//! present. A credential with three dot-separated parts is treated as a JWT when JWTs are enabled.
-
 //! Authentication: who is calling, from `Authorization: Bearer <credential>` (HTTP), the
 //! `token` parameter (WebSocket, SSE), or the phoenix client's token subprotocol.
 //!
 //! - API keys ([`keys`]): hashed under a pepper, cached, scoped `admin | service | read`,
 //!   revocable and rotatable at run time.
-//! - End-user tokens ([`jwt`]): JWTs, enabled by `jwt_secret` (HS256) or `jwt_public_key`. Claim
-//!   `sub` is the participant id. A credential with three dot-separated parts is treated as a JWT
-//!   when JWTs are enabled.
+//! - End-user tokens ([`jwt`]): JWTs, enabled by `jwt_secret` (HS256), `jwt_public_key` (RS256,
+//!   PEM text or a path to a PEM file) or `auth.jwt_jwks_url` (an identity provider's key set).
+//!   Claim `sub` is the participant id, `exp` is required. A credential shaped like a JWT (three
+//!   base64url parts) is tried as one when JWTs are enabled. Why a credential was refused is
+//!   counted and logged here; the client only ever hears a generic `unauthorized`.
 //!
 //! What a bad credential costs is bounded: a malformed one is refused before any hashing or SQL,
 //! an unknown key is remembered as unknown, lookups have their own pool, and a client IP past
@@ -33,9 +24,11 @@ use crate::http::error::ApiError;
 use crate::metrics::count_auth_failure;
 use crate::rate::RateLimits;
 
+mod jwks;
 mod jwt;
 pub mod keys;
-pub use jwt::JwtVerifier;
+pub use jwks::Jwks;
+pub use jwt::{JwtVerifier, MAX_TOKEN_BYTES};
 pub use keys::{ApiKeys, KeyScope, Pepper};
 
 /// The authenticated caller.
@@ -44,10 +37,35 @@ pub enum Principal {
     /// An API key: acts for any participant, within its scope.
     ApiKey { id: String, scope: KeyScope },
     /// An end user, from a JWT: reads and writes only where listed, always sends as itself.
-    User { sub: ParticipantId },
+    User {
+        sub: ParticipantId,
+        /// When the token stops being accepted (`exp` plus `auth.jwt_leeway`), in Unix ms:
+        /// sockets and streams opened with it end then.
+        expires_at_ms: i64,
+    },
 }
 
 impl Principal {
+    /// When credentials of this caller expire; API keys do not.
+    pub fn expires_at_ms(&self) -> Option<i64> {
+        match self {
+            Principal::User { expires_at_ms, .. } => Some(*expires_at_ms),
+            Principal::ApiKey { .. } => None,
+        }
+    }
+
+    /// [`Principal::expires_at_ms`] on the runtime's clock (now, if it is past), for sockets and
+    /// streams to end at. An expiry beyond what the clock can hold is taken as a century away.
+    pub fn expires_at(&self) -> Option<tokio::time::Instant> {
+        let ms = self.expires_at_ms()?;
+        let left = ms.saturating_sub(ferry_shards::record::now_ms()).max(0) as u64;
+        let now = tokio::time::Instant::now();
+        Some(
+            now.checked_add(std::time::Duration::from_millis(left))
+                .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400)),
+        )
+    }
+
     /// The node itself, acting for another node or for a caller it already authorized (a
     /// node-to-node request carries no key of its own).
     pub fn node() -> Principal {
@@ -61,7 +79,7 @@ impl Principal {
     pub fn subject(&self) -> String {
         match self {
             Principal::ApiKey { id, .. } => format!("key:{id}"),
-            Principal::User { sub } => format!("user:{sub}"),
+            Principal::User { sub, .. } => format!("user:{sub}"),
         }
     }
 
@@ -103,6 +121,11 @@ impl Auth {
         Auth { keys, jwt, rate }
     }
 
+    /// The key set end-user tokens are checked against, when one is configured.
+    pub fn key_set(&self) -> Option<Arc<Jwks>> {
+        self.jwt.as_ref().and_then(JwtVerifier::key_set)
+    }
+
     /// Authenticates `token` from client `ip`: 429 while that IP is past its authentication
     /// failures, else the principal or a 401 (a 429 when this failure is one too many).
     pub async fn authenticate_from(
@@ -138,16 +161,24 @@ impl Auth {
             return Err(ApiError::unauthorized("missing credentials"));
         }
         if !keys::well_formed(token) {
-            count_auth_failure("malformed");
+            count_auth_failure(if token.len() > MAX_TOKEN_BYTES {
+                "too_long"
+            } else {
+                "malformed"
+            });
             crate::metrics::count_key_lookup("malformed");
             return Err(ApiError::unauthorized("invalid credentials"));
         }
         if let Some(jwt) = &self.jwt {
-            if token.split('.').count() == 3 {
-                return match jwt.verify(token) {
+            if jwt::looks_like_jwt(token) {
+                return match jwt.verify(token).await {
                     Ok(user) => Ok(user),
                     // An API key may have the shape of a JWT (three parts separated by dots).
-                    Err(e) => self.api_key(token).await?.ok_or(e),
+                    Err(e) => self.api_key(token).await?.ok_or_else(|| {
+                        count_auth_failure(e.reason());
+                        tracing::info!(reason = e.reason(), error = %e, "token refused");
+                        ApiError::unauthorized("invalid credentials")
+                    }),
                 };
             }
         }

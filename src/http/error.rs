@@ -221,6 +221,7 @@ fn known_reason(reason: &str) -> Option<&'static str> {
         "too_many_topics",
         "too_many_sockets",
         "disk_full",
+        "timeout",
     ];
     REASONS.iter().find(|r| **r == reason).copied()
 }

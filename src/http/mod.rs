@@ -5,6 +5,7 @@
 //! framework default.
 
 pub mod error;
+mod layers;
 pub mod messages;
 mod participants;
 mod stream;
@@ -54,7 +55,9 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let timeout = state.config.limits.request_timeout;
+    let cors = layers::cors(&state.config.http.cors_origins);
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route(
@@ -65,16 +68,25 @@ pub fn router(state: AppState) -> Router {
             "/v1/conversations/{id}/messages",
             get(messages::list).post(messages::append),
         )
-        .route("/v1/conversations/{id}/stream", get(stream::sse))
         .route(
             "/v1/conversations/{id}/read",
             axum::routing::post(participants::mark_read),
         )
         .route("/v1/participants/{id}/inbox", get(participants::inbox))
-        .merge(crate::ws::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        // Only the routes above: streams are long-lived by design.
+        .layer(axum::middleware::from_fn_with_state(
+            timeout,
+            layers::request_timeout,
+        ))
+        .route("/v1/conversations/{id}/stream", get(stream::sse))
+        .merge(crate::ws::routes())
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 pub(crate) async fn not_found() -> ApiError {

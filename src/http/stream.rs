@@ -3,6 +3,11 @@
 //! on reconnect) or the `after_seq` query parameter. A position older than retention first gets
 //! one `gap` event `{from_seq, to_seq}` (its id is `to_seq`, so a reconnect resumes after it),
 //! then the stream continues at `first_available_seq`.
+//!
+//! Credentials come from `Authorization`, or from the `token` query parameter, because a
+//! browser's `EventSource` cannot send headers. A stream opened with an end user's token ends
+//! when the token expires, with one `error` event `{error: "unauthorized", ...}` first: the
+//! client reconnects with a fresh token (and `Last-Event-ID`, so nothing is missed).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -16,12 +21,14 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::transport::ClientIp;
-use super::{conversation_id, AppState, Caller, PathParam};
+use super::{conversation_id, AppState, PathParam};
 use crate::delivery::Cursor;
 
 #[derive(Deserialize)]
 pub struct StreamQuery {
     after_seq: Option<String>,
+    /// Credentials for clients that cannot set `Authorization` (`EventSource`).
+    token: Option<String>,
 }
 
 /// Messages per replay page.
@@ -31,10 +38,20 @@ pub async fn sse(
     State(state): State<AppState>,
     headers: HeaderMap,
     ClientIp(ip): ClientIp,
-    Caller(principal): Caller,
-    PathParam(raw_id): PathParam,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    path: Result<PathParam, ApiError>,
 ) -> Result<Response, ApiError> {
+    let query_token = query
+        .as_ref()
+        .ok()
+        .and_then(|Query(q)| q.token.as_deref())
+        .filter(|_| !headers.contains_key(axum::http::header::AUTHORIZATION));
+    // Credentials first, as everywhere: a bad request without them is a 401.
+    let principal = match query_token {
+        Some(token) => state.auth.authenticate_from(token, ip).await?,
+        None => state.auth.authenticate(&headers, ip).await?,
+    };
+    let PathParam(raw_id) = path?;
     let id = conversation_id(&raw_id)?;
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}")))?;
     let parse = |name: &str, v: &str| {
@@ -77,16 +94,57 @@ pub async fn sse(
         PAGE,
     );
     let mut shutdown = state.shutdown.clone();
+    let auth = state.auth.clone();
+    // A stream opened with an API key ends when the key is revoked.
+    let key = match &principal {
+        crate::auth::Principal::ApiKey { id, .. } => Some(id.clone()),
+        crate::auth::Principal::User { .. } => None,
+    };
+    let expires_at = principal.expires_at();
+    let expired = async move {
+        match expires_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
     let stream = stream::iter(gap)
         .chain(events(cursor))
+        .take_until(expired)
+        .chain(
+            stream::once(async move { expiry_notice(expires_at) })
+                .filter_map(|event| async move { event }),
+        )
         .take_until(async move {
             // The stream's place among its principal's sockets lasts as long as the stream.
             let _place = place;
-            let _ = shutdown.wait_for(|stopping| *stopping).await;
+            let revoked = async {
+                match &key {
+                    Some(id) => {
+                        auth.keys.ended(id).await;
+                        crate::metrics::count_revoked_close("sse");
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.wait_for(|stopping| *stopping) => {}
+                _ = revoked => {}
+            }
         });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+/// The last event of a stream that ended because its token expired (nothing when it ended
+/// for another reason).
+fn expiry_notice(expires_at: Option<tokio::time::Instant>) -> Option<Result<Event, Infallible>> {
+    if expires_at? > tokio::time::Instant::now() {
+        return None;
+    }
+    crate::metrics::count_token_expired_close("sse");
+    let body = ApiError::unauthorized("token expired").body();
+    Some(Ok(Event::default().event("error").data(body.to_string())))
 }
 
 fn events(cursor: Cursor) -> impl Stream<Item = Result<Event, Infallible>> {

@@ -156,6 +156,16 @@ impl Channels for SocketChannels {
             self.outbox.error(&to, &e).await;
         }
     }
+
+    async fn expire(&mut self) {
+        // Deliveries stop first, so no push follows its topic's phx_error.
+        let topics: Vec<(String, Joined)> = self.topics.drain().collect();
+        for (topic, joined) in topics {
+            let error = frame::lifecycle(&joined.join_ref, &topic, frame::ERROR);
+            self.retire(joined);
+            self.outbox.send(error).await;
+        }
+    }
 }
 
 fn parse_payload<T: DeserializeOwned>(payload: &RawValue, event: &str) -> Result<T, ApiError> {
@@ -282,7 +292,7 @@ impl SocketChannels {
         let conversation = service::follow(&self.state, &self.principal, &id).await?;
         let after_seq = match (params.after_seq.or(params.last_seq), &self.principal) {
             (Some(n), _) => service::clamp_seq(n),
-            (None, Principal::User { sub }) => self.state.store.cursor(&id, sub).await?.0,
+            (None, Principal::User { sub, .. }) => self.state.store.cursor(&id, sub).await?.0,
             (None, Principal::ApiKey { .. }) => 0,
         };
         // History before `first_available` has expired: the client is told once, with a `gap`
@@ -847,6 +857,7 @@ mod tests {
         );
         let user = Principal::User {
             sub: ParticipantId::parse("alice").unwrap(),
+            expires_at_ms: i64::MAX,
         };
         assert_eq!(acting_participant(&user, None).unwrap().as_str(), "alice");
         assert_eq!(

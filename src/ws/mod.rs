@@ -192,12 +192,30 @@ async fn serve(
             outbox_frames: OUTBOX_FRAMES,
             close_grace: CLOSE_GRACE,
             max_frame_bytes: state.config.limits.max_frame_bytes,
+            expires_at: principal.expires_at(),
         };
         let mut stopping = state.shutdown.clone();
-        let shutdown = async move {
-            // A dropped sender is not a shutdown signal.
-            if stopping.wait_for(|stopping| *stopping).await.is_err() {
-                std::future::pending::<()>().await;
+        let auth = state.auth.clone();
+        let key = match &principal {
+            Principal::ApiKey { id, .. } => Some(id.clone()),
+            Principal::User { .. } => None,
+        };
+        let stop = async move {
+            let shutdown = async {
+                // A dropped sender is not a shutdown signal.
+                if stopping.wait_for(|stopping| *stopping).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let revoked = async {
+                match &key {
+                    Some(id) => auth.keys.ended(id).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown => session::End::Shutdown,
+                _ = revoked => session::End::Revoked,
             }
         };
         let (sink, stream) = socket.split();
@@ -205,10 +223,15 @@ async fn serve(
             sink,
             stream,
             |outbox| SocketChannels::new(state, principal, socket_id, outbox),
-            shutdown,
+            stop,
             config,
         )
         .await;
+        match end {
+            session::End::Expired => crate::metrics::count_token_expired_close("websocket"),
+            session::End::Revoked => crate::metrics::count_revoked_close("websocket"),
+            _ => {}
+        }
         tracing::info!(end = ?end, "websocket closed");
     }
     .instrument(span)

@@ -13,7 +13,9 @@
 //! The loop is generic over `Sink`/`Stream` of [`Message`] so it runs without a socket in tests.
 //! Ending: when the reader stops (client closed, silence, a fatal frame), the channels are
 //! dropped (their tasks stop), a close frame is queued and the writer gets a short grace period
-//! to flush; when the writer fails (the peer is gone), the reader stops with it.
+//! to flush; when the writer fails (the peer is gone), the reader stops with it. A socket whose
+//! credentials expire (`SessionConfig::expires_at`) first tells its topics (`phx_error` on each,
+//! see [`Channels::expire`]), then closes with [`CLOSE_TOKEN_EXPIRED`].
 
 use std::fmt::Display;
 use std::future::Future;
@@ -40,6 +42,10 @@ pub const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
 pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+/// The socket's token expired. Not 1000: some phoenix clients (the JavaScript one before 1.8)
+/// do not reconnect after a normal close, and this client should, with a fresh token. 4401 as
+/// graphql-ws spells "unauthorized".
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 
 /// Most bytes the writer hands to the socket before it flushes.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -54,6 +60,8 @@ pub struct SessionConfig {
     pub close_grace: Duration,
     /// For the close reason of an oversized frame (the socket enforces the limit).
     pub max_frame_bytes: usize,
+    /// When the socket's credentials expire (an end user's token); `None` for API keys.
+    pub expires_at: Option<tokio::time::Instant>,
 }
 
 /// A topic's pushes, pulled by the socket's writer whenever the socket can take more: the
@@ -143,6 +151,12 @@ impl Outbox {
 /// `phoenix`; it answers through the [`Outbox`] it was built with.
 pub trait Channels: Send {
     fn handle(&mut self, frame: Frame) -> impl Future<Output = ()> + Send;
+
+    /// The socket's credentials expired and it is about to close: end every join and tell its
+    /// topic (`phx_error`), so clients rejoin once they have reconnected with a fresh token.
+    fn expire(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Why a session ended.
@@ -164,6 +178,10 @@ pub enum End {
     WriteFailed,
     /// The server is shutting down.
     Shutdown,
+    /// The socket's credentials expired.
+    Expired,
+    /// The socket's API key was revoked, or its rotation grace ended.
+    Revoked,
 }
 
 impl End {
@@ -172,6 +190,8 @@ impl End {
         match self {
             End::ClientClosed | End::ClientGone | End::WriteFailed => None,
             End::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down".into(), "shutdown")),
+            End::Expired => Some((CLOSE_TOKEN_EXPIRED, "token expired".into(), "token_expired")),
+            End::Revoked => Some((CLOSE_TOKEN_EXPIRED, "credentials revoked".into(), "revoked")),
             End::Idle => Some((
                 CLOSE_NORMAL,
                 format!("idle for {}s", config.idle_timeout.as_secs()),
@@ -225,12 +245,13 @@ fn truncate_reason(reason: &str) -> String {
 }
 
 /// Runs a session to its end. `make_channels` builds the socket's topics around its outbox;
-/// when `shutdown` completes the socket is closed with 1001 (going away) so clients reconnect.
+/// when `stop` completes the session ends as it says: [`End::Shutdown`] closes the socket with
+/// 1001 (going away) so clients reconnect, [`End::Revoked`] ends it like an expired token.
 pub async fn run<S, R, E, C>(
     sink: S,
     mut stream: R,
     make_channels: impl FnOnce(Outbox) -> C,
-    shutdown: impl Future<Output = ()>,
+    stop: impl Future<Output = End>,
     config: SessionConfig,
 ) -> End
 where
@@ -243,11 +264,22 @@ where
     let (outbox, rx) = Outbox::new(config.outbox_frames);
     let mut writer = tokio::spawn(write_loop(sink, rx, outbox.awaited.clone()));
     let mut channels = make_channels(outbox.clone());
+    let expiry = async {
+        match config.expires_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
     let end = tokio::select! {
         end = read_loop(&mut stream, &mut channels, &outbox, &config) => end,
         _ = &mut writer => End::WriteFailed,
-        _ = shutdown => End::Shutdown,
+        end = stop => end,
+        _ = expiry => End::Expired,
     };
+    if matches!(end, End::Expired | End::Revoked) && !writer.is_finished() {
+        // Bounded like the close itself: a client that reads nothing cannot hold the socket.
+        let _ = tokio::time::timeout(config.close_grace, channels.expire()).await;
+    }
     // Stops every per-topic task before the close frame is queued behind their pushes.
     drop(channels);
     if writer.is_finished() {
@@ -458,6 +490,12 @@ mod tests {
                 ))
                 .await;
         }
+
+        async fn expire(&mut self) {
+            self.0
+                .send(frame::push(&Value::Null, "room:a", "expired", &()))
+                .await;
+        }
     }
 
     fn config() -> SessionConfig {
@@ -466,6 +504,7 @@ mod tests {
             outbox_frames: 8,
             close_grace: Duration::from_secs(1),
             max_frame_bytes: 1024,
+            expires_at: None,
         }
     }
 
@@ -493,7 +532,13 @@ mod tests {
                 Ok::<_, String>(tx)
             },
         ));
-        let session = tokio::spawn(run(sink, stream, Echo, stop_rx.map(|_| ()), config));
+        let session = tokio::spawn(run(
+            sink,
+            stream,
+            Echo,
+            stop_rx.map(|_| End::Shutdown),
+            config,
+        ));
         Client {
             stop: Some(stop),
             to_server,
@@ -623,6 +668,19 @@ mod tests {
         c.stop.take().unwrap().send(()).unwrap();
         assert_eq!(c.recv_close().await, CLOSE_GOING_AWAY);
         assert_eq!(c.session.await.unwrap(), End::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn expired_credentials_tell_the_channels_then_close() {
+        let mut c = start(SessionConfig {
+            expires_at: Some(tokio::time::Instant::now() + Duration::from_millis(300)),
+            ..config()
+        });
+        c.send(r#"[null,"1","phoenix","heartbeat",{}]"#);
+        assert_eq!(c.recv_json().await[4]["status"], "ok");
+        assert_eq!(c.recv_json().await[3], "expired", "the channels hear first");
+        assert_eq!(c.recv_close().await, CLOSE_TOKEN_EXPIRED);
+        assert_eq!(c.session.await.unwrap(), End::Expired);
     }
 
     #[tokio::test]
