@@ -87,6 +87,26 @@ pub struct CreatedView {
     pub replaced_key_expires_at: Option<String>,
 }
 
+impl CreatedView {
+    /// The answer to a create (`replaced: None`) or a rotation (the old key).
+    fn of(created: crate::auth::keys::CreatedKey, replaced: Option<KeyRow>) -> Response {
+        let row = created.row;
+        let view = CreatedView {
+            id: row.id,
+            name: row.name,
+            scope: row.scope,
+            key: created.key,
+            created_at: format_rfc3339_millis(row.created_at_ms),
+            replaced_key_expires_at: replaced
+                .as_ref()
+                .and_then(|old| old.expires_at_ms)
+                .map(format_rfc3339_millis),
+            replaces: replaced.map(|old| old.id),
+        };
+        (StatusCode::CREATED, Json(view)).into_response()
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
@@ -128,20 +148,7 @@ async fn create(
             .ok_or_else(|| ApiError::invalid("scope must be admin, service or read"))?,
     };
     let created = state.auth.keys.create(name, scope).await?;
-    let row = created.row;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedView {
-            id: row.id,
-            name: row.name,
-            scope: row.scope,
-            key: created.key,
-            created_at: format_rfc3339_millis(row.created_at_ms),
-            replaces: None,
-            replaced_key_expires_at: None,
-        }),
-    )
-        .into_response())
+    Ok(CreatedView::of(created, None))
 }
 
 #[derive(Serialize)]
@@ -196,18 +203,5 @@ async fn rotate(
         .rotate(id, std::time::Duration::from_secs(grace_s))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no key {id:?} in force")))?;
-    let row = new.row;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedView {
-            id: row.id,
-            name: row.name,
-            scope: row.scope,
-            key: new.key,
-            created_at: format_rfc3339_millis(row.created_at_ms),
-            replaces: Some(old.id),
-            replaced_key_expires_at: old.expires_at_ms.map(format_rfc3339_millis),
-        }),
-    )
-        .into_response())
+    Ok(CreatedView::of(new, Some(old)))
 }

@@ -706,7 +706,7 @@ async fn jwt_hs256_users_are_confined_to_their_conversations() {
 
     // Unknown and invalid inbox owners.
     let zed = inbox(&server, "zed").await;
-    assert_eq!(zed, json!({ "conversations": [] }));
+    assert_eq!(zed, json!({ "conversations": [], "has_more": false }));
     let resp = req(&server, Method::GET, "/v1/participants/bad%20id/inbox", key)
         .send()
         .await
@@ -737,7 +737,7 @@ async fn jwt_hs256_users_are_confined_to_their_conversations() {
 /// API key; one that is neither stays a 401.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_shaped_like_a_jwt_still_work_when_jwts_are_enabled() {
-    const DOTTED: &str = "it.dotted.key";
+    const DOTTED: &str = "it.dotted.admin-key";
     let server = TestServer::builder()
         .env("FERRY_JWT_SECRET", HS_SECRET)
         .bootstrap_key(DOTTED)

@@ -219,7 +219,18 @@ async fn keys_have_scopes_and_are_created_listed_revoked_and_rotated() {
         .await
         .unwrap();
     expect_error(resp, 401, "unauthorized", "a revoked key").await;
-    ws.expect_close().await;
+    // (After the replay of what the socket joined to.)
+    let mut frame = ws.next_frame().await;
+    while frame[3] == "message" {
+        frame = ws.next_frame().await;
+    }
+    assert_eq!(
+        (frame[2].as_str(), frame[3].as_str()),
+        (Some("conversation:scoped"), Some("phx_error")),
+        "the revoked key's topic is told first: {frame}"
+    );
+    let (code, reason) = ws.expect_close().await;
+    assert_eq!(u16::from(code), 4401, "{reason}");
 
     // Rotated with a grace: both work, then only the new one.
     let resp = server
@@ -405,6 +416,7 @@ async fn keys_are_stored_peppered_and_bad_credentials_cost_no_repeated_lookup() 
 
     // The key works after a restart (the pepper is kept in the data dir).
     let mut server = server;
+    server.terminate();
     server.restart();
     let resp = client_with(key)
         .get(server.url("/v1/participants/alice/inbox"))
