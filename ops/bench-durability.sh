@@ -26,12 +26,13 @@ target_dir="${CARGO_TARGET_DIR:-$root/target}"
 out="${FERRY_BENCH_OUT:-$(mktemp -d -t ferry-bench-durability-XXXXXX)}"
 work="$(mktemp -d -t ferry-bench-durability-work-XXXXXX)"
 key=bench-admin-key-0001
-# One key drives the whole load: the [rate] limits would refuse most of it (FERRY_BENCH_RATE_LIMITS=on
+# One key drives the whole load (and a load tool socket joins hundreds of conversations): the
+# [rate] limits and max_topics_per_socket would refuse most of it (FERRY_BENCH_RATE_LIMITS=on
 # keeps them on, with ceilings no run reaches, to measure what checking them costs).
 if [ "${FERRY_BENCH_RATE_LIMITS:-off}" = on ]; then
-  rate_env=(FERRY_RATE__APPENDS=100000000/s FERRY_RATE__CONNECTS_PER_IP=100000000/s FERRY_RATE__AUTH_FAILURES_PER_IP=100000000/s FERRY_RATE__EPHEMERAL=100000000/s)
+  rate_env=(FERRY_LIMITS__MAX_TOPICS_PER_SOCKET=100000 FERRY_RATE__APPENDS=100000000/s FERRY_RATE__CONNECTS_PER_IP=100000000/s FERRY_RATE__AUTH_FAILURES_PER_IP=100000000/s FERRY_RATE__EPHEMERAL=100000000/s)
 else
-  rate_env=(FERRY_RATE__APPENDS=0 FERRY_RATE__CONNECTS_PER_IP=0 FERRY_RATE__AUTH_FAILURES_PER_IP=0 FERRY_RATE__EPHEMERAL=0)
+  rate_env=(FERRY_LIMITS__MAX_TOPICS_PER_SOCKET=100000 FERRY_RATE__APPENDS=0 FERRY_RATE__CONNECTS_PER_IP=0 FERRY_RATE__AUTH_FAILURES_PER_IP=0 FERRY_RATE__EPHEMERAL=0)
 fi
 node_pid=""
 redis_pid=""

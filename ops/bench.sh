@@ -35,12 +35,13 @@ fanout_sweep="${FERRY_BENCH_FANOUT:-100:2000 100:5000 100:10000 100:20000 10:500
 conversations="${FERRY_BENCH_CONVERSATIONS:-1000}"
 payload="${FERRY_BENCH_PAYLOAD:-200}"
 key="bench-$(date +%s)-$$"
-# One key drives the whole load: the [rate] limits would refuse most of it (FERRY_BENCH_RATE_LIMITS=on
+# One key drives the whole load (and a load tool socket joins hundreds of conversations): the
+# [rate] limits and max_topics_per_socket would refuse most of it (FERRY_BENCH_RATE_LIMITS=on
 # keeps them on, with ceilings no run reaches, to measure what checking them costs).
 if [ "${FERRY_BENCH_RATE_LIMITS:-off}" = on ]; then
-  rate_env=(FERRY_RATE__APPENDS=100000000/s FERRY_RATE__CONNECTS_PER_IP=100000000/s FERRY_RATE__AUTH_FAILURES_PER_IP=100000000/s FERRY_RATE__EPHEMERAL=100000000/s)
+  rate_env=(FERRY_LIMITS__MAX_TOPICS_PER_SOCKET=100000 FERRY_RATE__APPENDS=100000000/s FERRY_RATE__CONNECTS_PER_IP=100000000/s FERRY_RATE__AUTH_FAILURES_PER_IP=100000000/s FERRY_RATE__EPHEMERAL=100000000/s)
 else
-  rate_env=(FERRY_RATE__APPENDS=0 FERRY_RATE__CONNECTS_PER_IP=0 FERRY_RATE__AUTH_FAILURES_PER_IP=0 FERRY_RATE__EPHEMERAL=0)
+  rate_env=(FERRY_LIMITS__MAX_TOPICS_PER_SOCKET=100000 FERRY_RATE__APPENDS=0 FERRY_RATE__CONNECTS_PER_IP=0 FERRY_RATE__AUTH_FAILURES_PER_IP=0 FERRY_RATE__EPHEMERAL=0)
 fi
 tools="$root/target/bench-tools"
 work="$(mktemp -d -t ferry-bench-XXXXXX)"
