@@ -46,13 +46,9 @@ pub struct KeyView {
     pub state: &'static str,
 }
 
-fn now_ms() -> i64 {
-    ferry_shards::record::now_ms()
-}
-
 impl KeyView {
     fn of(row: KeyRow) -> KeyView {
-        let now = now_ms();
+        let now = ferry_shards::record::now_ms();
         let state = match (row.revoked_at_ms, row.expires_at_ms) {
             (Some(_), _) => "revoked",
             (None, Some(t)) if t <= now => "expired",

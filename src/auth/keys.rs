@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use ferry_shards::record::now_ms;
+
 use crate::store::{KeyRow, NewKey, Store, StoreError};
 
 /// Shortest API key an operator may register (`bootstrap_api_key`); generated keys are longer.
@@ -234,13 +236,6 @@ pub struct ApiKeys {
     used: Mutex<HashMap<String, i64>>,
     /// Bumped on every revocation or rotation seen, so sockets re-check their key.
     changes: watch::Sender<u64>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// A key id: `key_` + 16 hex digits.

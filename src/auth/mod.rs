@@ -75,6 +75,14 @@ impl Principal {
         }
     }
 
+    /// The API key's id; `None` for an end user.
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Principal::ApiKey { id, .. } => Some(id),
+            Principal::User { .. } => None,
+        }
+    }
+
     /// Whom limits are counted for: `key:<id>` or `user:<sub>`.
     pub fn subject(&self) -> String {
         match self {
@@ -119,6 +127,15 @@ pub struct Auth {
 impl Auth {
     pub fn new(keys: ApiKeys, jwt: Option<JwtVerifier>, rate: Arc<RateLimits>) -> Auth {
         Auth { keys, jwt, rate }
+    }
+
+    /// Completes when the API key `key` names is revoked or its rotation grace ends; never for
+    /// `None` (an end user, whose token ends at its expiry instead).
+    pub async fn key_ended(&self, key: Option<&str>) {
+        match key {
+            Some(id) => self.keys.ended(id).await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The key set end-user tokens are checked against, when one is configured.

@@ -96,10 +96,7 @@ pub async fn sse(
     let mut shutdown = state.shutdown.clone();
     let auth = state.auth.clone();
     // A stream opened with an API key ends when the key is revoked.
-    let key = match &principal {
-        crate::auth::Principal::ApiKey { id, .. } => Some(id.clone()),
-        crate::auth::Principal::User { .. } => None,
-    };
+    let key = principal.key_id().map(str::to_owned);
     let expires_at = principal.expires_at();
     let expired = async move {
         match expires_at {
@@ -118,13 +115,8 @@ pub async fn sse(
             // The stream's place among its principal's sockets lasts as long as the stream.
             let _place = place;
             let revoked = async {
-                match &key {
-                    Some(id) => {
-                        auth.keys.ended(id).await;
-                        crate::metrics::count_revoked_close("sse");
-                    }
-                    None => std::future::pending().await,
-                }
+                auth.key_ended(key.as_deref()).await;
+                crate::metrics::count_revoked_close("sse");
             };
             tokio::select! {
                 _ = shutdown.wait_for(|stopping| *stopping) => {}

@@ -196,10 +196,7 @@ async fn serve(
         };
         let mut stopping = state.shutdown.clone();
         let auth = state.auth.clone();
-        let key = match &principal {
-            Principal::ApiKey { id, .. } => Some(id.clone()),
-            Principal::User { .. } => None,
-        };
+        let key = principal.key_id().map(str::to_owned);
         let stop = async move {
             let shutdown = async {
                 // A dropped sender is not a shutdown signal.
@@ -207,15 +204,9 @@ async fn serve(
                     std::future::pending::<()>().await;
                 }
             };
-            let revoked = async {
-                match &key {
-                    Some(id) => auth.keys.ended(id).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown => session::End::Shutdown,
-                _ = revoked => session::End::Revoked,
+                _ = auth.key_ended(key.as_deref()) => session::End::Revoked,
             }
         };
         let (sink, stream) = socket.split();
