@@ -12,9 +12,29 @@ use ferry_shards::record::{format_rfc3339_millis, Message};
 
 use super::{to_i64, Db, Fence, Store, StoreError};
 
-/// SQLite caps bound parameters per statement; 11 columns × 2000 rows stays well below it.
+/// SQLite caps bound parameters per statement; 11 columns × 1024 rows stays well below it.
 const MESSAGE_COLUMNS: usize = 11;
-const MAX_ROWS_PER_INSERT: usize = 2000;
+/// Rows per SQLite `INSERT` are a power of two up to this: a connection then prepares at most 11
+/// distinct statements, each once (sqlx caches them), where one per batch size made most small
+/// batches pay for parsing and planning a statement of their own.
+const MAX_ROWS_PER_INSERT: usize = 1024;
+
+/// How a batch of `n` rows is split for SQLite: powers of two, largest first.
+fn sqlite_chunks(n: usize) -> impl Iterator<Item = usize> {
+    let mut rest = n;
+    std::iter::from_fn(move || {
+        if rest == 0 {
+            return None;
+        }
+        let size = if rest >= MAX_ROWS_PER_INSERT {
+            MAX_ROWS_PER_INSERT
+        } else {
+            1 << rest.ilog2()
+        };
+        rest -= size;
+        Some(size)
+    })
+}
 
 /// Postgres binds one array per column, so the row count is not limited by parameters; chunks
 /// only keep a single statement's size reasonable.
@@ -47,7 +67,10 @@ impl Store {
         match &self.db {
             Db::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
-                for chunk in messages.chunks(MAX_ROWS_PER_INSERT) {
+                let mut rest = messages;
+                for size in sqlite_chunks(messages.len()) {
+                    let (chunk, after) = rest.split_at(size);
+                    rest = after;
                     let mut q = QueryBuilder::new(
                         "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) ",
                     );
@@ -278,4 +301,25 @@ fn csv_text(buf: &mut Vec<u8>, value: &str) {
         buf.push(b);
     }
     buf.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_chunks_are_powers_of_two_that_add_up() {
+        for n in [0, 1, 2, 3, 7, 100, 1023, 1024, 1025, 5000] {
+            let sizes: Vec<usize> = sqlite_chunks(n).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n, "{n}: {sizes:?}");
+            assert!(
+                sizes
+                    .iter()
+                    .all(|s| s.is_power_of_two() && *s <= MAX_ROWS_PER_INSERT),
+                "{n}: {sizes:?}"
+            );
+            assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{n}: {sizes:?}");
+        }
+        assert_eq!(sqlite_chunks(100).collect::<Vec<_>>(), vec![64, 32, 4]);
+    }
 }
