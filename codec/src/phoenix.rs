@@ -13,6 +13,7 @@
 //!
 //! Error replies, which carry the node's error codes, are built in the node's `ws::frame`.
 
+use ferry_shards::record::push_json_str;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -188,6 +189,31 @@ pub fn reply_ok(to: &Address, response: &impl Serialize) -> String {
     encode(&to.join_ref, &to.ref_, &to.topic, REPLY, &payload)
 }
 
+/// `phx_reply` `{status: "ok", response}` around a response already rendered as JSON text: the
+/// same frame as [`reply_ok`] without a serializer (a `send`'s reply, one per message).
+pub fn reply_ok_json(to: &Address, response_json: &str) -> String {
+    let mut out = String::with_capacity(64 + to.topic.len() + response_json.len());
+    out.push('[');
+    push_ref(&mut out, &to.join_ref);
+    out.push(',');
+    push_ref(&mut out, &to.ref_);
+    out.push(',');
+    push_json_str(&mut out, &to.topic);
+    out.push_str(",\"phx_reply\",{\"status\":\"ok\",\"response\":");
+    out.push_str(response_json);
+    out.push_str("}]");
+    out
+}
+
+/// A join_ref or ref as JSON: nearly always a string.
+fn push_ref(out: &mut String, value: &Value) {
+    match value {
+        Value::String(s) => push_json_str(out, s),
+        Value::Null => out.push_str("null"),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 /// A server push on a joined topic: `[join_ref, null, topic, event, payload]`. Carrying the
 /// join_ref lets the client drop pushes of an earlier join of the same topic.
 pub fn push(join_ref: &Value, topic: &str, event: &str, payload: &impl Serialize) -> String {
@@ -226,6 +252,24 @@ pub fn lifecycle(join_ref: &Value, topic: &str, event: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prerendered_reply_is_the_serialized_one() {
+        let response = r#"{"seq":7,"id":"x","deduped":false}"#;
+        let raw = RawValue::from_string(response.to_owned()).unwrap();
+        for (join_ref, ref_, topic) in [
+            (json!("1"), json!("2"), "conversation:c-1"),
+            (json!(null), json!(12), "conversation:\"q\"\\\u{1}"),
+            (json!({"a": [1]}), json!("r\n"), "t"),
+        ] {
+            let to = Address {
+                join_ref,
+                ref_,
+                topic: topic.to_owned(),
+            };
+            assert_eq!(reply_ok_json(&to, response), reply_ok(&to, &raw));
+        }
+    }
 
     #[test]
     fn the_one_pass_decoder_agrees_with_the_careful_one() {

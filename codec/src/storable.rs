@@ -52,6 +52,13 @@ fn scan_string(b: &[u8], mut i: usize) -> Result<usize, String> {
     // A high surrogate escape seen just before, waiting for its low half.
     let mut pending_high = false;
     while i < b.len() {
+        if !pending_high {
+            // Plain text up to the next quote or escape needs no look byte by byte.
+            match memchr::memchr2(b'"', b'\\', &b[i..]) {
+                Some(n) => i += n,
+                None => break,
+            }
+        }
         match b[i] {
             b'"' if !pending_high => return Ok(i + 1),
             b'\\' if b.get(i + 1) == Some(&b'u') => {

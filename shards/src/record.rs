@@ -63,11 +63,44 @@ pub enum DecodeError {
 impl Message {
     /// The message as JSON (what its `Serialize` writes), rendered once.
     pub fn json(&self) -> &str {
-        self.rendered.get_or_init(|| {
-            serde_json::to_string(self)
-                .unwrap_or_default()
-                .into_boxed_str()
-        })
+        self.rendered.get_or_init(|| self.render().into_boxed_str())
+    }
+
+    /// The `Serialize` output, written directly: every message is rendered once, and the
+    /// generic serializer spent most of its time on the id and the time (formatted into
+    /// temporary strings) and on escaping strings that need none.
+    fn render(&self) -> String {
+        let content = self.content.get();
+        let metadata = self.metadata.get();
+        let mut out = String::with_capacity(
+            160 + self.conversation_id.as_str().len()
+                + self.sender.as_str().len()
+                + self.kind.len()
+                + content.len()
+                + metadata.len(),
+        );
+        out.push_str("{\"conversation_id\":");
+        push_json_str(&mut out, self.conversation_id.as_str());
+        out.push_str(",\"seq\":");
+        out.push_str(itoa::Buffer::new().format(self.seq));
+        out.push_str(",\"id\":\"");
+        out.push_str(
+            self.id
+                .hyphenated()
+                .encode_lower(&mut Uuid::encode_buffer()),
+        );
+        out.push_str("\",\"sender\":");
+        push_json_str(&mut out, self.sender.as_str());
+        out.push_str(",\"kind\":");
+        push_json_str(&mut out, &self.kind);
+        out.push_str(",\"content\":");
+        out.push_str(content);
+        out.push_str(",\"metadata\":");
+        out.push_str(metadata);
+        out.push_str(",\"created_at\":\"");
+        out.push_str(&self.created_at());
+        out.push_str("\"}");
+        out
     }
 
     /// Bytes this message accounts for in memory budgets (ring, archive backlog), counting its
@@ -226,6 +259,18 @@ impl Serialize for Message {
         s.serialize_field("metadata", &self.metadata)?;
         s.serialize_field("created_at", &self.created_at())?;
         s.end()
+    }
+}
+
+/// `s` as a JSON string, exactly as `serde_json` writes it; strings with nothing to escape (ids,
+/// kinds: nearly all of them) are copied as they are.
+pub fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
     }
 }
 
@@ -437,6 +482,22 @@ mod tests {
             prop_assert_eq!(back.content.get(), m.content.get());
             prop_assert_eq!(back.metadata.get(), m.metadata.get());
             prop_assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&m).unwrap());
+        }
+
+        #[test]
+        fn the_direct_rendering_is_the_serialize_output(
+            seq in any::<u64>(),
+            ms in -62_135_596_800_000i64..253_402_300_799_999,
+            kind in "\\PC{1,20}|[\"\\\\\\x00-\\x1f\\x7f a-z]{1,20}",
+            text in ".{0,200}",
+        ) {
+            let content = serde_json::to_string(&text).unwrap();
+            let mut m = message(seq, None, &content);
+            m.created_at_ms = ms;
+            m.kind = kind.into();
+            prop_assert_eq!(m.json(), serde_json::to_string(&m).unwrap());
+            let v: serde_json::Value = serde_json::from_str(m.json()).unwrap();
+            prop_assert_eq!(v["seq"].as_u64(), Some(seq));
         }
     }
 }
