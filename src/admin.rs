@@ -171,7 +171,11 @@ impl FromRequestParts<AdminState> for AdminCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
         let ip = crate::http::transport::client_ip(&parts.extensions);
-        match state.auth.authenticate(&parts.headers, ip).await? {
+        match state
+            .auth
+            .authenticate(&parts.headers, ip.as_deref())
+            .await?
+        {
             principal if principal.is_admin() => Ok(AdminCaller),
             _ => {
                 crate::metrics::count_auth_failure("not_admin");

@@ -228,7 +228,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .flatten(),
         stop_rx.clone(),
     ));
-    let state = AppState {
+    let state = AppState::new(crate::http::Shared {
         node: node.clone(),
         store: store.clone(),
         auth,
@@ -240,7 +240,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         sockets: Arc::new(crate::rate::OpenSockets::new(
             config.limits.max_sockets_per_principal,
         )),
-    };
+    });
     let admin_state = AdminState {
         node: node.clone(),
         prometheus,

@@ -40,6 +40,8 @@ pub const MIN_PEPPER_LEN: usize = 32;
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 /// Unknown keys remembered at most (a flood of random ones cannot grow the cache further).
 pub const NEGATIVE_MAX: usize = 65_536;
+/// Most credentials whose hash is remembered ([`ApiKeys::recent`]).
+const RECENT_MAX: usize = 4_096;
 /// How often each node reads revocations and rotations from the table.
 pub const POLL_EVERY: Duration = Duration::from_millis(500);
 /// How often `last_used_at` is written.
@@ -234,6 +236,11 @@ pub struct ApiKeys {
     unknown: Mutex<HashMap<String, Instant>>,
     /// Key id → last use (ms), written to the table every [`TOUCH_EVERY`].
     used: Mutex<HashMap<String, i64>>,
+    /// Credentials recently found in force → their hash: a client presenting its key on every
+    /// request costs one map lookup instead of an HMAC. Only keys that were in force get in
+    /// (random guesses cannot fill it); a revoked key's entry leads to no cached key, so it is
+    /// refused as before. At most [`RECENT_MAX`] entries.
+    recent: RwLock<HashMap<Box<str>, String>>,
     /// Bumped on every revocation or rotation seen, so sockets re-check their key.
     changes: watch::Sender<u64>,
 }
@@ -262,6 +269,7 @@ impl ApiKeys {
             cache: RwLock::new(Cache::default()),
             unknown: Mutex::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
+            recent: RwLock::new(HashMap::new()),
             changes: watch::channel(0).0,
         }
     }
@@ -312,7 +320,7 @@ impl ApiKeys {
             crate::metrics::count_key_lookup("malformed");
             return Ok(None);
         }
-        let hash = self.pepper.hash(token);
+        let hash = self.hash(token);
         let now = now_ms();
         let cached = {
             let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
@@ -329,10 +337,8 @@ impl ApiKeys {
                 return Ok(None);
             }
             crate::metrics::count_key_lookup("cached");
-            self.used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key.id.clone(), now);
+            self.note_use(&key.id, now);
+            self.remember(token, hash);
             return Ok(Some(FoundKey {
                 id: key.id,
                 scope: key.scope,
@@ -351,10 +357,7 @@ impl ApiKeys {
         match self.lookup_stored(token).await? {
             Some(found) => {
                 crate::metrics::count_key_lookup("stored");
-                self.used
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(found.id.clone(), now);
+                self.note_use(&found.id, now);
                 Ok(Some(found))
             }
             None => {
@@ -372,12 +375,52 @@ impl ApiKeys {
         }
     }
 
+    /// The peppered hash of `token`, from [`ApiKeys::recent`] when it is there.
+    fn hash(&self, token: &str) -> String {
+        let recent = self.recent.read().unwrap_or_else(|e| e.into_inner());
+        match recent.get(token) {
+            Some(hash) => hash.clone(),
+            None => {
+                drop(recent);
+                self.pepper.hash(token)
+            }
+        }
+    }
+
+    /// Keeps `token`'s hash, found in force, for its next use.
+    fn remember(&self, token: &str, hash: String) {
+        if self
+            .recent
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(token)
+        {
+            return;
+        }
+        let mut recent = self.recent.write().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT_MAX {
+            recent.clear();
+        }
+        recent.insert(token.into(), hash);
+    }
+
+    /// Records a use of key `id` (written to `last_used_at` later).
+    fn note_use(&self, id: &str, now: i64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        match used.get_mut(id) {
+            Some(at) => *at = now,
+            None => {
+                used.insert(id.to_owned(), now);
+            }
+        }
+    }
+
     /// The key `token` if this node knows it in force, without any query.
     pub fn lookup_cached(&self, token: &str) -> Option<FoundKey> {
         if token.len() < MIN_KEY_LEN || !well_formed(token) {
             return None;
         }
-        let hash = self.pepper.hash(token);
+        let hash = self.hash(token);
         let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
         let key = cache.by_hash.get(&hash)?;
         if key.expires_at_ms.is_some_and(|t| t <= now_ms()) {

@@ -13,7 +13,6 @@
 //! an unknown key is remembered as unknown, lookups have their own pool, and a client IP past
 //! `rate.auth_failures_per_ip` is answered 429 before its credential is even looked at.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
@@ -148,10 +147,9 @@ impl Auth {
     pub async fn authenticate_from(
         &self,
         token: &str,
-        ip: Option<IpAddr>,
+        ip: Option<&str>,
     ) -> Result<Principal, ApiError> {
-        let ip = ip.map(|ip| ip.to_string());
-        if let Some(limited) = ip.as_deref().and_then(|ip| self.rate.auth_blocked(ip)) {
+        if let Some(limited) = ip.and_then(|ip| self.rate.auth_blocked(ip)) {
             // A key this node already knows costs nothing to check: clients behind the same
             // address as a credential-guessing one keep working.
             if let Some(key) = self.keys.lookup_cached(token) {
@@ -164,7 +162,7 @@ impl Auth {
             return Err(limited.into());
         }
         let result = self.authenticate_token(token).await;
-        if let (Err(e), Some(ip)) = (&result, ip.as_deref()) {
+        if let (Err(e), Some(ip)) = (&result, ip) {
             if e.code == crate::http::error::Code::Unauthorized {
                 self.rate.auth_failed(ip)?;
             }
@@ -225,7 +223,7 @@ impl Auth {
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
-        ip: Option<IpAddr>,
+        ip: Option<&str>,
     ) -> Result<Principal, ApiError> {
         let token = match headers.get(axum::http::header::AUTHORIZATION) {
             None => Err(("missing", "missing Authorization: Bearer <api key>")),
@@ -242,8 +240,7 @@ impl Auth {
         match token {
             Ok(token) => self.authenticate_from(token, ip).await,
             Err((reason, message)) => {
-                let ip = ip.map(|ip| ip.to_string());
-                if let Some(ip) = ip.as_deref() {
+                if let Some(ip) = ip {
                     if let Some(limited) = self.rate.auth_blocked(ip) {
                         crate::metrics::count_rate_limited(limited.limit.as_str());
                         return Err(limited.into());

@@ -7,7 +7,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
 
 use ferry_shards::actor::conversation::AppendRequest;
@@ -121,15 +120,25 @@ pub async fn append(
     let outcome = crate::service::append(&state, &principal, &id, request).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "conversation_id": id.as_str(),
-            "seq": outcome.seq,
-            "id": outcome.id.to_string(),
-            "created_at": format_rfc3339_millis(outcome.created_at_ms),
-            "deduped": outcome.deduped,
-        })),
+        Json(Appended {
+            conversation_id: id.as_str(),
+            seq: outcome.seq,
+            id: outcome.id,
+            created_at: format_rfc3339_millis(outcome.created_at_ms),
+            deduped: outcome.deduped,
+        }),
     )
         .into_response())
+}
+
+/// The answer to an append (serialized straight from here, no intermediate JSON tree).
+#[derive(Serialize)]
+struct Appended<'a> {
+    conversation_id: &'a str,
+    seq: u64,
+    id: uuid::Uuid,
+    created_at: String,
+    deduped: bool,
 }
 
 /// Keeps the messages that fit in `max_bytes` of rendered JSON (always at least one): the

@@ -36,9 +36,27 @@ use crate::config::Config;
 use crate::store::Store;
 use error::ApiError;
 
-/// Everything a request handler needs; cheap to clone.
+/// Everything a request handler needs, behind one `Arc`: axum clones the state for every
+/// extractor of every request, and one reference count is cheaper than a dozen.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     pub node: Node,
     pub store: Store,
     pub auth: Arc<Auth>,
@@ -137,7 +155,7 @@ impl FromRequestParts<AppState> for Caller {
         let ip = transport::client_ip(&parts.extensions);
         state
             .auth
-            .authenticate(&parts.headers, ip)
+            .authenticate(&parts.headers, ip.as_deref())
             .await
             .map(Caller)
     }

@@ -48,8 +48,8 @@ pub async fn sse(
         .filter(|_| !headers.contains_key(axum::http::header::AUTHORIZATION));
     // Credentials first, as everywhere: a bad request without them is a 401.
     let principal = match query_token {
-        Some(token) => state.auth.authenticate_from(token, ip).await?,
-        None => state.auth.authenticate(&headers, ip).await?,
+        Some(token) => state.auth.authenticate_from(token, ip.as_deref()).await?,
+        None => state.auth.authenticate(&headers, ip.as_deref()).await?,
     };
     let PathParam(raw_id) = path?;
     let id = conversation_id(&raw_id)?;
@@ -72,8 +72,8 @@ pub async fn sse(
         (None, Some(v)) => parse("after_seq", v)?,
         (None, None) => 0,
     });
-    if let Some(ip) = ip {
-        state.rate.check_connect(&ip.to_string())?;
+    if let Some(ip) = ip.as_deref() {
+        state.rate.check_connect(ip)?;
     }
     let place = state.sockets.open(&principal.subject())?;
     let conversation = crate::service::follow(&state, &principal, &id).await?;

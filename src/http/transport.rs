@@ -106,6 +106,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
         }
         let state = Arc::new(ConnState::default());
+        let ip: Arc<str> = peer.ip().to_string().into();
         // The permit and the gauge go with the socket: an upgraded connection (a WebSocket)
         // leaves hyper's connection future but keeps its socket, and still counts.
         gauge.increment(1.0);
@@ -118,10 +119,13 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let state = state.clone();
             let app = app.clone();
+            let ip = ip.clone();
             async move {
                 state.request_started();
                 let mut request = request.map(Body::new);
-                request.extensions_mut().insert(ClientAddr(peer));
+                request
+                    .extensions_mut()
+                    .insert(ClientAddr(peer, ip.clone()));
                 let response = app
                     .oneshot(request)
                     .await
@@ -154,17 +158,18 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// The address a request's connection comes from (rate limits per client IP read it).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
+/// The address a request's connection comes from, and its IP as text (rate limits per client IP
+/// key on it), made once per connection rather than once per request.
+#[derive(Debug, Clone)]
+pub struct ClientAddr(pub std::net::SocketAddr, pub Arc<str>);
 
 /// The client IP of a request, when it came through [`serve`].
-pub fn client_ip(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
-    extensions.get::<ClientAddr>().map(|a| a.0.ip())
+pub fn client_ip(extensions: &axum::http::Extensions) -> Option<Arc<str>> {
+    extensions.get::<ClientAddr>().map(|a| a.1.clone())
 }
 
 /// Extractor: the client IP of the request, if known.
-pub struct ClientIp(pub Option<std::net::IpAddr>);
+pub struct ClientIp(pub Option<Arc<str>>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
     type Rejection = std::convert::Infallible;

@@ -82,7 +82,7 @@ async fn upgrade(
 
 async fn accept(
     state: AppState,
-    ip: Option<std::net::IpAddr>,
+    ip: Option<std::sync::Arc<str>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -101,15 +101,15 @@ async fn accept(
         metrics::rejected("not_websocket");
         ApiError::invalid(format!("expected a WebSocket upgrade: {e}"))
     })?;
-    if let Some(ip) = ip {
-        state.rate.check_connect(&ip.to_string()).inspect_err(|_| {
+    if let Some(ip) = ip.as_deref() {
+        state.rate.check_connect(ip).inspect_err(|_| {
             metrics::rejected("rate_limited");
         })?;
     }
     let token = token(&params, ws.requested_protocols()).unwrap_or_default();
     let principal = state
         .auth
-        .authenticate_from(&token, ip)
+        .authenticate_from(&token, ip.as_deref())
         .await
         .inspect_err(|_| {
             metrics::rejected("unauthorized");
