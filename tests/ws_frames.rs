@@ -366,6 +366,122 @@ async fn join_send_and_receive_own_message_then_replay_from_after_seq() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_without_echo_gets_every_message_but_its_own() {
+    let server = TestServer::start();
+    server.create_conversation("c1", &["alice", "bob"]).await;
+    server.append("c1", "bob", json!("before")).await;
+
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    let (_, bad) = ws.join("conversation:c1", json!({"echo": "no"})).await;
+    assert_error(&bad, "invalid", "echo must be a boolean");
+    let (join_ref, _) = ws
+        .join_ok("conversation:c1", json!({"after_seq": 0, "echo": false}))
+        .await;
+    // History is not the join's own: it is replayed.
+    let push = ws.next_push("conversation:c1", "message").await;
+    assert_eq!(push[4]["seq"], 1);
+
+    // A listener with the default echo, to compare against.
+    let mut listener = Ws::connect(&server, API_KEY).await;
+    listener
+        .join_ok("conversation:c1", json!({"after_seq": 1}))
+        .await;
+
+    // 200 pipelined sends on the socket while another client appends over HTTP at the same time.
+    let refs: Vec<String> = (0..200).map(|_| ws.make_ref()).collect();
+    let sends = async {
+        for (i, r) in refs.iter().enumerate() {
+            ws.send(
+                json!([join_ref, r, "conversation:c1", "send", {"sender": "alice", "content": i}]),
+            )
+            .await;
+        }
+        let mut own = Vec::new();
+        for r in &refs {
+            let reply = ws.reply(r).await;
+            assert_eq!(reply[4]["status"], "ok", "{reply}");
+            own.push(reply[4]["response"]["seq"].as_u64().unwrap());
+        }
+        own
+    };
+    let others = async {
+        let mut seqs = Vec::new();
+        for i in 0..40 {
+            seqs.push(server.append("c1", "bob", json!({"http": i})).await.seq);
+        }
+        seqs
+    };
+    let (own, others) = tokio::join!(sends, others);
+    let last = server.append("c1", "bob", json!("end")).await.seq;
+    assert_eq!(
+        own.len() + others.len() + 2,
+        last as usize,
+        "every seq taken once"
+    );
+
+    // The publisher gets exactly the other client's messages, in order, and none of its own.
+    let mut pushed = Vec::new();
+    loop {
+        let push = ws.next_push("conversation:c1", "message").await;
+        let seq = push[4]["seq"].as_u64().unwrap();
+        pushed.push(seq);
+        if seq == last {
+            break;
+        }
+    }
+    let mut expected = others.clone();
+    expected.push(last);
+    assert_eq!(pushed, expected, "own seqs {own:?}");
+    ws.heartbeat().await;
+    assert!(ws.pending.is_empty(), "nothing else: {:?}", ws.pending);
+
+    // The listener's default join gets them all.
+    for seq in 2..=last {
+        let push = listener.next_push("conversation:c1", "message").await;
+        assert_eq!(push[4]["seq"], seq);
+    }
+
+    // A repeated key is not the join's own message unless the join stored it.
+    let reply = ws
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "alice", "content": "keyed", "idempotency_key": "k-echo"}),
+        )
+        .await;
+    let keyed = reply["response"]["seq"].as_u64().unwrap();
+    let reply = ws
+        .call(
+            Some(&join_ref),
+            "conversation:c1",
+            "send",
+            json!({"sender": "alice", "content": "keyed", "idempotency_key": "k-echo"}),
+        )
+        .await;
+    assert_eq!(reply["response"]["deduped"], true, "{reply}");
+    let after = server.append("c1", "bob", json!("after")).await.seq;
+    let push = ws.next_push("conversation:c1", "message").await;
+    assert_eq!(
+        push[4]["seq"], after,
+        "own seq {keyed} skipped once, not echoed"
+    );
+
+    // Joining again with the default echo replays everything, its own messages included.
+    let (_, response) = ws.join_ok("conversation:c1", json!({"after_seq": 1})).await;
+    assert_eq!(response["last_seq"], after);
+    loop {
+        let frame = ws.next_frame().await;
+        if frame[3] == "phx_close" {
+            continue;
+        }
+        assert_eq!(frame[3], "message", "{frame}");
+        assert_eq!(frame[4]["seq"], 2, "replay starts at the first own message");
+        break;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_users_join_only_their_conversations_and_act_as_themselves() {
     let server = jwt_server();
     server.create_conversation("c1", &["alice", "bob"]).await;

@@ -187,7 +187,12 @@ impl Publisher {
                             let topic = format!("conversation:{id}");
                             let join_ref = format!("j{c}");
                             // Fresh conversations: nothing to replay.
-                            socket.join(&join_ref, &topic, r#"{"after_seq":0}"#).await?;
+                            let params = if args.echo {
+                                r#"{"after_seq":0}"#
+                            } else {
+                                r#"{"after_seq":0,"echo":false}"#
+                            };
+                            socket.join(&join_ref, &topic, params).await?;
                             topics.insert(c, (join_ref, topic));
                         }
                         v.push(WsWorker {

@@ -48,6 +48,10 @@ pub struct Args {
     /// How Ferry appends travel.
     #[arg(long, value_enum, default_value_t = Transport::Http)]
     pub transport: Transport,
+    /// `append --transport ws`: whether the publishing sockets get their own messages pushed back
+    /// (`--echo false` joins with `{"echo": false}`, as a publisher that reads nothing would).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub echo: bool,
     /// Conversations (streams / subjects for peers) the appends spread over, round robin.
     #[arg(long, default_value_t = 16)]
     pub conversations: usize,

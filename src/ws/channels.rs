@@ -30,11 +30,12 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 
-use ferry_shards::actor::conversation::AppendRequest;
+use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::node::TryAgainReason;
 use ferry_shards::record::format_rfc3339_millis;
 
+use super::echo::{OwnSends, SendTicket};
 use super::frame::{self, Address, Frame};
 use super::metrics::{self, ChannelGauge};
 use super::session::{AwaitedReply, Channels, Outbox};
@@ -82,6 +83,8 @@ struct AppendJob {
     _permit: OwnedSemaphorePermit,
     /// Tells the socket's writer a reply is coming, until it is queued.
     _awaited: AwaitedReply,
+    /// On a join with `echo: false`: tells its delivery which seq this send got.
+    own: Option<SendTicket>,
 }
 
 /// One joined topic.
@@ -98,6 +101,8 @@ struct Joined {
     delivery: Option<futures_util::future::AbortHandle>,
     /// The append pipeline: finishes its in-flight appends after a leave, stopped with the socket.
     pipeline: Option<AbortHandle>,
+    /// The join's own sends, when it asked not to get them pushed back (`echo: false`).
+    own_sends: Option<Arc<OwnSends>>,
     _gauge: ChannelGauge,
 }
 
@@ -214,6 +219,10 @@ struct JoinParams {
     /// Alias of `after_seq`; `after_seq` wins when both are given.
     #[serde(default)]
     last_seq: Option<u64>,
+    /// `false`: the join's own sends are not pushed back to it (the reply carries seq, id and
+    /// time already).
+    #[serde(default)]
+    echo: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -326,11 +335,13 @@ impl SocketChannels {
         }
         tracing::debug!(topic = %frame.topic, after_seq, last_seq, "joined conversation");
         let join_ref = frame.join_ref.clone();
+        let own_sends = (params.echo == Some(false)).then(|| Arc::new(OwnSends::default()));
         let (delivery, delivery_abort) = futures_util::stream::abortable(deliveries(
             gap,
             cursor,
             join_ref.clone(),
             frame.topic.clone(),
+            own_sends.clone(),
         ));
         if !self.outbox.deliver(Box::pin(delivery)).await {
             return Ok(());
@@ -353,6 +364,7 @@ impl SocketChannels {
                 tasks: vec![forward.abort_handle()],
                 delivery: Some(delivery_abort),
                 pipeline: None,
+                own_sends,
                 _gauge: ChannelGauge::open("conversation"),
             },
         );
@@ -396,6 +408,7 @@ impl SocketChannels {
                 tasks: vec![task.abort_handle()],
                 delivery: None,
                 pipeline: None,
+                own_sends: None,
                 _gauge: ChannelGauge::open("inbox"),
             },
         );
@@ -447,7 +460,7 @@ impl SocketChannels {
             self.state.config.limits.max_message_bytes,
         )?;
         let permit = self.permit()?;
-        let appends = self.pipeline(&frame.topic, id)?;
+        let (appends, own_sends) = self.pipeline(&frame.topic, id)?;
         // Never full: the queue has room for every permit.
         appends
             .try_send(AppendJob {
@@ -455,16 +468,18 @@ impl SocketChannels {
                 request,
                 _permit: permit,
                 _awaited: self.outbox.awaiting_reply(),
+                own: own_sends.as_ref().map(OwnSends::submit),
             })
             .map_err(|_| too_many_in_flight(self.in_flight_limit))
     }
 
-    /// The topic's append pipeline, started on first use.
+    /// The topic's append pipeline, started on first use, and the join's own sends when it
+    /// asked for no echo.
     fn pipeline(
         &mut self,
         topic: &str,
         id: &ConversationId,
-    ) -> Result<mpsc::Sender<AppendJob>, ApiError> {
+    ) -> Result<(mpsc::Sender<AppendJob>, Option<Arc<OwnSends>>), ApiError> {
         let (state, principal, outbox) = (
             self.state.clone(),
             self.principal.clone(),
@@ -475,13 +490,13 @@ impl SocketChannels {
             .get_mut(topic)
             .ok_or_else(|| not_joined(topic))?;
         if let Some(appends) = &joined.appends {
-            return Ok(appends.clone());
+            return Ok((appends.clone(), joined.own_sends.clone()));
         }
         let (appends, jobs) = mpsc::channel(self.in_flight_limit);
         let pipeline = tokio::spawn(run_appends(state, principal, id.clone(), jobs, outbox));
         joined.appends = Some(appends.clone());
         joined.pipeline = Some(pipeline.abort_handle());
-        Ok(appends)
+        Ok((appends, joined.own_sends.clone()))
     }
 
     /// `ack` / `read`: moves a cursor (never backwards) in a task of its own.
@@ -590,17 +605,21 @@ struct Delivering {
     head: String,
     join_ref: Value,
     topic: String,
+    /// A join with `echo: false`: its own messages are skipped.
+    own_sends: Option<Arc<OwnSends>>,
     failures: u32,
     done: bool,
 }
 
 /// The `gap` push (if the join's position has expired), then a `message` push for every message
-/// after the cursor, in order, for as long as the join lasts; pulled by the socket's writer.
+/// after the cursor (but the join's own, with `echo: false`), in order, for as long as the join
+/// lasts; pulled by the socket's writer.
 fn deliveries(
     gap: Option<Gap>,
     cursor: Cursor,
     join_ref: Value,
     topic: String,
+    own_sends: Option<Arc<OwnSends>>,
 ) -> impl futures_util::Stream<Item = Vec<String>> + Send {
     let state = Delivering {
         gap,
@@ -609,6 +628,7 @@ fn deliveries(
         head: frame::push_head(&join_ref, &topic, "message"),
         join_ref,
         topic,
+        own_sends,
         failures: 0,
         done: false,
     };
@@ -620,53 +640,64 @@ fn deliveries(
             let push = frame::push(&st.join_ref, &st.topic, "gap", &gap);
             return Some((vec![push], st));
         }
-        while st.pending.is_empty() {
-            match st.cursor.next_batch().await {
-                Ok(batch) => {
-                    st.failures = 0;
-                    st.pending.extend(batch.messages);
-                    if let Some((from_seq, to_seq)) = batch.gap {
-                        // Reserved seqs that hold nothing, before the batch's messages.
-                        let gap = Gap { from_seq, to_seq };
-                        let push = frame::push(&st.join_ref, &st.topic, "gap", &gap);
-                        return Some((vec![push], st));
+        loop {
+            while st.pending.is_empty() {
+                match st.cursor.next_batch().await {
+                    Ok(batch) => {
+                        st.failures = 0;
+                        st.pending.extend(batch.messages);
+                        if let Some((from_seq, to_seq)) = batch.gap {
+                            // Reserved seqs that hold nothing, before the batch's messages.
+                            let gap = Gap { from_seq, to_seq };
+                            let push = frame::push(&st.join_ref, &st.topic, "gap", &gap);
+                            return Some((vec![push], st));
+                        }
+                    }
+                    Err(e) => {
+                        st.failures += 1;
+                        tracing::warn!(
+                            topic = %st.topic,
+                            position = st.cursor.position(),
+                            failures = st.failures,
+                            error = %e.message,
+                            "ws delivery read failed"
+                        );
+                        if st.failures >= MAX_DELIVERY_FAILURES {
+                            // The client rejoins from its last seq (phoenix clients do so on their own).
+                            metrics::error("delivery");
+                            st.done = true;
+                            let push = frame::lifecycle(&st.join_ref, &st.topic, frame::ERROR);
+                            return Some((vec![push], st));
+                        }
+                        let wait = e.retry_after_ms.unwrap_or(100).clamp(10, 2000)
+                            * u64::from(st.failures);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
                 }
-                Err(e) => {
-                    st.failures += 1;
-                    tracing::warn!(
-                        topic = %st.topic,
-                        position = st.cursor.position(),
-                        failures = st.failures,
-                        error = %e.message,
-                        "ws delivery read failed"
-                    );
-                    if st.failures >= MAX_DELIVERY_FAILURES {
-                        // The client rejoins from its last seq (phoenix clients do so on their own).
-                        metrics::error("delivery");
-                        st.done = true;
-                        let push = frame::lifecycle(&st.join_ref, &st.topic, frame::ERROR);
-                        return Some((vec![push], st));
+            }
+            let mut pushes = Vec::new();
+            let mut bytes = 0;
+            while let Some(message) = st.pending.front() {
+                if let Some(own) = &st.own_sends {
+                    if own.is_own(message.seq).await {
+                        st.pending.pop_front();
+                        continue;
                     }
-                    let wait =
-                        e.retry_after_ms.unwrap_or(100).clamp(10, 2000) * u64::from(st.failures);
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
+                let json = message.json();
+                let len = st.head.len() + json.len() + 1;
+                if !pushes.is_empty() && bytes + len > PULL_BYTES {
+                    break;
+                }
+                bytes += len;
+                pushes.push(frame::push_with_head(&st.head, json));
+                st.pending.pop_front();
             }
-        }
-        let mut pushes = Vec::new();
-        let mut bytes = 0;
-        while let Some(message) = st.pending.front() {
-            let json = message.json();
-            let len = st.head.len() + json.len() + 1;
-            if !pushes.is_empty() && bytes + len > PULL_BYTES {
-                break;
+            if !pushes.is_empty() {
+                return Some((pushes, st));
             }
-            bytes += len;
-            pushes.push(frame::push_with_head(&st.head, json));
-            st.pending.pop_front();
+            // Every message read was the join's own: read on.
         }
-        Some((pushes, st))
     })
 }
 
@@ -766,15 +797,21 @@ async fn run_appends(
                 let mut replies = Vec::with_capacity(batch.len());
                 for job in batch {
                     requests.push(job.request);
-                    replies.push((job.to, job._permit, job._awaited));
+                    replies.push((job.to, job._permit, job._awaited, job.own));
                 }
                 let pending = match queue.submit_batch(&mut requests).await {
                     Ok(pending) => pending,
                     Err(e) => replies.iter().map(|_| Pending::Done(Err(e.clone()))).collect(),
                 };
-                for ((to, permit, awaited), pending) in replies.into_iter().zip(pending) {
+                for ((to, permit, awaited, own), pending) in replies.into_iter().zip(pending) {
                     in_flight.push(async move {
                         let result = pending.outcome().await;
+                        // Before the reply: the delivery may be waiting to know this seq.
+                        if let Some(own) = own {
+                            own.resolve(
+                                result.as_ref().ok().filter(|o| !o.deduped).map(|o| o.seq),
+                            );
+                        }
                         reply_to_send(outbox, &to, result).await;
                         drop((permit, awaited));
                     });
@@ -786,29 +823,35 @@ async fn run_appends(
     while in_flight.next().await.is_some() {}
 }
 
-/// The `ok` reply to a `send`.
-#[derive(Serialize)]
-struct SendReply {
-    seq: u64,
-    id: uuid::Uuid,
-    created_at: String,
-    deduped: bool,
+/// The `ok` reply to a `send`: `{seq, id, created_at, deduped}`, written by hand (one per
+/// message, so no serializer).
+fn send_reply(outcome: &AppendOutcome) -> String {
+    let mut out = String::with_capacity(128);
+    out.push_str("{\"seq\":");
+    out.push_str(itoa::Buffer::new().format(outcome.seq));
+    out.push_str(",\"id\":\"");
+    out.push_str(
+        outcome
+            .id
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+    out.push_str("\",\"created_at\":\"");
+    out.push_str(&format_rfc3339_millis(outcome.created_at_ms));
+    out.push_str(if outcome.deduped {
+        "\",\"deduped\":true}"
+    } else {
+        "\",\"deduped\":false}"
+    });
+    out
 }
 
-async fn reply_to_send(
-    outbox: &Outbox,
-    to: &Address,
-    result: Result<ferry_shards::actor::conversation::AppendOutcome, ApiError>,
-) {
+async fn reply_to_send(outbox: &Outbox, to: &Address, result: Result<AppendOutcome, ApiError>) {
     match result {
         Ok(outcome) => {
-            let reply = SendReply {
-                seq: outcome.seq,
-                id: outcome.id,
-                created_at: format_rfc3339_millis(outcome.created_at_ms),
-                deduped: outcome.deduped,
-            };
-            outbox.ok(to, &reply).await
+            outbox
+                .send(frame::reply_ok_json(to, &send_reply(&outcome)))
+                .await
         }
         Err(e) => outbox.error(to, &e).await,
     };
@@ -817,6 +860,28 @@ async fn reply_to_send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_replies_are_the_documented_json() {
+        for deduped in [false, true] {
+            let outcome = AppendOutcome {
+                seq: u64::MAX,
+                id: uuid::Uuid::now_v7(),
+                created_at_ms: 1_700_000_000_123,
+                deduped,
+            };
+            let reply: Value = serde_json::from_str(&send_reply(&outcome)).unwrap();
+            assert_eq!(
+                reply,
+                json!({
+                    "seq": u64::MAX,
+                    "id": outcome.id.to_string(),
+                    "created_at": "2023-11-14T22:13:20.123Z",
+                    "deduped": deduped,
+                })
+            );
+        }
+    }
 
     #[test]
     fn topics_parse_to_validated_ids() {

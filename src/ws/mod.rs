@@ -18,6 +18,7 @@
 //! cursor); nothing here touches the log except through `Node::append` and `delivery::Cursor`.
 
 pub mod channels;
+mod echo;
 pub mod frame;
 pub mod metrics;
 pub mod session;
