@@ -35,6 +35,12 @@ pub struct InboxEntry {
     pub last_message: Option<Arc<Message>>,
 }
 
+/// Ephemeral events a conversation's channel holds for its slowest subscriber on this node
+/// before that subscriber starts missing them (counted in `ferry_ws_ephemeral_dropped_total`).
+/// The buffer is allocated whole when the channel is made, once per conversation with a joined
+/// socket, so it is kept small and holds only pointers.
+pub const EPHEMERAL_BUFFER: usize = 64;
+
 /// A non-durable event fanned out to the other subscribers of a conversation on this node.
 #[derive(Debug, Clone)]
 pub struct EphemeralEvent {
@@ -282,7 +288,7 @@ impl Drop for Watcher {
 pub struct Events {
     /// Inbox watchers, by conversation and participant.
     pub router: InboxRouter,
-    ephemeral: Arc<Mutex<HashMap<ConversationId, broadcast::Sender<EphemeralEvent>>>>,
+    ephemeral: Arc<Mutex<HashMap<ConversationId, broadcast::Sender<Arc<EphemeralEvent>>>>>,
     /// `(slot, retry_after_ms)`: the slot is being handed to another node.
     moving: broadcast::Sender<(u32, u64)>,
     /// Conversations whose description changed on another node.
@@ -354,14 +360,31 @@ impl Events {
     }
 
     /// The ephemeral channel of a conversation (created on first use; unused ones are pruned).
-    pub fn ephemeral(&self, conversation: &ConversationId) -> broadcast::Sender<EphemeralEvent> {
+    pub fn ephemeral(
+        &self,
+        conversation: &ConversationId,
+    ) -> broadcast::Sender<Arc<EphemeralEvent>> {
         let mut map = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > 1024 {
             map.retain(|_, tx| tx.receiver_count() > 0);
         }
         map.entry(conversation.clone())
-            .or_insert_with(|| broadcast::channel(256).0)
+            .or_insert_with(|| broadcast::channel(EPHEMERAL_BUFFER).0)
             .clone()
+    }
+
+    /// Hands `event` to the conversation's sockets on this node, if it has any.
+    fn deliver_ephemeral(&self, conversation: &ConversationId, event: EphemeralEvent) {
+        let sender = self
+            .ephemeral
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(conversation)
+            .cloned();
+        if let Some(sender) = sender {
+            // No receivers left is not an error: ephemeral events are best effort.
+            let _ = sender.send(Arc::new(event));
+        }
     }
 
     /// Sends an ephemeral event to the conversation's other sockets, on every node.
@@ -371,8 +394,7 @@ impl Events {
             event: event.event.to_owned(),
             payload: event.payload.clone(),
         });
-        // No receivers (nobody else here) is not an error: ephemeral events are best effort.
-        let _ = self.ephemeral(conversation).send(event);
+        self.deliver_ephemeral(conversation, event);
     }
 
     /// Slot moves, as `(slot, retry_after_ms)`.
@@ -420,19 +442,14 @@ impl Events {
                     _ => return,
                 };
                 if let Some(c) = conversation_of(&conversation) {
-                    let sender = self
-                        .ephemeral
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&c)
-                        .cloned();
-                    if let Some(sender) = sender {
-                        let _ = sender.send(EphemeralEvent {
+                    self.deliver_ephemeral(
+                        &c,
+                        EphemeralEvent {
                             from_socket: 0,
                             event: name,
                             payload,
-                        });
-                    }
+                        },
+                    );
                 }
             }
             ClusterEvent::Cursor {
@@ -667,6 +684,32 @@ mod tests {
 
     fn c(s: &str) -> ConversationId {
         ConversationId::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn ephemeral_channels_exist_only_for_conversations_with_local_sockets() {
+        let events = Events::default();
+        let event = |from_socket| EphemeralEvent {
+            from_socket,
+            event: "typing",
+            payload: serde_json::json!({"participant": "alice"}),
+        };
+        // Nobody here: nothing is allocated for the conversation.
+        events.send_ephemeral(&c("quiet"), event(1));
+        assert!(events.ephemeral.lock().unwrap().is_empty());
+
+        let mut rx = events.ephemeral(&c("busy")).subscribe();
+        events.send_ephemeral(&c("busy"), event(2));
+        assert_eq!(rx.recv().await.unwrap().from_socket, 2);
+        // Past the buffer, the slowest socket misses the oldest and is told how many.
+        for i in 0..EPHEMERAL_BUFFER as u64 + 5 {
+            events.send_ephemeral(&c("busy"), event(10 + i));
+        }
+        assert!(matches!(
+            rx.recv().await,
+            Err(broadcast::error::RecvError::Lagged(5))
+        ));
+        assert_eq!(rx.recv().await.unwrap().from_socket, 15);
     }
 
     fn dirty_of(w: &Watcher) -> Vec<String> {

@@ -704,7 +704,7 @@ fn deliveries(
 /// Pushes the other sockets' `chunk`/`typing` of the conversation, and one `backpressure` each
 /// time its slot starts moving.
 async fn forward_ephemeral(
-    mut events: broadcast::Receiver<EphemeralEvent>,
+    mut events: broadcast::Receiver<Arc<EphemeralEvent>>,
     mut moving: broadcast::Receiver<(u32, u64)>,
     slot: u32,
     socket_id: u64,
