@@ -320,7 +320,7 @@ impl ApiKeys {
             crate::metrics::count_key_lookup("malformed");
             return Ok(None);
         }
-        let hash = self.hash(token);
+        let (hash, remembered) = self.hash(token);
         let now = now_ms();
         let cached = {
             let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
@@ -338,7 +338,9 @@ impl ApiKeys {
             }
             crate::metrics::count_key_lookup("cached");
             self.note_use(&key.id, now);
-            self.remember(token, hash);
+            if !remembered {
+                self.remember(token, hash);
+            }
             return Ok(Some(FoundKey {
                 id: key.id,
                 scope: key.scope,
@@ -375,28 +377,20 @@ impl ApiKeys {
         }
     }
 
-    /// The peppered hash of `token`, from [`ApiKeys::recent`] when it is there.
-    fn hash(&self, token: &str) -> String {
+    /// The peppered hash of `token`, and whether it came from [`ApiKeys::recent`].
+    fn hash(&self, token: &str) -> (String, bool) {
         let recent = self.recent.read().unwrap_or_else(|e| e.into_inner());
         match recent.get(token) {
-            Some(hash) => hash.clone(),
+            Some(hash) => (hash.clone(), true),
             None => {
                 drop(recent);
-                self.pepper.hash(token)
+                (self.pepper.hash(token), false)
             }
         }
     }
 
     /// Keeps `token`'s hash, found in force, for its next use.
     fn remember(&self, token: &str, hash: String) {
-        if self
-            .recent
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(token)
-        {
-            return;
-        }
         let mut recent = self.recent.write().unwrap_or_else(|e| e.into_inner());
         if recent.len() >= RECENT_MAX {
             recent.clear();
@@ -420,7 +414,7 @@ impl ApiKeys {
         if token.len() < MIN_KEY_LEN || !well_formed(token) {
             return None;
         }
-        let hash = self.hash(token);
+        let (hash, _) = self.hash(token);
         let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
         let key = cache.by_hash.get(&hash)?;
         if key.expires_at_ms.is_some_and(|t| t <= now_ms()) {

@@ -53,11 +53,12 @@ pub async fn request_timeout(
     request: Request,
     next: Next,
 ) -> Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    // Kept for the log line only: cloning the method and URI shares their bytes, no copy.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
+            let path = uri.path();
             tracing::warn!(%method, path, timeout = %format_duration(limit), "request timed out");
             let mut e = ApiError::unavailable(format!(
                 "the request was not answered within {}; retry (appends with the same \

@@ -67,13 +67,15 @@ impl OwnSends {
     /// Whether the message at `seq` was sent by this join. The delivery asks in seq order: every
     /// remembered seq below `seq` is forgotten (it was skipped, or will never be reached).
     pub async fn is_own(&self, seq: u64) -> bool {
-        let horizon = self.lock().next;
+        // Sends numbered from here on were made after the message was first looked at.
+        let mut horizon = None;
         loop {
             let notified = self.resolved.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut state = self.lock();
+                let horizon = *horizon.get_or_insert(state.next);
                 if state.seqs.first().is_some_and(|&first| first < seq) {
                     state.seqs = state.seqs.split_off(&seq);
                 }
