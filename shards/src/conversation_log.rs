@@ -146,6 +146,10 @@ pub struct ConversationLog {
     /// The conversation's slot went to another node: this log never advances again, and its
     /// readers must follow the conversation to its new owner.
     moved: AtomicBool,
+    /// Durable messages of this log waiting in the archive queue to be shown once committed
+    /// (`Shared::on_durable_hidden`): while any wait, later ones wait too, so readers see seqs
+    /// in order.
+    hidden: AtomicUsize,
 }
 
 impl ConversationLog {
@@ -183,7 +187,25 @@ impl ConversationLog {
             last_activity: Mutex::new(Instant::now()),
             budget,
             moved: AtomicBool::new(false),
+            hidden: AtomicUsize::new(0),
         }
+    }
+
+    /// A durable message of this log went to the archive queue hidden.
+    pub fn hide_one(&self) {
+        self.hidden.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A hidden message of this log was shown, or left the queue (its slot was lost).
+    pub fn unhide_one(&self) {
+        let _ = self
+            .hidden
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Whether durable messages of this log still wait hidden in the archive queue.
+    pub fn has_hidden(&self) -> bool {
+        self.hidden.load(Ordering::SeqCst) > 0
     }
 
     /// Marks the log as handed over (see `moved`) and wakes every reader waiting on it.

@@ -22,7 +22,7 @@ use ferry_shards::conversation_log::DedupeEntry;
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::node::{Node, NodeConfig, NodeError, TryAgainReason};
 use ferry_shards::record::Message;
-use ferry_shards::wal::WalOptions;
+use ferry_shards::wal::{FsIo, WalFile, WalIo, WalOptions};
 use serde_json::value::RawValue;
 
 #[derive(Default)]
@@ -1316,5 +1316,250 @@ async fn restore_writes_only_reserved_seqs_and_its_keys_dedupe() {
         node.restore(&c, "n-old", lost).await,
         Err(NodeError::NotOwner { .. })
     ));
+    node.shutdown().await;
+}
+
+/// The real filesystem, except that syncs can be held: the WAL writer then waits between a
+/// record's write and its sync, as it would across a pause of the process or a stalled disk.
+#[derive(Default)]
+struct SyncHold {
+    held: Mutex<bool>,
+    released: std::sync::Condvar,
+    /// Syncs waiting now.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl SyncHold {
+    fn set(&self, held: bool) {
+        *self.held.lock().unwrap() = held;
+        self.released.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut held = self.held.lock().unwrap();
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        while *held {
+            held = self.released.wait(held).unwrap();
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct HoldableIo(Arc<SyncHold>);
+struct HoldableFile(Box<dyn WalFile>, Arc<SyncHold>);
+
+impl WalFile for HoldableFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.1.pass();
+        self.0.sync_data()
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.1.pass();
+        self.0.sync_all()
+    }
+    fn preallocate(&self, len: u64, how: ferry_shards::wal::Preallocate) -> std::io::Result<()> {
+        self.0.preallocate(len, how)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.0.size()
+    }
+}
+
+impl WalIo for HoldableIo {
+    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        FsIo.create_dir_all(dir)
+    }
+    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+        FsIo.list(dir)
+    }
+    fn create(&self, path: &std::path::Path) -> std::io::Result<Box<dyn WalFile>> {
+        Ok(Box::new(HoldableFile(FsIo.create(path)?, self.0.clone())))
+    }
+    fn open(&self, path: &std::path::Path) -> std::io::Result<Box<dyn WalFile>> {
+        Ok(Box::new(HoldableFile(FsIo.open(path)?, self.0.clone())))
+    }
+    fn read(&self, path: &std::path::Path) -> std::io::Result<ferry_shards::wal::io::ReadBuf> {
+        FsIo.read(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        FsIo.rename(from, to)
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        FsIo.remove(path)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        FsIo.sync_dir(dir)
+    }
+    fn lock_dir(
+        &self,
+        dir: &std::path::Path,
+    ) -> std::io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        FsIo.lock_dir(dir)
+    }
+}
+
+/// A node whose WAL syncs can be held, serving every slot under a lease of an hour.
+async fn node_with_held_syncs(
+    dir: &std::path::Path,
+    archive: Arc<MemoryArchive>,
+    clustered: bool,
+) -> (Node, Arc<SyncHold>) {
+    let hold = Arc::new(SyncHold::default());
+    let gates = ferry_shards::gate::Gates::clustered(config().slot_count);
+    for slot in 0..config().slot_count {
+        gates.set_serving(slot, 1);
+    }
+    gates.extend_lease(Instant::now() + Duration::from_secs(3600));
+    let config = NodeConfig {
+        clustered,
+        ..config()
+    };
+    let (node, _) = Node::start_with_io(
+        config,
+        WalOptions::new(dir),
+        Arc::new(HoldableIo(hold.clone())),
+        archive,
+        gates,
+    )
+    .await
+    .unwrap();
+    (node, hold)
+}
+
+/// Appends `text` (with key `text`) while the WAL's syncs are held, lets the lease lapse while
+/// the record waits for its sync, then releases the sync: the answer is `try_again`.
+async fn append_across_a_lapsed_lease(
+    node: &Node,
+    hold: &SyncHold,
+    id: &ConversationId,
+    text: &str,
+) {
+    hold.set(true);
+    let pending = {
+        let (node, id, text) = (node.clone(), id.clone(), text.to_owned());
+        tokio::spawn(async move { node.append(&id, request(&text, Some(&text))).await })
+    };
+    eventually("the record to wait for its sync", || {
+        hold.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    node.gates().revoke_lease();
+    hold.set(false);
+    match pending.await.unwrap() {
+        Err(NodeError::TryAgain { reason, .. }) => assert_eq!(reason.as_str(), "owner_unavailable"),
+        other => panic!("expected try_again owner_unavailable, got {other:?}"),
+    }
+}
+
+/// A record whose sync finishes after the node's lease lapsed (a pause, a stalled disk) is not
+/// acknowledged and not shown: no reader or subscriber sees it while the slot may already be
+/// another node's. When the lease is back it is shown once archived, a retry with its key gets
+/// it, and appends after it wait behind it so readers see seqs in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_synced_past_the_lease_is_shown_only_once_archived() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("fenced");
+    let (node, hold) = node_with_held_syncs(dir.path(), archive.clone(), false).await;
+    assert_eq!(append_retrying(&node, &id, "first").await, 1);
+    node.archive_now();
+    eventually("the first to be archived", || {
+        archive.stored(&id).len() == 1
+    })
+    .await;
+    let handle = node.conversation(&id).await.unwrap();
+    let mut visible = handle.log.watch_durable();
+    visible.mark_unchanged();
+
+    set_down(&archive, true);
+    append_across_a_lapsed_lease(&node, &hold, &id, "fenced").await;
+    assert_eq!(handle.log.durable_seq(), 1, "shown past the lease");
+    assert!(!visible.has_changed().unwrap(), "a subscriber was woken");
+    let (_, seqs, _) = read_both_ways(&node, &id).await;
+    assert_eq!(seqs, vec![1]);
+
+    // The lease is back but the archive is down: neither a retry of the key nor a new append
+    // (which waits behind the hidden record) is answered before the record is shown.
+    node.gates()
+        .extend_lease(Instant::now() + Duration::from_secs(3600));
+    let spawn_append = |text: &'static str| {
+        let (node, id) = (node.clone(), id.clone());
+        tokio::spawn(async move { node.append(&id, request(text, Some(text))).await })
+    };
+    let retry = spawn_append("fenced");
+    let behind = spawn_append("behind");
+    eventually("the later append to queue for the archive", || {
+        node.archive_backlog().0 == 2
+    })
+    .await;
+    tokio::task::yield_now().await;
+    assert!(
+        !retry.is_finished(),
+        "a retry answered before its record was shown"
+    );
+    assert!(
+        !behind.is_finished(),
+        "acknowledged before the record before it was shown"
+    );
+    assert_eq!(handle.log.durable_seq(), 1);
+
+    set_down(&archive, false);
+    node.archive_now();
+    let behind = behind.await.unwrap().unwrap();
+    assert_eq!((behind.seq, behind.deduped), (3, false));
+    let retry = retry.await.unwrap().unwrap();
+    assert_eq!((retry.seq, retry.deduped), (2, true));
+    assert_eq!(handle.log.durable_seq(), 3);
+    let stored: Vec<u64> = archive.stored(&id).iter().map(|m| m.seq).collect();
+    assert_eq!(stored, vec![1, 2, 3]);
+    let (_, seqs, _) = read_both_ways(&node, &id).await;
+    assert_eq!(seqs, vec![1, 2, 3]);
+
+    // Nothing waits hidden any more: appends are shown at once again.
+    assert_eq!(append_retrying(&node, &id, "after").await, 4);
+    assert_eq!(handle.log.durable_seq(), 4);
+    node.shutdown().await;
+}
+
+/// A record synced past the lease whose slot another node took meanwhile is kept for restore
+/// and never shown by this node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_synced_past_the_lease_of_a_lost_slot_goes_to_restore_unseen() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("taken");
+    let (node, hold) = node_with_held_syncs(dir.path(), archive.clone(), true).await;
+    assert_eq!(append_retrying(&node, &id, "first").await, 1);
+    node.archive_now();
+    eventually("the first to be archived", || {
+        archive.stored(&id).len() == 1
+    })
+    .await;
+    let handle = node.conversation(&id).await.unwrap();
+
+    set_down(&archive, true);
+    append_across_a_lapsed_lease(&node, &hold, &id, "late").await;
+    node.lose_slot(node.slot_of(&id), 2);
+    set_down(&archive, false);
+    node.archive_now();
+    eventually("the record to be kept for restore", || {
+        !node.pending_restore().is_empty()
+    })
+    .await;
+    let pending: Vec<u64> = node
+        .pending_restore()
+        .iter()
+        .flat_map(|b| b.messages.iter().map(|m| m.seq))
+        .collect();
+    assert_eq!(pending, vec![2]);
+    assert_eq!(
+        handle.log.durable_seq(),
+        1,
+        "shown by a node that lost the slot"
+    );
+    assert_eq!(archive.stored(&id).len(), 1);
     node.shutdown().await;
 }

@@ -340,38 +340,44 @@ fn append(
         KIND_MESSAGE,
         payload,
         Box::new(move |result| {
-            if let (Ok(lsn), true) = (&result, done_shared.config.ack_after_archive) {
-                // Answered (and made visible) by the archiver once its batch is committed.
-                if let Some(reply) = take(&done_reply) {
-                    let ack = PendingAck {
-                        reply,
-                        outcome,
-                        admitted_at,
-                        guard,
-                    };
-                    done_shared.on_wal_durable(*lsn, done_message, &done_log, ack);
+            let Some(reply) = take(&done_reply) else {
+                return;
+            };
+            let lsn = match result {
+                Ok(lsn) => lsn,
+                Err(e) => {
+                    let _ = reply.send(Err(NodeError::Unavailable(e.to_string())));
+                    return;
                 }
+            };
+            // Self-fencing: a node whose lease ran out while the record was syncing (a pause,
+            // a stall) neither acknowledges nor shows it: the slot may already be another
+            // node's. The record is durable and keeps its seq; it is shown once archived under
+            // this node's epoch (and a retry with its key is answered with it then), or kept
+            // for restore if the slot was taken.
+            let fenced = !done_shared.gates.lease_valid();
+            if fenced {
+                done_shared.count_try_again(TryAgainReason::OwnerUnavailable);
+                let _ = reply.send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
+                done_shared.on_durable_hidden(lsn, done_message, &done_log, None);
                 return;
             }
-            let answer = match result {
-                Ok(lsn) => {
-                    done_shared.on_durable(lsn, done_message, &done_log);
-                    // Self-fencing: a node whose lease ran out while the record was syncing
-                    // (a pause, a stall) does not acknowledge it. The record is durable and
-                    // keeps its seq; a retry with its idempotency key is answered with it.
-                    if done_shared.gates.lease_valid() {
-                        done_shared.record_ack(admitted_at, done_log.slot);
-                        Ok(outcome)
-                    } else {
-                        done_shared.count_try_again(TryAgainReason::OwnerUnavailable);
-                        Err(NodeError::try_again(TryAgainReason::OwnerUnavailable))
-                    }
-                }
-                Err(e) => Err(NodeError::Unavailable(e.to_string())),
-            };
-            if let Some(reply) = take(&done_reply) {
-                let _ = reply.send(answer);
+            if done_shared.config.ack_after_archive || done_log.has_hidden() {
+                // Answered and made visible by the archiver once its batch is committed: with
+                // `ack_after_archive` always, otherwise when an earlier message of this log
+                // still waits hidden (readers see seqs in order).
+                let ack = PendingAck {
+                    reply,
+                    outcome,
+                    admitted_at,
+                    guard,
+                };
+                done_shared.on_durable_hidden(lsn, done_message, &done_log, Some(ack));
+                return;
             }
+            done_shared.on_durable(lsn, done_message, &done_log);
+            done_shared.record_ack(admitted_at, done_log.slot);
+            let _ = reply.send(Ok(outcome));
             drop(guard);
         }),
     );
@@ -504,7 +510,7 @@ fn take(reply: &std::sync::Mutex<Option<AppendReply>>) -> Option<AppendReply> {
 /// durable: a barrier completes after everything queued before it.
 fn answer_duplicate(
     shared: &Arc<Shared>,
-    log: &ConversationLog,
+    log: &Arc<ConversationLog>,
     first: DedupeEntry,
     reply: AppendReply,
     guard: GateGuard,
@@ -520,7 +526,7 @@ fn answer_duplicate(
         let _ = reply.send(Ok(outcome));
         return;
     }
-    if shared.config.ack_after_archive {
+    if shared.config.ack_after_archive || log.has_hidden() {
         // The first append is answered once archived, and becomes visible then: answer the
         // retry at the same moment (or never, if the log is dropped first).
         let mut visible = log.watch_durable();
@@ -536,13 +542,19 @@ fn answer_duplicate(
     }
     let reply = Arc::new(std::sync::Mutex::new(Some(reply)));
     let done_reply = reply.clone();
+    let done_log = log.clone();
     let barrier = shared.wal.barrier(Box::new(move |result| {
         if let Some(reply) = take(&done_reply) {
-            let _ = reply.send(
-                result
-                    .map(|_| outcome)
-                    .map_err(|e| NodeError::Unavailable(e.to_string())),
-            );
+            let answer = match result {
+                // The first append went to the archiver hidden (its node's lease ran out while
+                // it synced): not shown, so not acknowledged yet; a later retry finds it shown.
+                Ok(_) if done_log.durable_seq() < first.seq => {
+                    Err(NodeError::try_again(TryAgainReason::OwnerUnavailable))
+                }
+                Ok(_) => Ok(outcome),
+                Err(e) => Err(NodeError::Unavailable(e.to_string())),
+            };
+            let _ = reply.send(answer);
         }
         drop(guard);
     }));

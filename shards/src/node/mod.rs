@@ -41,7 +41,7 @@ use crate::gate::{GateRefusal, Gates};
 use crate::ids::ConversationId;
 use crate::placement::slot_of;
 use crate::record::Message;
-use crate::wal::{Lsn, Wal, WalError, WalOptions};
+use crate::wal::{FsIo, Lsn, Wal, WalError, WalIo, WalOptions};
 
 use archiver::run_archiver;
 use recovery::{adopt_recovery, drop_logs_behind_archive, drop_logs_of_other_owners};
@@ -261,9 +261,21 @@ impl Node {
         archive: Arc<dyn Archive>,
         gates: Arc<Gates>,
     ) -> Result<(Node, StartupReport), NodeError> {
-        let (wal, recovery) = tokio::task::spawn_blocking(move || Wal::open(wal_options))
-            .await
-            .map_err(|e| NodeError::Unavailable(format!("wal open task: {e}")))??;
+        Node::start_with_io(config, wal_options, Arc::new(FsIo), archive, gates).await
+    }
+
+    /// [`Node::start_with_gates`] with the WAL's files behind `io` (fault injection in tests).
+    pub async fn start_with_io(
+        config: NodeConfig,
+        wal_options: WalOptions,
+        io: Arc<dyn WalIo>,
+        archive: Arc<dyn Archive>,
+        gates: Arc<Gates>,
+    ) -> Result<(Node, StartupReport), NodeError> {
+        let (wal, recovery) =
+            tokio::task::spawn_blocking(move || Wal::open_with_io(wal_options, io))
+                .await
+                .map_err(|e| NodeError::Unavailable(format!("wal open task: {e}")))??;
         let budget = RingBudget::new(config.ring_budget_bytes, config.ring_bytes_per_conversation);
         let registries = (0..config.slot_count)
             .map(|_| Mutex::new(SlotRegistry::default()))

@@ -267,25 +267,30 @@ impl Shared {
             .send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
     }
 
-    /// Runs on the WAL writer thread when a message is durable in the WAL and the node
-    /// acknowledges only after the archive (`ack_after_archive`): the message stays invisible
-    /// and its answer waits until the archiver has committed it ([`Shared::on_archived`]).
+    /// Runs on the WAL writer thread when a message is durable in the WAL but may not be shown
+    /// yet: the node acknowledges only after the archive (`ack_after_archive`), its lease ran
+    /// out while the record was syncing (a pause, a stall), or an earlier message of the same
+    /// log waits hidden. The message goes to the archiver hidden and becomes visible once
+    /// committed under this node's epoch ([`Shared::on_archived`]), with `ack` answered then;
+    /// if the slot is taken meanwhile it is kept for restore and this node never shows it. So a
+    /// node past its lease shows no reader what it may later have to give up.
     /// Queued items are stored at once, not lingered over: whatever queues while one batch
     /// commits goes into the next (group commit).
-    pub fn on_wal_durable(
+    pub fn on_durable_hidden(
         &self,
         lsn: Lsn,
         message: Arc<Message>,
         log: &Arc<ConversationLog>,
-        ack: PendingAck,
+        ack: Option<PendingAck>,
     ) {
+        log.hide_one();
         self.archive_queue.urgent.store(true, Ordering::Relaxed);
         self.archive_queue.push(ArchiveItem {
             lsn,
             message,
             log: log.clone(),
             durable_at: Instant::now(),
-            ack: Some(ack),
+            ack,
             hidden: true,
         });
     }
@@ -327,6 +332,9 @@ impl Shared {
         let mut restore = self.restore.lock().unwrap_or_else(|e| e.into_inner());
         let mut by_conversation: HashMap<ConversationId, (Vec<Arc<Message>>, Lsn)> = HashMap::new();
         for mut item in lost {
+            if item.hidden {
+                item.log.unhide_one();
+            }
             if let Some(ack) = item.ack.take() {
                 refused += 1;
                 self.refuse_ack(ack);
@@ -373,8 +381,8 @@ impl Shared {
         }
     }
 
-    /// The archiver committed `message`: with a pending answer, the message becomes visible
-    /// (ring, subscribers, fan-out) and the append is answered — unless the lease ran out
+    /// The archiver committed `message`: a hidden one becomes visible (ring, subscribers,
+    /// fan-out), and a pending answer is given — unless the lease ran out
     /// meanwhile (self-fencing, as for a WAL-only ack).
     pub(super) fn on_archived(
         &self,
@@ -385,6 +393,7 @@ impl Shared {
     ) {
         if hidden {
             self.make_visible(message, log);
+            log.unhide_one();
         }
         log.mark_archived(message.seq);
         let Some(ack) = ack else {

@@ -35,6 +35,8 @@ pub struct SubState {
     pub node: usize,
     /// `(seq, message id)` of every `message` push of its current joins, in arrival order.
     pub delivered: Vec<(u64, String)>,
+    /// Message id → `metadata.key` of every message pushed to it.
+    pub keys: std::collections::HashMap<String, String>,
     /// Successful joins (the first one and every rejoin).
     pub joins: u64,
     /// Sockets opened.
@@ -258,7 +260,13 @@ async fn subscriber(
                     "message" if current => {
                         let seq = frame.payload["seq"].as_u64().unwrap_or(0);
                         let id = frame.payload["id"].as_str().unwrap_or("").to_owned();
-                        with(&mut |s| s.delivered.push((seq, id.clone())));
+                        let key = frame.payload["metadata"]["key"].as_str().map(str::to_owned);
+                        with(&mut |s| {
+                            s.delivered.push((seq, id.clone()));
+                            if let Some(key) = &key {
+                                s.keys.insert(id.clone(), key.clone());
+                            }
+                        });
                     }
                     "message" => with(&mut |s| s.stale_pushes += 1),
                     "backpressure" if current => with(&mut |s| s.backpressure += 1),
