@@ -15,7 +15,9 @@ use ferry::{server, store};
 /// jemalloc instead of the system allocator: the server allocates and frees many small buffers
 /// per message (frames, pushes, futures) on two or more threads at once, where glibc's malloc
 /// took about 15 % of the server's CPU samples under fan-out load (`docs/benchmarks.md`).
-#[cfg(unix)]
+/// The `system-alloc` feature keeps the system allocator, for heap profilers that hook `malloc`
+/// (`heaptrack`; `docs/benchmarks.md`, "Memory").
+#[cfg(all(unix, not(feature = "system-alloc")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
