@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::Router;
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -147,12 +148,14 @@ pub async fn serve(
         let connection = builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+        // Spawned as it is (not awaited inside an `async` block, which would reserve room for
+        // the connection twice in every connection's task).
+        let connection = graceful.watch(connection).map(|ended| {
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
+        tokio::spawn(connection);
     }
     drop(listener);
     graceful.shutdown().await;
@@ -254,10 +257,14 @@ struct Guarded {
     state: Arc<ConnState>,
     limits: ConnLimits,
     last_activity: Instant,
-    timer: Pin<Box<Sleep>>,
+    /// The idle or header deadline; dropped once the connection is upgraded. A timer holds the
+    /// waker of the task that last polled it: kept past the upgrade, it would keep hyper's
+    /// finished connection task (about 4 KB) allocated for every WebSocket until it fired.
+    timer: Option<Pin<Box<Sleep>>>,
     /// Since when a write has been waiting for the peer to take bytes.
     write_blocked_since: Option<Instant>,
-    write_timer: Pin<Box<Sleep>>,
+    /// Armed while a write is stalled; dropped when bytes move again.
+    write_timer: Option<Pin<Box<Sleep>>>,
     _held: Held,
 }
 
@@ -269,9 +276,11 @@ impl Guarded {
             state,
             limits,
             last_activity: now,
-            timer: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            timer: Some(Box::pin(tokio::time::sleep_until(
+                now + limits.idle_timeout,
+            ))),
             write_blocked_since: None,
-            write_timer: Box::pin(tokio::time::sleep_until(now + limits.write_timeout)),
+            write_timer: None,
             _held: held,
         }
     }
@@ -287,6 +296,7 @@ impl Guarded {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     self.write_blocked_since = None;
+                    self.write_timer = None;
                     self.activity(false);
                 }
                 Poll::Ready(Ok(n))
@@ -294,10 +304,13 @@ impl Guarded {
             Poll::Pending => {
                 let since = *self.write_blocked_since.get_or_insert_with(Instant::now);
                 let deadline = since + self.limits.write_timeout;
-                if self.write_timer.deadline() != deadline {
-                    self.write_timer.as_mut().reset(deadline);
+                let timer = self
+                    .write_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
                 }
-                if self.write_timer.as_mut().poll(cx).is_ready() {
+                if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the peer accepted no byte for limits.write_timeout",
@@ -349,12 +362,18 @@ impl Guarded {
     /// `Err` once the deadline has passed; otherwise the timer is armed for it.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         let Some(deadline) = self.deadline() else {
+            if self.state.upgraded.load(Ordering::Acquire) {
+                self.timer = None;
+            }
             return Ok(());
         };
-        if self.timer.deadline() != deadline {
-            self.timer.as_mut().reset(deadline);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
         }
-        if self.timer.as_mut().poll(cx).is_ready() {
+        if timer.as_mut().poll(cx).is_ready() {
             let what = if self
                 .state
                 .head_since
