@@ -173,12 +173,15 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-async fn serve(
+/// A socket's whole life, as the future its task runs. Not an `async fn`: that would keep its
+/// arguments beside the future they move into (about 0.5 KB more in every socket's task, which
+/// takes the task from jemalloc's 4 KiB size class into the 5 KiB one).
+fn serve(
     state: AppState,
     principal: Principal,
     socket: WebSocket,
-    _place: crate::rate::SocketPlace,
-) {
+    place: crate::rate::SocketPlace,
+) -> impl std::future::Future<Output = ()> + Send {
     let socket_id = crate::inbox::next_socket_id();
     let (auth, participant) = match &principal {
         Principal::ApiKey { .. } => ("api_key", None),
@@ -225,9 +228,10 @@ async fn serve(
             _ => {}
         }
         tracing::info!(end = ?end, "websocket closed");
+        // The socket's place under `max_sockets_per_principal` is given back now.
+        drop(place);
     }
     .instrument(span)
-    .await
 }
 
 #[cfg(test)]
