@@ -329,6 +329,8 @@ impl SocketChannels {
             "last_seq": last_seq,
             "first_available_seq": first_available,
         });
+        // Counted before the reply, so a client that saw the reply sees the join counted.
+        let gauge = ChannelGauge::open("conversation");
         // The reply is queued before any push of this join exists.
         if !self.outbox.ok(&to, &reply).await {
             return Ok(());
@@ -365,7 +367,7 @@ impl SocketChannels {
                 delivery: Some(delivery_abort),
                 pipeline: None,
                 own_sends,
-                _gauge: ChannelGauge::open("conversation"),
+                _gauge: gauge,
             },
         );
         Ok(())
@@ -382,6 +384,7 @@ impl SocketChannels {
         let (conversations, has_more) =
             inbox::snapshot(&self.state, &participant, None, inbox::MAX_SNAPSHOT_PAGE).await?;
         let to = frame.address();
+        let gauge = ChannelGauge::open("inbox");
         if !self
             .outbox
             .ok(
@@ -409,7 +412,7 @@ impl SocketChannels {
                 delivery: None,
                 pipeline: None,
                 own_sends: None,
-                _gauge: ChannelGauge::open("inbox"),
+                _gauge: gauge,
             },
         );
         Ok(())
