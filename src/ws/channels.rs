@@ -87,6 +87,10 @@ struct AppendJob {
     own: Option<SendTicket>,
 }
 
+/// A topic's append queue. Jobs are boxed: a queue allocates its slots 32 at a time, and 32
+/// unboxed jobs take 7 KB in every topic that ever sent.
+type Appends = mpsc::Sender<Box<AppendJob>>;
+
 /// One joined topic.
 struct Joined {
     join_ref: Value,
@@ -94,9 +98,7 @@ struct Joined {
     conversation: Option<ConversationId>,
     /// The append pipeline's queue, started by the topic's first `send`: most sockets only
     /// listen, and an idle join should cost no task and no queue.
-    /// Jobs are boxed: a queue allocates its slots 32 at a time, and 32 unboxed jobs take
-    /// 7 KB in every topic that ever sent.
-    appends: Option<mpsc::Sender<Box<AppendJob>>>,
+    appends: Option<Appends>,
     /// Ephemeral (or inbox) tasks: stopped as soon as the join ends.
     tasks: Vec<AbortHandle>,
     /// The conversation's pushes, pulled by the socket's writer: ended as soon as the join ends.
@@ -484,7 +486,7 @@ impl SocketChannels {
         &mut self,
         topic: &str,
         id: &ConversationId,
-    ) -> Result<(mpsc::Sender<Box<AppendJob>>, Option<Arc<OwnSends>>), ApiError> {
+    ) -> Result<(Appends, Option<Arc<OwnSends>>), ApiError> {
         let (state, principal, outbox) = (
             self.state.clone(),
             self.principal.clone(),
