@@ -1401,10 +1401,12 @@ impl WalIo for HoldableIo {
     }
 }
 
-/// A node whose WAL syncs can be held, serving every slot under a lease of an hour.
+/// A node whose WAL syncs can be held, serving every slot under a lease of an hour, with one
+/// message appended to `id` and archived.
 async fn node_with_held_syncs(
     dir: &std::path::Path,
     archive: Arc<MemoryArchive>,
+    id: &ConversationId,
     clustered: bool,
 ) -> (Node, Arc<SyncHold>) {
     let hold = Arc::new(SyncHold::default());
@@ -1421,11 +1423,14 @@ async fn node_with_held_syncs(
         config,
         WalOptions::new(dir),
         Arc::new(HoldableIo(hold.clone())),
-        archive,
+        archive.clone(),
         gates,
     )
     .await
     .unwrap();
+    assert_eq!(append_retrying(&node, id, "first").await, 1);
+    node.archive_now();
+    eventually("the first to be archived", || archive.stored(id).len() == 1).await;
     (node, hold)
 }
 
@@ -1463,13 +1468,7 @@ async fn a_record_synced_past_the_lease_is_shown_only_once_archived() {
     let dir = tempfile::tempdir().unwrap();
     let archive = Arc::new(MemoryArchive::default());
     let id = archive.create("fenced");
-    let (node, hold) = node_with_held_syncs(dir.path(), archive.clone(), false).await;
-    assert_eq!(append_retrying(&node, &id, "first").await, 1);
-    node.archive_now();
-    eventually("the first to be archived", || {
-        archive.stored(&id).len() == 1
-    })
-    .await;
+    let (node, hold) = node_with_held_syncs(dir.path(), archive.clone(), &id, false).await;
     let handle = node.conversation(&id).await.unwrap();
     let mut visible = handle.log.watch_durable();
     visible.mark_unchanged();
@@ -1531,13 +1530,7 @@ async fn a_record_synced_past_the_lease_of_a_lost_slot_goes_to_restore_unseen() 
     let dir = tempfile::tempdir().unwrap();
     let archive = Arc::new(MemoryArchive::default());
     let id = archive.create("taken");
-    let (node, hold) = node_with_held_syncs(dir.path(), archive.clone(), true).await;
-    assert_eq!(append_retrying(&node, &id, "first").await, 1);
-    node.archive_now();
-    eventually("the first to be archived", || {
-        archive.stored(&id).len() == 1
-    })
-    .await;
+    let (node, hold) = node_with_held_syncs(dir.path(), archive.clone(), &id, true).await;
     let handle = node.conversation(&id).await.unwrap();
 
     set_down(&archive, true);

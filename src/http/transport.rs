@@ -304,13 +304,7 @@ impl Guarded {
             Poll::Pending => {
                 let since = *self.write_blocked_since.get_or_insert_with(Instant::now);
                 let deadline = since + self.limits.write_timeout;
-                let timer = self
-                    .write_timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                if timer.as_mut().poll(cx).is_ready() {
+                if armed(&mut self.write_timer, deadline).poll(cx).is_ready() {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the peer accepted no byte for limits.write_timeout",
@@ -367,13 +361,7 @@ impl Guarded {
             }
             return Ok(());
         };
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
-        if timer.as_mut().poll(cx).is_ready() {
+        if armed(&mut self.timer, deadline).poll(cx).is_ready() {
             let what = if self
                 .state
                 .head_since
@@ -389,6 +377,15 @@ impl Guarded {
         }
         Ok(())
     }
+}
+
+/// The timer in `slot`, made if there is none, set to `deadline`.
+fn armed(slot: &mut Option<Pin<Box<Sleep>>>, deadline: Instant) -> Pin<&mut Sleep> {
+    let timer = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    timer.as_mut()
 }
 
 impl AsyncRead for Guarded {
