@@ -257,7 +257,8 @@ struct Guarded {
     state: Arc<ConnState>,
     limits: ConnLimits,
     last_activity: Instant,
-    /// The idle or header deadline; dropped once the connection is upgraded. A timer holds the
+    /// The idle or header deadline, made the first time a read waits; dropped once the
+    /// connection is upgraded. A timer holds the
     /// waker of the task that last polled it: kept past the upgrade, it would keep hyper's
     /// finished connection task (about 4 KB) allocated for every WebSocket until it fired.
     timer: Option<Pin<Box<Sleep>>>,
@@ -270,15 +271,12 @@ struct Guarded {
 
 impl Guarded {
     fn new(stream: TcpStream, state: Arc<ConnState>, limits: ConnLimits, held: Held) -> Guarded {
-        let now = Instant::now();
         Guarded {
             stream,
             state,
             limits,
-            last_activity: now,
-            timer: Some(Box::pin(tokio::time::sleep_until(
-                now + limits.idle_timeout,
-            ))),
+            last_activity: Instant::now(),
+            timer: None,
             write_blocked_since: None,
             write_timer: None,
             _held: held,

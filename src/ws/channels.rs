@@ -803,9 +803,9 @@ async fn run_appends(
                 let mut requests = Vec::with_capacity(batch.len());
                 let mut replies = Vec::with_capacity(batch.len());
                 for job in batch {
-                    let AppendJob { to, request, _permit, _awaited, own } = *job;
+                    let AppendJob { to, request, _permit: permit, _awaited: awaited, own } = *job;
                     requests.push(request);
-                    replies.push((to, _permit, _awaited, own));
+                    replies.push((to, permit, awaited, own));
                 }
                 let pending = match queue.submit_batch(&mut requests).await {
                     Ok(pending) => pending,
