@@ -41,6 +41,9 @@ struct MemoryArchive {
     stores_fail: AtomicBool,
     /// Per conversation: the seqs reserved for a failed-over node (`from..=to`, node id).
     reserved: Mutex<HashMap<String, (u64, u64, String)>>,
+    /// When set, a store of a message whose slot these gates do not own is refused, as the SQL
+    /// archive's fence refuses a batch of a slot another node took.
+    fence: Mutex<Option<Arc<ferry_shards::gate::Gates>>>,
 }
 
 impl MemoryArchive {
@@ -149,6 +152,17 @@ impl Archive for MemoryArchive {
                 return Err(ArchiveError::Unavailable(
                     "store refused by the test".into(),
                 ));
+            }
+            if let Some(gates) = self.fence.lock().unwrap().as_ref() {
+                if let Some(m) = messages
+                    .iter()
+                    .find(|m| gates.owned_epoch(m.slot).is_none())
+                {
+                    return Err(ArchiveError::Unavailable(format!(
+                        "fenced: slot {} is not owned by this node",
+                        m.slot
+                    )));
+                }
             }
             self.batches.lock().unwrap().push(messages.len());
             let mut stored = self.messages.lock().unwrap();
@@ -1179,6 +1193,7 @@ async fn a_slot_lost_while_running_leaves_the_archive_queue_for_restore() {
     let slot_of = |id: &ConversationId| ferry_shards::placement::slot_of(id.as_str(), 8);
     gates.set_serving(slot_of(&lost), 3);
     gates.set_serving(slot_of(&kept), 3);
+    *archive.fence.lock().unwrap() = Some(gates.clone());
     let (node, _) = Node::start_with_gates(
         clustered,
         WalOptions::new(dir.path()),
@@ -1415,6 +1430,7 @@ async fn node_with_held_syncs(
         gates.set_serving(slot, 1);
     }
     gates.extend_lease(Instant::now() + Duration::from_secs(3600));
+    *archive.fence.lock().unwrap() = Some(gates.clone());
     let config = NodeConfig {
         clustered,
         ..config()

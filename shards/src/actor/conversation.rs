@@ -357,9 +357,11 @@ fn append(
             // for restore if the slot was taken.
             let fenced = !done_shared.gates.lease_valid();
             if fenced {
+                // Queued before the answer: whoever sees the answer and takes the slot away
+                // finds the record in the archive queue.
+                done_shared.on_durable_hidden(lsn, done_message, &done_log, None);
                 done_shared.count_try_again(TryAgainReason::OwnerUnavailable);
                 let _ = reply.send(Err(NodeError::try_again(TryAgainReason::OwnerUnavailable)));
-                done_shared.on_durable_hidden(lsn, done_message, &done_log, None);
                 return;
             }
             if done_shared.config.ack_after_archive || done_log.has_hidden() {

@@ -165,9 +165,11 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                     abandoned.abort();
                 }
                 dispatched = 0;
-                if lost(&shared) {
-                    shared.extract_lost_slots();
-                }
+                // Whether or not a loss was signalled: a record of a slot taken away can reach
+                // the queue after the signal was seen (its WAL sync finished late), and the
+                // fence refuses every batch that carries it until it leaves the queue.
+                lost(&shared);
+                shared.extract_lost_slots();
                 if !shared.gates.lease_valid() {
                     shared.refuse_pending_acks();
                 }

@@ -301,6 +301,12 @@ impl Shared {
     /// `try_again`. Otherwise they may have been acknowledged: they are kept for restore into
     /// the seqs reserved for them, and the WAL checkpoint stays below them.
     pub(super) fn extract_lost_slots(&self) {
+        // Written before the slot was failed over away from this node: even if the slot came
+        // back since, only a restore may write it (into its reserved seq).
+        let keep = |item: &ArchiveItem| {
+            let slot = item.message.slot;
+            self.gates.owned_epoch(slot).is_some() && item.message.epoch >= self.gates.lost_at(slot)
+        };
         let mut lost = Vec::new();
         let mut bytes = 0;
         {
@@ -309,13 +315,12 @@ impl Shared {
                 .items
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            if items.iter().all(&keep) {
+                return;
+            }
             let mut kept = VecDeque::with_capacity(items.len());
             for item in items.drain(..) {
-                let slot = item.message.slot;
-                // Written before the slot was failed over away from this node: even if the
-                // slot came back since, only a restore may write it (into its reserved seq).
-                let stale = item.message.epoch < self.gates.lost_at(slot);
-                if self.gates.owned_epoch(slot).is_some() && !stale {
+                if keep(&item) {
                     kept.push_back(item);
                 } else {
                     bytes += item.message.approx_bytes();
