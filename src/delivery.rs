@@ -139,9 +139,18 @@ impl Cursor {
                     }
                 }
                 Source::Remote(remote) => {
-                    match next_remote(&self.state, &self.id, self.position, self.page, remote)
-                        .await?
-                    {
+                    // Boxed: a remote read is the largest future here, and a cursor that waits
+                    // on its local log (most of them, most of the time) should not carry its
+                    // room (this future lives in every joined topic's delivery).
+                    let step = Box::pin(next_remote(
+                        &self.state,
+                        &self.id,
+                        self.position,
+                        self.page,
+                        remote,
+                    ))
+                    .await?;
+                    match step {
                         RemoteStep::Batch(batch) => return self.advance(batch).await,
                         RemoteStep::BecameLocal(handle) => Some(Source::Local {
                             durable: handle.log.watch_durable(),
@@ -164,7 +173,8 @@ impl Cursor {
         let first = batch[0].seq;
         if first != self.position + 1 {
             let (from, to) = (self.position + 1, first.saturating_sub(1));
-            if !self.reserved_covers(from, to).await? {
+            // Boxed like a remote read: rare, and a query's future is large.
+            if !Box::pin(self.reserved_covers(from, to)).await? {
                 return Err(ApiError::unavailable(format!(
                     "history between seq {} and {} is not readable",
                     self.position, first
