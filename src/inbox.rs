@@ -35,12 +35,6 @@ pub struct InboxEntry {
     pub last_message: Option<Arc<Message>>,
 }
 
-/// Ephemeral events a conversation's channel holds for its slowest subscriber on this node
-/// before that subscriber starts missing them (counted in `ferry_ws_ephemeral_dropped_total`).
-/// The buffer is allocated whole when the channel is made, once per conversation with a joined
-/// socket, so it is kept small and holds only pointers.
-pub const EPHEMERAL_BUFFER: usize = 64;
-
 /// A non-durable event fanned out to the other subscribers of a conversation on this node.
 #[derive(Debug, Clone)]
 pub struct EphemeralEvent {
@@ -288,9 +282,8 @@ impl Drop for Watcher {
 pub struct Events {
     /// Inbox watchers, by conversation and participant.
     pub router: InboxRouter,
-    ephemeral: Arc<Mutex<HashMap<ConversationId, broadcast::Sender<Arc<EphemeralEvent>>>>>,
-    /// `(slot, retry_after_ms)`: the slot is being handed to another node.
-    moving: broadcast::Sender<(u32, u64)>,
+    /// Where ephemeral events and slot-move notices go: one subscriber per joined topic.
+    ephemeral: Arc<Mutex<EphemeralSubscribers>>,
     /// Conversations whose description changed on another node.
     meta: broadcast::Sender<ConversationId>,
     /// Where events for the other nodes go (set when the node joins a cluster).
@@ -302,9 +295,58 @@ impl Default for Events {
         Events {
             router: InboxRouter::default(),
             ephemeral: Arc::default(),
-            moving: broadcast::channel(1024).0,
             meta: broadcast::channel(256).0,
             outbound: Arc::default(),
+        }
+    }
+}
+
+/// One joined topic's end of the conversation's ephemeral events: the events are handed to it
+/// on the sender's task, without waiting (no task or buffer per subscriber, none per
+/// conversation), so a subscriber that cannot take one at once misses it.
+pub trait EphemeralSink: Send + Sync {
+    /// A `chunk`/`typing` event of another socket.
+    fn event(&self, event: &EphemeralEvent);
+    /// The conversation's slot is being handed to another node.
+    fn slot_moving(&self, retry_after_ms: u64);
+}
+
+#[derive(Clone)]
+struct EphemeralSubscriber {
+    key: u64,
+    socket_id: u64,
+    slot: u32,
+    sink: Arc<dyn EphemeralSink>,
+}
+
+/// The ephemeral subscribers of the conversations with joined sockets on this node. A list is
+/// replaced, not changed, on a join or leave, so an event clones one pointer under the lock and
+/// fans out after it.
+#[derive(Default)]
+struct EphemeralSubscribers {
+    by_conversation: HashMap<ConversationId, Arc<[EphemeralSubscriber]>>,
+    next_key: u64,
+}
+
+/// A joined topic's registration for ephemeral events: ends when dropped.
+pub struct EphemeralSubscription {
+    subscribers: Arc<Mutex<EphemeralSubscribers>>,
+    conversation: ConversationId,
+    key: u64,
+}
+
+impl Drop for EphemeralSubscription {
+    fn drop(&mut self) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = subscribers.by_conversation.get_mut(&self.conversation) else {
+            return;
+        };
+        let rest: Arc<[EphemeralSubscriber]> =
+            list.iter().filter(|s| s.key != self.key).cloned().collect();
+        if rest.is_empty() {
+            subscribers.by_conversation.remove(&self.conversation);
+        } else {
+            *list = rest;
         }
     }
 }
@@ -359,31 +401,54 @@ impl Events {
         self.meta.subscribe()
     }
 
-    /// The ephemeral channel of a conversation (created on first use; unused ones are pruned).
-    pub fn ephemeral(
+    /// Registers a joined topic of socket `socket_id` for the conversation's ephemeral events
+    /// (except the socket's own) and for notices that its `slot` is moving, until the returned
+    /// subscription is dropped.
+    pub fn subscribe_ephemeral(
         &self,
         conversation: &ConversationId,
-    ) -> broadcast::Sender<Arc<EphemeralEvent>> {
-        let mut map = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 1024 {
-            map.retain(|_, tx| tx.receiver_count() > 0);
+        slot: u32,
+        socket_id: u64,
+        sink: Arc<dyn EphemeralSink>,
+    ) -> EphemeralSubscription {
+        let mut subscribers = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
+        subscribers.next_key += 1;
+        let key = subscribers.next_key;
+        let subscriber = EphemeralSubscriber {
+            key,
+            socket_id,
+            slot,
+            sink,
+        };
+        let list = subscribers
+            .by_conversation
+            .entry(conversation.clone())
+            .or_insert_with(|| Arc::new([]));
+        *list = list
+            .iter()
+            .cloned()
+            .chain(std::iter::once(subscriber))
+            .collect();
+        EphemeralSubscription {
+            subscribers: self.ephemeral.clone(),
+            conversation: conversation.clone(),
+            key,
         }
-        map.entry(conversation.clone())
-            .or_insert_with(|| broadcast::channel(EPHEMERAL_BUFFER).0)
-            .clone()
     }
 
-    /// Hands `event` to the conversation's sockets on this node, if it has any.
+    /// Hands `event` to the conversation's sockets on this node other than its sender's.
     fn deliver_ephemeral(&self, conversation: &ConversationId, event: EphemeralEvent) {
-        let sender = self
+        let list = self
             .ephemeral
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .by_conversation
             .get(conversation)
             .cloned();
-        if let Some(sender) = sender {
-            // No receivers left is not an error: ephemeral events are best effort.
-            let _ = sender.send(Arc::new(event));
+        for subscriber in list.iter().flat_map(|l| l.iter()) {
+            if subscriber.socket_id != event.from_socket {
+                subscriber.sink.event(&event);
+            }
         }
     }
 
@@ -397,14 +462,22 @@ impl Events {
         self.deliver_ephemeral(conversation, event);
     }
 
-    /// Slot moves, as `(slot, retry_after_ms)`.
-    pub fn moving(&self) -> broadcast::Receiver<(u32, u64)> {
-        self.moving.subscribe()
-    }
-
-    /// This node is handing `slot` over.
+    /// `slot` is being handed over (by this node, or by another one of the cluster): the
+    /// topics joined here to its conversations are told.
     pub fn slot_moving(&self, slot: u32, retry_after_ms: u64) {
-        let _ = self.moving.send((slot, retry_after_ms));
+        let sinks: Vec<Arc<dyn EphemeralSink>> = self
+            .ephemeral
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_conversation
+            .values()
+            .flat_map(|list| list.iter())
+            .filter(|s| s.slot == slot)
+            .map(|s| s.sink.clone())
+            .collect();
+        for sink in sinks {
+            sink.slot_moving(retry_after_ms);
+        }
     }
 
     /// A conversation advanced on another node.
@@ -468,9 +541,7 @@ impl Events {
             ClusterEvent::Moving {
                 slot,
                 retry_after_ms,
-            } => {
-                let _ = self.moving.send((slot, retry_after_ms));
-            }
+            } => self.slot_moving(slot, retry_after_ms),
         }
     }
 }
@@ -686,30 +757,75 @@ mod tests {
         ConversationId::parse(s).unwrap()
     }
 
-    #[tokio::test]
-    async fn ephemeral_channels_exist_only_for_conversations_with_local_sockets() {
+    /// What a test subscriber was handed: `(event, from_socket)` and slot-move notices.
+    #[derive(Default)]
+    struct Recorded {
+        events: Mutex<Vec<(&'static str, u64)>>,
+        moves: Mutex<Vec<u64>>,
+    }
+
+    impl EphemeralSink for Recorded {
+        fn event(&self, event: &EphemeralEvent) {
+            self.events
+                .lock()
+                .unwrap()
+                .push((event.event, event.from_socket));
+        }
+        fn slot_moving(&self, retry_after_ms: u64) {
+            self.moves.lock().unwrap().push(retry_after_ms);
+        }
+    }
+
+    #[test]
+    fn ephemeral_events_reach_the_other_subscribers_of_the_conversation_only() {
         let events = Events::default();
-        let event = |from_socket| EphemeralEvent {
+        let typing = |from_socket| EphemeralEvent {
             from_socket,
             event: "typing",
             payload: serde_json::json!({"participant": "alice"}),
         };
-        // Nobody here: nothing is allocated for the conversation.
-        events.send_ephemeral(&c("quiet"), event(1));
-        assert!(events.ephemeral.lock().unwrap().is_empty());
+        // Nobody here: nothing is kept for the conversation.
+        events.send_ephemeral(&c("quiet"), typing(1));
+        assert!(events.ephemeral.lock().unwrap().by_conversation.is_empty());
 
-        let mut rx = events.ephemeral(&c("busy")).subscribe();
-        events.send_ephemeral(&c("busy"), event(2));
-        assert_eq!(rx.recv().await.unwrap().from_socket, 2);
-        // Past the buffer, the slowest socket misses the oldest and is told how many.
-        for i in 0..EPHEMERAL_BUFFER as u64 + 5 {
-            events.send_ephemeral(&c("busy"), event(10 + i));
-        }
-        assert!(matches!(
-            rx.recv().await,
-            Err(broadcast::error::RecvError::Lagged(5))
-        ));
-        assert_eq!(rx.recv().await.unwrap().from_socket, 15);
+        let (a, b, other) = (
+            Arc::new(Recorded::default()),
+            Arc::new(Recorded::default()),
+            Arc::new(Recorded::default()),
+        );
+        let sub_a = events.subscribe_ephemeral(&c("busy"), 3, 1, a.clone());
+        let sub_b = events.subscribe_ephemeral(&c("busy"), 3, 2, b.clone());
+        let sub_other = events.subscribe_ephemeral(&c("other"), 4, 2, other.clone());
+        events.send_ephemeral(&c("busy"), typing(1));
+        events.send_ephemeral(&c("busy"), typing(2));
+        events.send_ephemeral(&c("busy"), typing(9));
+        assert_eq!(
+            *a.events.lock().unwrap(),
+            vec![("typing", 2), ("typing", 9)]
+        );
+        assert_eq!(
+            *b.events.lock().unwrap(),
+            vec![("typing", 1), ("typing", 9)]
+        );
+        assert!(other.events.lock().unwrap().is_empty());
+
+        // A slot move reaches the subscribers of that slot's conversations, from any node.
+        events.slot_moving(3, 250);
+        events.apply_remote(ClusterEvent::Moving {
+            slot: 4,
+            retry_after_ms: 100,
+        });
+        assert_eq!(*a.moves.lock().unwrap(), vec![250]);
+        assert_eq!(*b.moves.lock().unwrap(), vec![250]);
+        assert_eq!(*other.moves.lock().unwrap(), vec![100]);
+
+        // A subscription ends when dropped; the conversation's entry goes with its last one.
+        drop(sub_a);
+        events.send_ephemeral(&c("busy"), typing(9));
+        assert_eq!(a.events.lock().unwrap().len(), 2);
+        assert_eq!(b.events.lock().unwrap().len(), 3);
+        drop((sub_b, sub_other));
+        assert!(events.ephemeral.lock().unwrap().by_conversation.is_empty());
     }
 
     fn dirty_of(w: &Watcher) -> Vec<String> {

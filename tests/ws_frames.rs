@@ -365,6 +365,84 @@ async fn join_send_and_receive_own_message_then_replay_from_after_seq() {
     }
 }
 
+/// Waits until the server's `ferry_ws_append_pipelines` gauge reads `n`.
+async fn wait_for_pipelines(server: &TestServer, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = server.metrics().await;
+        let running = metric_sum(&metrics, "ferry_ws_append_pipelines", &[]).unwrap_or(0.0);
+        if running == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{running} append pipelines running, waiting for {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A topic's append pipeline ends once the topic stops sending, and its next `send` starts
+/// another: every send is answered, in order, with nothing lost or repeated across the restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_topics_append_pipeline_ends_and_the_next_send_starts_another() {
+    let server = TestServer::start();
+    server.create_conversation("c1", &["alice"]).await;
+    server.create_conversation("c2", &["alice"]).await;
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    let (ref_1, _) = ws.join_ok("conversation:c1", json!({"echo": false})).await;
+    let (ref_2, _) = ws.join_ok("conversation:c2", json!({"echo": false})).await;
+    wait_for_pipelines(&server, 0.0).await;
+
+    let mut next_seq = 1;
+    for round in 0..3 {
+        // A burst on c1 (and one send on c2): pipelined, answered in order.
+        let refs: Vec<String> = (0..20).map(|_| ws.make_ref()).collect();
+        for (i, r) in refs.iter().enumerate() {
+            ws.send(json!([ref_1, r, "conversation:c1", "send",
+                {"sender": "alice", "content": format!("{round}-{i}")}]))
+                .await;
+        }
+        let other = ws.make_ref();
+        ws.send(
+            json!([ref_2, other, "conversation:c2", "send", {"sender": "alice", "content": round}]),
+        )
+        .await;
+        for r in &refs {
+            let reply = ws.reply(r).await;
+            assert_eq!(reply[4]["response"]["seq"], next_seq, "{reply}");
+            next_seq += 1;
+        }
+        let reply = ws.reply(&other).await;
+        assert_eq!(reply[4]["response"]["seq"], round + 1, "{reply}");
+        // Both topics go quiet: both pipelines end, the socket and its joins stay.
+        wait_for_pipelines(&server, 0.0).await;
+    }
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "ferry_ws_channels", &[("kind", "conversation")]),
+        Some(2.0)
+    );
+
+    let (messages, last_seq) = server.read_all("c1").await;
+    assert_eq!(last_seq, next_seq - 1);
+    let stored: Vec<(u64, String)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, String)> = (0..3)
+        .flat_map(|round| (0..20).map(move |i| format!("{round}-{i}")))
+        .zip(1..)
+        .map(|(content, seq)| (seq, content))
+        .collect();
+    assert_eq!(stored, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_without_echo_gets_every_message_but_its_own() {
     let server = TestServer::start();

@@ -1,20 +1,23 @@
 //! The topics of one socket: `conversation:{id}` and `inbox:{participant}` (PROTOCOL.md,
 //! "WebSocket").
 //!
-//! A joined conversation has a delivery and up to two tasks, all writing into the socket's one
-//! [`Outbox`]:
+//! A joined conversation has a delivery, an ephemeral subscription and, while it sends, an append
+//! pipeline, all writing into the socket's one [`Outbox`]:
 //! - delivery: a [`Cursor`] from the join's `after_seq`, yielding a `message` push for every seq
 //!   in order, replay then live. It is a stream the socket's writer pulls from directly (see
 //!   [`super::session::Delivery`]), only when the socket can take more, so a slow client falls behind and
 //!   catches up from the log with one page in memory; it is never disconnected.
-//! - ephemeral: forwards `chunk`/`typing` of the other sockets on this node.
+//! - ephemeral: `chunk`/`typing` of the other sockets (and `backpressure` when the slot moves),
+//!   queued by the sender's task straight into this socket's outbox ([`JoinSink`]); a socket
+//!   whose outbox is full misses them. No task or buffer per join.
 //! - appends (started by the first `send`): submits this socket's `send`s in the order they
 //!   arrived without waiting for each to be durable (each append's first poll hands it to the
-//!   conversation actor, then it is kept in flight), and replies to each once it is durable.
+//!   conversation actor, then it is kept in flight), and replies to each once it is durable. It
+//!   ends when the topic has sent nothing for a second, and the next `send` starts it again.
 //!
 //! Requests that wait on the node or the database (`send`, `ack`, `read`) never block the
 //! socket's reader; at most `limits.socket_in_flight` of them per socket, beyond that `try_again`.
-//! Leaving a topic (or joining it again) stops its delivery and ephemeral tasks at once; its
+//! Leaving a topic (or joining it again) stops its delivery and ephemeral events at once; its
 //! appends still answer. Dropping [`SocketChannels`] (the socket ended) stops everything.
 
 use std::collections::HashMap;
@@ -27,8 +30,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
 use ferry_shards::ids::{ConversationId, ParticipantId};
@@ -37,7 +40,7 @@ use ferry_shards::record::format_rfc3339_millis;
 
 use super::echo::{OwnSends, SendTicket};
 use super::frame::{self, Address, Frame};
-use super::metrics::{self, ChannelGauge};
+use super::metrics::{self, ChannelGauge, PipelineGauge};
 use super::session::{AwaitedReply, Channels, Outbox};
 use crate::access;
 use crate::auth::Principal;
@@ -45,7 +48,7 @@ use crate::delivery::Cursor;
 use crate::http::error::ApiError;
 use crate::http::messages::{build_request, AppendBody};
 use crate::http::{conversation_id, participant_id, AppState};
-use crate::inbox::{self, EphemeralEvent, InboxWatch};
+use crate::inbox::{self, EphemeralEvent, EphemeralSink, EphemeralSubscription, InboxWatch};
 use crate::service::{self, AppendQueue, CursorKind, Pending};
 
 /// Messages a delivery cursor reads per page (its memory bound).
@@ -54,6 +57,9 @@ const PAGE: usize = 256;
 const MAX_DELIVERY_FAILURES: u32 = 5;
 /// Longest `chunk` `stream_id`, in bytes.
 const MAX_STREAM_ID_BYTES: usize = 128;
+/// How long a topic's append pipeline waits for its next `send` with nothing in flight before it
+/// ends (the next `send` starts another).
+const PIPELINE_IDLE: Duration = Duration::from_secs(1);
 
 pub const CONVERSATION_PREFIX: &str = "conversation:";
 pub const INBOX_PREFIX: &str = "inbox:";
@@ -96,15 +102,18 @@ struct Joined {
     join_ref: Value,
     /// The conversation (`None` for an inbox).
     conversation: Option<ConversationId>,
-    /// The append pipeline's queue, started by the topic's first `send`: most sockets only
-    /// listen, and an idle join should cost no task and no queue.
+    /// The append pipeline's queue, started by the topic's first `send` (and again by the first
+    /// after the pipeline ended idle): most sockets only listen, and an idle join should cost no
+    /// task and no queue.
     appends: Option<Appends>,
-    /// Ephemeral (or inbox) tasks: stopped as soon as the join ends.
+    /// Inbox tasks: stopped as soon as the join ends.
     tasks: Vec<AbortHandle>,
+    /// A conversation's `chunk`/`typing` (and slot-move notices): ends with the join.
+    _ephemeral: Option<EphemeralSubscription>,
     /// The conversation's pushes, pulled by the socket's writer: ended as soon as the join ends.
     delivery: Option<futures_util::future::AbortHandle>,
     /// The append pipeline: finishes its in-flight appends after a leave, stopped with the socket.
-    pipeline: Option<AbortHandle>,
+    pipeline: Option<JoinHandle<()>>,
     /// The join's own sends, when it asked not to get them pushed back (`echo: false`).
     own_sends: Option<Arc<OwnSends>>,
     _gauge: ChannelGauge,
@@ -272,7 +281,7 @@ impl SocketChannels {
     fn retire(&mut self, mut joined: Joined) {
         self.draining.retain(|p| !p.is_finished());
         if let Some(p) = joined.pipeline.take() {
-            self.draining.push(p);
+            self.draining.push(p.abort_handle());
         }
     }
 
@@ -315,10 +324,19 @@ impl SocketChannels {
             from_seq: after_seq + 1,
             to_seq: first_available.saturating_sub(1),
         });
-        // Subscribed before the reply, so nothing sent after the client sees it is missed.
-        let ephemeral = self.state.events.ephemeral(&id).subscribe();
-        let moving = self.state.events.moving();
+        // Subscribed before the reply, so nothing sent after the client sees it is missed; what
+        // comes before the reply is queued is held until it is.
         let slot = self.state.node.slot_of(&id);
+        let sink = Arc::new(JoinSink {
+            outbox: self.outbox.clone(),
+            join_ref: frame.join_ref.clone(),
+            topic: frame.topic.clone(),
+            early: std::sync::Mutex::new(Some(Vec::new())),
+        });
+        let ephemeral =
+            self.state
+                .events
+                .subscribe_ephemeral(&id, slot, self.socket_id, sink.clone());
         let cursor = Cursor::new(
             self.state.clone(),
             id.clone(),
@@ -352,22 +370,15 @@ impl SocketChannels {
         if !self.outbox.deliver(Box::pin(delivery)).await {
             return Ok(());
         }
-        let forward = tokio::spawn(forward_ephemeral(
-            ephemeral,
-            moving,
-            slot,
-            self.socket_id,
-            self.outbox.clone(),
-            join_ref.clone(),
-            frame.topic.clone(),
-        ));
+        sink.ready();
         self.topics.insert(
             frame.topic.clone(),
             Joined {
                 join_ref,
                 conversation: Some(id),
                 appends: None,
-                tasks: vec![forward.abort_handle()],
+                tasks: Vec::new(),
+                _ephemeral: Some(ephemeral),
                 delivery: Some(delivery_abort),
                 pipeline: None,
                 own_sends,
@@ -413,6 +424,7 @@ impl SocketChannels {
                 conversation: None,
                 appends: None,
                 tasks: vec![task.abort_handle()],
+                _ephemeral: None,
                 delivery: None,
                 pipeline: None,
                 own_sends: None,
@@ -468,15 +480,22 @@ impl SocketChannels {
         )?;
         let permit = self.permit()?;
         let (appends, own_sends) = self.pipeline(&frame.topic, id)?;
-        // Never full: the queue has room for every permit.
+        let job = Box::new(AppendJob {
+            to: frame.address(),
+            request,
+            _permit: permit,
+            _awaited: self.outbox.awaiting_reply(),
+            own: own_sends.as_ref().map(OwnSends::submit),
+        });
+        // Never full: the queue has room for every permit. Closed when the pipeline just ended
+        // idle: the job goes to the next one.
+        let job = match appends.try_send(job) {
+            Err(mpsc::error::TrySendError::Closed(job)) => job,
+            sent => return sent.map_err(|_| too_many_in_flight(self.in_flight_limit)),
+        };
+        let (appends, _) = self.pipeline(&frame.topic, id)?;
         appends
-            .try_send(Box::new(AppendJob {
-                to: frame.address(),
-                request,
-                _permit: permit,
-                _awaited: self.outbox.awaiting_reply(),
-                own: own_sends.as_ref().map(OwnSends::submit),
-            }))
+            .try_send(job)
             .map_err(|_| too_many_in_flight(self.in_flight_limit))
     }
 
@@ -496,13 +515,20 @@ impl SocketChannels {
             .topics
             .get_mut(topic)
             .ok_or_else(|| not_joined(topic))?;
-        if let Some(appends) = &joined.appends {
+        if let Some(appends) = joined.appends.as_ref().filter(|a| !a.is_closed()) {
             return Ok((appends.clone(), joined.own_sends.clone()));
         }
         let (appends, jobs) = mpsc::channel(self.in_flight_limit);
-        let pipeline = tokio::spawn(run_appends(state, principal, id.clone(), jobs, outbox));
+        let previous = joined.pipeline.take();
+        joined.pipeline = Some(tokio::spawn(run_appends(
+            state,
+            principal,
+            id.clone(),
+            jobs,
+            outbox,
+            previous,
+        )));
         joined.appends = Some(appends.clone());
-        joined.pipeline = Some(pipeline.abort_handle());
         Ok((appends, joined.own_sends.clone()))
     }
 
@@ -708,45 +734,70 @@ fn deliveries(
     })
 }
 
-/// Pushes the other sockets' `chunk`/`typing` of the conversation, and one `backpressure` each
-/// time its slot starts moving.
-async fn forward_ephemeral(
-    mut events: broadcast::Receiver<Arc<EphemeralEvent>>,
-    mut moving: broadcast::Receiver<(u32, u64)>,
-    slot: u32,
-    socket_id: u64,
+/// Frames of ephemeral events a join holds while its reply is not queued yet.
+const EARLY_EVENTS: usize = 64;
+
+/// A joined conversation's end of its ephemeral events ([`EphemeralSink`]): each event becomes a
+/// push queued into the socket's outbox without waiting. When the outbox is full the event is
+/// missed (counted in `ferry_ws_ephemeral_dropped_total`; messages are never lost this way:
+/// they have a log); a `backpressure` notice waits for room instead.
+struct JoinSink {
     outbox: Outbox,
     join_ref: Value,
     topic: String,
-) {
-    loop {
-        let push = tokio::select! {
-            event = events.recv() => match event {
-                Ok(event) if event.from_socket == socket_id => continue,
-                Ok(event) => frame::push(&join_ref, &topic, event.event, &event.payload),
-                // This socket reads slower than the conversation streams; ephemeral events are
-                // not worth buffering without bound (messages are never lost this way: they
-                // have a log).
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    metrics::ephemeral_dropped(n);
-                    tracing::debug!(topic = %topic, missed = n, "ws socket lagged ephemeral events");
-                    continue;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            moved = moving.recv() => match moved {
-                Ok((moving_slot, retry_after_ms)) if moving_slot == slot => frame::push(
-                    &join_ref,
-                    &topic,
-                    "backpressure",
-                    &json!({"reason": "slot_moving", "retry_after_ms": retry_after_ms}),
-                ),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-            },
-        };
-        if !outbox.send(push).await {
-            return;
+    /// Pushes that came before the join's reply was queued, in order (`None` once it was).
+    early: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl JoinSink {
+    /// The join's reply is queued: what came before it follows it.
+    fn ready(&self) {
+        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+        for push in early.take().unwrap_or_default() {
+            self.queue(push);
+        }
+    }
+
+    fn push(&self, push: String) {
+        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+        match early.as_mut() {
+            Some(held) if held.len() < EARLY_EVENTS => held.push(push),
+            Some(_) => metrics::ephemeral_dropped(1),
+            None => self.queue(push),
+        }
+    }
+
+    fn queue(&self, push: String) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.outbox.try_send(push) {
+            metrics::ephemeral_dropped(1);
+        }
+    }
+}
+
+impl EphemeralSink for JoinSink {
+    fn event(&self, event: &EphemeralEvent) {
+        self.push(frame::push(
+            &self.join_ref,
+            &self.topic,
+            event.event,
+            &event.payload,
+        ));
+    }
+
+    fn slot_moving(&self, retry_after_ms: u64) {
+        let push = frame::push(
+            &self.join_ref,
+            &self.topic,
+            "backpressure",
+            &json!({"reason": "slot_moving", "retry_after_ms": retry_after_ms}),
+        );
+        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = early.as_mut() {
+            return held.push(push);
+        }
+        if let Err(mpsc::error::TrySendError::Full(push)) = self.outbox.try_send(push) {
+            let outbox = self.outbox.clone();
+            tokio::spawn(async move { outbox.send_outgoing(push).await });
         }
     }
 }
@@ -782,17 +833,28 @@ async fn push_inbox(mut watch: InboxWatch, outbox: Outbox, join_ref: Value, topi
 /// [`AppendQueue`] hands each on only after the one before it (to the local actor's mailbox, or
 /// in one batch to the owner with whatever else is waiting), so the socket's sends take seqs in
 /// the order they were sent, across forwarding and slot moves.
+///
+/// A pipeline with nothing in flight that gets no job for [`PIPELINE_IDLE`] closes its queue,
+/// answers what was queued before the close and ends: a topic that sends now and then holds no
+/// task between its sends. The next `send` starts a new pipeline, which hands nothing on before
+/// `previous` (the one that ended) has finished, so order holds across the two.
 async fn run_appends(
     state: AppState,
     principal: Principal,
     id: ConversationId,
     mut jobs: mpsc::Receiver<Box<AppendJob>>,
     outbox: Outbox,
+    previous: Option<JoinHandle<()>>,
 ) {
+    let _gauge = PipelineGauge::open();
+    if let Some(previous) = previous {
+        let _ = previous.await;
+    }
     let mut queue = AppendQueue::new(state, principal, id);
     let outbox = &outbox;
     let mut in_flight = FuturesUnordered::new();
     loop {
+        let idle = in_flight.is_empty();
         tokio::select! {
             job = jobs.recv() => {
                 let Some(job) = job else { break };
@@ -826,6 +888,15 @@ async fn run_appends(
                 }
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            // Jobs queued before the close are still received; then `recv` ends the loop.
+            () = async move {
+                // Made only when idle: a busy pipeline arms no timer per batch.
+                if idle {
+                    tokio::time::sleep(PIPELINE_IDLE).await
+                } else {
+                    std::future::pending().await
+                }
+            } => jobs.close(),
         }
     }
     while in_flight.next().await.is_some() {}

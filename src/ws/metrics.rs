@@ -5,6 +5,9 @@
 pub const CONNECTIONS: &str = "ferry_ws_connections";
 /// Gauge: joined channels (topics) across all sockets, by `kind` (`conversation` | `inbox`).
 pub const CHANNELS: &str = "ferry_ws_channels";
+/// Gauge: topics' append pipelines running (a topic's runs from its first `send` until it has
+/// been idle for a second with nothing in flight).
+pub const APPEND_PIPELINES: &str = "ferry_ws_append_pipelines";
 /// Counter: text frames received from clients.
 pub const FRAMES_IN_TOTAL: &str = "ferry_ws_frames_in_total";
 /// Counter: frames written to clients.
@@ -54,6 +57,22 @@ impl ConnectionGauge {
 impl Drop for ConnectionGauge {
     fn drop(&mut self) {
         metrics::gauge!(CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// Counts an append pipeline for as long as it runs.
+pub struct PipelineGauge;
+
+impl PipelineGauge {
+    pub fn open() -> PipelineGauge {
+        metrics::gauge!(APPEND_PIPELINES).increment(1.0);
+        PipelineGauge
+    }
+}
+
+impl Drop for PipelineGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(APPEND_PIPELINES).decrement(1.0);
     }
 }
 

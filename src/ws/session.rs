@@ -120,6 +120,16 @@ impl Outbox {
         self.tx.send(Outgoing::Text(text)).await.is_ok()
     }
 
+    /// Queues a frame if there is room now; a full queue hands it back.
+    pub fn try_send(&self, text: String) -> Result<(), mpsc::error::TrySendError<Outgoing>> {
+        self.tx.try_send(Outgoing::Text(text))
+    }
+
+    /// Queues what [`Outbox::try_send`] handed back, waiting while the queue is full.
+    pub async fn send_outgoing(&self, outgoing: Outgoing) -> bool {
+        self.tx.send(outgoing).await.is_ok()
+    }
+
     /// Replies `ok` with `response`.
     pub async fn ok(&self, to: &Address, response: &impl serde::Serialize) -> bool {
         self.send(frame::reply_ok(to, response)).await
