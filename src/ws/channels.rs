@@ -40,7 +40,7 @@ use ferry_shards::record::format_rfc3339_millis;
 
 use super::echo::{OwnSends, SendTicket};
 use super::frame::{self, Address, Frame};
-use super::metrics::{self, ChannelGauge, PipelineGauge};
+use super::metrics::{self, ChannelGauge, Counted};
 use super::session::{AwaitedReply, Channels, Outbox};
 use crate::access;
 use crate::auth::Principal;
@@ -846,7 +846,7 @@ async fn run_appends(
     outbox: Outbox,
     previous: Option<JoinHandle<()>>,
 ) {
-    let _gauge = PipelineGauge::open();
+    let _gauge = Counted::open(metrics::APPEND_PIPELINES);
     if let Some(previous) = previous {
         let _ = previous.await;
     }

@@ -44,35 +44,20 @@ pub fn ephemeral_dropped(n: u64) {
     metrics::counter!(EPHEMERAL_DROPPED_TOTAL).increment(n);
 }
 
-/// Counts a connection for as long as it is alive.
-pub struct ConnectionGauge;
+/// Counts one of something in a label-less gauge for as long as it lives: a connection
+/// ([`CONNECTIONS`]), a running append pipeline ([`APPEND_PIPELINES`]).
+pub struct Counted(&'static str);
 
-impl ConnectionGauge {
-    pub fn open() -> ConnectionGauge {
-        metrics::gauge!(CONNECTIONS).increment(1.0);
-        ConnectionGauge
+impl Counted {
+    pub fn open(gauge: &'static str) -> Counted {
+        metrics::gauge!(gauge).increment(1.0);
+        Counted(gauge)
     }
 }
 
-impl Drop for ConnectionGauge {
+impl Drop for Counted {
     fn drop(&mut self) {
-        metrics::gauge!(CONNECTIONS).decrement(1.0);
-    }
-}
-
-/// Counts an append pipeline for as long as it runs.
-pub struct PipelineGauge;
-
-impl PipelineGauge {
-    pub fn open() -> PipelineGauge {
-        metrics::gauge!(APPEND_PIPELINES).increment(1.0);
-        PipelineGauge
-    }
-}
-
-impl Drop for PipelineGauge {
-    fn drop(&mut self) {
-        metrics::gauge!(APPEND_PIPELINES).decrement(1.0);
+        metrics::gauge!(self.0).decrement(1.0);
     }
 }
 

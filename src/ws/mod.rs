@@ -189,7 +189,7 @@ fn serve(
     };
     let span = tracing::info_span!("ws", socket = socket_id, auth, participant);
     async move {
-        let _connection = metrics::ConnectionGauge::open();
+        let _connection = metrics::Counted::open(metrics::CONNECTIONS);
         tracing::info!("websocket connected");
         let config = SessionConfig {
             idle_timeout: IDLE_TIMEOUT,
