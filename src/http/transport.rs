@@ -258,9 +258,9 @@ struct Guarded {
     limits: ConnLimits,
     last_activity: Instant,
     /// The idle or header deadline, made the first time a read waits; dropped once the
-    /// connection is upgraded. A timer holds the
-    /// waker of the task that last polled it: kept past the upgrade, it would keep hyper's
-    /// finished connection task (about 4 KB) allocated for every WebSocket until it fired.
+    /// connection is upgraded. A timer holds the waker of the task that last polled it: kept past
+    /// the upgrade, it would keep hyper's finished connection task (about 4 KB) allocated for
+    /// every WebSocket until it fired.
     timer: Option<Pin<Box<Sleep>>>,
     /// Since when a write has been waiting for the peer to take bytes.
     write_blocked_since: Option<Instant>,

@@ -754,34 +754,38 @@ impl JoinSink {
     fn ready(&self) {
         let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
         for push in early.take().unwrap_or_default() {
-            self.queue(push);
+            self.queue(push, false);
         }
     }
 
-    fn push(&self, push: String) {
+    /// Queues `push` now, or holds it while the join's reply is not queued yet (at most
+    /// [`EARLY_EVENTS`] events; notices are always held). `wait`: when the outbox is full, wait
+    /// for room (a notice) instead of missing it (an event).
+    fn offer(&self, push: String, wait: bool) {
         let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
         match early.as_mut() {
-            Some(held) if held.len() < EARLY_EVENTS => held.push(push),
-            Some(_) => metrics::ephemeral_dropped(1),
-            None => self.queue(push),
+            Some(held) if wait || held.len() < EARLY_EVENTS => held.push(push),
+            Some(_) => metrics::ephemeral_dropped(),
+            None => self.queue(push, wait),
         }
     }
 
-    fn queue(&self, push: String) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.outbox.try_send(push) {
-            metrics::ephemeral_dropped(1);
+    fn queue(&self, push: String, wait: bool) {
+        if let Err(mpsc::error::TrySendError::Full(push)) = self.outbox.try_send(push) {
+            if wait {
+                let outbox = self.outbox.clone();
+                tokio::spawn(async move { outbox.send_outgoing(push).await });
+            } else {
+                metrics::ephemeral_dropped();
+            }
         }
     }
 }
 
 impl EphemeralSink for JoinSink {
     fn event(&self, event: &EphemeralEvent) {
-        self.push(frame::push(
-            &self.join_ref,
-            &self.topic,
-            event.event,
-            &event.payload,
-        ));
+        let push = frame::push(&self.join_ref, &self.topic, event.event, &event.payload);
+        self.offer(push, false);
     }
 
     fn slot_moving(&self, retry_after_ms: u64) {
@@ -791,14 +795,7 @@ impl EphemeralSink for JoinSink {
             "backpressure",
             &json!({"reason": "slot_moving", "retry_after_ms": retry_after_ms}),
         );
-        let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = early.as_mut() {
-            return held.push(push);
-        }
-        if let Err(mpsc::error::TrySendError::Full(push)) = self.outbox.try_send(push) {
-            let outbox = self.outbox.clone();
-            tokio::spawn(async move { outbox.send_outgoing(push).await });
-        }
+        self.offer(push, true);
     }
 }
 

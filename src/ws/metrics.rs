@@ -40,8 +40,8 @@ pub fn frames_out() -> metrics::Counter {
     metrics::counter!(FRAMES_OUT_TOTAL)
 }
 
-pub fn ephemeral_dropped(n: u64) {
-    metrics::counter!(EPHEMERAL_DROPPED_TOTAL).increment(n);
+pub fn ephemeral_dropped() {
+    metrics::counter!(EPHEMERAL_DROPPED_TOTAL).increment(1);
 }
 
 /// Counts one of something in a label-less gauge for as long as it lives: a connection
