@@ -577,8 +577,17 @@ async fn bad_inputs_get_their_protocol_codes_never_500() {
         .send()
         .await
         .expect("anon post");
+    assert_eq!(
+        resp.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "credentials are refused before the body is read, so the connection closes"
+    );
     expect_error(resp, 401, "unauthorized", "append without a key").await;
     let resp = anon.get(&messages).send().await.expect("anon get");
+    assert!(
+        resp.headers().get("connection").is_none(),
+        "a request without a body keeps its connection"
+    );
     expect_error(resp, 401, "unauthorized", "read without a key").await;
     let resp = anon
         .put(server.url("/v1/conversations/c3"))

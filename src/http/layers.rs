@@ -5,24 +5,11 @@
 //! `retry_after_ms` and `Retry-After`: its work may still finish (an append may still be
 //! stored), which is why appends carry idempotency keys. SSE streams and WebSocket upgrades are
 //! not wrapped; they are long-lived by design and have `write_timeout` instead.
-//!
-//! Every route also answers `Connection: close` when it answers before reading the request's
-//! whole body (a body over the size limit, a request refused for its credentials or a rate):
-//! the server cannot read the next request on that connection, and without the header a client
-//! would send its next request into a connection about to close.
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
-
 use axum::extract::{Request, State};
-use axum::http::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -81,58 +68,5 @@ pub async fn request_timeout(
             e.reason = Some("timeout");
             e.into_response()
         }
-    }
-}
-
-/// Marks the response `Connection: close` when the handler answered without reading the
-/// request's body to its end (see the module comment).
-pub async fn close_if_body_unread(request: Request, next: Next) -> Response {
-    use http_body::Body as _;
-    if request.body().is_end_stream() {
-        return next.run(request).await;
-    }
-    let ended = Arc::new(AtomicBool::new(false));
-    let request = request.map(|inner| {
-        Body::new(Tracked {
-            inner,
-            ended: Arc::clone(&ended),
-        })
-    });
-    let mut response = next.run(request).await;
-    if !ended.load(Ordering::Acquire) {
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-/// A request body that records when it has been read to its end.
-struct Tracked {
-    inner: Body,
-    ended: Arc<AtomicBool>,
-}
-
-impl http_body::Body for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.ended.store(true, Ordering::Release);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

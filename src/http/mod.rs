@@ -100,7 +100,6 @@ pub fn router(state: AppState) -> Router {
         ))
         .route("/v1/conversations/{id}/stream", get(stream::sse))
         .merge(crate::ws::routes())
-        .layer(axum::middleware::from_fn(layers::close_if_body_unread))
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),

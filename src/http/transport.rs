@@ -17,6 +17,11 @@
 //! the parsed head and closed when its response body ends, and a connection upgraded to a
 //! WebSocket leaves both timeouts to the WebSocket session (which has its own heartbeat timeout).
 //! Accept errors (EMFILE under a flood) back off instead of spinning.
+//!
+//! An HTTP/1 answer given before the request's body was read to its end (a body over the size
+//! limit, a request refused for its credentials, a timeout) says `Connection: close`: hyper
+//! cannot read the next request on that connection and closes it, and without the header a
+//! client would send its next request into a connection about to close.
 
 use std::future::Future;
 use std::io;
@@ -27,8 +32,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::HeaderValue;
 use axum::Router;
 use futures_util::FutureExt;
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -123,14 +130,27 @@ pub async fn serve(
             let ip = ip.clone();
             async move {
                 state.request_started();
-                let mut request = request.map(Body::new);
+                let tracked =
+                    request.version() < hyper::Version::HTTP_2 && !request.body().is_end_stream();
+                let mut request = if tracked {
+                    state.body_unread.store(true, Ordering::Release);
+                    let state = state.clone();
+                    request.map(|body| Body::new(ReadToEnd { body, state }))
+                } else {
+                    request.map(Body::new)
+                };
                 request
                     .extensions_mut()
                     .insert(ClientAddr(peer, ip.clone()));
-                let response = app
+                let mut response = app
                     .oneshot(request)
                     .await
                     .unwrap_or_else(|never| match never {});
+                if tracked && state.body_unread.load(Ordering::Acquire) {
+                    response
+                        .headers_mut()
+                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                     state.upgraded.store(true, Ordering::Release);
                 }
@@ -194,6 +214,8 @@ struct ConnState {
     head_since: Mutex<Option<Instant>>,
     /// Switched protocols (a WebSocket): the timeouts are the session's business now.
     upgraded: AtomicBool,
+    /// The HTTP/1 request being served has a body not yet read to its end.
+    body_unread: AtomicBool,
 }
 
 impl ConnState {
@@ -209,6 +231,36 @@ struct OpenRequest(Arc<ConnState>);
 impl Drop for OpenRequest {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An HTTP/1 request body that tells its connection when it has been read to its end.
+struct ReadToEnd {
+    body: Incoming,
+    state: Arc<ConnState>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.state.body_unread.store(false, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
