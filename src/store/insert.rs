@@ -3,10 +3,9 @@
 //! UNNEST` when part of the batch is already stored. A cluster member's batch first passes the
 //! fence check ([`check_fence`]) inside the same transaction.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sqlx::postgres::PgPool;
-use sqlx::QueryBuilder;
 
 use ferry_shards::record::{format_rfc3339_millis, Message};
 
@@ -33,6 +32,23 @@ fn sqlite_chunks(n: usize) -> impl Iterator<Item = usize> {
         };
         rest -= size;
         Some(size)
+    })
+}
+
+/// The SQL of one SQLite insert of `rows` rows, `rows` a power of two up to
+/// [`MAX_ROWS_PER_INSERT`]: written once per size, so a batch only binds its values.
+fn sqlite_insert_sql(rows: usize) -> &'static str {
+    const SIZES: usize = MAX_ROWS_PER_INSERT.ilog2() as usize + 1;
+    static SQL: [OnceLock<String>; SIZES] = [const { OnceLock::new() }; SIZES];
+    debug_assert!(rows.is_power_of_two() && rows <= MAX_ROWS_PER_INSERT);
+    SQL[rows.ilog2() as usize].get_or_init(|| {
+        let row = format!("({})", ["?"; MESSAGE_COLUMNS].join(", "));
+        format!(
+            "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, \
+             created_at, created_at_ms, idempotency_key, slot) VALUES {} \
+             ON CONFLICT (conversation_id, seq) DO NOTHING",
+            vec![row; rows].join(", ")
+        )
     })
 }
 
@@ -71,25 +87,23 @@ impl Store {
                 for size in sqlite_chunks(messages.len()) {
                     let (chunk, after) = rest.split_at(size);
                     rest = after;
-                    let mut q = QueryBuilder::new(
-                        "INSERT INTO messages (conversation_id, seq, id, sender, kind, content, metadata, created_at, created_at_ms, idempotency_key, slot) ",
-                    );
-                    q.push_values(chunk, |mut b, m| {
-                        b.push_bind(m.conversation_id.as_str())
-                            .push_bind(to_i64(m.seq))
-                            .push_bind(m.id.to_string())
-                            .push_bind(m.sender.as_str())
-                            .push_bind(&*m.kind)
-                            .push_bind(m.content.get())
-                            .push_bind(m.metadata.get())
-                            .push_bind(format_rfc3339_millis(m.created_at_ms))
-                            .push_bind(m.created_at_ms)
-                            .push_bind(m.idempotency_key.as_deref())
-                            .push_bind(m.slot as i64);
-                    });
-                    q.push(" ON CONFLICT (conversation_id, seq) DO NOTHING");
                     debug_assert!(chunk.len() * MESSAGE_COLUMNS < 32_766);
-                    q.build().execute(&mut *tx).await?;
+                    let mut q = sqlx::query(sqlite_insert_sql(size));
+                    for m in chunk {
+                        q = q
+                            .bind(m.conversation_id.as_str())
+                            .bind(to_i64(m.seq))
+                            .bind(m.id.to_string())
+                            .bind(m.sender.as_str())
+                            .bind(&*m.kind)
+                            .bind(m.content.get())
+                            .bind(m.metadata.get())
+                            .bind(format_rfc3339_millis(m.created_at_ms))
+                            .bind(m.created_at_ms)
+                            .bind(m.idempotency_key.as_deref())
+                            .bind(m.slot as i64);
+                    }
+                    q.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
             }
@@ -306,6 +320,21 @@ fn csv_text(buf: &mut Vec<u8>, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlite_insert_sql_has_a_placeholder_per_value() {
+        for size in sqlite_chunks(2047) {
+            let sql = sqlite_insert_sql(size);
+            assert_eq!(
+                sql.matches('?').count(),
+                size * MESSAGE_COLUMNS,
+                "{size} rows"
+            );
+            // The column list, one per row, the conflict target.
+            assert_eq!(sql.matches('(').count(), size + 2, "{size} rows");
+            assert!(sql.ends_with("DO NOTHING"));
+        }
+    }
 
     #[test]
     fn sqlite_chunks_are_powers_of_two_that_add_up() {
