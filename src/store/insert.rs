@@ -17,6 +17,8 @@ const MESSAGE_COLUMNS: usize = 11;
 /// distinct statements, each once (sqlx caches them), where one per batch size made most small
 /// batches pay for parsing and planning a statement of their own.
 const MAX_ROWS_PER_INSERT: usize = 1024;
+// SQLite's limit on bound parameters per statement.
+const _: () = assert!(MAX_ROWS_PER_INSERT * MESSAGE_COLUMNS < 32_766);
 
 /// How a batch of `n` rows is split for SQLite: powers of two, largest first.
 fn sqlite_chunks(n: usize) -> impl Iterator<Item = usize> {
@@ -87,7 +89,6 @@ impl Store {
                 for size in sqlite_chunks(messages.len()) {
                     let (chunk, after) = rest.split_at(size);
                     rest = after;
-                    debug_assert!(chunk.len() * MESSAGE_COLUMNS < 32_766);
                     let mut q = sqlx::query(sqlite_insert_sql(size));
                     for m in chunk {
                         q = q
