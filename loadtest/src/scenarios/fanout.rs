@@ -56,7 +56,6 @@ pub async fn run_ferry(
         .map(|r| Duration::from_secs_f64(60.0 * total_subs as f64 / r));
     let ws_urls: Vec<String> = endpoints.iter().map(|e| e.ws_url.clone()).collect();
     let mut specs = Vec::new();
-    let mut sockets = Vec::new();
     for c in 0..args.conversations {
         for s in 0..args.subscribers {
             let k = c * args.subscribers + s;
@@ -71,13 +70,14 @@ pub async fn run_ferry(
                 give_up: Duration::from_secs_f64(args.drain_timeout),
                 reserved_gaps: false,
             };
-            sockets.push((
-                subscriber::connect(&spec).await?,
-                Recorders::for_run(args.duration),
-            ));
             specs.push(spec);
         }
     }
+    let sockets: Vec<_> = subscriber::connect_all(&specs)
+        .await?
+        .into_iter()
+        .map(|socket| (socket, Recorders::for_run(args.duration)))
+        .collect();
 
     let publisher = Publisher::connect(args, targets, &names).await?;
     let pacer = Pacer::new(args.rate, args.duration);

@@ -24,7 +24,7 @@ use crate::ferry::FerryHttp;
 use crate::LoadError;
 
 /// Conversations created (or counted) at once during setup.
-const SETUP_CONCURRENCY: usize = 32;
+pub(crate) const SETUP_CONCURRENCY: usize = 32;
 
 /// The run's names, with the separator each system allows (`.` is a NATS subject level).
 pub fn names(args: &Args, targets: &Targets) -> Names {

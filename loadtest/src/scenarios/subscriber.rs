@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -89,6 +90,17 @@ impl Recorders {
 /// Connects to its own node and joins from the beginning (before the clock starts).
 pub async fn connect(spec: &Spec) -> Result<PhxSocket, crate::LoadError> {
     connect_to(spec, 0, 0).await
+}
+
+/// Connects and joins every spec's socket, [`super::SETUP_CONCURRENCY`] at a time, in the specs'
+/// order. One at a time, 10,000 subscribers took long enough that the first ones, not yet read
+/// (so sending no heartbeats), passed the server's 60 s idle limit before the run began.
+pub async fn connect_all(specs: &[Spec]) -> Result<Vec<PhxSocket>, crate::LoadError> {
+    stream::iter(specs)
+        .map(connect)
+        .buffered(super::SETUP_CONCURRENCY)
+        .try_collect()
+        .await
 }
 
 /// Connects to node `at` of the spec's URLs and joins with `after_seq`.

@@ -75,7 +75,6 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
 
     // Subscribers first, so they are joined before anything is written.
     let mut specs = Vec::new();
-    let mut sockets = Vec::new();
     for c in 0..args.conversations {
         for s in 0..args.subscribers {
             let k = c * args.subscribers + s;
@@ -89,13 +88,14 @@ pub async fn run(args: &Args, targets: &Targets) -> Result<Report, LoadError> {
                 give_up: reconnect_timeout,
                 reserved_gaps: args.reserved_gaps,
             };
-            sockets.push((
-                subscriber::connect(&spec).await?,
-                Recorders::for_run(args.duration),
-            ));
             specs.push(spec);
         }
     }
+    let sockets: Vec<_> = subscriber::connect_all(&specs)
+        .await?
+        .into_iter()
+        .map(|socket| (socket, Recorders::for_run(args.duration)))
+        .collect();
     let writers_count = args.connections.min(args.conversations);
     let mut writers = Vec::new();
     for w in 0..writers_count {
