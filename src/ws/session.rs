@@ -75,9 +75,11 @@ pub enum Outgoing {
     Text(String),
     /// Start pulling this topic's pushes; frames queued before it go first.
     Deliver(Delivery),
+    /// The reason is a `Box<str>` so the enum stays 24 bytes: the outbox's queue allocates 32
+    /// slots at once for every socket.
     Close {
         code: u16,
-        reason: String,
+        reason: Box<str>,
     },
 }
 
@@ -153,6 +155,7 @@ impl Outbox {
     }
 
     async fn close(&self, code: u16, reason: String) -> bool {
+        let reason = reason.into_boxed_str();
         self.tx.send(Outgoing::Close { code, reason }).await.is_ok()
     }
 }
@@ -436,7 +439,7 @@ where
                         frames_out.increment(written);
                         let close = Message::Close(Some(CloseFrame {
                             code,
-                            reason: reason.into(),
+                            reason: String::from(reason).into(),
                         }));
                         // The peer may already be gone; nothing more to do either way.
                         let _ = sink.send(close).await;
@@ -484,6 +487,15 @@ mod tests {
     use futures_util::FutureExt;
     use serde_json::Value;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+    #[test]
+    fn an_outbox_slot_is_three_words() {
+        // Every socket's queue allocates 32 of them up front.
+        assert_eq!(
+            std::mem::size_of::<Outgoing>(),
+            3 * std::mem::size_of::<usize>()
+        );
+    }
 
     /// Echoes every channel frame back as a push, to observe what reaches the channels.
     struct Echo(Outbox);
