@@ -75,15 +75,9 @@ pub enum Outgoing {
     Text(String),
     /// Start pulling this topic's pushes; frames queued before it go first.
     Deliver(Delivery),
-    /// Boxed, so the enum stays a `String`'s three words: every socket's queue allocates 32
-    /// slots at once. (Inline, the code beside a reason made it four.)
-    Close(Box<CloseWith>),
-}
-
-/// The close frame to end the socket with.
-pub struct CloseWith {
-    code: u16,
-    reason: String,
+    /// The close frame to end the socket with. Boxed, so the enum stays a `String`'s three
+    /// words: every socket's queue allocates 32 slots at once.
+    Close(Box<CloseFrame>),
 }
 
 /// The sending side of a socket's single outgoing queue; cheap to clone.
@@ -158,7 +152,10 @@ impl Outbox {
     }
 
     async fn close(&self, code: u16, reason: String) -> bool {
-        let close = Box::new(CloseWith { code, reason });
+        let close = Box::new(CloseFrame {
+            code,
+            reason: reason.into(),
+        });
         self.tx.send(Outgoing::Close(close)).await.is_ok()
     }
 }
@@ -440,11 +437,7 @@ where
                     }
                     Step::Item(Outgoing::Close(close)) => {
                         frames_out.increment(written);
-                        let CloseWith { code, reason } = *close;
-                        let close = Message::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        }));
+                        let close = Message::Close(Some(*close));
                         // The peer may already be gone; nothing more to do either way.
                         let _ = sink.send(close).await;
                         let _ = sink.close().await;
