@@ -98,7 +98,7 @@ impl Message {
         out.push_str(",\"metadata\":");
         out.push_str(metadata);
         out.push_str(",\"created_at\":\"");
-        out.push_str(&self.created_at());
+        push_rfc3339_millis(&mut out, self.created_at_ms);
         out.push_str("\"}");
         out
     }
@@ -265,13 +265,43 @@ impl Serialize for Message {
 /// `s` as a JSON string, exactly as `serde_json` writes it; strings with nothing to escape (ids,
 /// kinds: nearly all of them) are copied as they are.
 pub fn push_json_str(out: &mut String, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if plain_json_prefix(s.as_bytes()) == s.len() {
         out.push('"');
         out.push_str(s);
         out.push('"');
     } else {
         out.push_str(&serde_json::to_string(s).unwrap_or_default());
     }
+}
+
+/// How many bytes at the start of `b` a JSON string holds as they are: up to the first quote,
+/// backslash or control character (or all of them). Eight bytes at a time: a word holds such a
+/// byte exactly when one of the three masks below keeps a high bit (bytes of 0x80 and above
+/// never do).
+pub fn plain_json_prefix(b: &[u8]) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let mut at = 0;
+    while let Some(word) = b.get(at..at + 8) {
+        let word = u64::from_ne_bytes(word.try_into().expect("eight bytes"));
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        // Zero bytes (the quote, the backslash) and bytes below 0x20 keep their high bit.
+        let found = (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (word.wrapping_sub(ONES * 0x20) & !word);
+        if found & HIGH != 0 {
+            break;
+        }
+        at += 8;
+    }
+    while let Some(&c) = b.get(at) {
+        if c == b'"' || c == b'\\' || c < 0x20 {
+            break;
+        }
+        at += 1;
+    }
+    at
 }
 
 fn put_str16(out: &mut Vec<u8>, s: &str) {
@@ -323,6 +353,14 @@ impl<'a> Reader<'a> {
 
 /// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
 pub fn format_rfc3339_millis(ms: i64) -> String {
+    let mut out = String::with_capacity(24);
+    push_rfc3339_millis(&mut out, ms);
+    out
+}
+
+/// [`format_rfc3339_millis`] appended to `out`: a message's rendering and a `send`'s reply
+/// write the time where it goes, without a string of its own.
+pub fn push_rfc3339_millis(out: &mut String, ms: i64) {
     let secs = ms.div_euclid(1000);
     let millis = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
@@ -330,24 +368,30 @@ pub fn format_rfc3339_millis(ms: i64) -> String {
     let (y, m, d) = civil_from_days(days);
     let (hh, mm, ss) = (sod / 3600, (sod / 60) % 60, sod % 60);
     if !(0..=9999).contains(&y) {
-        return format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{millis:03}Z");
+        use std::fmt::Write;
+        let _ = write!(
+            out,
+            "{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{millis:03}Z"
+        );
+        return;
     }
     // Every message rendering and reply carries one of these: digits by hand, no formatter.
+    // Every value below is within 0..=9999, so u32 arithmetic holds it.
     let mut b = *b"0000-00-00T00:00:00.000Z";
-    let mut put = |at: usize, width: usize, mut v: i64| {
+    let mut put = |at: usize, width: usize, mut v: u32| {
         for i in (at..at + width).rev() {
             b[i] = b'0' + (v % 10) as u8;
             v /= 10;
         }
     };
-    put(0, 4, y);
-    put(5, 2, i64::from(m));
-    put(8, 2, i64::from(d));
-    put(11, 2, hh);
-    put(14, 2, mm);
-    put(17, 2, ss);
-    put(20, 3, millis);
-    std::str::from_utf8(&b).expect("ascii digits").to_owned()
+    put(0, 4, y as u32);
+    put(5, 2, m);
+    put(8, 2, d);
+    put(11, 2, hh as u32);
+    put(14, 2, mm as u32);
+    put(17, 2, ss as u32);
+    put(20, 3, millis as u32);
+    out.push_str(std::str::from_utf8(&b).expect("ascii digits"));
 }
 
 /// Howard Hinnant's days → (year, month, day) in the proleptic Gregorian calendar.
