@@ -365,6 +365,96 @@ async fn join_send_and_receive_own_message_then_replay_from_after_seq() {
     }
 }
 
+/// A `send` is read in one pass when it can be and the serde way otherwise; either way it must
+/// get the answer the same body gets over HTTP: the same stored message, or the same error code
+/// and message (after the transport's own prefix for malformed JSON).
+#[tokio::test]
+async fn a_send_is_answered_as_the_same_body_over_http() {
+    let server = TestServer::start();
+    server.create_conversation("c1", &["alice", "bob"]).await;
+    let mut ws = Ws::connect(&server, API_KEY).await;
+    let (join_ref, _) = ws.join_ok("conversation:c1", json!({})).await;
+    let deep = format!("{}1{}", "[".repeat(65), "]".repeat(65));
+    let bodies = [
+        r#"{"sender":"alice","content":{"t":"a\"b\\c\u00e9\ud83d\ude00 /"},"kind":"note","metadata":{"m":[1,-2.5e3,true,null]}}"#.to_owned(),
+        r#"{"sender":"al\u0069ce","content":1,"idempotency_key":null}"#.to_owned(),
+        r#"{"sender":"alice","content":null,"metadata":null,"kind":null}"#.to_owned(),
+        r#" { "sender" : "bob" , "content" : [ 1 , 2 ] } "#.to_owned(),
+        r#"["bob","text",{"a":1}]"#.to_owned(),
+        r#"{"sender":"carol","content":1}"#.to_owned(),
+        r#"{"sender":"alice","content":"x","cont\u0065nt":"y"}"#.to_owned(),
+        r#"{"sender":"alice","content":1,"content":2}"#.to_owned(),
+        r#"{"sender":"alice","content":1,"extra":2}"#.to_owned(),
+        r#"{"sender":"alice","content":"a\u0000b"}"#.to_owned(),
+        r#"{"sender":"alice","content":"\ud800"}"#.to_owned(),
+        r#"{"sender":"alice","content":1e131072}"#.to_owned(),
+        r#"{"sender":"alice","content":1,"metadata":{"k":"\u0000"}}"#.to_owned(),
+        r#"{"sender":"alice","content":1,"metadata":5}"#.to_owned(),
+        r#"{"sender":"alice","metadata":{}}"#.to_owned(),
+        r#"{"sender":5,"content":1}"#.to_owned(),
+        r#"{"sender":"alice","content":1,"kind":""}"#.to_owned(),
+        format!(r#"{{"sender":"alice","content":{deep}}}"#),
+    ];
+    let mut stored = 0;
+    for body in &bodies {
+        let resp = server
+            .client()
+            .post(server.url("/v1/conversations/c1/messages"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("POST");
+        let status = resp.status().as_u16();
+        let http: Value = resp.json().await.expect("JSON answer");
+        let r = ws.make_ref();
+        ws.send_text(&format!(
+            r#"["{join_ref}","{r}","conversation:c1","send",{body}]"#
+        ))
+        .await;
+        let reply = ws.reply(&r).await;
+        let answer = &reply[4]["response"];
+        if status == 201 {
+            stored += 1;
+            assert_eq!(reply[4]["status"], "ok", "{body}: {reply}");
+            let query =
+                |seq: &Value| format!("after_seq={}&limit=1", seq.as_u64().expect("seq") - 1);
+            let over_http = server.page("c1", &query(&http["seq"])).await;
+            let over_ws = server.page("c1", &query(&answer["seq"])).await;
+            let fields = |m: &Value| {
+                json!([
+                    m["sender"],
+                    m["kind"],
+                    m["content"],
+                    m["metadata"],
+                    m["idempotency_key"]
+                ])
+            };
+            assert_eq!(
+                fields(&over_ws.messages[0]),
+                fields(&over_http.messages[0]),
+                "{body}"
+            );
+        } else {
+            assert_eq!(reply[4]["status"], "error", "{body}: {reply}");
+            assert_eq!(answer["reason"], http["error"], "{body}: {reply} / {http}");
+            let tail = |m: &Value| {
+                let m = m.as_str().unwrap_or_default().to_owned();
+                for prefix in ["invalid JSON body: ", "invalid send payload: "] {
+                    if let Some(rest) = m.strip_prefix(prefix) {
+                        return rest.to_owned();
+                    }
+                }
+                m
+            };
+            assert_eq!(tail(&answer["message"]), tail(&http["message"]), "{body}");
+        }
+    }
+    // The first six are stored (the array is read by position; an API key may name any
+    // sender), the rest refused.
+    assert_eq!(stored, 6, "bodies stored over both transports");
+}
+
 /// Waits until the server's `ferry_ws_append_pipelines` gauge reads `n`.
 async fn wait_for_pipelines(server: &TestServer, n: f64) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -8,6 +8,8 @@
 //! ## Layout
 //! - [`segment`]: the cold tier's segment objects (header, zstd body, CRC-checked records).
 //! - [`phoenix`]: Phoenix Channels V2 JSON frames, decoded from and encoded for the WebSocket.
+//! - [`send`]: a `send` event's payload, read the serde way ([`send::AppendBody`], also HTTP's
+//!   append body) or in one pass that also checks what is storable ([`send::parse_send`]).
 //! - [`storable`]: [`storable::check_storable_json`], what a client's JSON must not hold to be
 //!   stored in a JSONB column and served back.
 //!
@@ -16,4 +18,5 @@
 
 pub mod phoenix;
 pub mod segment;
+pub mod send;
 pub mod storable;

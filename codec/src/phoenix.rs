@@ -13,10 +13,14 @@
 //!
 //! Error replies, which carry the node's error codes, are built in the node's `ws::frame`.
 
+use std::borrow::Cow;
+
 use ferry_shards::record::push_json_str;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+
+use crate::send::{parse_send, Scan, SendFields, SEND};
 
 /// The socket-level topic (heartbeats).
 pub const PHOENIX_TOPIC: &str = "phoenix";
@@ -27,26 +31,53 @@ pub const REPLY: &str = "phx_reply";
 pub const CLOSE: &str = "phx_close";
 pub const ERROR: &str = "phx_error";
 
-/// A decoded client frame.
+/// A decoded client frame, borrowing from the frame's text where it can.
 #[derive(Debug)]
-pub struct Frame {
+pub struct Frame<'a> {
     /// Identifies the join this frame belongs to (`null` for heartbeats); echoed in replies.
     pub join_ref: Value,
     /// Identifies the request; echoed in its reply. `null` means nobody waits for a reply.
     pub ref_: Value,
-    pub topic: String,
-    pub event: String,
-    /// Kept as raw text so message `content` reaches the log byte for byte.
-    pub payload: Box<RawValue>,
+    pub topic: Cow<'a, str>,
+    pub event: Cow<'a, str>,
+    /// The payload's JSON text, as sent: message `content` reaches the log byte for byte.
+    pub payload: &'a str,
+    /// A `send`'s fields, when [`parse_send`] took its payload; `None` for any other event, and
+    /// for a `send` whose payload is read the serde way ([`AppendBody`]).
+    ///
+    /// [`AppendBody`]: crate::send::AppendBody
+    pub send: Option<SendFields<'a>>,
 }
 
-impl Frame {
+impl<'a> Frame<'a> {
+    fn new(
+        join_ref: Value,
+        ref_: Value,
+        topic: Cow<'a, str>,
+        event: Cow<'a, str>,
+        payload: &'a str,
+    ) -> Self {
+        let send = if event == SEND {
+            parse_send(payload)
+        } else {
+            None
+        };
+        Frame {
+            join_ref,
+            ref_,
+            topic,
+            event,
+            payload,
+            send,
+        }
+    }
+
     /// The frame's `[join_ref, ref, topic]`, for answering it.
     pub fn address(&self) -> Address {
         Address {
             join_ref: self.join_ref.clone(),
             ref_: self.ref_.clone(),
-            topic: self.topic.clone(),
+            topic: self.topic.clone().into_owned(),
         }
     }
 }
@@ -61,8 +92,8 @@ pub struct Address {
 
 /// What a text frame turned out to be.
 #[derive(Debug)]
-pub enum Decoded {
-    Frame(Frame),
+pub enum Decoded<'a> {
+    Frame(Frame<'a>),
     /// Malformed, but the ref is known: answer with an `invalid` error reply.
     Invalid {
         address: Address,
@@ -78,29 +109,98 @@ fn is_ref(v: &Value) -> bool {
     matches!(v, Value::Null | Value::String(_) | Value::Number(_))
 }
 
-pub fn decode(text: &str) -> Decoded {
-    // Well-formed frames (nearly all of them) in one pass; anything else takes the careful path
-    // below, which says what is wrong.
+/// Decodes a text frame. Three readings, each taking what the one before left: one pass over
+/// the text ([`one_pass`]: the frames clients send, a `send`'s payload read as it goes), serde's
+/// reading of the frame as a tuple (escapes, unusual refs), and [`decode_carefully`], which
+/// says what is wrong. They give the same answer for every text they take (the `phoenix_frame`
+/// fuzz target and the tests below check it).
+pub fn decode(text: &str) -> Decoded<'_> {
+    if let Some(frame) = one_pass(text) {
+        return Decoded::Frame(frame);
+    }
     if let Ok((join_ref, ref_, topic, event, payload)) =
-        serde_json::from_str::<(Value, Value, String, String, Box<RawValue>)>(text)
+        serde_json::from_str::<(Value, Value, String, String, &RawValue)>(text)
     {
         if is_ref(&join_ref) && is_ref(&ref_) {
-            return Decoded::Frame(Frame {
+            return Decoded::Frame(Frame::new(
                 join_ref,
                 ref_,
-                topic,
-                event,
-                payload,
-            });
+                Cow::Owned(topic),
+                Cow::Owned(event),
+                payload.get(),
+            ));
         }
     }
     decode_carefully(text)
 }
 
+/// The frames clients send, in one pass over the text: refs that are `null`, strings without
+/// escapes or numbers; a topic and an event without escapes; a payload that is valid JSON and
+/// storable ([`crate::send`]'s scan). `None` for anything else, which the slower readings take.
+pub fn one_pass(text: &str) -> Option<Frame<'_>> {
+    let mut scan = Scan::new(text);
+    scan.skip_ws();
+    scan.eat(b'[')?;
+    scan.skip_ws();
+    let join_ref = reference(&mut scan, text)?;
+    comma(&mut scan)?;
+    let ref_ = reference(&mut scan, text)?;
+    comma(&mut scan)?;
+    let topic = scan.plain_string()?;
+    comma(&mut scan)?;
+    let event = scan.plain_string()?;
+    comma(&mut scan)?;
+    let start = scan.position();
+    let send = if event == SEND {
+        scan.send_payload()
+    } else {
+        None
+    };
+    if send.is_none() {
+        scan.rewind(start);
+        scan.value()?;
+    }
+    let payload = &text[start..scan.position()];
+    scan.skip_ws();
+    scan.eat(b']')?;
+    if !scan.at_end() {
+        return None;
+    }
+    Some(Frame {
+        join_ref,
+        ref_,
+        topic: Cow::Borrowed(topic),
+        event: Cow::Borrowed(event),
+        payload,
+        send,
+    })
+}
+
+fn comma(scan: &mut Scan<'_>) -> Option<()> {
+    scan.skip_ws();
+    scan.eat(b',')?;
+    scan.skip_ws();
+    Some(())
+}
+
+/// A join_ref or ref: `null`, a string without escapes, or a number.
+fn reference(scan: &mut Scan<'_>, text: &str) -> Option<Value> {
+    match scan.peek_byte()? {
+        b'n' => scan.literal("null").map(|()| Value::Null),
+        b'"' => scan.plain_string().map(|s| Value::String(s.to_owned())),
+        b'-' | b'0'..=b'9' => {
+            let start = scan.position();
+            scan.number()?;
+            serde_json::from_str(&text[start..scan.position()]).ok()
+        }
+        _ => None,
+    }
+}
+
 /// The slow path of [`decode`] on its own. [`decode`] must give the same answer for every text
 /// (the `phoenix_frame` fuzz target checks it); it is public for that check.
-pub fn decode_carefully(text: &str) -> Decoded {
-    let items: Vec<Box<RawValue>> = match serde_json::from_str(text) {
+pub fn decode_carefully(text: &str) -> Decoded<'_> {
+    let items: Vec<&RawValue> = match serde_json::from_str(text) {
         Ok(items) => items,
         Err(e) => {
             return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -153,14 +253,14 @@ pub fn decode_carefully(text: &str) -> Decoded {
         Some(Value::String(s)) => s,
         _ => unreachable!("event checked above"),
     };
-    let payload = items.into_iter().nth(4).expect("arity checked above");
-    Decoded::Frame(Frame {
+    let payload = items[4].get();
+    Decoded::Frame(Frame::new(
         join_ref,
         ref_,
-        topic: address.topic,
-        event,
+        Cow::Owned(address.topic),
+        Cow::Owned(event),
         payload,
-    })
+    ))
 }
 
 /// `[join_ref, ref, topic, event, payload]` as text.
@@ -296,7 +396,109 @@ mod tests {
         }
     }
 
-    fn frame(text: &str) -> Frame {
+    #[test]
+    fn the_frames_clients_send_take_one_pass() {
+        for text in [
+            r#"["1","2","conversation:c","send",{"content":{"text":"hi"},"kind":"text"}]"#,
+            r#"[null,"7","phoenix","heartbeat",{}]"#,
+            r#"["3","3","conversation:c","phx_join",{"after_seq":12}]"#,
+            r#"[1,-2.5,"t","typing",null]"#,
+            r#" [ "1" , "2" , "t" , "e" , { } ] "#,
+        ] {
+            let Some(fast) = one_pass(text) else {
+                panic!("{text} did not take one pass");
+            };
+            assert_eq!(
+                format!("{:?}", Decoded::Frame(fast)),
+                format!("{:?}", decode_carefully(text)),
+                "{text}"
+            );
+        }
+        // Escapes, unusual refs, storable trouble: left to the slower readings, which agree.
+        for text in [
+            r#"["1","2","conversation:\u0063","send",{"content":1}]"#,
+            r#"["1\n","2","t","e",{}]"#,
+            r#"["1","2","t","send",{"content":"\u0000"}]"#,
+            r#"["1","2","t","e",1e131072]"#,
+            r#"["1","2","t","e",{}]x"#,
+            r#"["1","2","t","e",{},]"#,
+        ] {
+            assert!(one_pass(text).is_none(), "{text}");
+            assert_eq!(
+                format!("{:?}", decode(text)),
+                format!("{:?}", decode_carefully(text)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_send_the_one_pass_does_not_read_is_still_a_frame() {
+        // A repeated field: valid JSON, refused by serde's reading of the payload, which is the
+        // one that must answer it.
+        let text = r#"["1","2","t","send",{"content":1,"content":2}]"#;
+        let frame = one_pass(text).expect("a frame");
+        assert_eq!(frame.payload, r#"{"content":1,"content":2}"#);
+        assert_eq!(frame.send, None);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// Frames of every shape, and the same with a byte changed: every reading agrees with
+        /// the careful one.
+        #[test]
+        fn every_reading_agrees_with_the_careful_one(
+            join_ref in reference(),
+            ref_ in reference(),
+            topic in proptest::prop_oneof![
+                proptest::prelude::Just("conversation:c-1"),
+                proptest::prelude::Just("phoenix"),
+                proptest::prelude::Just(r"conversation:\u0063"),
+            ],
+            event in proptest::prop_oneof![
+                proptest::prelude::Just("send"),
+                proptest::prelude::Just("typing"),
+                proptest::prelude::Just("phx_join"),
+            ],
+            payload in crate::send::tests::payload(),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let text = format!(r#"[{join_ref}, {ref_},"{topic}","{event}",{payload}]"#);
+            let careful = format!("{:?}", decode_carefully(&text));
+            proptest::prop_assert_eq!(format!("{:?}", decode(&text)), careful);
+            if let Decoded::Frame(frame) = decode(&text) {
+                // What the one pass took of a send is what parse_send takes of its payload.
+                if frame.event == SEND {
+                    proptest::prop_assert_eq!(frame.send, parse_send(frame.payload));
+                }
+            }
+            let mut bytes = text.into_bytes();
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            if let Ok(damaged) = String::from_utf8(bytes) {
+                proptest::prop_assert_eq!(
+                    format!("{:?}", decode(&damaged)),
+                    format!("{:?}", decode_carefully(&damaged))
+                );
+            }
+        }
+    }
+
+    fn reference() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::prop_oneof![
+            proptest::prelude::Just("null"),
+            proptest::prelude::Just(r#""12""#),
+            proptest::prelude::Just(r#""a\"b""#),
+            proptest::prelude::Just("7"),
+            proptest::prelude::Just("-0.5e3"),
+            proptest::prelude::Just("true"),
+            proptest::prelude::Just("{}"),
+        ]
+    }
+
+    fn frame(text: &str) -> Frame<'_> {
         match decode(text) {
             Decoded::Frame(f) => f,
             other => panic!("expected a frame from {text}, got {other:?}"),
@@ -311,7 +513,8 @@ mod tests {
         assert_eq!(f.topic, "conversation:c1");
         assert_eq!(f.event, "send");
         // Raw payload: number formatting and spacing survive.
-        assert_eq!(f.payload.get(), r#"{"content":{"a": 1.50}}"#);
+        assert_eq!(f.payload, r#"{"content":{"a": 1.50}}"#);
+        assert_eq!(f.send.and_then(|s| s.content), Some(r#"{"a": 1.50}"#));
 
         let hb = frame(r#"[null,"5","phoenix","heartbeat",{}]"#);
         assert_eq!(hb.join_ref, Value::Null);

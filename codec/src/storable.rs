@@ -6,8 +6,8 @@
 /// Largest number of digits a JSON number may have before and after the decimal point (after
 /// applying its exponent). Postgres `numeric`, which JSONB uses, allows 131072 and 16383; these
 /// stay a little below.
-const MAX_INTEGER_DIGITS: i64 = 131_000;
-const MAX_FRACTION_DIGITS: i64 = 16_000;
+pub(crate) const MAX_INTEGER_DIGITS: i64 = 131_000;
+pub(crate) const MAX_FRACTION_DIGITS: i64 = 16_000;
 
 /// Deepest nesting of arrays and objects a stored JSON value (a message's `content`, a
 /// `metadata` object) may have. Every place the value is served wraps it a few levels deeper (a

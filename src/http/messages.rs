@@ -19,34 +19,18 @@ use super::{conversation_id, object_or_invalid, AppState, Caller, JsonBody, Path
 use crate::access;
 use ferry_shards::ids::ParticipantId;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppendBody {
-    /// Required with an API key; ignored for a user (who always sends as itself).
-    #[serde(default)]
-    pub sender: Option<String>,
-    #[serde(default)]
-    kind: Option<String>,
-    /// Required; an explicit `null` is valid content (absent is not).
-    #[serde(default, deserialize_with = "present")]
-    content: Option<Box<RawValue>>,
-    #[serde(default)]
-    metadata: Option<Box<RawValue>>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
+/// The body of an append, over HTTP and in a WebSocket `send`.
+pub use ferry_codec::send::AppendBody;
 
-/// Keeps an explicit JSON `null` as `Some(null)`; only an absent field is `None`.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(d).map(Some)
-}
-
-/// Validates an append the same way for every transport.
+/// Validates an append the same way for every transport. `storable_checked`: `content` and
+/// `metadata` were already found storable (a `send` read in one pass,
+/// [`ferry_codec::send::parse_send`]), so the check is not run again.
 pub fn build_request(
     body: AppendBody,
     header_key: Option<&str>,
     sender: ParticipantId,
     max_message_bytes: usize,
+    storable_checked: bool,
 ) -> Result<AppendRequest, ApiError> {
     let content = body
         .content
@@ -74,9 +58,11 @@ pub fn build_request(
             "kind and idempotency_key may not contain U+0000",
         ));
     }
-    for (field, value) in [("content", &content), ("metadata", &metadata)] {
-        crate::store::check_storable_json(value.get())
-            .map_err(|e| ApiError::invalid(format!("{field}: {e}")))?;
+    if !storable_checked {
+        for (field, value) in [("content", &content), ("metadata", &metadata)] {
+            crate::store::check_storable_json(value.get())
+                .map_err(|e| ApiError::invalid(format!("{field}: {e}")))?;
+        }
     }
     let encoded = content.get().len() + metadata.get().len() + kind.len() + sender.as_str().len();
     if encoded > max_message_bytes {
@@ -116,6 +102,7 @@ pub async fn append(
         header_key,
         sender,
         state.config.limits.max_message_bytes,
+        false,
     )?;
     let outcome = crate::service::append(&state, &principal, &id, request).await?;
     Ok((

@@ -28,7 +28,6 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -36,7 +35,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::node::TryAgainReason;
-use ferry_shards::record::format_rfc3339_millis;
+use ferry_shards::record::push_rfc3339_millis;
 
 use super::echo::{OwnSends, SendTicket};
 use super::frame::{self, Address, Frame};
@@ -163,15 +162,14 @@ impl Drop for SocketChannels {
 }
 
 impl Channels for SocketChannels {
-    async fn handle(&mut self, frame: Frame) {
-        let to = frame.address();
-        let result = match frame.event.as_str() {
+    async fn handle(&mut self, frame: Frame<'_>) {
+        let result = match &*frame.event {
             frame::JOIN => self.join(&frame).await,
             frame::LEAVE => self.leave(&frame).await,
-            _ => self.event(frame).await,
+            _ => self.event(&frame).await,
         };
         if let Err(e) = result {
-            self.outbox.error(&to, &e).await;
+            self.outbox.error(&frame.address(), &e).await;
         }
     }
 
@@ -186,8 +184,8 @@ impl Channels for SocketChannels {
     }
 }
 
-fn parse_payload<T: DeserializeOwned>(payload: &RawValue, event: &str) -> Result<T, ApiError> {
-    serde_json::from_str(payload.get())
+fn parse_payload<T: DeserializeOwned>(payload: &str, event: &str) -> Result<T, ApiError> {
+    serde_json::from_str(payload)
         .map_err(|e| ApiError::invalid(format!("invalid {event} payload: {e}")))
 }
 
@@ -285,10 +283,10 @@ impl SocketChannels {
         }
     }
 
-    async fn join(&mut self, frame: &Frame) -> Result<(), ApiError> {
+    async fn join(&mut self, frame: &Frame<'_>) -> Result<(), ApiError> {
         // A second join of a joined topic replaces the first (as Phoenix does): the old join is
         // closed; the client drops its leftover pushes by their join_ref.
-        if let Some(old) = self.topics.remove(&frame.topic) {
+        if let Some(old) = self.topics.remove(&*frame.topic) {
             let close = frame::lifecycle(&old.join_ref, &frame.topic, frame::CLOSE);
             self.retire(old);
             self.outbox.send(close).await;
@@ -306,10 +304,10 @@ impl SocketChannels {
 
     async fn join_conversation(
         &mut self,
-        frame: &Frame,
+        frame: &Frame<'_>,
         id: ConversationId,
     ) -> Result<(), ApiError> {
-        let params: Option<JoinParams> = parse_payload(&frame.payload, frame::JOIN)?;
+        let params: Option<JoinParams> = parse_payload(frame.payload, frame::JOIN)?;
         let params = params.unwrap_or_default();
         let conversation = service::follow(&self.state, &self.principal, &id).await?;
         let after_seq = match (params.after_seq.or(params.last_seq), &self.principal) {
@@ -330,7 +328,7 @@ impl SocketChannels {
         let sink = Arc::new(JoinSink {
             outbox: self.outbox.clone(),
             join_ref: frame.join_ref.clone(),
-            topic: frame.topic.clone(),
+            topic: frame.topic.to_string(),
             early: std::sync::Mutex::new(Some(Vec::new())),
         });
         let ephemeral =
@@ -364,7 +362,7 @@ impl SocketChannels {
             gap,
             cursor,
             join_ref.clone(),
-            frame.topic.clone(),
+            frame.topic.to_string(),
             own_sends.clone(),
         ));
         if !self.outbox.deliver(Box::pin(delivery)).await {
@@ -372,7 +370,7 @@ impl SocketChannels {
         }
         sink.ready();
         self.topics.insert(
-            frame.topic.clone(),
+            frame.topic.to_string(),
             Joined {
                 join_ref,
                 conversation: Some(id),
@@ -390,7 +388,7 @@ impl SocketChannels {
 
     async fn join_inbox(
         &mut self,
-        frame: &Frame,
+        frame: &Frame<'_>,
         participant: ParticipantId,
     ) -> Result<(), ApiError> {
         access::act_for(&self.principal, &participant)?;
@@ -415,10 +413,10 @@ impl SocketChannels {
             watch,
             self.outbox.clone(),
             join_ref.clone(),
-            frame.topic.clone(),
+            frame.topic.to_string(),
         ));
         self.topics.insert(
-            frame.topic.clone(),
+            frame.topic.to_string(),
             Joined {
                 join_ref,
                 conversation: None,
@@ -434,10 +432,10 @@ impl SocketChannels {
         Ok(())
     }
 
-    async fn leave(&mut self, frame: &Frame) -> Result<(), ApiError> {
+    async fn leave(&mut self, frame: &Frame<'_>) -> Result<(), ApiError> {
         let joined = self
             .topics
-            .remove(&frame.topic)
+            .remove(&*frame.topic)
             .ok_or_else(|| not_joined(&frame.topic))?;
         let join_ref = joined.join_ref.clone();
         self.retire(joined);
@@ -448,35 +446,44 @@ impl SocketChannels {
         Ok(())
     }
 
-    async fn event(&mut self, frame: Frame) -> Result<(), ApiError> {
+    async fn event(&mut self, frame: &Frame<'_>) -> Result<(), ApiError> {
         let joined = self
             .topics
-            .get(&frame.topic)
+            .get(&*frame.topic)
             .ok_or_else(|| not_joined(&frame.topic))?;
         let Some(id) = joined.conversation.clone() else {
             return Err(unknown_event(&frame.topic, &frame.event));
         };
-        match frame.event.as_str() {
-            "send" => self.send(&frame, &id),
-            "ack" => self.cursor(&frame, id, CursorKind::Ack),
-            "read" => self.cursor(&frame, id, CursorKind::Read),
-            "chunk" => self.ephemeral(&frame, &id, "chunk").await,
-            "typing" => self.ephemeral(&frame, &id, "typing").await,
+        match &*frame.event {
+            "send" => self.send(frame, &id),
+            "ack" => self.cursor(frame, id, CursorKind::Ack),
+            "read" => self.cursor(frame, id, CursorKind::Read),
+            "chunk" => self.ephemeral(frame, &id, "chunk").await,
+            "typing" => self.ephemeral(frame, &id, "typing").await,
             _ => Err(unknown_event(&frame.topic, &frame.event)),
         }
     }
 
     /// Validates on the reader (errors are answered at once) and queues the append.
-    fn send(&mut self, frame: &Frame, id: &ConversationId) -> Result<(), ApiError> {
+    fn send(&mut self, frame: &Frame<'_>, id: &ConversationId) -> Result<(), ApiError> {
         self.principal.may_write()?;
         self.state.rate.check_append(&self.subject)?;
-        let body: AppendBody = parse_payload(&frame.payload, "send")?;
+        // Read in one pass with the frame when it could be; otherwise serde says what is wrong.
+        let (body, storable_checked) = match frame
+            .send
+            .as_ref()
+            .and_then(ferry_codec::send::SendFields::to_body)
+        {
+            Some(body) => (body, true),
+            None => (parse_payload::<AppendBody>(frame.payload, "send")?, false),
+        };
         let sender = access::sender(&self.principal, body.sender.as_deref())?;
         let request = build_request(
             body,
             None,
             sender,
             self.state.config.limits.max_message_bytes,
+            storable_checked,
         )?;
         let permit = self.permit()?;
         let (appends, own_sends) = self.pipeline(&frame.topic, id)?;
@@ -537,14 +544,19 @@ impl SocketChannels {
     }
 
     /// `ack` / `read`: moves a cursor (never backwards) in a task of its own.
-    fn cursor(&self, frame: &Frame, id: ConversationId, kind: CursorKind) -> Result<(), ApiError> {
+    fn cursor(
+        &self,
+        frame: &Frame<'_>,
+        id: ConversationId,
+        kind: CursorKind,
+    ) -> Result<(), ApiError> {
         let event = if kind == CursorKind::Read {
             "read"
         } else {
             "ack"
         };
         self.principal.may_write()?;
-        let body: CursorBody = parse_payload(&frame.payload, event)?;
+        let body: CursorBody = parse_payload(frame.payload, event)?;
         let participant = acting_participant(&self.principal, body.participant.as_deref())?;
         let permit = self.permit()?;
         let state = self.state.clone();
@@ -567,7 +579,7 @@ impl SocketChannels {
     /// stored.
     async fn ephemeral(
         &self,
-        frame: &Frame,
+        frame: &Frame<'_>,
         id: &ConversationId,
         event: &'static str,
     ) -> Result<(), ApiError> {
@@ -576,12 +588,12 @@ impl SocketChannels {
             limit.check("", crate::rate::unix_ms())?;
         }
         let max = self.state.config.limits.max_message_bytes;
-        if frame.payload.get().len() > max {
+        if frame.payload.len() > max {
             return Err(ApiError::too_large(format!(
                 "{event} payload is larger than {max} bytes"
             )));
         }
-        let mut payload: Map<String, Value> = parse_payload(&frame.payload, event)?;
+        let mut payload: Map<String, Value> = parse_payload(frame.payload, event)?;
         let requested = match payload.remove("participant") {
             Some(Value::String(p)) => Some(p),
             Some(_) => return Err(ApiError::invalid("participant must be a string")),
@@ -917,7 +929,7 @@ fn send_reply(outcome: &AppendOutcome) -> String {
             .encode_lower(&mut uuid::Uuid::encode_buffer()),
     );
     out.push_str("\",\"created_at\":\"");
-    out.push_str(&format_rfc3339_millis(outcome.created_at_ms));
+    push_rfc3339_millis(&mut out, outcome.created_at_ms);
     out.push_str(if outcome.deduped {
         "\",\"deduped\":true}"
     } else {

@@ -163,7 +163,7 @@ impl Outbox {
 /// The topics of one socket. `handle` gets every well-formed frame whose topic is not
 /// `phoenix`; it answers through the [`Outbox`] it was built with.
 pub trait Channels: Send {
-    fn handle(&mut self, frame: Frame) -> impl Future<Output = ()> + Send;
+    fn handle(&mut self, frame: Frame<'_>) -> impl Future<Output = ()> + Send;
 
     /// The socket's credentials expired and it is about to close: end every join and tell its
     /// topic (`phx_error`), so clients rejoin once they have reconnected with a fresh token.
@@ -498,8 +498,8 @@ mod tests {
     struct Echo(Outbox);
 
     impl Channels for Echo {
-        async fn handle(&mut self, frame: Frame) {
-            let payload: Value = serde_json::from_str(frame.payload.get()).unwrap();
+        async fn handle(&mut self, frame: Frame<'_>) {
+            let payload: Value = serde_json::from_str(frame.payload).unwrap();
             self.0
                 .send(frame::push(
                     &frame.join_ref,
