@@ -17,7 +17,11 @@ fuzz_target!(|data: &[u8]| {
     let fields = parse_send(text);
     let frame = format!(r#"["1","2","conversation:c","send",{text}]"#);
     if let Decoded::Frame(frame) = phoenix::decode(&frame) {
-        assert_eq!(frame.send, parse_send(frame.payload), "the frame read the payload apart");
+        assert_eq!(
+            frame.send,
+            parse_send(frame.payload),
+            "the frame read the payload apart"
+        );
     }
     let Some(fields) = fields else {
         return;
