@@ -486,45 +486,40 @@ impl SocketChannels {
             storable_checked,
         )?;
         let permit = self.permit()?;
-        let (appends, own_sends) = self.pipeline(&frame.topic, id)?;
+        let limit = self.in_flight_limit;
+        let awaited = self.outbox.awaiting_reply();
+        let joined = self
+            .topics
+            .get_mut(&*frame.topic)
+            .ok_or_else(|| not_joined(&frame.topic))?;
         let job = Box::new(AppendJob {
             to: frame.address(),
             request,
             _permit: permit,
-            _awaited: self.outbox.awaiting_reply(),
-            own: own_sends.as_ref().map(OwnSends::submit),
+            _awaited: awaited,
+            own: joined.own_sends.as_ref().map(OwnSends::submit),
         });
         // Never full: the queue has room for every permit. Closed when the pipeline just ended
-        // idle: the job goes to the next one.
-        let job = match appends.try_send(job) {
-            Err(mpsc::error::TrySendError::Closed(job)) => job,
-            sent => return sent.map_err(|_| too_many_in_flight(self.in_flight_limit)),
+        // idle: the job goes to the next one, as it does when the topic has none yet.
+        let job = match &joined.appends {
+            Some(appends) => match appends.try_send(job) {
+                Err(mpsc::error::TrySendError::Closed(job)) => job,
+                sent => return sent.map_err(|_| too_many_in_flight(limit)),
+            },
+            None => job,
         };
-        let (appends, _) = self.pipeline(&frame.topic, id)?;
-        appends
+        self.start_pipeline(&frame.topic, id)?
             .try_send(job)
-            .map_err(|_| too_many_in_flight(self.in_flight_limit))
+            .map_err(|_| too_many_in_flight(limit))
     }
 
-    /// The topic's append pipeline, started on first use, and the join's own sends when it
-    /// asked for no echo.
-    fn pipeline(
-        &mut self,
-        topic: &str,
-        id: &ConversationId,
-    ) -> Result<(Appends, Option<Arc<OwnSends>>), ApiError> {
-        let (state, principal, outbox) = (
-            self.state.clone(),
-            self.principal.clone(),
-            self.outbox.clone(),
-        );
+    /// Starts the topic's append pipeline (its first, or the next after one ended idle): its
+    /// queue.
+    fn start_pipeline(&mut self, topic: &str, id: &ConversationId) -> Result<&Appends, ApiError> {
         let joined = self
             .topics
             .get_mut(topic)
             .ok_or_else(|| not_joined(topic))?;
-        if let Some(appends) = joined.appends.as_ref().filter(|a| !a.is_closed()) {
-            return Ok((appends.clone(), joined.own_sends.clone()));
-        }
         let (appends, jobs) = mpsc::channel(self.in_flight_limit);
         let previous = joined.pipeline.take();
         // Boxed: a task's memory lives as long as its `JoinHandle`, which stays in the join
@@ -532,15 +527,14 @@ impl SocketChannels {
         // whole future (about 1.9 KB) for the rest of the join; boxed, the future is freed when
         // the pipeline ends and the handle keeps only the task's header.
         joined.pipeline = Some(tokio::spawn(Box::pin(run_appends(
-            state,
-            principal,
+            self.state.clone(),
+            self.principal.clone(),
             id.clone(),
             jobs,
-            outbox,
+            self.outbox.clone(),
             previous,
         ))));
-        joined.appends = Some(appends.clone());
-        Ok((appends, joined.own_sends.clone()))
+        Ok(joined.appends.insert(appends))
     }
 
     /// `ack` / `read`: moves a cursor (never backwards) in a task of its own.
