@@ -19,7 +19,7 @@ use ferry_shards::record::plain_json_prefix;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::storable::{MAX_FRACTION_DIGITS, MAX_INTEGER_DIGITS, MAX_JSON_DEPTH};
+use crate::storable::{exponent_value, number_in_range, MAX_JSON_DEPTH};
 
 /// The event whose payload [`parse_send`] reads.
 pub const SEND: &str = "send";
@@ -328,18 +328,9 @@ impl<'a> Scan<'a> {
             if at == start {
                 return None;
             }
-            for d in &b[start..at] {
-                exponent = exponent
-                    .saturating_mul(10)
-                    .saturating_add((d - b'0') as i64);
-            }
-            if negative {
-                exponent = -exponent;
-            }
+            exponent = exponent_value(&b[start..at], negative);
         }
-        if (int_digits as i64).saturating_add(exponent) > MAX_INTEGER_DIGITS
-            || (frac_digits as i64).saturating_sub(exponent) > MAX_FRACTION_DIGITS
-        {
+        if !number_in_range(int_digits as i64, frac_digits as i64, exponent) {
             return None;
         }
         self.at = at;

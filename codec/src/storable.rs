@@ -6,8 +6,8 @@
 /// Largest number of digits a JSON number may have before and after the decimal point (after
 /// applying its exponent). Postgres `numeric`, which JSONB uses, allows 131072 and 16383; these
 /// stay a little below.
-pub(crate) const MAX_INTEGER_DIGITS: i64 = 131_000;
-pub(crate) const MAX_FRACTION_DIGITS: i64 = 16_000;
+const MAX_INTEGER_DIGITS: i64 = 131_000;
+const MAX_FRACTION_DIGITS: i64 = 16_000;
 
 /// Deepest nesting of arrays and objects a stored JSON value (a message's `content`, a
 /// `metadata` object) may have. Every place the value is served wraps it a few levels deeper (a
@@ -112,21 +112,31 @@ fn scan_number(b: &[u8], mut i: usize) -> Result<usize, String> {
         }
         let start = i;
         (i, _) = digits(b, i);
-        for d in &b[start..i] {
-            exponent = exponent
-                .saturating_mul(10)
-                .saturating_add((d - b'0') as i64);
-        }
-        if negative {
-            exponent = -exponent;
-        }
+        exponent = exponent_value(&b[start..i], negative);
     }
-    if int_digits.saturating_add(exponent) > MAX_INTEGER_DIGITS
-        || frac_digits.saturating_sub(exponent) > MAX_FRACTION_DIGITS
-    {
+    if !number_in_range(int_digits, frac_digits, exponent) {
         return Err("number out of the storable range".into());
     }
     Ok(i)
+}
+
+/// An exponent's decimal digits as a number, saturating (no JSONB number comes near the ends).
+pub(crate) fn exponent_value(digits: &[u8], negative: bool) -> i64 {
+    let magnitude = digits.iter().fold(0i64, |e, d| {
+        e.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+    });
+    if negative {
+        -magnitude
+    } else {
+        magnitude
+    }
+}
+
+/// Whether a number with these counts of digits before and after its decimal point, and this
+/// exponent, is within what a JSONB column stores.
+pub(crate) fn number_in_range(int_digits: i64, frac_digits: i64, exponent: i64) -> bool {
+    int_digits.saturating_add(exponent) <= MAX_INTEGER_DIGITS
+        && frac_digits.saturating_sub(exponent) <= MAX_FRACTION_DIGITS
 }
 
 #[cfg(test)]
