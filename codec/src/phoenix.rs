@@ -142,9 +142,9 @@ pub fn one_pass(text: &str) -> Option<Frame<'_>> {
     scan.skip_ws();
     scan.eat(b'[')?;
     scan.skip_ws();
-    let join_ref = reference(&mut scan, text)?;
+    let join_ref = reference(&mut scan)?;
     comma(&mut scan)?;
-    let ref_ = reference(&mut scan, text)?;
+    let ref_ = reference(&mut scan)?;
     comma(&mut scan)?;
     let topic = scan.plain_string()?;
     comma(&mut scan)?;
@@ -160,7 +160,7 @@ pub fn one_pass(text: &str) -> Option<Frame<'_>> {
         scan.rewind(start);
         scan.value()?;
     }
-    let payload = &text[start..scan.position()];
+    let payload = scan.since(start);
     scan.skip_ws();
     scan.eat(b']')?;
     if !scan.at_end() {
@@ -184,14 +184,14 @@ fn comma(scan: &mut Scan<'_>) -> Option<()> {
 }
 
 /// A join_ref or ref: `null`, a string without escapes, or a number.
-fn reference(scan: &mut Scan<'_>, text: &str) -> Option<Value> {
-    match scan.peek_byte()? {
+fn reference(scan: &mut Scan<'_>) -> Option<Value> {
+    match scan.peek()? {
         b'n' => scan.literal("null").map(|()| Value::Null),
         b'"' => scan.plain_string().map(|s| Value::String(s.to_owned())),
         b'-' | b'0'..=b'9' => {
             let start = scan.position();
             scan.number()?;
-            serde_json::from_str(&text[start..scan.position()]).ok()
+            serde_json::from_str(scan.since(start)).ok()
         }
         _ => None,
     }

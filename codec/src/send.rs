@@ -118,11 +118,12 @@ impl<'a> Scan<'a> {
         self.at = at;
     }
 
-    pub(crate) fn peek_byte(&self) -> Option<u8> {
-        self.peek()
+    /// The text from `start`, a position this scan was at before, to where it is now.
+    pub(crate) fn since(&self, start: usize) -> &'a str {
+        &self.text[start..self.at]
     }
 
-    fn peek(&self) -> Option<u8> {
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.at).copied()
     }
 
@@ -148,7 +149,7 @@ impl<'a> Scan<'a> {
     pub(crate) fn value(&mut self) -> Option<&'a str> {
         let start = self.at;
         self.value_at(0)?;
-        Some(&self.text[start..self.at])
+        Some(self.since(start))
     }
 
     /// `depth`: how many arrays and objects are open around this value.
