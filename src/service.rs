@@ -301,12 +301,24 @@ pub enum Pending {
 }
 
 impl Pending {
-    pub async fn outcome(self) -> Result<AppendOutcome, ApiError> {
-        match self {
-            Pending::Local(ticket) => ticket.outcome().await.map_err(Into::into),
-            Pending::Done(result) => result,
-            Pending::NotTaken => Err(unavailable(TryAgainReason::SlotMoving)),
+    pub async fn outcome(mut self) -> Result<AppendOutcome, ApiError> {
+        std::future::poll_fn(|cx| self.poll_outcome(cx)).await
+    }
+
+    /// The outcome once it is known, without taking the `Pending` (so a caller can wait on the
+    /// oldest of several in place). Polling again after `Ready` is not allowed; dropping the
+    /// poll's future before then loses nothing.
+    pub fn poll_outcome(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<AppendOutcome, ApiError>> {
+        if let Pending::Local(ticket) = self {
+            return ticket.poll_outcome(cx).map_err(Into::into);
         }
+        std::task::Poll::Ready(match std::mem::replace(self, Pending::NotTaken) {
+            Pending::Done(result) => result,
+            _ => Err(unavailable(TryAgainReason::SlotMoving)),
+        })
     }
 }
 

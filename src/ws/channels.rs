@@ -20,12 +20,10 @@
 //! Leaving a topic (or joining it again) stops its delivery and ephemeral events at once; its
 //! appends still answer. Dropping [`SocketChannels`] (the socket ended) stops everything.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -858,8 +856,10 @@ async fn run_appends(
         let _ = previous.await;
     }
     let mut queue = AppendQueue::new(state, principal, id);
-    let outbox = &outbox;
-    let mut in_flight = FuturesUnordered::new();
+    // Handed on, oldest first. One conversation's appends become durable in the order they were
+    // handed on, so waiting on the oldest only is enough: whatever became durable with it is
+    // answered right after, without a waker or a task of its own.
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     loop {
         let idle = in_flight.is_empty();
         tokio::select! {
@@ -880,21 +880,22 @@ async fn run_appends(
                     Ok(pending) => pending,
                     Err(e) => replies.iter().map(|_| Pending::Done(Err(e.clone()))).collect(),
                 };
-                for ((to, permit, awaited, own), pending) in replies.into_iter().zip(pending) {
-                    in_flight.push(async move {
-                        let result = pending.outcome().await;
-                        // Before the reply: the delivery may be waiting to know this seq.
-                        if let Some(own) = own {
-                            own.resolve(
-                                result.as_ref().ok().filter(|o| !o.deduped).map(|o| o.seq),
-                            );
-                        }
-                        reply_to_send(outbox, &to, result).await;
-                        drop((permit, awaited));
-                    });
+                in_flight.extend(replies.into_iter().zip(pending).map(
+                    |((to, permit, awaited, own), pending)| InFlight {
+                        pending,
+                        to,
+                        own,
+                        _permit: permit,
+                        _awaited: awaited,
+                    },
+                ));
+            }
+            // Cancel-safe: the oldest stays in the queue until its outcome is taken.
+            result = std::future::poll_fn(|cx| oldest_outcome(&mut in_flight, cx)), if !idle => {
+                if let Some(done) = in_flight.pop_front() {
+                    done.answer(&outbox, result).await;
                 }
             }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             // Jobs queued before the close are still received; then `recv` ends the loop.
             () = async move {
                 // Made only when idle: a busy pipeline arms no timer per batch.
@@ -906,7 +907,40 @@ async fn run_appends(
             } => jobs.close(),
         }
     }
-    while in_flight.next().await.is_some() {}
+    while let Some(mut done) = in_flight.pop_front() {
+        let result = std::future::poll_fn(|cx| done.pending.poll_outcome(cx)).await;
+        done.answer(&outbox, result).await;
+    }
+}
+
+/// An append handed on, waiting to be answered.
+struct InFlight {
+    pending: Pending,
+    to: Address,
+    own: Option<SendTicket>,
+    /// Held until the reply is queued (see [`AppendJob`]).
+    _permit: OwnedSemaphorePermit,
+    _awaited: AwaitedReply,
+}
+
+impl InFlight {
+    async fn answer(self, outbox: &Outbox, result: Result<AppendOutcome, ApiError>) {
+        // Before the reply: the delivery may be waiting to know this seq.
+        if let Some(own) = self.own {
+            own.resolve(result.as_ref().ok().filter(|o| !o.deduped).map(|o| o.seq));
+        }
+        reply_to_send(outbox, &self.to, result).await;
+    }
+}
+
+fn oldest_outcome(
+    in_flight: &mut VecDeque<InFlight>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Result<AppendOutcome, ApiError>> {
+    match in_flight.front_mut() {
+        Some(oldest) => oldest.pending.poll_outcome(cx),
+        None => std::task::Poll::Pending,
+    }
 }
 
 /// The `ok` reply to a `send`: `{seq, id, created_at, deduped}`, written by hand (one per

@@ -212,12 +212,23 @@ pub struct AppendTicket {
 }
 
 impl AppendTicket {
-    pub async fn outcome(self) -> Result<AppendOutcome, NodeError> {
-        match self.reply.await {
-            Ok(result) => result,
-            // The actor stopped before handling it: nothing was written.
-            Err(_) => Err(NodeError::try_again(TryAgainReason::Restarting)),
-        }
+    pub async fn outcome(mut self) -> Result<AppendOutcome, NodeError> {
+        std::future::poll_fn(|cx| self.poll_outcome(cx)).await
+    }
+
+    /// The outcome once it is known. Polling again after `Ready` is not allowed; dropping the
+    /// poll's future before then loses nothing.
+    pub fn poll_outcome(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<AppendOutcome, NodeError>> {
+        std::future::Future::poll(std::pin::Pin::new(&mut self.reply), cx).map(|received| {
+            match received {
+                Ok(result) => result,
+                // The actor stopped before handling it: nothing was written.
+                Err(_) => Err(NodeError::try_again(TryAgainReason::Restarting)),
+            }
+        })
     }
 }
 
