@@ -430,7 +430,8 @@ where
             let mut written = 0;
             let mut yielded = false;
             while let Some(step) = next.take() {
-                let texts = match step {
+                // One frame or a delivery's pushes; a lone frame needs no `Vec` of its own.
+                let (text, pushes) = match step {
                     Step::Done => {
                         let _ = sink.close().await;
                         return Ok(());
@@ -445,12 +446,12 @@ where
                     }
                     Step::Item(Outgoing::Deliver(delivery)) => {
                         deliveries.push(delivery);
-                        Vec::new()
+                        (None, Vec::new())
                     }
-                    Step::Item(Outgoing::Text(text)) => vec![text],
-                    Step::Pushes(pushes) => pushes,
+                    Step::Item(Outgoing::Text(text)) => (Some(text), Vec::new()),
+                    Step::Pushes(pushes) => (None, pushes),
                 };
-                for text in texts {
+                for text in text.into_iter().chain(pushes) {
                     batch_bytes += text.len();
                     written += 1;
                     sink.feed(Message::Text(text.into()))
