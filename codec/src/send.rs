@@ -19,7 +19,7 @@ use ferry_shards::record::plain_json_prefix;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::storable::{exponent_value, number_in_range, MAX_JSON_DEPTH};
+use crate::storable::{scan_json_number, MAX_JSON_DEPTH};
 
 /// The event whose payload [`parse_send`] reads.
 pub const SEND: &str = "send";
@@ -286,56 +286,11 @@ impl<'a> Scan<'a> {
         Some(&self.text[start..self.at - 1])
     }
 
-    /// A number in JSON's grammar, within the range a JSONB column stores (the same count of
-    /// digits, after the exponent, as the storable check).
+    /// A number in JSON's grammar, within the range a JSONB column stores (the storable check's
+    /// own rule, [`scan_json_number`]).
     pub(crate) fn number(&mut self) -> Option<()> {
-        let b = self.text.as_bytes();
-        let digits = |at: &mut usize| {
-            let start = *at;
-            while b.get(*at).is_some_and(u8::is_ascii_digit) {
-                *at += 1;
-            }
-            *at - start
-        };
-        let mut at = self.at;
-        if b[at] == b'-' {
-            at += 1;
-        }
-        let int_digits = match b.get(at)? {
-            b'0' => {
-                at += 1;
-                1
-            }
-            b'1'..=b'9' => digits(&mut at),
-            _ => return None,
-        };
-        let mut frac_digits = 0;
-        if b.get(at) == Some(&b'.') {
-            at += 1;
-            frac_digits = digits(&mut at);
-            if frac_digits == 0 {
-                return None;
-            }
-        }
-        let mut exponent: i64 = 0;
-        if matches!(b.get(at), Some(b'e' | b'E')) {
-            at += 1;
-            let negative = b.get(at) == Some(&b'-');
-            if matches!(b.get(at), Some(b'-' | b'+')) {
-                at += 1;
-            }
-            let start = at;
-            digits(&mut at);
-            if at == start {
-                return None;
-            }
-            exponent = exponent_value(&b[start..at], negative);
-        }
-        if !number_in_range(int_digits as i64, frac_digits as i64, exponent) {
-            return None;
-        }
-        self.at = at;
-        Some(())
+        let (end, storable) = scan_json_number(self.text.as_bytes(), self.at)?;
+        storable.then(|| self.at = end)
     }
 
     /// A `send` payload object at the cursor.

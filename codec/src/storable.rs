@@ -27,7 +27,11 @@ pub fn check_storable_json(text: &str) -> Result<(), String> {
     while i < b.len() {
         match b[i] {
             b'"' => i = scan_string(b, i + 1)?,
-            b'-' | b'0'..=b'9' => i = scan_number(b, i)?,
+            b'-' | b'0'..=b'9' => match scan_json_number(b, i) {
+                Some((end, true)) => i = end,
+                Some((_, false)) => return Err("number out of the storable range".into()),
+                None => return Err("malformed number".into()),
+            },
             b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_JSON_DEPTH {
@@ -85,43 +89,55 @@ fn scan_string(b: &[u8], mut i: usize) -> Result<usize, String> {
     Err("unterminated string".into())
 }
 
-/// From the first byte of a number to just after its last.
-fn scan_number(b: &[u8], mut i: usize) -> Result<usize, String> {
-    let digits = |b: &[u8], mut i: usize| {
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
+/// A number in JSON's grammar at `at`: where it ends, and whether a JSONB column stores it (the
+/// count of digits before and after its decimal point, after applying its exponent, within
+/// `numeric`'s range). `None`: no number in JSON's grammar starts there.
+pub(crate) fn scan_json_number(b: &[u8], at: usize) -> Option<(usize, bool)> {
+    let digits = |at: &mut usize| {
+        let start = *at;
+        while b.get(*at).is_some_and(u8::is_ascii_digit) {
+            *at += 1;
         }
-        (i, (i - start) as i64)
+        (*at - start) as i64
     };
-    if b[i] == b'-' {
-        i += 1;
+    let mut at = at;
+    if b.get(at) == Some(&b'-') {
+        at += 1;
     }
-    let (after_int, int_digits) = digits(b, i);
-    i = after_int;
+    let int_digits = match b.get(at)? {
+        b'0' => {
+            at += 1;
+            1
+        }
+        b'1'..=b'9' => digits(&mut at),
+        _ => return None,
+    };
     let mut frac_digits = 0;
-    if b.get(i) == Some(&b'.') {
-        (i, frac_digits) = digits(b, i + 1);
+    if b.get(at) == Some(&b'.') {
+        at += 1;
+        frac_digits = digits(&mut at);
+        if frac_digits == 0 {
+            return None;
+        }
     }
     let mut exponent: i64 = 0;
-    if matches!(b.get(i), Some(b'e' | b'E')) {
-        i += 1;
-        let negative = b.get(i) == Some(&b'-');
-        if matches!(b.get(i), Some(b'-' | b'+')) {
-            i += 1;
+    if matches!(b.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        let negative = b.get(at) == Some(&b'-');
+        if matches!(b.get(at), Some(b'-' | b'+')) {
+            at += 1;
         }
-        let start = i;
-        (i, _) = digits(b, i);
-        exponent = exponent_value(&b[start..i], negative);
+        let start = at;
+        if digits(&mut at) == 0 {
+            return None;
+        }
+        exponent = exponent_value(&b[start..at], negative);
     }
-    if !number_in_range(int_digits, frac_digits, exponent) {
-        return Err("number out of the storable range".into());
-    }
-    Ok(i)
+    Some((at, number_in_range(int_digits, frac_digits, exponent)))
 }
 
 /// An exponent's decimal digits as a number, saturating (no JSONB number comes near the ends).
-pub(crate) fn exponent_value(digits: &[u8], negative: bool) -> i64 {
+fn exponent_value(digits: &[u8], negative: bool) -> i64 {
     let magnitude = digits.iter().fold(0i64, |e, d| {
         e.saturating_mul(10).saturating_add(i64::from(d - b'0'))
     });
@@ -134,7 +150,7 @@ pub(crate) fn exponent_value(digits: &[u8], negative: bool) -> i64 {
 
 /// Whether a number with these counts of digits before and after its decimal point, and this
 /// exponent, is within what a JSONB column stores.
-pub(crate) fn number_in_range(int_digits: i64, frac_digits: i64, exponent: i64) -> bool {
+fn number_in_range(int_digits: i64, frac_digits: i64, exponent: i64) -> bool {
     int_digits.saturating_add(exponent) <= MAX_INTEGER_DIGITS
         && frac_digits.saturating_sub(exponent) <= MAX_FRACTION_DIGITS
 }
