@@ -357,7 +357,7 @@ impl AppendQueue {
         let mut results = self.submit_batch(&mut batch).await?;
         Ok(results
             .pop()
-            .unwrap_or(Pending::Done(Err(unavailable(TryAgainReason::Restarting)))))
+            .unwrap_or_else(|| Pending::Done(Err(unavailable(TryAgainReason::Restarting)))))
     }
 
     /// Hands several appends on, in order; one result per append, in order.

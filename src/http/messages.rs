@@ -2,20 +2,23 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use ferry_shards::actor::conversation::AppendRequest;
+use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
+use ferry_shards::ids::ConversationId;
 use ferry_shards::record::{
-    format_rfc3339_millis, Message, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES,
+    push_rfc3339_millis, Message, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KIND_BYTES,
 };
 
 use super::error::ApiError;
-use super::{conversation_id, object_or_invalid, AppState, Caller, JsonBody, PathParam};
+use super::{conversation_id, object_or_invalid, parse_json, AppState, Caller, PathParam};
 use crate::access;
 use ferry_shards::ids::ParticipantId;
 
@@ -81,16 +84,19 @@ pub fn build_request(
 
 pub async fn append(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Caller(principal): Caller,
     PathParam(raw_id): PathParam,
-    JsonBody(body): JsonBody<AppendBody>,
+    IdempotencyHeader(header_key): IdempotencyHeader,
+    AppendJson {
+        body,
+        storable_checked,
+    }: AppendJson,
 ) -> Result<Response, ApiError> {
     principal.may_write()?;
     state.rate.check_append(&principal.subject())?;
     let id = conversation_id(&raw_id)?;
-    let header_key = headers
-        .get("idempotency-key")
+    let header_key = header_key
+        .as_ref()
         .map(|v| {
             v.to_str()
                 .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII"))
@@ -102,30 +108,93 @@ pub async fn append(
         header_key,
         sender,
         state.config.limits.max_message_bytes,
-        false,
+        storable_checked,
     )?;
     let outcome = crate::service::append(&state, &principal, &id, request).await?;
     Ok((
         StatusCode::CREATED,
-        Json(Appended {
-            conversation_id: id.as_str(),
-            seq: outcome.seq,
-            id: outcome.id,
-            created_at: format_rfc3339_millis(outcome.created_at_ms),
-            deduped: outcome.deduped,
-        }),
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        appended_json(Some(&id), &outcome),
     )
         .into_response())
 }
 
-/// The answer to an append (serialized straight from here, no intermediate JSON tree).
-#[derive(Serialize)]
-struct Appended<'a> {
-    conversation_id: &'a str,
-    seq: u64,
-    id: uuid::Uuid,
-    created_at: String,
-    deduped: bool,
+/// The `Idempotency-Key` header, if the request has one (checked by the handler, after the
+/// credentials and the path). Only this header is taken from the request, not a copy of all.
+pub struct IdempotencyHeader(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(IdempotencyHeader(
+            parts.headers.get(IDEMPOTENCY_KEY_HEADER).cloned(),
+        ))
+    }
+}
+
+const IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// An append's body: read in one pass when it can be ([`ferry_codec::send::parse_send`], which
+/// also finds `content` and `metadata` storable), otherwise by serde, which gives the error a
+/// client sees. Both read the same fields from the same text (the codec's property tests).
+pub struct AppendJson {
+    pub body: AppendBody,
+    /// `content` and `metadata` were found storable on the way.
+    pub storable_checked: bool,
+}
+
+impl FromRequest<AppState> for AppendJson {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = super::body_bytes(req, state).await?;
+        let one_pass = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(ferry_codec::send::parse_send)
+            .and_then(|fields| fields.to_body());
+        Ok(match one_pass {
+            Some(body) => AppendJson {
+                body,
+                storable_checked: true,
+            },
+            None => AppendJson {
+                body: parse_json(&bytes)?,
+                storable_checked: false,
+            },
+        })
+    }
+}
+
+/// The answer to an append, `{"conversation_id"?, "seq", "id", "created_at", "deduped"}`: over
+/// HTTP with the conversation, in a WebSocket `send`'s reply without it. Written straight into
+/// one string: an id never needs escaping (ids are `[A-Za-z0-9_.:@-]`), nor do the rest.
+pub fn appended_json(conversation: Option<&ConversationId>, outcome: &AppendOutcome) -> String {
+    let mut out = String::with_capacity(160);
+    match conversation {
+        Some(id) => {
+            out.push_str("{\"conversation_id\":\"");
+            out.push_str(id.as_str());
+            out.push_str("\",\"seq\":");
+        }
+        None => out.push_str("{\"seq\":"),
+    }
+    out.push_str(itoa::Buffer::new().format(outcome.seq));
+    out.push_str(",\"id\":\"");
+    out.push_str(
+        outcome
+            .id
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+    out.push_str("\",\"created_at\":\"");
+    push_rfc3339_millis(&mut out, outcome.created_at_ms);
+    out.push_str(if outcome.deduped {
+        "\",\"deduped\":true}"
+    } else {
+        "\",\"deduped\":false}"
+    });
+    out
 }
 
 /// Keeps the messages that fit in `max_bytes` of rendered JSON (always at least one): the
@@ -288,4 +357,44 @@ struct Page<'a> {
 struct Gap {
     from_seq: u64,
     to_seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    #[test]
+    fn an_appends_answer_is_the_documented_json() {
+        let id = ConversationId::parse("support-42.x:y@z_").unwrap();
+        for deduped in [false, true] {
+            let outcome = AppendOutcome {
+                seq: u64::MAX,
+                id: uuid::Uuid::now_v7(),
+                created_at_ms: 1_700_000_000_123,
+                deduped,
+            };
+            let answer: Value = serde_json::from_str(&appended_json(Some(&id), &outcome)).unwrap();
+            assert_eq!(
+                answer,
+                json!({
+                    "conversation_id": "support-42.x:y@z_",
+                    "seq": u64::MAX,
+                    "id": outcome.id.to_string(),
+                    "created_at": "2023-11-14T22:13:20.123Z",
+                    "deduped": deduped,
+                })
+            );
+            // Without the conversation (a WebSocket `send`'s reply), the same in the same order.
+            let without = appended_json(None, &outcome);
+            let with = appended_json(Some(&id), &outcome);
+            assert_eq!(
+                with,
+                format!(
+                    "{{\"conversation_id\":\"support-42.x:y@z_\",{}",
+                    &without[1..]
+                )
+            );
+        }
+    }
 }

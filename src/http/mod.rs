@@ -184,13 +184,18 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        // Room for the JSON envelope around a maximum-size message.
-        let limit = state.config.limits.max_message_bytes * 2 + 16 * 1024;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| ApiError::too_large(format!("request body larger than {limit} bytes")))?;
+        let bytes = body_bytes(req, state).await?;
         parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A request's body, read whole under the configured size limit.
+pub async fn body_bytes(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    // Room for the JSON envelope around a maximum-size message.
+    let limit = state.config.limits.max_message_bytes * 2 + 16 * 1024;
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::too_large(format!("request body larger than {limit} bytes")))
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {

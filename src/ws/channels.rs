@@ -33,7 +33,6 @@ use tokio::task::{AbortHandle, JoinHandle};
 use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
 use ferry_shards::ids::{ConversationId, ParticipantId};
 use ferry_shards::node::TryAgainReason;
-use ferry_shards::record::push_rfc3339_millis;
 
 use super::echo::{OwnSends, SendTicket};
 use super::frame::{self, Address, Frame};
@@ -946,24 +945,7 @@ fn oldest_outcome(
 /// The `ok` reply to a `send`: `{seq, id, created_at, deduped}`, written by hand (one per
 /// message, so no serializer).
 fn send_reply(outcome: &AppendOutcome) -> String {
-    let mut out = String::with_capacity(128);
-    out.push_str("{\"seq\":");
-    out.push_str(itoa::Buffer::new().format(outcome.seq));
-    out.push_str(",\"id\":\"");
-    out.push_str(
-        outcome
-            .id
-            .hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer()),
-    );
-    out.push_str("\",\"created_at\":\"");
-    push_rfc3339_millis(&mut out, outcome.created_at_ms);
-    out.push_str(if outcome.deduped {
-        "\",\"deduped\":true}"
-    } else {
-        "\",\"deduped\":false}"
-    });
-    out
+    crate::http::messages::appended_json(None, outcome)
 }
 
 async fn reply_to_send(outbox: &Outbox, to: &Address, result: Result<AppendOutcome, ApiError>) {
