@@ -33,6 +33,7 @@ type StoreResult = (Batch, Result<(), ArchiveError>, Duration);
 pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(50);
     let depth = shared.archive.max_concurrent_batches().max(1);
+    let backlog = BacklogGauges::new();
     let mut in_flight: VecDeque<tokio::task::JoinHandle<StoreResult>> = VecDeque::new();
     // Queue items (from the front) covered by the batches in flight.
     let mut dispatched = 0usize;
@@ -73,7 +74,7 @@ pub(super) async fn run_archiver(shared: Arc<Shared>, mut stop: watch::Receiver<
                 (batch, result, started.elapsed())
             }));
         }
-        publish_backlog(&shared);
+        backlog.publish(&shared);
         let linger = async {
             match linger_until {
                 Some(until) => tokio::time::sleep_until(until.into()).await,
@@ -242,16 +243,37 @@ fn next_batch(shared: &Shared, dispatched: usize, stopping: bool) -> NextBatch {
     NextBatch::Ready(batch)
 }
 
-fn publish_backlog(shared: &Shared) {
-    let oldest = shared
-        .archive_queue
-        .items
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .front()
-        .map(|i| i.durable_at);
-    metrics::gauge!(m::ARCHIVE_BACKLOG_BYTES).set(shared.archive_queue.bytes() as f64);
-    metrics::gauge!(m::ARCHIVE_BACKLOG_RECORDS).set(shared.archive_queue.len() as f64);
-    metrics::gauge!(m::ARCHIVE_LAG_SECONDS).set(oldest.map_or(0.0, |t| t.elapsed().as_secs_f64()));
-    metrics::gauge!(m::RING_BYTES).set(shared.budget.used() as f64);
+/// The archive backlog's gauges, looked up in the recorder once: the loop publishes them on
+/// every turn, which at a low rate is once per append.
+struct BacklogGauges {
+    bytes: metrics::Gauge,
+    records: metrics::Gauge,
+    lag: metrics::Gauge,
+    ring: metrics::Gauge,
+}
+
+impl BacklogGauges {
+    fn new() -> BacklogGauges {
+        BacklogGauges {
+            bytes: metrics::gauge!(m::ARCHIVE_BACKLOG_BYTES),
+            records: metrics::gauge!(m::ARCHIVE_BACKLOG_RECORDS),
+            lag: metrics::gauge!(m::ARCHIVE_LAG_SECONDS),
+            ring: metrics::gauge!(m::RING_BYTES),
+        }
+    }
+
+    fn publish(&self, shared: &Shared) {
+        let oldest = shared
+            .archive_queue
+            .items
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .front()
+            .map(|i| i.durable_at);
+        self.bytes.set(shared.archive_queue.bytes() as f64);
+        self.records.set(shared.archive_queue.len() as f64);
+        self.lag
+            .set(oldest.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+        self.ring.set(shared.budget.used() as f64);
+    }
 }
