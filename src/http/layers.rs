@@ -6,13 +6,17 @@
 //! stored), which is why appends carry idempotency keys. SSE streams and WebSocket upgrades are
 //! not wrapped; they are long-lived by design and have `write_timeout` instead.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use axum::http::{HeaderName, HeaderValue, Method};
-use axum::middleware::Next;
+use axum::http::{HeaderName, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
+use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::error::ApiError;
@@ -47,26 +51,85 @@ pub fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
-/// Answers `try_again` when the handler has not answered within `limit`.
-pub async fn request_timeout(
-    State(limit): State<Duration>,
-    request: Request,
-    next: Next,
-) -> Response {
-    // Kept for the log line only: cloning the method and URI shares their bytes, no copy.
-    let (method, uri) = (request.method().clone(), request.uri().clone());
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            let path = uri.path();
-            tracing::warn!(%method, path, timeout = %format_duration(limit), "request timed out");
-            let mut e = ApiError::unavailable(format!(
-                "the request was not answered within {}; retry (appends with the same \
-                 idempotency key)",
-                format_duration(limit)
-            ));
-            e.reason = Some("timeout");
-            e.into_response()
+/// Answers `try_again` when the handler has not answered within `limit`: a tower layer over
+/// each route, whose future wraps the route's own (no boxed future, no copy of the route per
+/// request).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTimeoutLayer {
+    pub limit: Duration,
+}
+
+impl<S> Layer<S> for RequestTimeoutLayer {
+    type Service = RequestTimeout<S>;
+
+    fn layer(&self, inner: S) -> RequestTimeout<S> {
+        RequestTimeout {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// See [`RequestTimeoutLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestTimeout<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S> Service<Request> for RequestTimeout<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // Kept for the log line only: cloning the method and URI shares their bytes, no copy.
+        let (method, uri) = (request.method().clone(), request.uri().clone());
+        TimeoutFuture {
+            inner: tokio::time::timeout(self.limit, self.inner.call(request)),
+            method,
+            uri,
+            limit: self.limit,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`RequestTimeout`].
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+        method: Method,
+        uri: Uri,
+        limit: Duration,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for TimeoutFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match ready!(this.inner.poll(cx)) {
+            Ok(answered) => Poll::Ready(answered),
+            Err(_) => {
+                let (method, path, limit) = (&*this.method, this.uri.path(), *this.limit);
+                tracing::warn!(%method, path, timeout = %format_duration(limit), "request timed out");
+                let mut e = ApiError::unavailable(format!(
+                    "the request was not answered within {}; retry (appends with the same \
+                     idempotency key)",
+                    format_duration(limit)
+                ));
+                e.reason = Some("timeout");
+                Poll::Ready(Ok(e.into_response()))
+            }
         }
     }
 }

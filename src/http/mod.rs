@@ -94,10 +94,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Only the routes above: streams are long-lived by design.
-        .layer(axum::middleware::from_fn_with_state(
-            timeout,
-            layers::request_timeout,
-        ))
+        .layer(layers::RequestTimeoutLayer { limit: timeout })
         .route("/v1/conversations/{id}/stream", get(stream::sse))
         .merge(crate::ws::routes())
         .with_state(state);
