@@ -99,19 +99,28 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }
 # A short warm-up: every conversation's actor started, caches filled.
 wrk -t "$threads" -c "$connections" -d 3s -s "$work/append.lua" "$base" >/dev/null
 before="$(cpu_ticks)"
-wrk -t "$threads" -c "$connections" -d "${duration}s" --latency -s "$work/append.lua" "$base" \
-  | tee "$work/wrk.txt"
+# `times` in the subshell: the CPU wrk itself used (it shares the machine with the server).
+(
+  wrk -t "$threads" -c "$connections" -d "${duration}s" --latency -s "$work/append.lua" "$base" \
+    >"$work/wrk.txt"
+  times >"$work/times.txt"
+)
 after="$(cpu_ticks)"
+cat "$work/wrk.txt"
 hz="$(getconf CLK_TCK)"
-python3 - "$work/wrk.txt" "$before" "$after" "$hz" "$duration" <<'PY'
+python3 - "$work/wrk.txt" "$before" "$after" "$hz" "$work/times.txt" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-before, after, hz, duration = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+before, after, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# The second line of `times`: children's user and system time, as 0m1.234s 0m0.567s.
+child = open(sys.argv[5]).read().split("\n")[1].split()
+wrk_cpu = sum(int(m) * 60 + float(s) for m, s in (re.match(r"(\d+)m([\d.]+)s", t).groups() for t in child))
 m = re.search(r"(\d+) requests in ([\d.]+)s", text)
 requests, seconds = int(m.group(1)), float(m.group(2))
 bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 acked = requests - (int(bad.group(1)) if bad else 0)
 cpu = (after - before) / hz
 print(f"acknowledged appends/s: {acked / seconds:,.0f}   server cores: {cpu / seconds:.2f}   "
+      f"wrk cores: {wrk_cpu / seconds:.2f}   "
       f"server CPU per acknowledged append: {cpu / acked * 1e6:.1f} us")
 PY
