@@ -861,7 +861,16 @@ async fn run_appends(
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     loop {
         let idle = in_flight.is_empty();
+        // Biased (no random pick per turn): what became durable is answered first, which also
+        // frees the socket's in-flight permits; new jobs are taken when nothing is ready.
         tokio::select! {
+            biased;
+            // Cancel-safe: the oldest stays in the queue until its outcome is taken.
+            result = std::future::poll_fn(|cx| oldest_outcome(&mut in_flight, cx)), if !idle => {
+                if let Some(done) = in_flight.pop_front() {
+                    done.answer(&outbox, result).await;
+                }
+            }
             job = jobs.recv() => {
                 let Some(job) = job else { break };
                 let mut batch = vec![job];
@@ -888,12 +897,6 @@ async fn run_appends(
                         _awaited: awaited,
                     },
                 ));
-            }
-            // Cancel-safe: the oldest stays in the queue until its outcome is taken.
-            result = std::future::poll_fn(|cx| oldest_outcome(&mut in_flight, cx)), if !idle => {
-                if let Some(done) = in_flight.pop_front() {
-                    done.answer(&outbox, result).await;
-                }
             }
             // Jobs queued before the close are still received; then `recv` ends the loop.
             () = async move {
