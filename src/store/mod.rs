@@ -105,8 +105,11 @@ const SQLITE_THREAD: &str = "ferry-sqlite-";
 /// Archive batches stored at once on Postgres (see `Archive::max_concurrent_batches`). Measured
 /// with `cargo bench --bench archive -- pg-insert` on 2 cores: 3 beat 2 (docs/benchmarks.md).
 const POSTGRES_CONCURRENT_BATCHES: usize = 3;
-/// SQLite page size for new databases (bytes).
-const SQLITE_PAGE_SIZE: u32 = 16 * 1024;
+/// SQLite page size for new databases (bytes), SQLite's own default. An archive transaction
+/// rewrites one `(conversation_id, seq)` index leaf per conversation it touches, whole: with
+/// 16 KiB pages a batch over 1,000 conversations wrote about 16 MB to SQLite's WAL, and those
+/// leaves did not fit the 8 MiB cache. Existing files keep the size they were made with.
+const SQLITE_PAGE_SIZE: u32 = 4 * 1024;
 /// SQLite page cache per connection, in KiB when negative (SQLite's convention): 8 MiB (the
 /// default is 2 MB), so an archive transaction's index pages stay cached instead of being read
 /// back from the file. All connections together stay near `SQLITE_SOFT_HEAP_LIMIT`.
@@ -263,8 +266,7 @@ impl Store {
             Backend::Sqlite => {
                 let connect = SqliteConnectOptions::from_str(url)?
                     .create_if_missing(true)
-                    // Only takes effect on a new database file. Larger pages mean fewer page
-                    // splits and fewer pages rewritten per archive transaction.
+                    // Only takes effect on a new database file.
                     .page_size(SQLITE_PAGE_SIZE)
                     .pragma("cache_size", SQLITE_CACHE_SIZE)
                     .pragma("soft_heap_limit", SQLITE_SOFT_HEAP_LIMIT)
@@ -485,6 +487,15 @@ mod tests {
                 .expect("pragma");
             assert_eq!(value.to_string(), expected, "{pragma}");
         }
+        let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(pool)
+            .await
+            .expect("pragma");
+        assert_eq!(
+            page_size,
+            i64::from(SQLITE_PAGE_SIZE),
+            "a new file's page size"
+        );
         store.close().await;
     }
 
