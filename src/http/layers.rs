@@ -42,7 +42,7 @@ pub fn cors(origins: &[String]) -> Option<CorsLayer> {
             .allow_headers([
                 AUTHORIZATION,
                 CONTENT_TYPE,
-                HeaderName::from_static("idempotency-key"),
+                super::IDEMPOTENCY_KEY,
                 HeaderName::from_static("last-event-id"),
             ])
             // So a page can honour `try_again` the way the protocol asks.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -128,12 +128,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         Ok(IdempotencyHeader(
-            parts.headers.get(IDEMPOTENCY_KEY_HEADER).cloned(),
+            parts.headers.get(super::IDEMPOTENCY_KEY).cloned(),
         ))
     }
 }
-
-const IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// An append's body: read in one pass when it can be ([`ferry_codec::send::parse_send`], which
 /// also finds `content` and `metadata` storable), otherwise by serde, which gives the error a

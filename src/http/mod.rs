@@ -141,6 +141,10 @@ pub(crate) fn readiness(node: &Node, cluster: Option<&crate::cluster::Cluster>) 
     }
 }
 
+/// The header an append's idempotency key may come in (or its body's `idempotency_key`).
+pub const IDEMPOTENCY_KEY: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("idempotency-key");
+
 /// The caller, authenticated from the `Authorization` header. As an extractor it runs before the
 /// body is read, so a request without valid credentials is a 401 whatever its body holds.
 pub struct Caller(pub Principal);

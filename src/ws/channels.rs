@@ -945,17 +945,14 @@ fn oldest_outcome(
     }
 }
 
-/// The `ok` reply to a `send`: `{seq, id, created_at, deduped}`, written by hand (one per
-/// message, so no serializer).
-fn send_reply(outcome: &AppendOutcome) -> String {
-    crate::http::messages::appended_json(None, outcome)
-}
-
 async fn reply_to_send(outbox: &Outbox, to: &Address, result: Result<AppendOutcome, ApiError>) {
     match result {
         Ok(outcome) => {
             outbox
-                .send(frame::reply_ok_json(to, &send_reply(&outcome)))
+                .send(frame::reply_ok_json(
+                    to,
+                    &crate::http::messages::appended_json(None, &outcome),
+                ))
                 .await
         }
         Err(e) => outbox.error(to, &e).await,
