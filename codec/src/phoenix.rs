@@ -330,12 +330,16 @@ pub fn push_head(join_ref: &Value, topic: &str, event: &str) -> String {
     head
 }
 
-/// A push from its [`push_head`] and its payload's JSON text (a message's cached rendering):
-/// the same frame as [`push`] without serializing the payload again.
-pub fn push_with_head(head: &str, payload_json: &str) -> String {
-    let mut out = String::with_capacity(head.len() + payload_json.len() + 1);
+/// A push from its [`push_head`] and its payload's JSON text, given in pieces written one after
+/// the other (a message's cached rendering around its content): the same frame as [`push`]
+/// without serializing the payload again.
+pub fn push_with_head(head: &str, payload_json: &[&str]) -> String {
+    let len = payload_json.iter().map(|p| p.len()).sum::<usize>();
+    let mut out = String::with_capacity(head.len() + len + 1);
     out.push_str(head);
-    out.push_str(payload_json);
+    for part in payload_json {
+        out.push_str(part);
+    }
     out.push(']');
     out
 }
@@ -572,14 +576,14 @@ mod tests {
             r#"["1","2","conversation:c","phx_reply",{"status":"ok","response":{}}]"#
         );
         let payload = json!({"seq": 3, "content": {"text": "a \"quoted\" ]"}});
+        let text = payload.to_string();
+        let (a, rest) = text.split_at(8);
+        let (b, c) = rest.split_at(10);
         for join_ref in [json!("1"), json!(null), json!("j\"2")] {
-            assert_eq!(
-                push_with_head(
-                    &push_head(&join_ref, "conversation:c\"", "message"),
-                    &payload.to_string()
-                ),
-                push(&join_ref, "conversation:c\"", "message", &payload)
-            );
+            let head = push_head(&join_ref, "conversation:c\"", "message");
+            let expected = push(&join_ref, "conversation:c\"", "message", &payload);
+            assert_eq!(push_with_head(&head, &[&text]), expected);
+            assert_eq!(push_with_head(&head, &[a, b, c]), expected);
         }
         assert_eq!(
             push(&json!("1"), "t", "typing", &json!({"participant": "p"})),

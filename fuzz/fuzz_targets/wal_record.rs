@@ -36,8 +36,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(message.epoch, 0);
     }
     // Rendering: the timestamp formatter and the JSON of a message must not panic either.
-    let json = message.json();
+    let json = message.to_json();
     assert!(json.starts_with('{') && json.ends_with('}'));
+    assert_eq!(json.len(), message.json_len());
     let _ = message.created_at();
     let _ = message.approx_bytes();
 });

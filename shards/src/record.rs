@@ -44,10 +44,19 @@ pub struct Message {
     /// Always a JSON object.
     pub metadata: Box<RawValue>,
     pub idempotency_key: Option<Box<str>>,
-    /// The message's JSON (its `Serialize` output), rendered on first use by [`Message::json`]
-    /// and kept: a message pushed to many subscribers is serialized once, not once per socket.
-    /// Construct with `Default::default()`.
-    pub rendered: OnceLock<Box<str>>,
+    /// The message's JSON (its `Serialize` output) without its `content`, rendered on first use
+    /// and kept: a message pushed to many subscribers is serialized once, not once per socket,
+    /// and its content (most of its bytes) is held once, in `content`. See
+    /// [`Message::json_parts`]. Construct with `Default::default()`.
+    pub rendered: OnceLock<Rendered>,
+}
+
+/// A [`Message`]'s JSON around its `content`: everything before it, then everything after it.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    around: Box<str>,
+    /// Where `content` goes in `around`.
+    split: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,22 +70,42 @@ pub enum DecodeError {
 }
 
 impl Message {
-    /// The message as JSON (what its `Serialize` writes), rendered once.
-    pub fn json(&self) -> &str {
-        self.rendered.get_or_init(|| self.render().into_boxed_str())
+    /// The message as JSON (what its `Serialize` writes) in three pieces, written one after
+    /// the other: what comes before `content`, `content`, and what comes after it. Rendered once.
+    pub fn json_parts(&self) -> [&str; 3] {
+        let rendered = self.rendered.get_or_init(|| self.render());
+        let (head, tail) = rendered.around.split_at(rendered.split as usize);
+        [head, self.content.get(), tail]
     }
 
-    /// The `Serialize` output, written directly: every message is rendered once, and the
-    /// generic serializer spent most of its time on the id and the time (formatted into
-    /// temporary strings) and on escaping strings that need none.
-    fn render(&self) -> String {
-        let content = self.content.get();
+    /// The length of [`Message::json_parts`] together.
+    pub fn json_len(&self) -> usize {
+        self.json_parts().iter().map(|p| p.len()).sum()
+    }
+
+    /// [`Message::json_parts`] appended to `out`.
+    pub fn write_json(&self, out: &mut String) {
+        for part in self.json_parts() {
+            out.push_str(part);
+        }
+    }
+
+    /// The message as one JSON string, newly allocated.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(self.json_len());
+        self.write_json(&mut out);
+        out
+    }
+
+    /// The `Serialize` output without `content`, written directly: every message is rendered
+    /// once, and the generic serializer spent most of its time on the id and the time (formatted
+    /// into temporary strings) and on escaping strings that need none.
+    fn render(&self) -> Rendered {
         let metadata = self.metadata.get();
         let mut out = String::with_capacity(
             160 + self.conversation_id.as_str().len()
                 + self.sender.as_str().len()
                 + self.kind.len()
-                + content.len()
                 + metadata.len(),
         );
         out.push_str("{\"conversation_id\":");
@@ -94,26 +123,34 @@ impl Message {
         out.push_str(",\"kind\":");
         push_json_str(&mut out, &self.kind);
         out.push_str(",\"content\":");
-        out.push_str(content);
+        let split = out.len() as u32;
         out.push_str(",\"metadata\":");
         out.push_str(metadata);
         out.push_str(",\"created_at\":\"");
         push_rfc3339_millis(&mut out, self.created_at_ms);
         out.push_str("\"}");
-        out
+        Rendered {
+            around: out.into_boxed_str(),
+            split,
+        }
     }
 
     /// Bytes this message accounts for in memory budgets (ring, archive backlog), counting its
-    /// [`Message::json`] rendering as if it were there: a delivered message holds both.
+    /// rendering (see [`Message::json_parts`]) as if it were there: a delivered message holds it.
     pub fn approx_bytes(&self) -> usize {
-        let body = self.conversation_id.as_str().len()
+        let content = self.content.get().len();
+        let rest = self.conversation_id.as_str().len()
             + self.sender.as_str().len()
             + self.kind.len()
-            + self.content.get().len()
             + self.metadata.get().len();
-        // Struct and allocations, then the rendering: the body again plus keys, id, seq and
-        // timestamp (~150 bytes).
-        96 + body + self.idempotency_key.as_deref().map_or(0, str::len) + body + 160
+        // The shared allocation holding the struct, what it points to, then the rendering
+        // around the content: the rest again plus keys, id, seq and timestamp (~150 bytes).
+        16 + std::mem::size_of::<Message>()
+            + rest
+            + content
+            + self.idempotency_key.as_deref().map_or(0, str::len)
+            + rest
+            + 160
     }
 
     /// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T02:28:36.123Z`.
@@ -506,7 +543,7 @@ mod tests {
         assert_eq!(old.len() + 8, m.encode().len());
         let Record::Message(back) = Record::decode(KIND_MESSAGE_V1, &old).unwrap();
         assert_eq!((back.epoch, back.seq, back.slot), (0, 5, 7));
-        assert_eq!(back.json(), m.json());
+        assert_eq!(back.to_json(), m.to_json());
         // A kind-2 payload is not a valid kind-1 one, nor the other way round.
         assert!(Message::decode_as(KIND_MESSAGE_V1, &m.encode()).is_err());
         assert!(Message::decode_as(KIND_MESSAGE, &old).is_err());
@@ -539,8 +576,13 @@ mod tests {
             let mut m = message(seq, None, &content);
             m.created_at_ms = ms;
             m.kind = kind.into();
-            prop_assert_eq!(m.json(), serde_json::to_string(&m).unwrap());
-            let v: serde_json::Value = serde_json::from_str(m.json()).unwrap();
+            let json = m.to_json();
+            prop_assert_eq!(m.json_len(), json.len());
+            // The kept rendering holds everything but the content, which the message holds once.
+            let kept = m.rendered.get().expect("rendered");
+            prop_assert_eq!(kept.around.len() + m.content.get().len(), json.len());
+            prop_assert_eq!(&json, &serde_json::to_string(&m).unwrap());
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
             prop_assert_eq!(v["seq"].as_u64(), Some(seq));
         }
     }

@@ -410,7 +410,7 @@ mod tests {
             .unwrap()
             .into_message()
             .unwrap();
-        assert_eq!(back.json(), m.json());
+        assert_eq!(back.to_json(), m.to_json());
         assert_eq!(back.idempotency_key, m.idempotency_key);
         assert_eq!(back.slot, 7);
     }

@@ -222,7 +222,7 @@ impl ClusterDb {
                 .bind(seq)
                 .bind(node_id)
                 .bind(sql_i64("epoch", m.epoch)?)
-                .bind(m.json())
+                .bind(m.to_json())
                 .bind(reason)
                 .execute(&mut *tx)
                 .await?;

@@ -203,7 +203,7 @@ fn keep_within_bytes(messages: &mut Vec<Arc<Message>>, max_bytes: usize, newest:
     let mut total = 0usize;
     let mut keep = 0usize;
     let mut count = |m: &Arc<Message>| {
-        total += m.json().len() + 1;
+        total += m.json_len() + 1;
         if keep == 0 || total <= max_bytes {
             keep += 1;
             true

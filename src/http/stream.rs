@@ -154,7 +154,7 @@ fn events(cursor: Cursor) -> impl Stream<Item = Result<Event, Infallible>> {
                 let events: Vec<Result<Event, Infallible>> = gap
                     .into_iter()
                     .chain(batch.messages.iter().map(|m| {
-                        let data = m.json().to_owned();
+                        let data = m.to_json();
                         Ok(Event::default()
                             .id(m.seq.to_string())
                             .event("message")
