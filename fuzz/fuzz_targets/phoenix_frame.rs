@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     assert_same(&frame, &again);
     // A push on the frame's topic is a frame too, with a null ref.
     let head = phoenix::push_head(&frame.join_ref, &frame.topic, &frame.event);
-    let push_text = phoenix::push_with_head(&head, frame.payload);
+    let push_text = phoenix::push_with_head(&head, &[frame.payload]);
     let Decoded::Frame(push) = phoenix::decode(&push_text) else {
         panic!("a push does not decode as a frame");
     };
