@@ -83,18 +83,9 @@ impl Message {
         self.json_parts().iter().map(|p| p.len()).sum()
     }
 
-    /// [`Message::json_parts`] appended to `out`.
-    pub fn write_json(&self, out: &mut String) {
-        for part in self.json_parts() {
-            out.push_str(part);
-        }
-    }
-
     /// The message as one JSON string, newly allocated.
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(self.json_len());
-        self.write_json(&mut out);
-        out
+        self.json_parts().concat()
     }
 
     /// The `Serialize` output without `content`, written directly: every message is rendered

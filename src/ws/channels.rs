@@ -724,13 +724,12 @@ fn deliveries(
                         continue;
                     }
                 }
-                let json = message.json_parts();
-                let len = st.head.len() + json.iter().map(|p| p.len()).sum::<usize>() + 1;
+                let len = st.head.len() + message.json_len() + 1;
                 if !pushes.is_empty() && bytes + len > PULL_BYTES {
                     break;
                 }
                 bytes += len;
-                pushes.push(frame::push_with_head(&st.head, &json));
+                pushes.push(frame::push_with_head(&st.head, &message.json_parts()));
                 st.pending.pop_front();
             }
             if !pushes.is_empty() {
