@@ -57,6 +57,11 @@ pub struct Rendered {
     around: Box<str>,
     /// Where `content` goes in `around`.
     split: u32,
+    /// Where the id's text starts in `around` (`u16::MAX` if it lay beyond: ids are short, so
+    /// it never does), and how long the time's text is; it ends two bytes before `around` does.
+    /// Both fit beside `split`: the struct is no larger for them.
+    id_at: u16,
+    time_len: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,6 +81,21 @@ impl Message {
         let rendered = self.rendered.get_or_init(|| self.render());
         let (head, tail) = rendered.around.split_at(rendered.split as usize);
         [head, self.content.get(), tail]
+    }
+
+    /// The id and the time as text, as the message's JSON has them (`Uuid`'s hyphenated lower
+    /// case, [`format_rfc3339_millis`]), borrowed from its rendering: `None` while the message
+    /// has not been rendered. The archive stores them so, without formatting them again.
+    pub fn rendered_id_and_time(&self) -> Option<(&str, &str)> {
+        const ID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+        let rendered = self.rendered.get().filter(|r| r.id_at != u16::MAX)?;
+        let around = &*rendered.around;
+        let id_at = usize::from(rendered.id_at);
+        let id = around.get(id_at..id_at + ID_LEN)?;
+        // The rendering ends `"created_at":"<time>"}`.
+        let time_end = around.len().checked_sub(2)?;
+        let time = around.get(time_end.checked_sub(usize::from(rendered.time_len))?..time_end)?;
+        Some((id, time))
     }
 
     /// The length of [`Message::json_parts`] together.
@@ -104,6 +124,7 @@ impl Message {
         out.push_str(",\"seq\":");
         out.push_str(itoa::Buffer::new().format(self.seq));
         out.push_str(",\"id\":\"");
+        let id_at = u16::try_from(out.len()).unwrap_or(u16::MAX);
         out.push_str(
             self.id
                 .hyphenated()
@@ -118,11 +139,15 @@ impl Message {
         out.push_str(",\"metadata\":");
         out.push_str(metadata);
         out.push_str(",\"created_at\":\"");
+        let time_at = out.len();
         push_rfc3339_millis(&mut out, self.created_at_ms);
+        let time_len = (out.len() - time_at) as u16;
         out.push_str("\"}");
         Rendered {
             around: out.into_boxed_str(),
             split,
+            id_at,
+            time_len,
         }
     }
 
@@ -567,6 +592,9 @@ mod tests {
             let mut m = message(seq, None, &content);
             m.created_at_ms = ms;
             m.kind = kind.into();
+            prop_assert!(m.rendered_id_and_time().is_none());
+            // The offsets ride in what was padding: a rendering is a pointer, a length and 8 bytes.
+            prop_assert_eq!(std::mem::size_of::<Rendered>(), 24);
             let json = m.to_json();
             prop_assert_eq!(m.json_len(), json.len());
             // The kept rendering holds everything but the content, which the message holds once.
@@ -575,6 +603,12 @@ mod tests {
             prop_assert_eq!(&json, &serde_json::to_string(&m).unwrap());
             let v: serde_json::Value = serde_json::from_str(&json).unwrap();
             prop_assert_eq!(v["seq"].as_u64(), Some(seq));
+            // The id and the time the archive borrows are those the JSON holds.
+            let (id, time) = m.rendered_id_and_time().expect("rendered");
+            prop_assert_eq!(id, m.id.to_string());
+            prop_assert_eq!(time, format_rfc3339_millis(ms));
+            prop_assert_eq!(v["id"].as_str(), Some(id));
+            prop_assert_eq!(v["created_at"].as_str(), Some(time));
         }
     }
 }

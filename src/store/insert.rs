@@ -6,8 +6,10 @@
 use std::sync::{Arc, OnceLock};
 
 use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqliteArguments;
+use sqlx::Arguments;
 
-use ferry_shards::record::{format_rfc3339_millis, Message};
+use ferry_shards::record::{format_rfc3339_millis, push_rfc3339_millis, Message};
 
 use super::{to_i64, Db, Fence, Store, StoreError};
 
@@ -60,6 +62,83 @@ fn sqlite_insert_sql(rows: usize) -> &'static str {
     })
 }
 
+/// The text forms of each row's `id` and `created_at` for one SQLite insert: borrowed from the
+/// message's rendering where it has one (a delivered message does), otherwise written into one
+/// buffer that the statement's arguments borrow. No string of their own per row.
+#[derive(Default)]
+struct RowTexts {
+    text: String,
+    /// Per row: `None` where the rendering has them, else where in `text` the id ends (and the
+    /// time begins) and where the time ends. A rendering, once there, stays: a row that had none
+    /// here may have one by the time it is bound, and is read from `text` all the same.
+    ends: Vec<Option<(usize, usize)>>,
+}
+
+impl RowTexts {
+    fn fill(&mut self, chunk: &[Arc<Message>]) {
+        self.text.clear();
+        self.ends.clear();
+        for m in chunk {
+            if m.rendered_id_and_time().is_some() {
+                self.ends.push(None);
+                continue;
+            }
+            self.text.reserve(uuid::fmt::Hyphenated::LENGTH + 24);
+            self.text.push_str(
+                m.id.hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
+            );
+            let id_end = self.text.len();
+            push_rfc3339_millis(&mut self.text, m.created_at_ms);
+            self.ends.push(Some((id_end, self.text.len())));
+        }
+    }
+
+    /// Row `i` (of the chunk given to [`RowTexts::fill`]): its id and time.
+    fn row<'a>(&'a self, i: usize, m: &'a Message) -> (&'a str, &'a str) {
+        match self.ends[i] {
+            Some((id_end, end)) => (
+                &self.text[id_end - uuid::fmt::Hyphenated::LENGTH..id_end],
+                &self.text[id_end..end],
+            ),
+            None => m
+                .rendered_id_and_time()
+                .expect("a rendering, once there, stays"),
+        }
+    }
+}
+
+/// The values of one SQLite insert ([`sqlite_insert_sql`]), row by row in column order, added
+/// straight into arguments sized for them.
+fn sqlite_rows<'q>(
+    chunk: &'q [Arc<Message>],
+    texts: &'q RowTexts,
+) -> Result<SqliteArguments<'q>, sqlx::Error> {
+    fn add<'q, T>(args: &mut SqliteArguments<'q>, value: T) -> Result<(), sqlx::Error>
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    {
+        args.add(value).map_err(sqlx::Error::Encode)
+    }
+    let mut args = SqliteArguments::default();
+    args.reserve(chunk.len() * MESSAGE_COLUMNS, 0);
+    for (i, m) in chunk.iter().enumerate() {
+        let (id, created_at) = texts.row(i, m);
+        add(&mut args, m.conversation_id.as_str())?;
+        add(&mut args, to_i64(m.seq))?;
+        add(&mut args, id)?;
+        add(&mut args, m.sender.as_str())?;
+        add(&mut args, &*m.kind)?;
+        add(&mut args, m.content.get())?;
+        add(&mut args, m.metadata.get())?;
+        add(&mut args, created_at)?;
+        add(&mut args, m.created_at_ms)?;
+        add(&mut args, m.idempotency_key.as_deref())?;
+        add(&mut args, i64::from(m.slot))?;
+    }
+    Ok(args)
+}
+
 /// Postgres binds one array per column, so the row count is not limited by parameters; chunks
 /// only keep a single statement's size reasonable.
 const MAX_ROWS_PER_UNNEST: usize = 10_000;
@@ -92,25 +171,14 @@ impl Store {
             Db::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
                 let mut rest = messages;
+                let mut texts = RowTexts::default();
                 for size in sqlite_chunks(messages.len()) {
                     let (chunk, after) = rest.split_at(size);
                     rest = after;
-                    let mut q = sqlx::query(sqlite_insert_sql(size));
-                    for m in chunk {
-                        q = q
-                            .bind(m.conversation_id.as_str())
-                            .bind(to_i64(m.seq))
-                            .bind(m.id.to_string())
-                            .bind(m.sender.as_str())
-                            .bind(&*m.kind)
-                            .bind(m.content.get())
-                            .bind(m.metadata.get())
-                            .bind(format_rfc3339_millis(m.created_at_ms))
-                            .bind(m.created_at_ms)
-                            .bind(m.idempotency_key.as_deref())
-                            .bind(m.slot as i64);
-                    }
-                    q.execute(&mut *tx).await?;
+                    texts.fill(chunk);
+                    sqlx::query_with(sqlite_insert_sql(size), sqlite_rows(chunk, &texts)?)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await?;
             }
@@ -292,8 +360,15 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 /// idempotency key as the unquoted empty field, which COPY reads as NULL.
 fn csv_message_row(buf: &mut Vec<u8>, m: &Message) {
     use std::io::Write;
+    // The id and the time as text: from the rendering where there is one (see `RowTexts`).
+    let rendered = m.rendered_id_and_time();
+    let mut id_buf = uuid::Uuid::encode_buffer();
+    let id = match rendered {
+        Some((id, _)) => id,
+        None => m.id.hyphenated().encode_lower(&mut id_buf),
+    };
     csv_text(buf, m.conversation_id.as_str());
-    let _ = write!(buf, ",{},{},", m.seq, m.id);
+    let _ = write!(buf, ",{},{id},", m.seq);
     csv_text(buf, m.sender.as_str());
     buf.push(b',');
     csv_text(buf, &m.kind);
@@ -301,12 +376,12 @@ fn csv_message_row(buf: &mut Vec<u8>, m: &Message) {
     csv_text(buf, m.content.get());
     buf.push(b',');
     csv_text(buf, m.metadata.get());
-    let _ = write!(
-        buf,
-        ",{},{},",
-        format_rfc3339_millis(m.created_at_ms),
-        m.created_at_ms
-    );
+    buf.push(b',');
+    match rendered {
+        Some((_, time)) => buf.extend_from_slice(time.as_bytes()),
+        None => buf.extend_from_slice(format_rfc3339_millis(m.created_at_ms).as_bytes()),
+    }
+    let _ = write!(buf, ",{},", m.created_at_ms);
     if let Some(key) = m.idempotency_key.as_deref() {
         csv_text(buf, key);
     }
@@ -348,15 +423,21 @@ mod tests {
         })
     }
 
+    /// A migrated SQLite store in a directory of its own (kept as long as the first value).
+    async fn sqlite_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
+        let store = Store::connect(&url, 2).await.expect("open");
+        store.migrate().await.expect("migrate");
+        (dir, store)
+    }
+
     /// A batch stored again, partly or whole (a retry after a failed commit, a replay after a
     /// crash), adds only the rows that are missing and leaves the stored ones as they were, over
     /// batches that take several statements.
     #[tokio::test]
     async fn sqlite_batches_stored_again_skip_the_rows_already_there() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
-        let store = Store::connect(&url, 2).await.expect("open");
-        store.migrate().await.expect("migrate");
+        let (_dir, store) = sqlite_store().await;
         let id = ConversationId::parse("replayed").expect("id");
         let first: Vec<_> = (1..=5)
             .map(|seq| message(&id, seq, r#""first""#, None))
@@ -399,6 +480,83 @@ mod tests {
             assert_eq!(m.content.get(), content, "seq {}", m.seq);
         }
         store.close().await;
+    }
+
+    /// The `id` and `created_at` columns hold the text forms of the message's id and time,
+    /// whatever the time's width, row by row across a batch's statements.
+    #[tokio::test]
+    async fn sqlite_rows_store_each_id_and_time_as_text() {
+        let (_dir, store) = sqlite_store().await;
+        let id = ConversationId::parse("times").expect("id");
+        // 7 rows: statements of 4, 2 and 1. Years 1970, 2023, 10000 (a wider time) and -1, each
+        // both rendered and not.
+        let times = [
+            0,
+            1_700_000_000_123,
+            253_402_300_800_000,
+            -62_198_755_200_001,
+        ];
+        let batch: Vec<Arc<Message>> = (1..=7)
+            .map(|seq| {
+                let mut m = Arc::unwrap_or_clone(message(&id, seq, "1", None));
+                m.created_at_ms = times[seq as usize % times.len()];
+                // Some rows are bound from their rendering, the others from text written here.
+                if seq % 3 == 0 {
+                    m.json_parts();
+                }
+                Arc::new(m)
+            })
+            .collect();
+        store.insert_messages(&batch).await.expect("insert");
+        let Db::Sqlite(pool) = &store.db else {
+            unreachable!("sqlite url")
+        };
+        let rows: Vec<(i64, String, String, i64)> =
+            sqlx::query_as("SELECT seq, id, created_at, created_at_ms FROM messages ORDER BY seq")
+                .fetch_all(pool)
+                .await
+                .expect("select");
+        assert_eq!(rows.len(), batch.len());
+        for (m, (seq, id, created_at, ms)) in batch.iter().zip(rows) {
+            assert_eq!(seq, m.seq as i64);
+            assert_eq!(id, m.id.to_string(), "seq {seq}");
+            assert_eq!(
+                created_at,
+                format_rfc3339_millis(m.created_at_ms),
+                "seq {seq}"
+            );
+            assert_eq!(ms, m.created_at_ms);
+        }
+        assert!(batch
+            .iter()
+            .any(|m| format_rfc3339_millis(m.created_at_ms).len() != 24));
+        store.close().await;
+    }
+
+    /// A COPY row is the same whether the id and time come from the rendering or are written
+    /// for it, and holds them as text.
+    #[test]
+    fn csv_rows_are_the_same_rendered_or_not() {
+        let id = ConversationId::parse("csv").expect("id");
+        let plain = message(&id, 3, r#"{"a":"say \"hi\""}"#, Some("k"));
+        let rendered = Arc::new((*plain).clone());
+        rendered.json_parts();
+        assert!(plain.rendered_id_and_time().is_none());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        csv_message_row(&mut a, &plain);
+        csv_message_row(&mut b, &rendered);
+        assert_eq!(
+            String::from_utf8(a).unwrap(),
+            String::from_utf8(b.clone()).unwrap()
+        );
+        let row = String::from_utf8(b).unwrap();
+        let want = format!(
+            ",3,{},\"alice\",\"text\",\"{{\"\"a\"\":\"\"say \\\"\"hi\\\"\"\"\"}}\",\"{{}}\",{},{},\"k\",5\n",
+            plain.id,
+            format_rfc3339_millis(plain.created_at_ms),
+            plain.created_at_ms
+        );
+        assert_eq!(row, format!("\"csv\"{want}"));
     }
 
     #[test]
