@@ -331,12 +331,31 @@ where
     C: Channels,
 {
     let frames_in = metrics::frames_in();
+    // One timer for the socket's life rather than one per frame (registering and cancelling a
+    // timer cost more than the rest of a small frame's bookkeeping): a frame only notes when it
+    // came, and the timer, when it fires, moves on to `idle_timeout` after the last frame.
+    let mut last_frame = tokio::time::Instant::now();
+    let idle = tokio::time::sleep_until(last_frame + config.idle_timeout);
+    tokio::pin!(idle);
     loop {
-        let message = match tokio::time::timeout(config.idle_timeout, stream.next()).await {
-            Err(_) => return End::Idle,
-            Ok(None) => return End::ClientGone,
-            Ok(Some(Err(e))) => return classify_read_error(&e.to_string()),
-            Ok(Some(Ok(message))) => message,
+        let next = tokio::select! {
+            biased;
+            // Cancel-safe: a frame not yet read stays in the stream.
+            next = stream.next() => next,
+            () = &mut idle => {
+                let deadline = last_frame + config.idle_timeout;
+                if deadline > tokio::time::Instant::now() {
+                    idle.as_mut().reset(deadline);
+                    continue;
+                }
+                return End::Idle;
+            }
+        };
+        last_frame = tokio::time::Instant::now();
+        let message = match next {
+            None => return End::ClientGone,
+            Some(Err(e)) => return classify_read_error(&e.to_string()),
+            Some(Ok(message)) => message,
         };
         let text = match message {
             Message::Text(text) => text,
