@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
 
 use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
 use ferry_shards::ids::{ConversationId, ParticipantId};
@@ -858,6 +859,12 @@ async fn run_appends(
     // handed on, so waiting on the oldest only is enough: whatever became durable with it is
     // answered right after, without a waker or a task of its own.
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    // One timer for the pipeline's life, not one per idle spell: a topic that sends now and then
+    // finds its pipeline idle at every send. Going idle only notes the moment; the timer, when
+    // it fires, moves on to `PIPELINE_IDLE` after the latest such moment.
+    let mut idle_since = Instant::now();
+    let idle_timer = tokio::time::sleep_until(idle_since + PIPELINE_IDLE);
+    tokio::pin!(idle_timer);
     loop {
         let idle = in_flight.is_empty();
         // Biased (no random pick per turn): what became durable is answered first, which also
@@ -868,6 +875,9 @@ async fn run_appends(
             result = std::future::poll_fn(|cx| oldest_outcome(&mut in_flight, cx)), if !idle => {
                 if let Some(done) = in_flight.pop_front() {
                     done.answer(&outbox, result).await;
+                }
+                if in_flight.is_empty() {
+                    idle_since = Instant::now();
                 }
             }
             job = jobs.recv() => {
@@ -898,14 +908,14 @@ async fn run_appends(
                 ));
             }
             // Jobs queued before the close are still received; then `recv` ends the loop.
-            () = async move {
-                // Made only when idle: a busy pipeline arms no timer per batch.
-                if idle {
-                    tokio::time::sleep(PIPELINE_IDLE).await
+            () = &mut idle_timer, if idle => {
+                let deadline = idle_since + PIPELINE_IDLE;
+                if deadline > Instant::now() {
+                    idle_timer.as_mut().reset(deadline);
                 } else {
-                    std::future::pending().await
+                    jobs.close();
                 }
-            } => jobs.close(),
+            }
         }
     }
     while let Some(mut done) = in_flight.pop_front() {
