@@ -29,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
-use tokio::time::Instant;
 
 use ferry_shards::actor::conversation::{AppendOutcome, AppendRequest};
 use ferry_shards::ids::{ConversationId, ParticipantId};
@@ -37,6 +36,7 @@ use ferry_shards::node::TryAgainReason;
 
 use super::echo::{OwnSends, SendTicket};
 use super::frame::{self, Address, Frame};
+use super::idle::IdleClock;
 use super::metrics::{self, ChannelGauge, Counted};
 use super::session::{AwaitedReply, Channels, Outbox};
 use crate::access;
@@ -859,11 +859,9 @@ async fn run_appends(
     // handed on, so waiting on the oldest only is enough: whatever became durable with it is
     // answered right after, without a waker or a task of its own.
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    // One timer for the pipeline's life, not one per idle spell: a topic that sends now and then
-    // finds its pipeline idle at every send. Going idle only notes the moment; the timer, when
-    // it fires, moves on to `PIPELINE_IDLE` after the latest such moment.
-    let mut idle_since = Instant::now();
-    let idle_timer = tokio::time::sleep_until(idle_since + PIPELINE_IDLE);
+    // A topic that sends now and then finds its pipeline idle at every send: going idle only
+    // touches the clock.
+    let (mut idle_clock, idle_timer) = IdleClock::start(PIPELINE_IDLE);
     tokio::pin!(idle_timer);
     loop {
         let idle = in_flight.is_empty();
@@ -877,7 +875,7 @@ async fn run_appends(
                     done.answer(&outbox, result).await;
                 }
                 if in_flight.is_empty() {
-                    idle_since = Instant::now();
+                    idle_clock.touch();
                 }
             }
             job = jobs.recv() => {
@@ -909,10 +907,7 @@ async fn run_appends(
             }
             // Jobs queued before the close are still received; then `recv` ends the loop.
             () = &mut idle_timer, if idle => {
-                let deadline = idle_since + PIPELINE_IDLE;
-                if deadline > Instant::now() {
-                    idle_timer.as_mut().reset(deadline);
-                } else {
+                if idle_clock.expired(idle_timer.as_mut()) {
                     jobs.close();
                 }
             }

@@ -20,6 +20,7 @@
 pub mod channels;
 mod echo;
 pub mod frame;
+mod idle;
 pub mod metrics;
 pub mod session;
 

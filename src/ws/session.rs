@@ -31,6 +31,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::frame::{self, Address, Decoded, Frame};
+use super::idle::IdleClock;
 use super::metrics;
 use crate::http::error::ApiError;
 
@@ -331,27 +332,21 @@ where
     C: Channels,
 {
     let frames_in = metrics::frames_in();
-    // One timer for the socket's life rather than one per frame (registering and cancelling a
-    // timer cost more than the rest of a small frame's bookkeeping): a frame only notes when it
-    // came, and the timer, when it fires, moves on to `idle_timeout` after the last frame.
-    let mut last_frame = tokio::time::Instant::now();
-    let idle = tokio::time::sleep_until(last_frame + config.idle_timeout);
-    tokio::pin!(idle);
+    let (mut idle, timer) = IdleClock::start(config.idle_timeout);
+    tokio::pin!(timer);
     loop {
         let next = tokio::select! {
             biased;
             // Cancel-safe: a frame not yet read stays in the stream.
             next = stream.next() => next,
-            () = &mut idle => {
-                let deadline = last_frame + config.idle_timeout;
-                if deadline > tokio::time::Instant::now() {
-                    idle.as_mut().reset(deadline);
-                    continue;
+            () = &mut timer => {
+                if idle.expired(timer.as_mut()) {
+                    return End::Idle;
                 }
-                return End::Idle;
+                continue;
             }
         };
-        last_frame = tokio::time::Instant::now();
+        idle.touch();
         let message = match next {
             None => return End::ClientGone,
             Some(Err(e)) => return classify_read_error(&e.to_string()),
