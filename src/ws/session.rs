@@ -280,7 +280,8 @@ where
     let mut channels = make_channels(outbox.clone());
     let expiry = async {
         match config.expires_at {
-            Some(at) => tokio::time::sleep_until(at).await,
+            // Boxed: a timer is 112 bytes, and a socket without an expiry should not carry one.
+            Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
             None => std::future::pending().await,
         }
     };
@@ -290,9 +291,11 @@ where
         end = stop => end,
         _ = expiry => End::Expired,
     };
+    // The waits below are boxed: they come once, at the end, and inline they would be room in
+    // every socket's task for its whole life.
     if matches!(end, End::Expired | End::Revoked) && !writer.is_finished() {
         // Bounded like the close itself: a client that reads nothing cannot hold the socket.
-        let _ = tokio::time::timeout(config.close_grace, channels.expire()).await;
+        let _ = Box::pin(tokio::time::timeout(config.close_grace, channels.expire())).await;
     }
     // Stops every per-topic task before the close frame is queued behind their pushes.
     drop(channels);
@@ -311,7 +314,7 @@ where
         drop(outbox);
         let _ = (&mut writer).await;
     };
-    if tokio::time::timeout(config.close_grace, finish)
+    if Box::pin(tokio::time::timeout(config.close_grace, finish))
         .await
         .is_err()
     {
@@ -368,38 +371,47 @@ where
         if text.len() > config.max_frame_bytes {
             return End::TooLarge;
         }
-        match frame::decode(text.as_str()) {
-            Decoded::Frame(frame) if frame.topic == frame::PHOENIX_TOPIC => {
-                let to = frame.address();
-                if frame.event == frame::HEARTBEAT {
-                    outbox.ok(&to, &json!({})).await;
-                } else {
-                    let mut e = ApiError::invalid(format!(
-                        "topic phoenix only takes heartbeat, not {:?}",
-                        frame.event
-                    ));
-                    e.reason = Some("unknown_event");
-                    outbox.error(&to, &e).await;
-                }
-            }
-            // Boxed: a channel frame's future (a join reads the store) is many times larger
-            // than the rest of this loop, and unboxed it would sit in every idle socket's task.
-            Decoded::Frame(frame) => Box::pin(channels.handle(frame)).await,
-            Decoded::Invalid { address, message } => {
-                outbox.error(&address, &ApiError::invalid(message)).await;
-            }
-            Decoded::Unanswerable(message) => {
-                metrics::error("malformed");
-                tracing::info!(reason = %message, "ignoring a frame without a ref to answer");
-            }
-            Decoded::Violation(reason) => {
-                return End::Violation {
-                    code: CLOSE_POLICY_VIOLATION,
-                    reason,
-                }
-            }
+        // Boxed: answering a frame (a join reads the store) takes many times the room of the
+        // rest of this loop, and unboxed it would sit in every idle socket's task.
+        if let Some(end) = Box::pin(answer(text.as_str(), channels, outbox)).await {
+            return end;
         }
     }
+}
+
+/// Decodes one text frame and answers it: heartbeats here, channel frames through `channels`.
+/// `Some` when the frame ends the session.
+async fn answer<C: Channels>(text: &str, channels: &mut C, outbox: &Outbox) -> Option<End> {
+    match frame::decode(text) {
+        Decoded::Frame(frame) if frame.topic == frame::PHOENIX_TOPIC => {
+            let to = frame.address();
+            if frame.event == frame::HEARTBEAT {
+                outbox.ok(&to, &json!({})).await;
+            } else {
+                let mut e = ApiError::invalid(format!(
+                    "topic phoenix only takes heartbeat, not {:?}",
+                    frame.event
+                ));
+                e.reason = Some("unknown_event");
+                outbox.error(&to, &e).await;
+            }
+        }
+        Decoded::Frame(frame) => channels.handle(frame).await,
+        Decoded::Invalid { address, message } => {
+            outbox.error(&address, &ApiError::invalid(message)).await;
+        }
+        Decoded::Unanswerable(message) => {
+            metrics::error("malformed");
+            tracing::info!(reason = %message, "ignoring a frame without a ref to answer");
+        }
+        Decoded::Violation(reason) => {
+            return Some(End::Violation {
+                code: CLOSE_POLICY_VIOLATION,
+                reason,
+            })
+        }
+    }
+    None
 }
 
 /// What the writer does next.
