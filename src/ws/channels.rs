@@ -134,7 +134,8 @@ pub struct SocketChannels {
     /// Process-unique; ephemeral events are not echoed to the socket that sent them.
     socket_id: u64,
     outbox: Outbox,
-    topics: HashMap<String, Joined>,
+    /// Boxed: a map allocates four entries at its first insert, and most sockets join one topic.
+    topics: HashMap<String, Box<Joined>>,
     in_flight: Arc<Semaphore>,
     /// `limits.socket_in_flight`: the permits of `in_flight`.
     in_flight_limit: usize,
@@ -173,10 +174,10 @@ impl Channels for SocketChannels {
 
     async fn expire(&mut self) {
         // Deliveries stop first, so no push follows its topic's phx_error.
-        let topics: Vec<(String, Joined)> = self.topics.drain().collect();
+        let topics: Vec<(String, Box<Joined>)> = self.topics.drain().collect();
         for (topic, joined) in topics {
             let error = frame::lifecycle(&joined.join_ref, &topic, frame::ERROR);
-            self.retire(joined);
+            self.retire(*joined);
             self.outbox.send(error).await;
         }
     }
@@ -286,7 +287,7 @@ impl SocketChannels {
         // closed; the client drops its leftover pushes by their join_ref.
         if let Some(old) = self.topics.remove(&*frame.topic) {
             let close = frame::lifecycle(&old.join_ref, &frame.topic, frame::CLOSE);
-            self.retire(old);
+            self.retire(*old);
             self.outbox.send(close).await;
         }
         let topic = parse_topic(&frame.topic)?;
@@ -369,7 +370,7 @@ impl SocketChannels {
         sink.ready();
         self.topics.insert(
             frame.topic.to_string(),
-            Joined {
+            Box::new(Joined {
                 join_ref,
                 conversation: Some(id),
                 appends: None,
@@ -379,7 +380,7 @@ impl SocketChannels {
                 pipeline: None,
                 own_sends,
                 _gauge: gauge,
-            },
+            }),
         );
         Ok(())
     }
@@ -415,7 +416,7 @@ impl SocketChannels {
         ));
         self.topics.insert(
             frame.topic.to_string(),
-            Joined {
+            Box::new(Joined {
                 join_ref,
                 conversation: None,
                 appends: None,
@@ -425,7 +426,7 @@ impl SocketChannels {
                 pipeline: None,
                 own_sends: None,
                 _gauge: gauge,
-            },
+            }),
         );
         Ok(())
     }
@@ -436,7 +437,7 @@ impl SocketChannels {
             .remove(&*frame.topic)
             .ok_or_else(|| not_joined(&frame.topic))?;
         let join_ref = joined.join_ref.clone();
-        self.retire(joined);
+        self.retire(*joined);
         self.outbox.ok(&frame.address(), &json!({})).await;
         self.outbox
             .send(frame::lifecycle(&join_ref, &frame.topic, frame::CLOSE))
