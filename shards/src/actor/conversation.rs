@@ -175,31 +175,28 @@ impl Actor for ConversationActor {
         msg: ConversationMsg,
         state: &mut ConversationState,
     ) -> impl Future<Output = Result<(), ActorProcessingErr>> + Send {
-        let mut outcome = Ok(());
-        let restoring = match msg {
+        // What is left to wait for, or why the actor fails.
+        let rest: Result<Option<_>, ActorProcessingErr> = match msg {
             ConversationMsg::Append(req, reply, admitted_at, guard) => {
                 state.log.release_admission();
                 append(state, req, reply, admitted_at, guard);
-                None
+                Ok(None)
             }
             ConversationMsg::Retire => {
                 retire(&myself, state);
-                None
+                Ok(None)
             }
-            ConversationMsg::Restore(request, reply) => Some(Box::pin(async move {
+            ConversationMsg::Restore(request, reply) => Ok(Some(Box::pin(async move {
                 let result = restore(state, request).await;
                 let _ = reply.send(result);
-            })),
-            ConversationMsg::Crash => {
-                outcome = Err("crash requested".into());
-                None
-            }
+            }))),
+            ConversationMsg::Crash => Err("crash requested".into()),
         };
         async move {
-            if let Some(restoring) = restoring {
+            if let Some(restoring) = rest? {
                 restoring.await;
             }
-            outcome
+            Ok(())
         }
     }
 
