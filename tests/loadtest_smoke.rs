@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +22,7 @@ use clap::Parser;
 use ferry_loadtest::{Args, Report};
 
 use common::pg::TestDatabase;
-use common::{TestServer, API_KEY};
+use common::{free_port, TestServer, API_KEY};
 
 fn args(target: &str, scenario: &str, extra: &[&str]) -> Args {
     let mut argv = vec![
@@ -274,13 +273,6 @@ async fn mixed_reads_pages_and_replays_consistently_while_appending() {
     assert!(reads.forward_pages.count > 0 && reads.backward_pages.count > 0);
     assert!(reads.replays.count > 0);
     assert!(reads.messages_read > 0);
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// A peer server started for one test; killed on drop.

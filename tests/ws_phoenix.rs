@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{seq_of, TestServer};
+use common::{free_port, seq_of, TestServer};
 
 const JWT_SECRET: &str = "ws-phoenix-secret-73ad-at-least-32-bytes";
 const CONVERSATION: &str = "room";
@@ -86,11 +86,6 @@ fn ensure_node_modules() {
 }
 
 /// A port that was free a moment ago, so a restarted server can listen on the same one.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
-}
-
 /// The Node script: its JSON lines arrive on a channel; commands go to its stdin.
 struct Script {
     child: Child,

@@ -36,6 +36,54 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Every HTTP request fails after this instead of hanging the test.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A port of 127.0.0.1 that nothing listens on now, for a process the test starts on a fixed
+/// port (and may start again on the same one).
+///
+/// Taken outside the kernel's ephemeral range (`ip_local_port_range`), so no outgoing connection
+/// and no other `bind(0)` on this machine can be handed it between this call and the child's
+/// bind, nor while the child is down for a restart. Each port is handed out once per test binary;
+/// the start is random so test binaries running at the same time rarely try the same ones, and a
+/// port somebody holds is skipped.
+pub fn free_port() -> u16 {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let candidates: Vec<u16> = (10_000u32..=65_535)
+        .filter(|p| *p < low || *p > high)
+        .map(|p| p as u16)
+        .collect();
+    assert!(
+        !candidates.is_empty(),
+        "no port outside the ephemeral range {low}-{high}"
+    );
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as usize)
+        .unwrap_or(0)
+        ^ (std::process::id() as usize).wrapping_mul(7919);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for k in 0..candidates.len() {
+        let port = candidates[seed.wrapping_add(k) % candidates.len()];
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port of 127.0.0.1 outside the ephemeral range {low}-{high}");
+}
+
 /// How to start a server; kept by the [`TestServer`] so `restart` starts it the same way.
 pub struct ServerBuilder {
     /// Holds the data dir, the stderr log and any config file for the server's whole life.

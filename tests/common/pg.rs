@@ -136,10 +136,7 @@ impl PrivateCluster {
             let (uid, gid) = postgres_ids();
             std::os::unix::fs::chown(root.path(), Some(uid), Some(gid)).expect("chown temp dir");
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = super::free_port();
         let cluster = PrivateCluster {
             root,
             bin,

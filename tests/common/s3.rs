@@ -60,10 +60,7 @@ impl S3Server {
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir_all(root.path().join("data").join(BUCKET)).expect("bucket dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = super::free_port();
         let mut server = S3Server {
             root,
             bin,

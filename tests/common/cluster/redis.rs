@@ -51,10 +51,7 @@ impl RedisServer {
             .prefix("ferry-redis-")
             .tempdir()
             .expect("temp dir for redis");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = super::super::free_port();
         let mut server = RedisServer {
             root,
             port,
