@@ -330,6 +330,8 @@ pub struct AppendQueue {
     /// Forward to the owner when the slot is elsewhere (false on the owner's side of a
     /// forwarded batch: there the rest is answered `NotTaken`, and the caller re-routes it).
     forward: bool,
+    /// The conversation's actor, kept from the last local submit (see `Node::submit_via`).
+    handle: Option<ConversationHandle>,
 }
 
 impl AppendQueue {
@@ -339,6 +341,7 @@ impl AppendQueue {
             principal,
             id,
             forward: true,
+            handle: None,
         }
     }
 
@@ -422,7 +425,12 @@ impl AppendQueue {
                         }
                     }
                     let mut changed = self.state.node.gates().changed();
-                    match self.state.node.submit(&self.id, request).await {
+                    match self
+                        .state
+                        .node
+                        .submit_via(&self.id, &mut self.handle, request)
+                        .await
+                    {
                         Ok(ticket) => out.push(Pending::Local(ticket)),
                         Err(Refused::Holding(back)) => {
                             rest.push_front(back);

@@ -1572,3 +1572,107 @@ async fn a_record_synced_past_the_lease_of_a_lost_slot_goes_to_restore_unseen() 
     assert_eq!(archive.stored(&id).len(), 1);
     node.shutdown().await;
 }
+
+/// Submits through a kept handle, retrying `try_again` answers as a client would; returns the
+/// seq the append was acknowledged with.
+async fn submit_kept(
+    node: &Node,
+    id: &ConversationId,
+    kept: &mut Option<ferry_shards::actor::ConversationHandle>,
+    text: &str,
+) -> u64 {
+    loop {
+        let ticket = match node.submit_via(id, kept, request(text, Some(text))).await {
+            Ok(ticket) => ticket,
+            Err(ferry_shards::node::Refused::Failed(NodeError::TryAgain { .. })) => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Err(_) => panic!("submit of {text:?} refused"),
+        };
+        match ticket.outcome().await {
+            Ok(outcome) => return outcome.seq,
+            Err(NodeError::TryAgain { .. }) => tokio::task::yield_now().await,
+            Err(e) => panic!("append of {text:?} failed: {e}"),
+        }
+    }
+}
+
+/// A caller that keeps the conversation's actor between submits follows it when the actor is
+/// restarted, retires, or the slot goes and comes back: no append goes to a stopped actor or a
+/// handed-over log, and seqs go on without a gap or a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_handle_follows_restarts_retirements_and_slot_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = Arc::new(MemoryArchive::default());
+    let id = archive.create("kept");
+    let config = NodeConfig {
+        idle_timeout: Duration::from_millis(100),
+        ..config()
+    };
+    let (node, _) = Node::start(config, WalOptions::new(dir.path()), archive.clone())
+        .await
+        .unwrap();
+    let slot = node.slot_of(&id);
+    let mut kept = None;
+    assert_eq!(submit_kept(&node, &id, &mut kept, "first").await, 1);
+    let first = kept.clone().expect("the handle is kept");
+    assert_eq!(submit_kept(&node, &id, &mut kept, "second").await, 2);
+    assert_eq!(
+        kept.as_ref().map(|h| h.actor.get_id()),
+        Some(first.actor.get_id()),
+        "the same actor serves the next submit"
+    );
+
+    // Restarted after a crash: the kept actor is gone, the next submit finds the new one.
+    node.crash_conversation_actor(&id).await.unwrap();
+    eventually("the actor to be restarted", || {
+        node.active_handle(&id)
+            .is_some_and(|h| h.actor.get_id() != first.actor.get_id())
+    })
+    .await;
+    assert_eq!(submit_kept(&node, &id, &mut kept, "after crash").await, 3);
+    let restarted = node.active_handle(&id).unwrap();
+    assert_eq!(
+        kept.as_ref().map(|h| h.actor.get_id()),
+        Some(restarted.actor.get_id())
+    );
+
+    // Retired while idle: the next submit starts the conversation again.
+    eventually("the idle actor to retire", || {
+        node.active_handle(&id).is_none()
+    })
+    .await;
+    assert_eq!(submit_kept(&node, &id, &mut kept, "after retire").await, 4);
+    assert_ne!(
+        kept.as_ref().map(|h| h.actor.get_id()),
+        Some(restarted.actor.get_id())
+    );
+
+    // The slot goes: refused at its gate, kept handle or not.
+    node.archive_now();
+    assert!(node.wait_slot_archived(slot, Duration::from_secs(5)).await);
+    node.release_slot(slot, 2);
+    assert!(matches!(
+        node.submit_via(&id, &mut kept, request("gone", None)).await,
+        Err(ferry_shards::node::Refused::NotOwner(_))
+    ));
+    // And comes back at a later epoch: the kept handle's log was handed over, so it is not used;
+    // the conversation loads afresh from the archive and goes on from there.
+    node.serve_fresh(slot, 3);
+    node.gates().set_serving(slot, 3);
+    assert_eq!(submit_kept(&node, &id, &mut kept, "back").await, 5);
+    assert!(!kept.as_ref().unwrap().log.is_moved());
+    assert_eq!(
+        submit_kept(&node, &id, &mut kept, "after crash").await,
+        3,
+        "a key from before the move is still known"
+    );
+    let handle = node.conversation(&id).await.unwrap();
+    let all = node.read_after(&handle, 0, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|m| (m.seq, m.epoch)).collect::<Vec<_>>(),
+        vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 3)]
+    );
+    node.shutdown().await;
+}

@@ -383,6 +383,22 @@ impl Node {
     pub async fn submit(
         &self,
         id: &ConversationId,
+        request: AppendRequest,
+    ) -> Result<AppendTicket, Refused> {
+        self.submit_via(id, &mut None, request).await
+    }
+
+    /// [`Node::submit`] for a caller that submits to one conversation again and again: `handle`
+    /// keeps the conversation's actor between calls, so a submit skips the registry's lookup.
+    ///
+    /// Safe to keep across slot moves and retirements: the slot's gate is entered first, as on
+    /// every submit; a handle whose log was handed over is dropped unused; and one whose actor
+    /// stopped (retired, restarted or let go) fails the send, which sends the append to the
+    /// registry's current actor.
+    pub async fn submit_via(
+        &self,
+        id: &ConversationId,
+        handle: &mut Option<ConversationHandle>,
         mut request: AppendRequest,
     ) -> Result<AppendTicket, Refused> {
         let admitted_at = Instant::now();
@@ -403,34 +419,41 @@ impl Node {
         // from the failed send and is rerouted.
         let mut guard = Some(guard);
         for _ in 0..3 {
-            let handle = match self.conversation(id).await {
-                Ok(handle) => handle,
-                Err(NodeError::NotOwner { .. }) => return Err(Refused::NotOwner(request)),
-                Err(e) => return Err(Refused::Failed(e)),
+            let current = match handle.take().filter(|kept| !kept.log.is_moved()) {
+                Some(kept) => kept,
+                None => match self.conversation(id).await {
+                    Ok(current) => current,
+                    Err(NodeError::NotOwner { .. }) => return Err(Refused::NotOwner(request)),
+                    Err(e) => return Err(Refused::Failed(e)),
+                },
             };
-            if !handle.log.try_admit(self.shared.config.mailbox_capacity) {
+            if !current.log.try_admit(self.shared.config.mailbox_capacity) {
                 self.shared.count_try_again(TryAgainReason::MailboxFull);
+                *handle = Some(current);
                 return Err(Refused::Failed(NodeError::try_again(
                     TryAgainReason::MailboxFull,
                 )));
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             let Some(g) = guard.take() else { break };
-            match handle.actor.send_message(ConversationMsg::Append(
+            match current.actor.send_message(ConversationMsg::Append(
                 request,
                 tx.into(),
                 admitted_at,
                 g,
             )) {
-                Ok(()) => return Ok(AppendTicket { reply: rx }),
+                Ok(()) => {
+                    *handle = Some(current);
+                    return Ok(AppendTicket { reply: rx });
+                }
                 Err(ractor::MessagingErr::SendErr(ConversationMsg::Append(back, _, _, g))) => {
-                    handle.log.release_admission();
-                    self.forget_handle(id, &handle);
+                    current.log.release_admission();
+                    self.forget_handle(id, &current);
                     request = back;
                     guard = Some(g);
                 }
                 Err(_) => {
-                    handle.log.release_admission();
+                    current.log.release_admission();
                     return Err(Refused::Failed(NodeError::try_again(
                         TryAgainReason::Restarting,
                     )));
